@@ -1,0 +1,1 @@
+"""On-disk formats: offline datasets, source zoos, merged bundles, importers."""

