@@ -71,15 +71,15 @@ PRESETS: dict[str, ZooPreset] = {
         name="tiny",
         architecture={
             "timm_name": "vit_tiny_patch16_224",
-            "kwargs": {"img_size": 28, "patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4, "in_chans": 1},
+            "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 128, "depth": 4, "num_heads": 4, "in_chans": 1},
         },
         preprocessing={"size": 28, **_GRAY},
-        pretrain=TaskRecipe("fashion", TrainConfig(epochs=1, lr=1e-3, batch_size=128), max_train=40000),
+        pretrain=TaskRecipe("fashion", TrainConfig(epochs=2, lr=1e-3, batch_size=128), max_train=60000),
         tasks=(
-            TaskRecipe("mnist", TrainConfig(epochs=4, lr=5e-4, batch_size=64)),
-            TaskRecipe("animals", TrainConfig(epochs=3, lr=5e-4, batch_size=64)),
-            TaskRecipe("solar", TrainConfig(epochs=5, lr=5e-4, batch_size=64)),
-            TaskRecipe("digits", TrainConfig(epochs=8, lr=5e-4, batch_size=64)),
+            TaskRecipe("mnist", TrainConfig(epochs=10, lr=5e-4, batch_size=64)),
+            TaskRecipe("animals", TrainConfig(epochs=5, lr=5e-4, batch_size=64)),
+            TaskRecipe("solar", TrainConfig(epochs=10, lr=5e-4, batch_size=64)),
+            TaskRecipe("digits", TrainConfig(epochs=20, lr=5e-4, batch_size=64)),
         ),
     ),
     "test": ZooPreset(

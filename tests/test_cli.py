@@ -1,0 +1,72 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model_store.architecture import build_model
+from model_store.bundle import BundleStore
+from model_store.schema import Architecture
+from model_store.settings import StoreLayout, resolve_store
+from server.cli import main
+
+TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "in_chans": 3}
+
+
+def test_zoo_build_reports_what_it_built(test_zoo_dir, capsys):
+    store = test_zoo_dir.parent.parent
+    assert main(["zoo", "build", "--preset", "test", "--store", str(store), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "cached" in out and "task mnist" in out and "test acc" in out
+    assert main(["zoo", "list", "--store", str(store)]) == 0
+    assert "test: base=base tasks=mnist,animals,solar,digits" in capsys.readouterr().out
+    assert main(["zoo", "show", "test", "--store", str(store)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["models"]["digits"]["class_names"] == [str(i) for i in range(10)]
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path, capsys):
+    assert main(["zoo", "build", "--preset", "huge", "--store", str(tmp_path)]) == 2
+    assert "unknown zoo preset 'huge'; known presets: test, tiny" in capsys.readouterr().err
+
+
+def test_import_timm_via_cli(tmp_path, capsys):
+    model = build_model(Architecture(timm_name="vit_tiny_patch16_224", kwargs=TINY), 3)
+    ckpt = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
+    args = ["import", "timm", "--store", str(tmp_path / "s"), "--zoo", "mine", "--name", "flowers", "--checkpoint", str(ckpt),
+            "--model-name", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--classes", "rose,tulip,daisy"]
+    assert main(args) == 0
+    assert (tmp_path / "s" / "zoos" / "mine" / "models" / "flowers" / "meta.json").exists()
+    bad = args[:-1] + ["rose,tulip"]  # wrong number of classes -> head does not fit
+    assert main(bad) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_store_commands(tmp_path, capsys):
+    layout = StoreLayout(tmp_path)
+    store = BundleStore(layout)
+    draft = store.draft()
+    draft.add_tensors("unified", {"w": torch.ones(2)})
+    store.publish(draft, "avg", tasks=["a"])
+    assert main(["store", "list", "--store", str(tmp_path)]) == 0
+    assert "* v1  avg" in capsys.readouterr().out
+    assert main(["store", "verify", "--store", str(tmp_path)]) == 0
+    (layout.bundles / "v1" / "unified.safetensors").write_bytes(b"garbage")
+    assert main(["store", "verify", "--store", str(tmp_path)]) == 2
+    assert "bundle v1" in capsys.readouterr().err
+
+
+def test_store_location_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITMERGE_STORE", str(tmp_path / "envstore"))
+    assert resolve_store().root == (tmp_path / "envstore").resolve()
+    assert resolve_store(tmp_path / "flag").root == (tmp_path / "flag").resolve()
+    monkeypatch.delenv("VITMERGE_STORE")
+    assert resolve_store().root.name == "store"
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "server.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "zoo" in out.stdout and "import" in out.stdout
