@@ -1,5 +1,20 @@
 """Merge methods: pure functions over state dicts (tensors in, tensors out).
 
-Filled in by the merging-library issue (AvgMean, Task Arithmetic, TIES, DARE,
-RegMean, Fisher, EMR, weight similarity, gate training).
+Every function accepts any ``Mapping[str, Tensor]``; passing lazy mappings (e.g.
+``model_store.lazy_tensors.LazySafetensors``) makes the data-free merges stream
+tensor by tensor. Definitions follow shared/SPEC.md sections 1-3.
 """
+from merging.averaging import task_arithmetic, weight_average
+from merging.dare import dare, dare_views
+from merging.emr import EMRMerged, emr_merge, pack_mask, unpack_mask
+from merging.fisher import estimate_fisher, fisher_merge
+from merging.registry import REGISTRY, MergeContext, MergeResult, get_method, parse_params, register, run_merge
+from merging.regmean import collect_grams, regmean
+from merging.similarity import layer_similarity, rank_blocks
+from merging.ties import ties_merge
+
+__all__ = [
+    "REGISTRY", "EMRMerged", "MergeContext", "MergeResult", "collect_grams", "dare", "dare_views", "emr_merge",
+    "estimate_fisher", "fisher_merge", "get_method", "layer_similarity", "pack_mask", "parse_params", "rank_blocks",
+    "register", "regmean", "run_merge", "task_arithmetic", "ties_merge", "unpack_mask", "weight_average",
+]

@@ -220,7 +220,10 @@ class BundleStore:
             version_number(version)
         except ValueError as e:
             raise BundleIntegrityError(str(e)) from e
-        return load_bundle_dir(self.layout.bundles / version, verify=verify)
+        path = self.layout.bundles / version
+        if not path.is_dir():
+            raise BundleIntegrityError(f"bundle {version} does not exist in {self.layout.bundles} (versions: {', '.join(self.versions()) or 'none'})")
+        return load_bundle_dir(path, verify=verify)
 
 
 def load_bundle_dir(path: Path, verify: bool = True) -> Bundle:

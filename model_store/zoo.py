@@ -25,6 +25,7 @@ from torch import nn
 from model_store.architecture import StateDict, build_model, load_into
 from model_store.errors import ZooFormatError
 from model_store.files import sha256_file, write_json
+from model_store.lazy_tensors import LazySafetensors
 from model_store.schema import ModelMeta, ZooManifest
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -140,6 +141,10 @@ class Zoo:
     def backbone(self, name: str) -> StateDict:
         """All backbone tensors of a model (memory-mapped safetensors load)."""
         return load_file(self.backbone_path(name))
+
+    def backbone_lazy(self, name: str) -> "LazySafetensors":
+        """The backbone as a lazy mapping: tensors are read one at a time on access."""
+        return LazySafetensors(self.backbone_path(name))
 
     def head(self, task: str) -> StateDict:
         return load_file(self.model_dir(task) / HEAD_FILE)

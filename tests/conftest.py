@@ -18,3 +18,12 @@ def test_zoo_report(tmp_path_factory: pytest.TempPathFactory) -> BuildReport:
 @pytest.fixture(scope="session")
 def test_zoo_dir(test_zoo_report: BuildReport) -> Path:
     return test_zoo_report.zoo.root
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_report() -> BuildReport:
+    """The real demo zoo (`tiny` preset), shared with `make run` through ./store (built once, ~3 min)."""
+    return build_zoo("tiny", REPO / "store" / "zoos" / "tiny", progress=False)

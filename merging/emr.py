@@ -1,0 +1,102 @@
+"""EMR-Merging: Elect, Mask & Rescale (SPEC section 2).
+
+Tuning-free and data-free. For every element:
+
+1. ``gamma = sign(sum_i tau_i)``; an element whose sum is exactly 0 gets ``-1``
+   (the reference code's choice);
+2. ``eps = max |tau_i|`` over the models whose ``sign(tau_i) == gamma`` (0 if none);
+3. ``tau_uni = gamma * eps``;
+4. ``M_i = (tau_i * tau_uni > 0)`` (strict: zeros are masked out);
+5. ``lam_i = sum|tau_i| / sum|M_i * tau_uni|`` with both sums over the WHOLE
+   backbone (accumulated per tensor in fp64); ``lam_i = 1`` when the mask is empty.
+
+Task i at inference: ``theta_0 + lam_i * M_i * tau_uni``. Masks are kept bit-packed
+(1 bit per element, ``numpy.packbits`` order) from the moment they are computed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from merging.task_vectors import merge_keys, stacked_task_vectors
+from merging.types import StateDict, Tensors
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ``ceil(numel / 8)`` bytes (big-endian bit order)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().astype(bool).ravel()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`."""
+    n = int(np.prod(shape)) if len(shape) else 1
+    bits = np.unpackbits(packed.cpu().numpy().astype(np.uint8), count=n)
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+@dataclass
+class EMRMerged:
+    """Unified task vector + per-task packed masks and rescalers."""
+
+    pretrained: Tensors
+    tau_unified: StateDict
+    packed_masks: list[StateDict]
+    rescalers: list[float]
+    stats: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.rescalers)
+
+    @property
+    def masks(self) -> list[dict[str, torch.Tensor]]:
+        """Unpacked boolean masks (materialised on access)."""
+        return [self.mask(i) for i in range(self.num_tasks)]
+
+    def mask(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: unpack_mask(p, self.tau_unified[k].shape) for k, p in self.packed_masks[i].items()}
+
+    def task_state(self, i: int) -> StateDict:
+        """``theta_0 + lam_i * M_i * tau_uni`` for every merged tensor."""
+        lam = self.rescalers[i]
+        out: StateDict = {}
+        for k, tau in self.tau_unified.items():
+            m = unpack_mask(self.packed_masks[i][k], tau.shape)
+            out[k] = self.pretrained[k].float() + lam * (m * tau)
+        return out
+
+
+def emr_elect(taus: torch.Tensor) -> torch.Tensor:
+    """Unified task vector of stacked task vectors ``(N, ...)``."""
+    gamma = torch.sign(taus.sum(0))
+    gamma[gamma == 0] = -1.0
+    agree = torch.sign(taus) == gamma
+    eps = (taus.abs() * agree).amax(0)
+    return gamma * eps
+
+
+def emr_merge(pretrained: Tensors, finetuned: Sequence[Tensors]) -> EMRMerged:
+    """EMR-merge, key by key (streaming over lazy mappings)."""
+    keys = merge_keys(finetuned, pretrained)
+    n = len(finetuned)
+    tau_unified: StateDict = {}
+    packed: list[StateDict] = [{} for _ in range(n)]
+    abs_tau = torch.zeros(n, dtype=torch.float64)
+    abs_masked = torch.zeros(n, dtype=torch.float64)
+    for key in keys:
+        _, taus = stacked_task_vectors(pretrained, finetuned, key)
+        uni = emr_elect(taus)
+        masks = taus * uni > 0
+        tau_unified[key] = uni
+        flat = taus.reshape(n, -1)
+        abs_tau += flat.abs().sum(1, dtype=torch.float64)
+        abs_masked += (masks.reshape(n, -1) * uni.reshape(1, -1)).abs().sum(1, dtype=torch.float64)
+        for i in range(n):
+            packed[i][key] = pack_mask(masks[i])
+        del taus, masks
+    rescalers = [float(a / b) if b > 0 else 1.0 for a, b in zip(abs_tau.tolist(), abs_masked.tolist())]
+    stats = {"sum_abs_tau": abs_tau.tolist(), "sum_abs_masked_unified": abs_masked.tolist()}
+    return EMRMerged(pretrained, tau_unified, packed, rescalers, stats)

@@ -1,0 +1,189 @@
+"""Registry of merge methods: name -> function, typed parameters, data needs.
+
+Adding a method is one function ``(MergeContext, params) -> MergeResult`` decorated
+with :func:`register`. Like mergekit, callers look methods up by name and validate
+user parameters against the method's pydantic model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from merging.averaging import task_arithmetic, weight_average
+from merging.dare import dare_views
+from merging.emr import EMRMerged, emr_merge
+from merging.fisher import estimate_fisher, fisher_merge
+from merging.regmean import collect_grams, regmean
+from merging.ties import ties_merge
+from merging.types import StateDict, Tensors
+
+
+@dataclass
+class MergeContext:
+    """Everything a merge may use. Data-dependent methods need the two callables.
+
+    ``build_model(i, backbone)`` returns task i's full model (its own head) with the
+    given backbone tensors; ``calibration(i)`` returns task i's UNLABELED,
+    preprocessed calibration images.
+    """
+
+    pretrained: Tensors
+    finetuned: Sequence[Tensors]
+    tasks: Sequence[str]
+    build_model: Callable[[int, Tensors], nn.Module] | None = None
+    calibration: Callable[[int], torch.Tensor] | None = None
+
+
+@dataclass
+class MergeResult:
+    """A static backbone shared by every task, or EMR's unified vector + modulators."""
+
+    backbone: StateDict | None = None
+    emr: EMRMerged | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+MergeFn = Callable[[MergeContext, Any], MergeResult]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MergeFn
+    params: type[Params]
+    needs_calibration: bool
+    description: str
+
+
+REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, params: type[Params], needs_calibration: bool, description: str) -> Callable[[MergeFn], MergeFn]:
+    """Decorator adding a merge method to :data:`REGISTRY`."""
+
+    def deco(fn: MergeFn) -> MergeFn:
+        if name in REGISTRY:
+            raise ValueError(f"merge method '{name}' registered twice")
+        REGISTRY[name] = MethodSpec(name, fn, params, needs_calibration, description)
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown merge method '{name}'; valid methods: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def parse_params(name: str, raw: dict[str, Any] | None) -> Params:
+    """Validate user parameters; errors list the method's valid parameters."""
+    spec = get_method(name)
+    try:
+        return spec.params.model_validate(raw or {})
+    except ValidationError as e:
+        valid = ", ".join(f"{k} (default {f.default!r})" for k, f in spec.params.model_fields.items()) or "none"
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ValueError(f"invalid parameters for '{name}': {problems}. Valid parameters: {valid}") from e
+
+
+def run_merge(name: str, ctx: MergeContext, params: dict[str, Any] | Params | None = None) -> MergeResult:
+    """Run method ``name`` on ``ctx`` with validated ``params``."""
+    spec = get_method(name)
+    parsed = params if isinstance(params, Params) else parse_params(name, params)
+    if spec.needs_calibration and (ctx.build_model is None or ctx.calibration is None):
+        raise ValueError(f"merge method '{name}' needs calibration data and model builders")
+    result = spec.fn(ctx, parsed)
+    result.info.setdefault("params", parsed.model_dump())
+    return result
+
+
+# -- parameter models ------------------------------------------------------------------
+class NoParams(Params):
+    pass
+
+
+class TaskArithmeticParams(Params):
+    lam: float = Field(0.3, gt=0.0, le=2.0, description="scale of the summed task vectors")
+
+
+class TiesParams(Params):
+    k: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept by magnitude")
+    lam: float = Field(1.0, gt=0.0, le=2.0, description="scale of the disjoint mean")
+
+
+class DareTAParams(TaskArithmeticParams):
+    p: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability")
+    seed: int = 0
+
+
+class DareTiesParams(TiesParams):
+    p: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability")
+    seed: int = 0
+
+
+class RegMeanParams(Params):
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="scale of Gram off-diagonals")
+    max_images: int = Field(256, gt=0, description="calibration images per task")
+
+
+class FisherParams(Params):
+    max_images: int = Field(128, gt=0, description="calibration images per task")
+    floor: float = Field(1e-12, gt=0.0)
+
+
+# -- methods -----------------------------------------------------------------------------
+@register("avg", NoParams, False, "AvgMean: mean of the fine-tuned weights")
+def _avg(ctx: MergeContext, p: NoParams) -> MergeResult:
+    return MergeResult(backbone=weight_average(ctx.finetuned))
+
+
+@register("task_arithmetic", TaskArithmeticParams, False, "theta_0 + lam * sum of task vectors")
+def _ta(ctx: MergeContext, p: TaskArithmeticParams) -> MergeResult:
+    return MergeResult(backbone=task_arithmetic(ctx.pretrained, ctx.finetuned, p.lam))
+
+
+@register("ties", TiesParams, False, "TIES: trim top-k, elect sign, disjoint mean")
+def _ties(ctx: MergeContext, p: TiesParams) -> MergeResult:
+    return MergeResult(backbone=ties_merge(ctx.pretrained, ctx.finetuned, p.k, p.lam))
+
+
+@register("dare_ta", DareTAParams, False, "DARE drop/rescale, then Task Arithmetic")
+def _dare_ta(ctx: MergeContext, p: DareTAParams) -> MergeResult:
+    views = dare_views(ctx.pretrained, ctx.finetuned, p.p, p.seed)
+    return MergeResult(backbone=task_arithmetic(ctx.pretrained, views, p.lam))
+
+
+@register("dare_ties", DareTiesParams, False, "DARE drop/rescale, then TIES")
+def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
+    views = dare_views(ctx.pretrained, ctx.finetuned, p.p, p.seed)
+    return MergeResult(backbone=ties_merge(ctx.pretrained, views, p.k, p.lam))
+
+
+@register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
+def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
+    assert ctx.build_model and ctx.calibration
+    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+
+
+@register("fisher", FisherParams, True, "Fisher merging with a diagonal Fisher from the models' own predictions")
+def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
+    assert ctx.build_model and ctx.calibration
+    fishers = [estimate_fisher(ctx.build_model(i, m), ctx.calibration(i)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    return MergeResult(backbone=fisher_merge(ctx.finetuned, fishers, p.floor))
+
+
+@register("emr", NoParams, False, "EMR-Merging: unified task vector + 1-bit masks + rescalers")
+def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
+    merged = emr_merge(ctx.pretrained, ctx.finetuned)
+    return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})

@@ -1,0 +1,78 @@
+"""Every registered method on the real tiny zoo, evaluated on the held-out test splits."""
+import pytest
+
+from merging.registry import REGISTRY
+from model_store.bundle import BundleStore
+from model_store.errors import BundleIntegrityError
+from model_store.settings import StoreLayout
+from server.bundle_models import BundleModels
+from server.evaluation import evaluate_bundle, format_table
+from server.merge_pipeline import merge_and_publish
+
+
+@pytest.fixture(scope="module")
+def merged_table(tiny_zoo_report, tmp_path_factory):
+    zoo = tiny_zoo_report.zoo
+    store = BundleStore(StoreLayout(tmp_path_factory.mktemp("merged")), keep=20)
+    rows, versions = {}, {}
+    for method in sorted(REGISTRY):
+        outcome = merge_and_publish(zoo, store, method, progress=False)
+        models = BundleModels(store.load(outcome.version))
+        rows[method] = evaluate_bundle(models)
+        versions[method] = outcome.version
+    individual = {t: zoo.metas[t].provenance.test_accuracy for t in zoo.tasks}
+    print("\n" + format_table({"individual": individual, **rows}, zoo.tasks, individual))
+    return rows, individual, store, versions
+
+
+def _avg(accs):
+    return sum(accs.values()) / len(accs)
+
+
+def test_every_method_publishes_and_evaluates(merged_table):
+    rows, individual, store, versions = merged_table
+    assert set(rows) == set(REGISTRY)
+    for method, accs in rows.items():
+        assert set(accs) == set(individual)
+        assert all(0.0 <= a <= 1.0 for a in accs.values())
+        assert store.load(versions[method]).manifest.method == method
+
+
+def test_emr_beats_task_arithmetic_and_averaging_by_a_clear_margin(merged_table):
+    rows, individual, _, _ = merged_table
+    emr, ta, avg = _avg(rows["emr"]), _avg(rows["task_arithmetic"]), _avg(rows["avg"])
+    assert emr > ta + 0.10 and emr > avg + 0.10, (emr, ta, avg)
+    assert emr <= _avg(individual) + 0.01
+
+
+def test_emr_bundle_is_small_and_its_task_models_match_task_state(merged_table, tiny_zoo_report):
+    _, _, store, versions = merged_table
+    bundle = store.load(versions["emr"])
+    files = bundle.manifest.files
+    mask_bytes = files["masks.safetensors"].bytes
+    unified_bytes = files["tau_unified.safetensors"].bytes
+    n_tasks = len(bundle.manifest.tasks)
+    # 1 bit per element per task: about N/32 of the fp32 unified vector (+ headers)
+    assert mask_bytes < unified_bytes * n_tasks / 32 * 1.1 + 20_000
+    from merging import emr_merge
+
+    zoo = tiny_zoo_report.zoo
+    ref = emr_merge(zoo.backbone(zoo.base), [zoo.backbone(t) for t in zoo.tasks])
+    models = BundleModels(bundle)
+    for i, task in enumerate(zoo.tasks):
+        a, b = models.task_backbone(task), ref.task_state(i)
+        assert all(a[k].equal(b[k]) for k in b)
+
+
+def test_failed_merge_publishes_nothing(tiny_zoo_report, tmp_path):
+    store = BundleStore(StoreLayout(tmp_path))
+    with pytest.raises(KeyError, match="valid methods"):
+        merge_and_publish(tiny_zoo_report.zoo, store, "nope", progress=False)
+    with pytest.raises(ValueError, match="Valid parameters: lam"):
+        merge_and_publish(tiny_zoo_report.zoo, store, "task_arithmetic", {"lambda": 2}, progress=False)
+    with pytest.raises(ValueError, match="unknown task"):
+        merge_and_publish(tiny_zoo_report.zoo, store, "avg", tasks=["cifar"], progress=False)
+    assert store.versions() == [] and store.current_version() is None
+    assert not list(store.layout.bundles.glob(".staging-*")) if store.layout.bundles.exists() else True
+    with pytest.raises(BundleIntegrityError):
+        store.load()
