@@ -69,13 +69,27 @@ class EMRMerged:
         return out
 
 
-def emr_elect(taus: torch.Tensor) -> torch.Tensor:
-    """Unified task vector of stacked task vectors ``(N, ...)``."""
+def emr_elect(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unified task vector and boolean masks of stacked task vectors ``(N, ...)``.
+
+    ``M_i = (tau_i * tau_uni > 0)`` equals "``tau_i`` is non-zero with the elected
+    sign": such an element makes ``eps >= |tau_i| > 0``, so ``tau_uni`` has that
+    sign too; every other element gives a product <= 0.
+    """
+    uni, masks, _ = _elect_inplace(taus.clone())
+    return uni, masks
+
+
+def _elect_inplace(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like :func:`emr_elect` but overwrites ``taus``; also returns ``sum|tau_i|`` (fp64)."""
+    n = taus.shape[0]
     gamma = torch.sign(taus.sum(0))
     gamma[gamma == 0] = -1.0
-    agree = torch.sign(taus) == gamma
-    eps = (taus.abs() * agree).amax(0)
-    return gamma * eps
+    agree = taus * gamma > 0
+    mags = taus.abs_()
+    abs_sums = mags.reshape(n, -1).sum(1, dtype=torch.float64)
+    eps = mags.mul_(agree).amax(0)
+    return gamma.mul_(eps), agree, abs_sums
 
 
 def emr_merge(pretrained: Tensors, finetuned: Sequence[Tensors]) -> EMRMerged:
@@ -88,15 +102,16 @@ def emr_merge(pretrained: Tensors, finetuned: Sequence[Tensors]) -> EMRMerged:
     abs_masked = torch.zeros(n, dtype=torch.float64)
     for key in keys:
         _, taus = stacked_task_vectors(pretrained, finetuned, key)
-        uni = emr_elect(taus)
-        masks = taus * uni > 0
+        uni, masks, abs_sums = _elect_inplace(taus)
+        del taus
         tau_unified[key] = uni
-        flat = taus.reshape(n, -1)
-        abs_tau += flat.abs().sum(1, dtype=torch.float64)
-        abs_masked += (masks.reshape(n, -1) * uni.reshape(1, -1)).abs().sum(1, dtype=torch.float64)
+        abs_tau += abs_sums
+        # per tensor in fp32, accumulated in fp64
+        abs_masked += torch.mv(masks.reshape(n, -1).float(), uni.reshape(-1).abs()).double()
+        bits = np.packbits(masks.reshape(n, -1).numpy(), axis=1)
         for i in range(n):
-            packed[i][key] = pack_mask(masks[i])
-        del taus, masks
+            packed[i][key] = torch.from_numpy(bits[i].copy())
+        del masks, bits
     rescalers = [float(a / b) if b > 0 else 1.0 for a, b in zip(abs_tau.tolist(), abs_masked.tolist())]
     stats = {"sum_abs_tau": abs_tau.tolist(), "sum_abs_masked_unified": abs_masked.tolist()}
     return EMRMerged(pretrained, tau_unified, packed, rescalers, stats)

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
+
+from model_store.schema import Preprocessing
 
 from merging.averaging import task_arithmetic, weight_average
 from merging.dare import dare_views
 from merging.emr import EMRMerged, emr_merge
 from merging.fisher import estimate_fisher, fisher_merge
+from merging.gate import GateConfig, train_gate
+from merging.gating import GatingPlan, expert_stacks, gating_plan
 from merging.regmean import collect_grams, regmean
 from merging.ties import ties_merge
 from merging.types import StateDict, Tensors
@@ -36,15 +41,37 @@ class MergeContext:
     finetuned: Sequence[Tensors]
     tasks: Sequence[str]
     build_model: Callable[[int, Tensors], nn.Module] | None = None
-    calibration: Callable[[int], torch.Tensor] | None = None
+    calibration: Callable[[int, Preprocessing | None], torch.Tensor] | None = None
+    gate_init: Callable[[str], StateDict | None] | None = None
+    progress: bool = False
+
+
+@dataclass
+class GateArtifact:
+    """A trained gate: weights, architecture and the preprocessing of its input."""
+
+    state: StateDict
+    arch: str
+    preprocessing: Preprocessing
+    holdout_accuracy: float
+    epochs_run: int
 
 
 @dataclass
 class MergeResult:
-    """A static backbone shared by every task, or EMR's unified vector + modulators."""
+    """What a merge produces (any combination the method needs).
+
+    * ``backbone``: static weights (for gated merges: the non-gated tensors too);
+    * ``emr``: EMR's unified task vector + per-task masks and rescalers;
+    * ``experts``: ``(N, ...)`` stacks of gated tensors, ``plan`` says which;
+    * ``gate``: the trained gate network.
+    """
 
     backbone: StateDict | None = None
     emr: EMRMerged | None = None
+    experts: StateDict | None = None
+    plan: GatingPlan | None = None
+    gate: GateArtifact | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,6 +168,39 @@ class FisherParams(Params):
     floor: float = Field(1e-12, gt=0.0)
 
 
+class GateParams(Params):
+    gate_arch: Literal["mobilenetv2_100", "efficientnet_lite0"] = Field("mobilenetv2_100", description="gate network")
+    gate_size: int = Field(32, ge=16, le=512, description="gate input size in pixels")
+    gate_epochs: int = Field(15, gt=0)
+    gate_lr: float = Field(2e-3, gt=0.0)
+    gate_seed: int = 0
+
+
+class GatingAvgParams(GateParams):
+    m: int = Field(1, ge=0, description="attention and MLP blocks gated (lowest similarity first)")
+
+
+class GatingRegMeanParams(GatingAvgParams):
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    max_images: int = Field(256, gt=0)
+
+
+GATE_MEAN = {"mobilenetv2_100": [0.5, 0.5, 0.5], "efficientnet_lite0": [0.5, 0.5, 0.5]}
+GATE_STD = {"mobilenetv2_100": [0.5, 0.5, 0.5], "efficientnet_lite0": [0.5, 0.5, 0.5]}
+
+
+def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
+    """Train the gate on every task's calibration images (labels = task index)."""
+    assert ctx.calibration is not None
+    prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN[p.gate_arch], std=GATE_STD[p.gate_arch])
+    images = [ctx.calibration(i, prep) for i in range(len(ctx.finetuned))]
+    init = ctx.gate_init(p.gate_arch) if ctx.gate_init is not None else None
+    cfg = GateConfig(arch=p.gate_arch, epochs=p.gate_epochs, lr=p.gate_lr, seed=p.gate_seed)
+    trained = train_gate(images, cfg, init, progress=ctx.progress)
+    state = {k: v.detach().clone() for k, v in trained.model.state_dict().items()}
+    return GateArtifact(state, p.gate_arch, prep, trained.holdout_accuracy, trained.epochs_run)
+
+
 # -- methods -----------------------------------------------------------------------------
 @register("avg", NoParams, False, "AvgMean: mean of the fine-tuned weights")
 def _avg(ctx: MergeContext, p: NoParams) -> MergeResult:
@@ -172,14 +232,14 @@ def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
 @register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
 def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
     return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
 
 
 @register("fisher", FisherParams, True, "Fisher merging with a diagonal Fisher from the models' own predictions")
 def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    fishers = [estimate_fisher(ctx.build_model(i, m), ctx.calibration(i)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    fishers = [estimate_fisher(ctx.build_model(i, m), ctx.calibration(i, None)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
     return MergeResult(backbone=fisher_merge(ctx.finetuned, fishers, p.floor))
 
 
@@ -187,3 +247,31 @@ def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
 def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
     return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
+
+
+@register("emr_routed", GateParams, True, "EMR + a gate that picks the task (routed EMR, the server default)")
+def _emr_routed(ctx: MergeContext, p: GateParams) -> MergeResult:
+    merged = emr_merge(ctx.pretrained, ctx.finetuned)
+    gate = train_gate_for(ctx, p)
+    return MergeResult(emr=merged, gate=gate, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
+
+
+def _gated(ctx: MergeContext, p: GatingAvgParams, static: StateDict) -> MergeResult:
+    plan = gating_plan(ctx.finetuned, p.m)
+    experts = expert_stacks(ctx.finetuned, plan.gated_keys)
+    backbone = {k: v for k, v in static.items() if k not in experts}
+    gate = train_gate_for(ctx, p)
+    info = {"gated_attn_blocks": list(plan.attn_blocks), "gated_mlp_blocks": list(plan.mlp_blocks), "similarity": plan.similarity}
+    return MergeResult(backbone=backbone, experts=experts, plan=plan, gate=gate, info=info)
+
+
+@register("gating_avg", GatingAvgParams, True, "Gated whole-ViT merging, AvgMean for the non-gated blocks")
+def _gating_avg(ctx: MergeContext, p: GatingAvgParams) -> MergeResult:
+    return _gated(ctx, p, weight_average(ctx.finetuned))
+
+
+@register("gating_regmean", GatingRegMeanParams, True, "Gated whole-ViT merging, RegMean for the non-gated blocks")
+def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
+    assert ctx.build_model and ctx.calibration
+    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))

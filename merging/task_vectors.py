@@ -30,6 +30,13 @@ def task_vector(pretrained: Tensors, finetuned: Tensors) -> StateDict:
 
 
 def stacked_task_vectors(pretrained: Tensors, finetuned: Sequence[Tensors], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(theta_0[key], stack_i tau_i[key])`` in fp32; reads one tensor per model."""
+    """``(theta_0[key], stack_i tau_i[key])`` in fp32; reads one tensor per model.
+
+    The stack is preallocated and filled model by model, so the peak is one stack
+    plus one input tensor (not two stacks).
+    """
     base = pretrained[key].float()
-    return base, torch.stack([m[key].float() - base for m in finetuned])
+    taus = torch.empty((len(finetuned), *base.shape), dtype=torch.float32)
+    for i, model in enumerate(finetuned):
+        torch.sub(model[key].float(), base, out=taus[i])
+    return base, taus

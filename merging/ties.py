@@ -27,24 +27,23 @@ def topk_magnitude_threshold(pretrained: Tensors, model: Tensors, keys: Sequence
     top = max(float((model[key].float() - pretrained[key].float()).abs().max()) for key in keys)
     if top == 0.0:
         return 0.0
-    edges = torch.linspace(0.0, top, _BINS + 1, dtype=torch.float64)
+    scale = _BINS / top
+
+    def magnitudes_and_bins(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        mag = (model[key].float() - pretrained[key].float()).abs().flatten()
+        return mag, (mag * scale).long().clamp_(max=_BINS - 1)
+
     counts = torch.zeros(_BINS, dtype=torch.int64)
     for key in keys:
-        mag = (model[key].float() - pretrained[key].float()).abs().flatten().double()
-        idx = torch.bucketize(mag, edges[1:-1], right=True)
-        counts += torch.bincount(idx, minlength=_BINS)
+        counts += torch.bincount(magnitudes_and_bins(key)[1], minlength=_BINS)
     above = counts.flip(0).cumsum(0).flip(0)  # elements in bins >= b
     b = int((above >= keep).nonzero().max())  # highest bin whose tail reaches `keep`
     need = keep - (int(above[b + 1]) if b + 1 < _BINS else 0)
-    lo, hi = float(edges[b]), float(edges[b + 1])
-    values = []
+    inside = []
     for key in keys:
-        mag = (model[key].float() - pretrained[key].float()).abs().flatten().double()
-        sel = mag[(torch.bucketize(mag, edges[1:-1], right=True) == b)]
-        values.append(sel)
-    inside = torch.cat(values).sort(descending=True).values
-    assert lo <= float(inside[need - 1]) <= hi
-    return float(inside[need - 1])
+        mag, bins = magnitudes_and_bins(key)
+        inside.append(mag[bins == b])
+    return float(torch.cat(inside).topk(need).values[-1])
 
 
 def ties_merge(pretrained: Tensors, finetuned: Sequence[Tensors], k: float = 0.2, lam: float = 1.0) -> StateDict:

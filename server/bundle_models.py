@@ -24,7 +24,7 @@ class BundleModels:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self.spec = bundle.json("model")
-        if self.spec.get("bundle_format") != 1 or self.spec.get("kind") not in ("static", "emr"):
+        if self.spec.get("bundle_format") != 1 or self.spec.get("kind") not in ("static", "emr", "gated"):
             raise BundleIntegrityError(f"bundle {bundle.version}: unsupported model.json (format {self.spec.get('bundle_format')}, kind {self.spec.get('kind')})")
         self.kind: str = self.spec["kind"]
         self.architecture = Architecture.model_validate(self.spec["architecture"])
@@ -45,13 +45,16 @@ class BundleModels:
         return self._heads[task]
 
     def rescaler(self, task: str) -> float:
-        return float(self.bundle.json("emr")["rescalers"][task])
+        return float(self.spec["emr"]["rescalers"][task])
 
     def task_backbone(self, task: str) -> StateDict:
         """The backbone tensors task ``task`` runs with."""
         self._check(task)
         if self.kind == "static":
             return dict(self.bundle.tensors("backbone"))
+        if self.kind == "gated":  # the model with p one-hot on this task
+            i = self.tasks.index(task)
+            return {**self.bundle.tensors("backbone"), **{k: v[i] for k, v in self.bundle.tensors("experts").items()}}
         base = self.bundle.tensors("base")
         tau = self.bundle.tensors("tau_unified")
         masks = self.bundle.tensors("masks")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from model_store.errors import ModelStoreError
+from model_store.memory import limit_heap_fragmentation
 from model_store.settings import StoreLayout, resolve_store
 
 
@@ -265,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitmerge`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    limit_heap_fragmentation()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -7,12 +7,15 @@ and its ``CURRENT`` stay as they were.
 
 Bundle files (format 1):
 
-* ``model.json``        kind (static | emr), architecture, preprocessing, tasks + classes
+* ``model.json``        kind (static | emr | gated), architecture, preprocessing,
+  tasks + classes, EMR rescalers, gating plan, gate config and accuracy
 * ``heads.safetensors`` every task's classifier, keys ``<task>/<tensor>``
 * static: ``backbone.safetensors``
 * emr: ``base.safetensors`` (theta_0), ``tau_unified.safetensors``,
-  ``masks.safetensors`` (bit-packed uint8, keys ``<task>/<tensor>``), ``emr.json``
-  (one rescaler per task)
+  ``masks.safetensors`` (bit-packed uint8, keys ``<task>/<tensor>``)
+* gated: ``backbone.safetensors`` (non-gated tensors), ``experts.safetensors``
+  (``(N, ...)`` stacks of the gated tensors)
+* with a gate: ``gate.safetensors``
 """
 from __future__ import annotations
 
@@ -23,13 +26,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from merging.registry import MergeContext, MergeResult, get_method, parse_params, run_merge
+from merging.gate import build_gate, gate_probabilities
+from merging.registry import GateArtifact, MergeContext, MergeResult, get_method, parse_params, run_merge
 from merging.types import Tensors
 from model_store.architecture import build_model, load_into
 from model_store.bundle import BundleDraft, BundleStore
 from model_store.datasets import SplitSpec, load_split
 from model_store.errors import ZooFormatError
+from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
 from model_store.preprocessing import to_model_input
+from model_store.schema import Preprocessing
 from model_store.zoo import Zoo
 
 BUNDLE_FORMAT = 1
@@ -71,7 +77,7 @@ def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
     return list(tasks)
 
 
-def merge_context(zoo: Zoo, tasks: Sequence[str], split: SplitSpec = SplitSpec(), bar: tqdm | None = None) -> MergeContext:
+def merge_context(zoo: Zoo, tasks: Sequence[str], split: SplitSpec = SplitSpec(), bar: tqdm | None = None, progress: bool = False) -> MergeContext:
     """Lazy backbones of the zoo plus calibration access for data-dependent methods."""
     if not zoo.manifest.shared_init:
         raise ZooFormatError(f"zoo '{zoo.name}' has no shared pretrained base (shared_init=false): task-vector methods do not apply")
@@ -84,40 +90,79 @@ def merge_context(zoo: Zoo, tasks: Sequence[str], split: SplitSpec = SplitSpec()
         model = build_model(meta.architecture, meta.num_classes)
         return load_into(model, dict(backbone.items()), zoo.head(tasks[i])).eval()
 
-    def calibration(i: int) -> torch.Tensor:
+    def calibration(i: int, prep: Preprocessing | None = None) -> torch.Tensor:
         meta = zoo.metas[tasks[i]]
         data = load_split(meta.task or tasks[i], "calibration", split)
-        return to_model_input(data.images, meta.preprocessing)
+        return to_model_input(data.images, prep or meta.preprocessing)
 
-    return MergeContext(zoo.backbone_lazy(zoo.base), finetuned, list(tasks), build, calibration)
+    return MergeContext(zoo.backbone_lazy(zoo.base), finetuned, list(tasks), build, calibration, gate_init, progress)
 
 
-def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: MergeResult) -> None:
+def gate_init(arch: str) -> dict[str, torch.Tensor] | None:
+    """ImageNet weights for gate architectures that have them offline."""
+    if arch == "efficientnet_lite0":
+        return efficientnet_lite0_state()
+    return None
+
+
+@torch.inference_mode()
+def gate_test_accuracy(gate: GateArtifact, tasks: Sequence[str], split: SplitSpec = SplitSpec()) -> dict[str, float]:
+    """Share of each task's TEST images the gate routes to that task."""
+    model = build_gate(gate.arch, len(tasks))
+    model.load_state_dict(gate.state)
+    out = {}
+    for i, task in enumerate(tasks):
+        data = load_split(task, "test", split)
+        probs = gate_probabilities(model, to_model_input(data.images, gate.preprocessing))
+        out[task] = float((probs.argmax(-1) == i).float().mean())
+    return out
+
+
+def bundle_kind(result: MergeResult) -> str:
+    if result.emr is not None:
+        return "emr"
+    if result.experts is not None:
+        return "gated"
+    if result.backbone is not None:
+        return "static"
+    raise ValueError("merge produced neither a backbone, EMR modulators nor experts")
+
+
+def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: MergeResult, gate_accuracy: dict[str, float] | None = None) -> None:
     """Write a merge result and the task heads into ``draft``."""
     base_meta = zoo.metas[zoo.base]
-    heads = {f"{t}/{k}": v for t in tasks for k, v in zoo.head(t).items()}
-    draft.add_tensors("heads", heads)
-    kind = "emr" if result.emr is not None else "static"
-    draft.add_json(
-        "model",
-        {
-            "bundle_format": BUNDLE_FORMAT,
-            "kind": kind,
-            "architecture": base_meta.architecture.model_dump(mode="json"),
-            "preprocessing": base_meta.preprocessing.model_dump(mode="json"),
-            "tasks": [{"name": t, "class_names": zoo.metas[t].class_names, "individual_test_accuracy": zoo.metas[t].provenance.test_accuracy} for t in tasks],
-        },
-    )
+    kind = bundle_kind(result)
+    spec: dict[str, Any] = {
+        "bundle_format": BUNDLE_FORMAT,
+        "kind": kind,
+        "architecture": base_meta.architecture.model_dump(mode="json"),
+        "preprocessing": base_meta.preprocessing.model_dump(mode="json"),
+        "tasks": [{"name": t, "class_names": zoo.metas[t].class_names, "individual_test_accuracy": zoo.metas[t].provenance.test_accuracy} for t in tasks],
+    }
+    draft.add_tensors("heads", {f"{t}/{k}": v for t in tasks for k, v in zoo.head(t).items()})
     if result.emr is not None:
         emr = result.emr
         draft.add_tensors("base", dict(zoo.backbone(zoo.base)))
         draft.add_tensors("tau_unified", emr.tau_unified)
         draft.add_tensors("masks", {f"{t}/{k}": v for t, packed in zip(tasks, emr.packed_masks) for k, v in packed.items()})
-        draft.add_json("emr", {"rescalers": dict(zip(tasks, emr.rescalers)), "mask_bit_order": "numpy.packbits big-endian"})
-    elif result.backbone is not None:
+        spec["emr"] = {"rescalers": dict(zip(tasks, emr.rescalers)), "mask_bit_order": "numpy.packbits big-endian"}
+    if result.backbone is not None:
         draft.add_tensors("backbone", result.backbone)
-    else:
-        raise ValueError("merge produced neither a backbone nor EMR modulators")
+    if result.experts is not None:
+        assert result.plan is not None
+        draft.add_tensors("experts", result.experts)
+        spec["gating"] = {"gated_keys": list(result.plan.gated_keys), "attn_blocks": list(result.plan.attn_blocks), "mlp_blocks": list(result.plan.mlp_blocks)}
+    if result.gate is not None:
+        gate = result.gate
+        draft.add_tensors("gate", gate.state)
+        spec["gate"] = {
+            "arch": gate.arch,
+            "preprocessing": gate.preprocessing.model_dump(mode="json"),
+            "holdout_accuracy": gate.holdout_accuracy,
+            "epochs_run": gate.epochs_run,
+            "test_accuracy": gate_accuracy or {},
+        }
+    draft.add_json("model", spec)
 
 
 def merge_and_publish(
@@ -134,15 +179,18 @@ def merge_and_publish(
     parsed = parse_params(method, params)
     chosen = select_tasks(zoo, tasks)
     with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
-        ctx = merge_context(zoo, chosen, bar=bar)
+        ctx = merge_context(zoo, chosen, bar=bar, progress=progress)
         result = run_merge(spec.name, ctx, parsed)
+    gate_acc = gate_test_accuracy(result.gate, chosen) if result.gate is not None else None
     draft = store.draft()
     try:
-        write_bundle(draft, zoo, chosen, result)
+        write_bundle(draft, zoo, chosen, result, gate_acc)
     except BaseException:
         draft.discard()
         raise
     zoo_info = {"name": zoo.name, "path": str(zoo.root), "hashes": zoo.file_hashes()}
     extra = {k: v for k, v in result.info.items() if k != "params"}
+    if gate_acc is not None:
+        extra["gate_test_accuracy"] = gate_acc
     version = store.publish(draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current)
     return MergeOutcome(version, result, chosen)

@@ -70,3 +70,39 @@ def test_store_location_from_environment(tmp_path, monkeypatch):
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "server.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "zoo" in out.stdout and "import" in out.stdout
+
+
+def test_merge_and_eval_via_cli(test_zoo_dir, tmp_path, capsys):
+    store = tmp_path / "s"
+    assert main(["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--method", "task_arithmetic", "--param", "lam=0.5", "--quiet"]) == 0
+    assert "published bundle v1 (task_arithmetic" in capsys.readouterr().out
+    manifest = json.loads((store / "bundles" / "v1" / "manifest.json").read_text())
+    assert manifest["params"] == {"lam": 0.5} and manifest["zoo"]["hashes"]
+    assert main(["eval", "--store", str(store), "--limit", "50", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "| individual |" in table and "| task_arithmetic (v1) |" in table
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "magic"], "valid methods: avg, dare_ta, dare_ties, emr, fisher, regmean, task_arithmetic, ties"),
+        (["--method", "ties", "--param", "k=1.5"], "Valid parameters: k (default 0.2), lam (default 1.0)"),
+        (["--method", "ties", "--param", "gamma=1"], "gamma"),
+        (["--method", "avg", "--param", "oops"], "--param expects key=value"),
+        (["--method", "avg", "--tasks", "mnist,cifar"], "unknown task"),
+    ],
+)
+def test_bad_merge_requests_publish_nothing(test_zoo_dir, tmp_path, capsys, extra, message):
+    store = tmp_path / "s"
+    assert main(["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--quiet", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (store / "CURRENT").exists()
+    assert not any((store / "bundles").glob("v*")) if (store / "bundles").exists() else True
+
+
+def test_methods_lists_the_registry(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("avg", "task_arithmetic", "ties", "dare_ta", "dare_ties", "regmean", "fisher", "emr"):
+        assert name in out
