@@ -61,6 +61,28 @@ class BundleModels:
         lam = self.rescaler(task)
         return {k: base[k].float() + lam * (unpack_mask(masks[f"{task}/{k}"], t.shape) * t) for k, t in tau.items()}
 
+    @property
+    def has_gate(self) -> bool:
+        return "gate" in self.spec
+
+    @cached_property
+    def gate_preprocessing(self) -> Preprocessing:
+        return Preprocessing.model_validate(self._gate_spec["preprocessing"])
+
+    @property
+    def _gate_spec(self) -> dict:
+        if not self.has_gate:
+            raise KeyError(f"bundle {self.bundle.version} has no gate")
+        return self.spec["gate"]
+
+    def gate_model(self) -> nn.Module:
+        """The bundle's gate network in eval mode."""
+        from merging.gate import build_gate
+
+        model = build_gate(self._gate_spec["arch"], len(self.tasks))
+        model.load_state_dict(self.bundle.tensors("gate"))
+        return model.eval()
+
     def build(self, task: str) -> nn.Module:
         """A standalone eval-mode model of ``task`` (backbone + its head)."""
         model = build_model(self.architecture, len(self.class_names[task]))

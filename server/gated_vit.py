@@ -15,7 +15,7 @@ Strategies (one interface, :meth:`GatedViT.classify`):
 * ``exact``  -- one pass over the batch with per-image mixing. Linear layers mix
   weights per image and use a batched matmul (``linear_mode="mix"``), or run every
   expert and mix outputs (``linear_mode="experts"``); both are exact.
-* ``sparse`` -- drop experts with ``p_i < threshold``, renormalise, group images by
+* ``sparse`` -- drop experts with ``p_i < threshold`` (never the argmax), renormalise, group images by
   their remaining expert set; a group with one expert runs plain dense layers with
   that expert's weights (as fast as a single ViT), others run the exact mixing.
 """
@@ -217,7 +217,8 @@ class GatedViT(nn.Module):
         p = p.to(x.dtype)
         if strategy == "exact":
             return self._run(x, p=p)
-        kept = p * (p >= threshold)
+        top = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).bool()
+        kept = p * ((p >= threshold) | top)  # the argmax expert is always kept
         kept = kept / kept.sum(1, keepdim=True).clamp(min=1e-12)
         support = kept > 0
         out = torch.empty(x.shape[0], self.vit.num_features, dtype=x.dtype)
