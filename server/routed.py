@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from server.bundle_models import BundleModels
-from server.gated_vit import GatedViT
+from server.gated_vit import DEFAULT_SPARSE_THRESHOLD, GatedViT
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Routed:
 class RoutedModel:
     """Gate + per-task weights of one bundle, with per-image routing."""
 
-    def __init__(self, models: BundleModels, strategy: Literal["exact", "sparse"] = "sparse", threshold: float = 0.05):
+    def __init__(self, models: BundleModels, strategy: Literal["exact", "sparse"] = "sparse", threshold: float = DEFAULT_SPARSE_THRESHOLD):
         self.models = models
         self.strategy, self.threshold = strategy, threshold
         self.gate: nn.Module | None = models.gate_model() if models.has_gate else None
