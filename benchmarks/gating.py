@@ -206,7 +206,7 @@ def render(r: dict) -> str:
         lines.append(f"| {g['arch']} | {g['init']} | {g['params_M']:.2f} | {g['gflops']:.3f} | {g['train_s']:.0f} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks) + f" | {_avg(acc):.1f} |")
     lines += ["", "### Accuracy vs m (avg over tasks, %; routed = task not given, mixed-task batches, exact routing)", "",
               f"Individual fine-tuned models: {_avg(ind):.1f}. ViT forward: {r['vit_gflops']:.4f} GFLOPs/img; backbone {r['backbone_M']:.2f} M params.", "",
-              "| base | m | task given | routed (EfficientNet-Lite0 gate) | routed (MobileNetV2 gate) | stored params (M, + gate) | per-image weight mixing (GFLOPs, exact) |",
+              "| base | m | task given | routed (EfficientNet-Lite0 gate) | routed (MobileNetV2 gate) | stored params (M, gate excluded) | per-image weight mixing (GFLOPs, exact) |",
               "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['base']} | {row['m']} | {_avg(row['given']):.1f} | {_avg(row['routed_efficientnet_lite0']):.1f} | {_avg(row['routed_mobilenetv2_100']):.1f} | {row['stored_M']:.2f} | {row['mix_gflops']:.4f} |")

@@ -171,6 +171,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     bundle = BundleStore(_store(args)).load(args.bundle)
     models = BundleModels(bundle)
+    if args.routed:
+        from server.evaluation import evaluate_routed
+        from server.routed import RoutedModel
+
+        if not models.has_gate:
+            raise ValueError(f"bundle {bundle.version} has no gate; merge with emr_routed or gating_* for routed evaluation")
+        routed = evaluate_routed(RoutedModel(models, strategy=args.strategy), limit=args.limit)
+        rows = {"gate (task id)": {t: r["gate"] for t, r in routed.items()}, f"{bundle.manifest.method} routed ({bundle.version})": {t: r["routed"] for t, r in routed.items()}}
+        print(format_table(rows, models.tasks))
+        return 0
     accs = evaluate_bundle(models, limit=args.limit, progress=not args.quiet)
     individual = {t["name"]: t.get("individual_test_accuracy") for t in models.spec["tasks"]}
     rows = {f"{bundle.manifest.method} ({bundle.version})": accs}
@@ -250,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="per-task test accuracy of a bundle (task given)")
     p.add_argument("--bundle", default=None, help="version (default: CURRENT)")
     p.add_argument("--limit", type=int, default=None, help="test images per task (default: all)")
+    p.add_argument("--routed", action="store_true", help="task NOT given: the bundle's gate routes mixed-task batches")
+    p.add_argument("--strategy", choices=["exact", "sparse"], default="exact", help="gated bundles: routing strategy")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
