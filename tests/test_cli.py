@@ -106,3 +106,19 @@ def test_methods_lists_the_registry(capsys):
     out = capsys.readouterr().out
     for name in ("avg", "task_arithmetic", "ties", "dare_ta", "dare_ties", "regmean", "fisher", "emr"):
         assert name in out
+
+
+def test_routed_eval_via_cli(test_zoo_dir, tmp_path, capsys):
+    store = tmp_path / "s"
+    args = ["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--method", "emr_routed", "--quiet",
+            "--param", "gate_arch=mobilenetv2_100", "--param", "gate_size=32", "--param", "gate_epochs=2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    manifest = json.loads((store / "bundles" / "v1" / "manifest.json").read_text())
+    assert set(manifest["extra"]["gate_test_accuracy"]) == {"mnist", "animals", "solar", "digits"}
+    assert main(["eval", "--store", str(store), "--routed", "--limit", "40", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "| gate (task id) |" in out and "emr_routed routed (v1)" in out
+    assert main(["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--method", "avg", "--quiet"]) == 0
+    assert main(["eval", "--store", str(store), "--routed"]) == 2
+    assert "has no gate" in capsys.readouterr().err
