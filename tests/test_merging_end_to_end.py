@@ -1,4 +1,8 @@
-"""Every registered method on the real tiny zoo, evaluated on the held-out test splits."""
+"""Every task-given merge method on the real tiny zoo, evaluated on the held-out test splits.
+
+Methods that train a gate (emr_routed, gating_*) are covered by test_routed.py and
+test_gating.py; training a gate per method here would cost minutes.
+"""
 import pytest
 
 from merging.registry import REGISTRY
@@ -15,7 +19,7 @@ def merged_table(tiny_zoo_report, tmp_path_factory):
     zoo = tiny_zoo_report.zoo
     store = BundleStore(StoreLayout(tmp_path_factory.mktemp("merged")), keep=20)
     rows, versions = {}, {}
-    for method in sorted(REGISTRY):
+    for method in STATIC_AND_EMR:
         outcome = merge_and_publish(zoo, store, method, progress=False)
         models = BundleModels(store.load(outcome.version))
         rows[method] = evaluate_bundle(models)
@@ -25,13 +29,16 @@ def merged_table(tiny_zoo_report, tmp_path_factory):
     return rows, individual, store, versions
 
 
+STATIC_AND_EMR = sorted(name for name, spec in REGISTRY.items() if not name.startswith(("gating_", "emr_routed")))
+
+
 def _avg(accs):
     return sum(accs.values()) / len(accs)
 
 
 def test_every_method_publishes_and_evaluates(merged_table):
     rows, individual, store, versions = merged_table
-    assert set(rows) == set(REGISTRY)
+    assert set(rows) == {"avg", "task_arithmetic", "ties", "dare_ta", "dare_ties", "regmean", "fisher", "emr"}
     for method, accs in rows.items():
         assert set(accs) == set(individual)
         assert all(0.0 <= a <= 1.0 for a in accs.values())
