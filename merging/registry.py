@@ -189,14 +189,15 @@ class GatingRegMeanParams(GatingAvgParams):
     max_images: int = Field(256, gt=0)
 
 
-GATE_MEAN = {"mobilenetv2_100": [0.5, 0.5, 0.5], "efficientnet_lite0": [0.5, 0.5, 0.5]}
-GATE_STD = {"mobilenetv2_100": [0.5, 0.5, 0.5], "efficientnet_lite0": [0.5, 0.5, 0.5]}
+#: Gate input normalisation (the offline EfficientNet-Lite0 weights expect mean = std = 0.5;
+#: the scratch MobileNetV2 uses the same).
+GATE_MEAN_STD = [0.5, 0.5, 0.5]
 
 
 def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
     """Train the gate on every task's calibration images (labels = task index)."""
     assert ctx.calibration is not None
-    prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN[p.gate_arch], std=GATE_STD[p.gate_arch])
+    prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN_STD, std=GATE_MEAN_STD)
     images = [ctx.calibration(i, prep) for i in range(len(ctx.finetuned))]
     init = ctx.gate_init(p.gate_arch) if ctx.gate_init is not None else None
     lr = p.gate_lr if p.gate_lr is not None else (2e-3 if init is not None else 1e-2)

@@ -16,7 +16,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

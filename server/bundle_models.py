@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from functools import cached_property
 
-import torch
 from torch import nn
 
 from merging.emr import unpack_mask
@@ -91,7 +90,3 @@ class BundleModels:
     def _check(self, task: str) -> None:
         if task not in self.class_names:
             raise KeyError(f"unknown task '{task}'; bundle {self.bundle.version} has {self.tasks}")
-
-
-def parameter_count(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(v.numel() for v in tensors.values())

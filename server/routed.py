@@ -68,7 +68,7 @@ class RoutedModel:
             p = self.route(x_gate)
         tasks = p.argmax(1)
         if self.gated is not None:
-            out = self.gated.classify(x, p if task is None else p, self.strategy, self.threshold)
+            out = self.gated.classify(x, p, self.strategy, self.threshold)
             return Routed(out.tasks, p.gather(1, out.tasks[:, None]).squeeze(1), out.logits)
         logits: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
         for t in tasks.unique().tolist():
