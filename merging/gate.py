@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from merging.types import StateDict
+from model_store.architecture import head_prefix, split_head
 
 GateArch = Literal["mobilenetv2_100", "efficientnet_lite0"]
 GATE_ARCHS: tuple[str, ...] = ("mobilenetv2_100", "efficientnet_lite0")
@@ -58,9 +59,9 @@ def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -
         raise ValueError(f"unknown gate arch '{arch}'; valid: {', '.join(GATE_ARCHS)}")
     model = timm.create_model(arch, pretrained=False, num_classes=num_tasks)
     if init_state is not None:
-        head = model.get_classifier()
-        head_keys = {k for k in model.state_dict() if any(k == f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias"))}
-        body = {k: v for k, v in init_state.items() if k not in head_keys}
+        prefix = head_prefix(model)
+        head_keys = set(split_head(model.state_dict(), prefix)[1])
+        body, _ = split_head(init_state, prefix)  # the ImageNet classifier is replaced
         missing, unexpected = model.load_state_dict(body, strict=False)
         if unexpected or set(missing) - head_keys:
             raise ValueError(f"gate init does not fit {arch}: missing={sorted(set(missing) - head_keys)[:5]} unexpected={unexpected[:5]}")

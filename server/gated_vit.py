@@ -189,11 +189,11 @@ class GatedViT(nn.Module):
         vit, r = self.vit, self.routing
         x = vit.patch_embed(x)
         batch = x.shape[0]
+        # mixing a (N, 1, L, D) stack gives (B, 1, L, D); one expert or a static tensor (1, L, D)
         cls = r.mix(self.cls_stack) if self.cls_stack is not None else vit.cls_token
-        cls = cls.expand(batch, -1, -1) if cls.ndim == 3 and cls.shape[0] in (1, batch) else cls.reshape(batch, 1, -1)
+        cls = cls.reshape(-1, 1, cls.shape[-1]).expand(batch, -1, -1)
         pos = r.mix(self.pos_stack) if self.pos_stack is not None else vit.pos_embed
-        if pos.ndim == 4:  # (B, 1, L, D) from mixing a (N, 1, L, D) stack
-            pos = pos.squeeze(1)
+        pos = pos.reshape(-1, *pos.shape[-2:])
         if vit.no_embed_class:
             x = torch.cat([cls, x + pos], dim=1)
         else:
