@@ -31,10 +31,11 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`."""
+    """Inverse of :func:`pack_mask`; runs on ``packed``'s device (CPU or CUDA)."""
     n = int(np.prod(shape)) if len(shape) else 1
-    bits = np.unpackbits(packed.cpu().numpy().astype(np.uint8), count=n)
-    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.to(torch.uint8).reshape(-1, 1) >> shifts) & 1
+    return bits.reshape(-1)[:n].bool().reshape(tuple(shape))
 
 
 @dataclass

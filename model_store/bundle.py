@@ -173,6 +173,14 @@ class BundleStore:
         with FileLock(str(self.layout.lock)):
             self._write_current(version)
 
+    def remove(self, version: str) -> None:
+        """Delete a published version that is not ``CURRENT`` (e.g. one that failed to load)."""
+        version_number(version)
+        with FileLock(str(self.layout.lock)):
+            if version == self.current_version():
+                raise BundleIntegrityError(f"refusing to remove {version}: it is CURRENT")
+            shutil.rmtree(self.layout.bundles / version, ignore_errors=True)
+
     def _write_current(self, version: str) -> None:
         atomic_write_text(self.layout.current, version + "\n")
 

@@ -10,6 +10,7 @@ serving path never imports training code.
     vitmerge methods                        list merge methods
     vitmerge eval [--bundle V]              per-task accuracy of a bundle
     vitmerge store list | store verify      inspect merged bundles
+    vitmerge serve                          the HTTP server (merges or loads the model)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from model_store.errors import ModelStoreError
 from model_store.memory import limit_heap_fragmentation
@@ -271,7 +272,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = store.add_parser("verify", parents=[common], help="verify a bundle's hashes")
     p.add_argument("version", nargs="?", default=None, help="version (default: CURRENT)")
     p.set_defaults(func=cmd_store_verify)
+    p = sub.add_parser("serve", parents=[common], help="serve the store's CURRENT bundle over HTTP (merges the zoo first if there is none)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; env VITMERGE_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000; env VITMERGE_PORT)")
+    p.add_argument("--zoo", default=None, help="source zoo: preset name, zoo name in the store, or directory (default tiny)")
+    p.add_argument("--admin-token", default=None, help="bearer token for /v1/merge (env VITMERGE_ADMIN_TOKEN)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="dynamic batching: images per batch (1 = off; default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="dynamic batching: max wait for a batch to fill (default 5)")
+    p.add_argument("--strategy", choices=["exact", "sparse"], default=None, help="gated bundles: routing strategy (default sparse)")
+    p.add_argument("--cache-bytes", type=int, default=None, help="LRU budget for materialised task weights (default 512 MiB)")
+    p.add_argument("--watch-interval", type=float, default=None, help="seconds between CURRENT polls (0 = off; default 2)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+# -- serve ------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.examples import ready_message, write_examples
+    from server.settings import ServerSettings
+
+    flags = {
+        "host": args.host, "port": args.port, "store": args.store, "zoo": args.zoo, "admin_token": args.admin_token,
+        "device": args.device, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+        "strategy": args.strategy, "cache_bytes": args.cache_bytes, "watch_interval_s": args.watch_interval,
+    }
+    settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, progress=not args.quiet)
+    state = app.state.vitmerge
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base_url = f"http://{host}:{settings.port}"
+
+    def announce(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
+        try:
+            examples = write_examples(engine, settings.layout.root / "examples")
+        except Exception:  # noqa: BLE001 - examples are a convenience
+            examples = {}
+        print(ready_message(engine, base_url, examples), flush=True)
+
+    state.on_ready.append(announce)
+    print(f"vitmerge: starting on {base_url} (store {settings.layout.root}, zoo {settings.zoo}); /healthz is up now, /readyz once the model is loaded", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning" if args.quiet else "info",
+                access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -158,8 +158,8 @@ class GatedViT(nn.Module):
         placeholder = {k: v[0] for k, v in experts.items()}
         self.vit.load_state_dict({**static, **placeholder}, strict=True)
         self._replace(experts, linear_mode)
-        self.cls_stack = experts.get("cls_token")
-        self.pos_stack = experts.get("pos_embed")
+        self.register_buffer("cls_stack", experts.get("cls_token"), persistent=False)  # moves with .to(device)
+        self.register_buffer("pos_stack", experts.get("pos_embed"), persistent=False)
         self.heads = nn.ModuleList()
         for head in heads:
             lin = nn.Linear(head["head.weight"].shape[1], head["head.weight"].shape[0])
@@ -224,7 +224,7 @@ class GatedViT(nn.Module):
         kept = p * ((p >= threshold) | top)  # the argmax expert is always kept
         kept = kept / kept.sum(1, keepdim=True).clamp(min=1e-12)
         support = kept > 0
-        out = torch.empty(x.shape[0], self.vit.num_features, dtype=x.dtype)
+        out = torch.empty(x.shape[0], self.vit.num_features, dtype=x.dtype, device=x.device)
         patterns, inverse = torch.unique(support, dim=0, return_inverse=True)
         for g, pattern in enumerate(patterns):
             idx = (inverse == g).nonzero().flatten()

@@ -173,14 +173,20 @@ def merge_and_publish(
     tasks: Sequence[str] | None = None,
     progress: bool = True,
     make_current: bool = True,
+    bar: Any = None,
 ) -> MergeOutcome:
-    """Merge ``zoo`` with ``method`` and publish the bundle; returns its version."""
+    """Merge ``zoo`` with ``method`` and publish the bundle; returns its version.
+
+    ``bar`` (anything with ``update(n)``, e.g. a job's progress) replaces the tqdm bar.
+    """
     spec = get_method(method)
     parsed = parse_params(method, params)
     chosen = select_tasks(zoo, tasks)
-    with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as bar:
-        ctx = merge_context(zoo, chosen, bar=bar, progress=progress)
-        result = run_merge(spec.name, ctx, parsed)
+    if bar is not None:
+        result = run_merge(spec.name, merge_context(zoo, chosen, bar=bar, progress=progress), parsed)
+    else:
+        with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
+            result = run_merge(spec.name, merge_context(zoo, chosen, bar=tbar, progress=progress), parsed)
     gate_acc = gate_test_accuracy(result.gate, chosen) if result.gate is not None else None
     draft = store.draft()
     try:

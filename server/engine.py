@@ -1,0 +1,225 @@
+"""The inference engine: one loaded bundle on one device.
+
+``predict`` takes a batch of preprocessed images, each with a given task or none:
+
+1. **route** -- images without a task go through the gate, ``p(x)`` per image
+   (never averaged over the batch); given tasks get a one-hot ``p``;
+2. **group** by ``argmax p`` and run the right weights, once per task per batch;
+3. **head** -- each image gets the classifier of its task.
+
+Strategies by bundle kind (one engine, small strategies):
+
+* ``static`` -- one shared backbone, run once for the whole batch;
+* ``emr``    -- task t's backbone ``theta_0 + lam_t * M_t * tau_uni`` is materialised
+  on the device and kept in an LRU :class:`~server.weight_cache.WeightCache` under a
+  byte budget; one template module runs any task's weights (``functional_call``),
+  so switching tasks never copies weights into a module;
+* ``gated``  -- :class:`~server.gated_vit.GatedViT` mixes expert tensors per image
+  (``exact`` or ``sparse``).
+
+The engine never writes to the bundle's tensors; a hot swap builds a new engine.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from merging.emr import unpack_mask
+from model_store.architecture import build_model
+from model_store.bundle import Bundle
+from model_store.preprocessing import to_model_input
+from model_store.schema import Preprocessing
+from server.bundle_models import BundleModels
+from server.gated_vit import DEFAULT_SPARSE_THRESHOLD, GatedViT
+from server.weight_cache import WeightCache, Weights, weights_nbytes
+
+Source = Literal["gate", "given"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+@dataclass
+class ImageOutput:
+    """One image's prediction: its task, how sure the router is, class probabilities."""
+
+    task: int
+    task_probability: float
+    source: Source
+    probabilities: torch.Tensor  # (num_classes,) on CPU
+
+
+class Engine:
+    """Routes, groups and classifies batches with one bundle's weights."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        cache_bytes: int = 512 * 2**20,
+        strategy: Literal["exact", "sparse"] = "sparse",
+        threshold: float | None = None,
+        on_cache_lookup: Callable[[bool], None] | None = None,
+    ):
+        self.models = BundleModels(bundle)
+        self.bundle = bundle
+        self.version = bundle.version
+        self.method = bundle.manifest.method
+        self.kind = self.models.kind
+        self.tasks = self.models.tasks
+        self.class_names = self.models.class_names
+        self.preprocessing: Preprocessing = self.models.preprocessing
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.strategy = strategy
+        self.threshold = DEFAULT_SPARSE_THRESHOLD if threshold is None else threshold
+        self.cache = WeightCache(cache_bytes, on_cache_lookup)
+        dev = self.device
+        self.heads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for t in self.tasks:
+            head = self.models.head(t)
+            self.heads.append((head["head.weight"].float().to(dev), head["head.bias"].float().to(dev)))
+        self.gate: nn.Module | None = self.models.gate_model().to(dev) if self.models.has_gate else None
+        self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
+        self.template: nn.Module | None = None
+        self.gated: GatedViT | None = None
+        if self.kind == "gated":
+            b = bundle
+            heads = [self.models.head(t) for t in self.tasks]
+            self.gated = GatedViT(self.models.architecture, dict(b.tensors("backbone")), dict(b.tensors("experts")), heads).to(dev)
+        elif self.kind == "static":
+            self.template = self._template({k: v.to(dev) for k, v in bundle.tensors("backbone").items()})
+        else:
+            self._base = {k: v.float().to(dev) for k, v in bundle.tensors("base").items()}
+            self._tau = {k: v.float().to(dev) for k, v in bundle.tensors("tau_unified").items()}
+            self._masks = {k: v.to(dev) for k, v in bundle.tensors("masks").items()}
+            self._lams = [self.models.rescaler(t) for t in self.tasks]
+            self.template = self._template({k: self._base[k] for k in self._base})
+            missing = set(self.template.state_dict()) - set(self._tau)
+            if missing:
+                raise ValueError(f"bundle {self.version}: tau_unified lacks {sorted(missing)[:3]}")
+
+    # -- building blocks -----------------------------------------------------------
+    def _template(self, weights: Weights) -> nn.Module:
+        """A headless timm model whose parameters ARE ``weights`` (assigned, not copied)."""
+        model = build_model(self.models.architecture, 0)
+        model.load_state_dict(weights, strict=True, assign=True)
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def task_weights(self, task: int) -> Weights:
+        """EMR: task ``task``'s materialised backbone (cached under the byte budget)."""
+        name = self.tasks[task]
+        return self.cache.get(name, lambda: self._materialise(task))
+
+    def _materialise(self, task: int) -> Weights:
+        name, lam = self.tasks[task], self._lams[task]
+        return {k: self._base[k] + lam * (unpack_mask(self._masks[f"{name}/{k}"], t.shape) * t) for k, t in self._tau.items()}
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate is not None
+
+    def task_index(self, name: str) -> int:
+        return self.tasks.index(name)
+
+    # -- preprocessing (called from request threads) --------------------------------
+    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 ``(H, W[, C])`` -> the ViT's input ``(C, S, S)`` (+ the gate's when needed)."""
+        batch = image[None]
+        x = to_model_input(batch, self.preprocessing)[0]
+        g = to_model_input(batch, self.gate_preprocessing)[0] if need_gate and self.gate_preprocessing is not None else None
+        return x, g
+
+    # -- the hot path ---------------------------------------------------------------
+    @torch.inference_mode()
+    def route(self, given: Sequence[int | None], x_gate: torch.Tensor | None) -> tuple[torch.Tensor, list[Source]]:
+        """``p`` ``(B, N)``: one-hot for given tasks, the gate's softmax for the rest."""
+        p = torch.zeros(len(given), len(self.tasks), device=self.device)
+        sources: list[Source] = []
+        routed = [i for i, g in enumerate(given) if g is None]
+        for i, g in enumerate(given):
+            sources.append("gate" if g is None else "given")
+            if g is not None:
+                p[i, g] = 1.0
+        if routed:
+            if self.gate is None:
+                raise ValueError(f"bundle {self.version} has no gate: name the task")
+            if x_gate is None or x_gate.shape[0] != len(routed):
+                raise ValueError(f"expected gate input for {len(routed)} images")
+            p[routed] = self.gate(x_gate.to(self.device)).float().softmax(-1)
+        return p, sources
+
+    @torch.inference_mode()
+    def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Pre-logit features ``(B, D)``, each image with its routed weights."""
+        if self.gated is not None:
+            return self.gated.features(x, p, self.strategy, self.threshold)
+        assert self.template is not None
+        if self.kind == "static":
+            return self.template(x)
+        tasks = p.argmax(1)
+        out = torch.empty(x.shape[0], self.template.num_features, device=self.device, dtype=x.dtype)
+        for t in tasks.unique().tolist():
+            idx = (tasks == t).nonzero().flatten()
+            out[idx] = functional_call(self.template, self.task_weights(t), (x[idx],))
+        return out
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None) -> list[ImageOutput]:
+        """Classify a batch ``x`` ``(B, C, S, S)``; ``given[i]`` is image i's task or None (gate)."""
+        if x.shape[0] != len(given):
+            raise ValueError(f"{x.shape[0]} images but {len(given)} task entries")
+        x = x.to(self.device, non_blocking=True)
+        p, sources = self.route(given, x_gate)
+        feats = self.features(x, p)
+        tasks = p.argmax(1)
+        task_prob = p.gather(1, tasks[:, None]).squeeze(1).cpu()
+        probs: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
+        for t in tasks.unique().tolist():
+            idx = (tasks == t).nonzero().flatten()
+            w, b = self.heads[t]
+            out = F.linear(feats[idx], w, b).float().softmax(-1).cpu()
+            for j, i in enumerate(idx.tolist()):
+                probs[i] = out[j]
+        tasks_cpu = tasks.cpu().tolist()
+        return [ImageOutput(tasks_cpu[i], float(task_prob[i]), sources[i], probs[i]) for i in range(x.shape[0])]
+
+    # -- lifecycle ------------------------------------------------------------------
+    def warmup(self) -> None:
+        """One forward per task (and through the gate) so the first request is not slow."""
+        prep = self.preprocessing
+        x = torch.zeros(len(self.tasks), prep.channels, prep.size, prep.size)
+        self.predict(x, list(range(len(self.tasks))))
+        if self.gate_preprocessing is not None:
+            gp = self.gate_preprocessing
+            self.predict(x[:1], [None], torch.zeros(1, gp.channels, gp.size, gp.size))
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of tensors this engine holds, by part (weights cache included)."""
+        parts: dict[str, int] = {"heads": sum(weights_nbytes({"w": w, "b": b}) for w, b in self.heads)}
+        if self.gate is not None:
+            parts["gate"] = sum(t.numel() * t.element_size() for t in self.gate.state_dict().values())
+        if self.gated is not None:
+            parts["gated_vit"] = sum(t.numel() * t.element_size() for t in self.gated.vit.state_dict().values())
+        elif self.kind == "static":
+            assert self.template is not None
+            parts["backbone"] = sum(t.numel() * t.element_size() for t in self.template.state_dict().values())
+        else:
+            parts["base"] = weights_nbytes(self._base)
+            parts["tau_unified"] = weights_nbytes(self._tau)
+            parts["masks"] = weights_nbytes(self._masks)
+            parts["weight_cache"] = self.cache.nbytes
+        return parts

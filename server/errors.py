@@ -1,0 +1,105 @@
+"""API errors: every failure is JSON ``{"error": {"code", "message"}}`` with the right status."""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    """An error with an HTTP status, a stable machine code and a human message."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status or type(self).status
+        self.code = code or type(self).code
+        self.headers = headers or {}
+
+
+class InvalidImage(APIError):
+    status, code = 400, "invalid_image"
+
+
+class PayloadTooLarge(APIError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidRequest(APIError):
+    status, code = 422, "invalid_request"
+
+
+class UnknownTask(APIError):
+    status, code = 422, "unknown_task"
+
+
+class QueueFull(APIError):
+    status, code = 429, "queue_full"
+
+
+class NotReady(APIError):
+    status, code = 503, "model_not_loaded"
+
+
+class Timeout(APIError):
+    status, code = 504, "timeout"
+
+
+class Unauthorized(APIError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(APIError):
+    status, code = 403, "forbidden"
+
+
+class Conflict(APIError):
+    status, code = 409, "conflict"
+
+
+class NotFound(APIError):
+    status, code = 404, "not_found"
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON bodies for our errors, FastAPI's validation errors, 404/405 and crashes."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        import logging
+
+        logging.getLogger("vitmerge.server").exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body("internal_error", f"internal error ({type(exc).__name__})"), status_code=500)

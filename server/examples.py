@@ -1,0 +1,35 @@
+"""Ready-to-paste examples printed when ``vitmerge serve`` is up."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from model_store.datasets import TASKS, load_split
+from server.engine import Engine
+
+
+def write_examples(engine: Engine, directory: Path) -> dict[str, Path]:
+    """One held-out TEST image per known task, as PNG files in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for task in engine.tasks:
+        if task not in TASKS:
+            continue
+        path = directory / f"{task}.png"
+        if not path.exists():
+            image = load_split(task, "test", limit=1).images[0]
+            Image.fromarray(image).save(path)
+        out[task] = path
+    return out
+
+
+def ready_message(engine: Engine, base_url: str, examples: dict[str, Path]) -> str:
+    lines = [f"vitmerge: serving bundle {engine.version} ({engine.method}, tasks {', '.join(engine.tasks)}) on {engine.device} at {base_url}  (API docs: {base_url}/docs)"]
+    if examples:
+        task, path = next(iter(examples.items()))
+        lines.append("  try it (the gate picks the task):")
+        lines.append(f"    curl -s -F image=@{path} {base_url}/v1/classify")
+        lines.append("  or name the task and ask for the top 3 classes:")
+        lines.append(f"    curl -s -F image=@{path} -F task={task} -F top_k=3 {base_url}/v1/classify")
+    return "\n".join(lines)

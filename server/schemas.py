@@ -1,0 +1,108 @@
+"""Request and response bodies of the HTTP API (pydantic; they make the OpenAPI docs)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TOP_K = 20
+
+
+class ClassifyOptions(BaseModel):
+    """Options of a classify request (JSON body fields, form fields or query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str | None = Field(None, description="task name; skips the gate for every image")
+    top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="classes returned per image")
+
+
+class ClassifyJSON(ClassifyOptions):
+    """``application/json`` body: base64 images (plain or ``data:image/...;base64,`` URLs)."""
+
+    images: list[str] = Field(..., min_length=1, description="base64-encoded PNG/JPEG/GIF/BMP/WEBP/TIFF images")
+
+
+class TaskPrediction(BaseModel):
+    name: str
+    index: int
+    probability: float = Field(description="p(task | image) from the gate; 1.0 when given")
+    source: Literal["gate", "given"]
+
+
+class ClassScore(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    task: TaskPrediction
+    class_: ClassScore = Field(alias="class")
+    top_k: list[ClassScore]
+
+
+class Timing(BaseModel):
+    total_ms: float
+    decode_ms: float
+    queue_ms: float = Field(description="longest wait of this request's images before their batch")
+    inference_ms: float = Field(description="engine time of the batches that ran this request's images")
+    batch_sizes: list[int]
+
+
+class ClassifyResponse(BaseModel):
+    model_version: str
+    predictions: list[ImagePrediction]
+    timing: Timing
+
+
+class MergeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(..., description="a merge method (`vitmerge methods`), e.g. emr_routed")
+    params: dict[str, Any] = Field(default_factory=dict)
+    tasks: list[str] | None = Field(None, min_length=1, description="subset of the zoo's tasks (default: all)")
+
+
+class MergeJobView(BaseModel):
+    id: str
+    method: str
+    params: dict[str, Any]
+    tasks: list[str] | None
+    state: Literal["queued", "running", "succeeded", "failed"]
+    phase: str
+    progress: float
+    error: str | None
+    version: str | None
+    created_at: str
+    finished_at: str | None
+    seconds: float | None
+
+
+class TaskInfo(BaseModel):
+    name: str
+    index: int
+    classes: list[str]
+
+
+class TasksResponse(BaseModel):
+    model_version: str
+    gate: bool
+    tasks: list[TaskInfo]
+
+
+class ModelVersion(BaseModel):
+    version: str
+    method: str
+    tasks: list[str]
+    created_at: str
+    current: bool
+    serving: bool
+
+
+class ModelsResponse(BaseModel):
+    current: str | None
+    serving: str | None
+    versions: list[ModelVersion]

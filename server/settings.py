@@ -1,0 +1,53 @@
+"""Server configuration: environment variables ``VITMERGE_*`` and ``vitmerge serve`` flags."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model_store.settings import StoreLayout
+
+
+class ServerSettings(BaseSettings):
+    """Every knob of ``vitmerge serve``; env ``VITMERGE_<NAME>`` (e.g. ``VITMERGE_PORT``)."""
+
+    model_config = SettingsConfigDict(env_prefix="VITMERGE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    store: Path = Path("store")
+    zoo: str = Field("tiny", description="source zoo for startup/admin merges: a preset name, a zoo name in the store, or a directory")
+    keep_versions: int = Field(5, ge=1)
+    admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes; unset = admin routes answer 403")
+    api_key: SecretStr | None = Field(None, description="optional bearer token / X-API-Key required by /v1/classify")
+
+    # startup merge when the store has no CURRENT bundle
+    default_method: str = "emr_routed"
+    default_params: dict = Field(default_factory=dict)
+
+    # engine
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
+    strategy: Literal["exact", "sparse"] = "sparse"
+    sparse_threshold: float | None = Field(None, ge=0.0, le=1.0, description="default: the gating benchmark's choice")
+    cache_bytes: int = Field(512 * 2**20, ge=0, description="LRU budget for materialised per-task weights; 0 = rebuild every batch")
+
+    # batcher
+    max_batch_size: int = Field(32, ge=1, le=4096, description="1 disables batching")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
+    max_queue: int = Field(1024, ge=1, description="images waiting for the worker; more -> 429")
+    request_timeout_s: float = Field(30.0, gt=0.0)
+
+    # request limits
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)
+    max_images: int = Field(64, ge=1, description="images per request")
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description="width*height cap per image (decompression bombs)")
+    decode_threads: int = Field(4, ge=1)
+
+    # replicas (shared store): poll CURRENT and hot-swap when it changes; 0 disables
+    watch_interval_s: float = Field(2.0, ge=0.0)
+
+    @property
+    def layout(self) -> StoreLayout:
+        return StoreLayout(self.store.resolve())
