@@ -27,3 +27,29 @@ REPO = Path(__file__).resolve().parent.parent
 def tiny_zoo_report() -> BuildReport:
     """The real demo zoo (`tiny` preset), shared with `make run` through ./store (built once, ~3 min)."""
     return build_zoo("tiny", REPO / "store" / "zoos" / "tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def server_store_template(test_zoo_report: BuildReport, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store whose CURRENT (v1) is a routed-EMR bundle of the `test` zoo (small gate, ~10 s)."""
+    from model_store.bundle import BundleStore
+    from model_store.settings import StoreLayout
+    from server.merge_pipeline import merge_and_publish
+
+    root = tmp_path_factory.mktemp("server-store")
+    merge_and_publish(test_zoo_report.zoo, BundleStore(StoreLayout(root)), "emr_routed", SMALL_GATE, progress=False)
+    return root
+
+
+#: A gate that trains in seconds on the `test` zoo (accuracy is not the point in server tests).
+SMALL_GATE = {"gate_epochs": 1, "gate_size": 32}
+
+
+@pytest.fixture
+def server_store(server_store_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the template store (tests may publish into it)."""
+    import shutil
+
+    dst = tmp_path / "store"
+    shutil.copytree(server_store_template, dst)
+    return dst

@@ -1,0 +1,326 @@
+"""The HTTP API through httpx's ASGI transport (lifespan included): results, errors, auth, metrics."""
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from model_store.datasets import load_split
+from server.engine import Engine
+from server.settings import ServerSettings
+
+from server_helpers import AsgiHarness, gif_bomb, huge_png_header, image_bytes, metric_value, png_bytes
+
+MAX_PIXELS = 320 * 320  # solar cells are 300x300
+MAX_BODY = 1 << 20
+
+
+def _settings(store, zoo, **kw) -> ServerSettings:
+    base = dict(store=store, zoo=str(zoo), admin_token="s3cret", watch_interval_s=0, device="cpu", max_image_pixels=MAX_PIXELS,
+                max_body_bytes=MAX_BODY, max_images=16, max_wait_ms=2)
+    return ServerSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def harness(server_store_template, test_zoo_dir):
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir))
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """(task, png bytes, uint8 pixels) for a few TEST images of every task."""
+    out = []
+    for task in ("mnist", "animals", "solar", "digits"):
+        data = load_split(task, "test", limit=3)
+        out += [(task, png_bytes(img), img) for img in data.images]
+    return out
+
+
+def _direct(engine: Engine, img: np.ndarray, task: str | None):
+    x, g = engine.preprocess(img, task is None)
+    return engine.predict(x[None], [None if task is None else engine.task_index(task)], None if g is None else g[None])[0]
+
+
+def _check(pred: dict, direct, engine: Engine) -> None:
+    assert pred["task"]["index"] == direct.task and pred["task"]["name"] == engine.tasks[direct.task]
+    assert pred["task"]["source"] == direct.source
+    assert pred["task"]["probability"] == pytest.approx(direct.task_probability, abs=1e-5)
+    top = int(direct.probabilities.argmax())
+    assert pred["class"]["index"] == top and pred["class"]["label"] == engine.class_names[engine.tasks[direct.task]][top]
+    assert pred["class"]["probability"] == pytest.approx(float(direct.probabilities[top]), abs=1e-5)
+
+
+def test_predictions_through_http_equal_direct_engine_calls(harness, samples):
+    engine = harness.state.manager.engine
+    for i, (task, png, img) in enumerate(samples):
+        given = task if i % 2 else None
+        data = {"task": given} if given else {}
+        r = harness.request("POST", "/v1/classify", files={"image": ("x.png", png, "image/png")}, data=data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == engine.version == r.headers["x-model-version"]
+        _check(body["predictions"][0], _direct(engine, img, given), engine)
+
+
+def test_json_base64_multi_image_and_top_k(harness, samples):
+    engine = harness.state.manager.engine
+    images = [base64.b64encode(png).decode() for _, png, _ in samples[:5]]
+    images[1] = "data:image/png;base64," + images[1]
+    r = harness.request("POST", "/v1/classify", json={"images": images, "top_k": 3})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 5
+    for pred, (_, _, img) in zip(preds, samples[:5]):
+        _check(pred, _direct(engine, img, None), engine)
+        probs = [c["probability"] for c in pred["top_k"]]
+        assert len(pred["top_k"]) == min(3, len(engine.class_names[pred["task"]["name"]])) and probs == sorted(probs, reverse=True)
+        assert pred["top_k"][0] == pred["class"]
+
+
+def test_raw_image_body_with_query_task_and_alias_route(harness, samples):
+    task, png, img = samples[0]
+    r = harness.request("POST", f"/classify?task={task}&top_k=2", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    _check(r.json()["predictions"][0], _direct(harness.state.manager.engine, img, task), harness.state.manager.engine)
+
+
+def test_rgb_jpeg_and_large_images_are_converted(harness, samples):
+    rgb = np.stack([samples[0][2]] * 3, -1)
+    big = np.kron(samples[0][2], np.ones((8, 8), dtype=np.uint8))  # 224x224, under the pixel cap
+    for blob in (image_bytes(rgb, "JPEG"), image_bytes(big, "PNG"), image_bytes(rgb, "WEBP"), image_bytes(rgb, "BMP")):
+        r = harness.request("POST", "/v1/classify", files={"image": ("x", blob, "application/octet-stream")})
+        assert r.status_code == 200, r.text
+
+
+def test_tasks_models_health_and_docs(harness):
+    engine = harness.state.manager.engine
+    tasks = harness.request("GET", "/v1/tasks").json()
+    assert [t["name"] for t in tasks["tasks"]] == engine.tasks and tasks["gate"] is True
+    assert tasks["tasks"][0]["classes"] == engine.class_names[engine.tasks[0]]
+    models = harness.request("GET", "/v1/models").json()
+    assert models["current"] == models["serving"] == engine.version
+    assert [v["version"] for v in models["versions"]] == ["v1"] and models["versions"][0]["method"] == "emr_routed"
+    assert harness.request("GET", "/healthz").json() == {"status": "ok"}
+    assert harness.request("GET", "/readyz").json()["model_version"] == engine.version
+    spec = harness.request("GET", "/openapi.json").json()
+    assert {"/v1/classify", "/v1/merge", "/v1/merge/{job_id}", "/v1/tasks", "/v1/models"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert harness.request("GET", "/docs").status_code == 200
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _bad_inputs(png: bytes):
+    """(name, request kwargs, status, error code or None) -- every one must be refused cleanly."""
+    rgb_ico = image_bytes(np.zeros((16, 16, 3), np.uint8), "ICO")
+    over_cap = png_bytes(np.zeros((400, 400), np.uint8))  # 160k pixels > the 102,400 cap (Pillow warns: an error here)
+    J = "/v1/classify"
+    return [
+        ("empty json body", dict(url=J, content=b"", headers={"content-type": "application/json"}), 422, "empty_body"),
+        ("no content type", dict(url=J, content=b"abc"), 415, "unsupported_media_type"),
+        ("text/plain", dict(url=J, content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+        ("xml", dict(url=J, content=b"<a/>", headers={"content-type": "application/xml"}), 415, "unsupported_media_type"),
+        ("form urlencoded", dict(url=J, data={"images": "x"}), 415, "unsupported_media_type"),
+        ("invalid json", dict(url=J, content=b'{"images": [', headers={"content-type": "application/json"}), 422, "invalid_json"),
+        ("json array", dict(url=J, json=["x"]), 422, "invalid_request"),
+        ("json without images", dict(url=J, json={}), 422, "invalid_request"),
+        ("images not a list", dict(url=J, json={"images": "abc"}), 422, "invalid_request"),
+        ("images empty", dict(url=J, json={"images": []}), 422, "invalid_request"),
+        ("image not a string", dict(url=J, json={"images": [1]}), 422, "invalid_request"),
+        ("invalid base64", dict(url=J, json={"images": ["!!!not base64"]}), 422, "invalid_base64"),
+        ("data url without base64", dict(url=J, json={"images": ["data:image/png,abc"]}), 422, "invalid_base64"),
+        ("random bytes", dict(url=J, json={"images": [_b64(bytes(range(256)) * 4)]}), 400, "invalid_image"),
+        ("empty image", dict(url=J, json={"images": [""]}), 400, "invalid_image"),
+        ("truncated png", dict(url=J, json={"images": [_b64(png[: len(png) // 2])]}), 400, "invalid_image"),
+        ("png signature only", dict(url=J, json={"images": [_b64(png[:8])]}), 400, "invalid_image"),
+        ("huge png header", dict(url=J, json={"images": [_b64(huge_png_header())]}), 413, "image_too_large"),
+        ("gif bomb", dict(url=J, json={"images": [_b64(gif_bomb())]}), 413, "image_too_large"),
+        ("over pixel cap", dict(url=J, json={"images": [_b64(over_cap)]}), 413, "image_too_large"),
+        ("unsupported format ico", dict(url=J, json={"images": [_b64(rgb_ico)]}), 400, "invalid_image"),
+        ("10k images", dict(url=J, json={"images": ["AAAA"] * 10_000}), 413, "too_many_images"),
+        ("unknown task", dict(url=J, json={"images": [_b64(png)], "task": "cifar"}), 422, "unknown_task"),
+        ("task wrong type", dict(url=J, json={"images": [_b64(png)], "task": 5}), 422, "invalid_request"),
+        ("negative top_k", dict(url=J, json={"images": [_b64(png)], "top_k": -1}), 422, "invalid_request"),
+        ("zero top_k", dict(url=J, json={"images": [_b64(png)], "top_k": 0}), 422, "invalid_request"),
+        ("top_k above 20", dict(url=J, json={"images": [_b64(png)], "top_k": 21}), 422, "invalid_request"),
+        ("top_k not a number", dict(url=J, files={"image": ("a.png", png)}, data={"top_k": "abc"}), 422, "invalid_request"),
+        ("unknown json field", dict(url=J, json={"images": [_b64(png)], "colour": "red"}), 422, "invalid_request"),
+        ("unknown query param", dict(url=J + "?debug=1", json={"images": [_b64(png)]}), 422, "invalid_request"),
+        ("unknown task in query", dict(url=J + "?task=nope", content=png, headers={"content-type": "image/png"}), 422, "unknown_task"),
+        ("multipart without files", dict(url=J, files={"task": (None, "mnist")}), 422, "no_images"),
+        ("multipart text file", dict(url=J, files={"image": ("a.txt", b"just text", "text/plain")}), 400, "invalid_image"),
+        ("multipart empty file", dict(url=J, files={"image": ("a.png", b"", "image/png")}), 400, "invalid_image"),
+        ("multipart no boundary", dict(url=J, content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "invalid_multipart"),
+        ("multipart too many files", dict(url=J, files=[("image", (f"{i}.png", png)) for i in range(17)]), 413, "too_many_images"),
+        ("raw garbage image/png", dict(url=J, content=b"\x89PNG garbage", headers={"content-type": "image/png"}), 400, "invalid_image"),
+        ("raw empty image/png", dict(url=J, content=b"", headers={"content-type": "image/png"}), 400, "invalid_image"),
+        ("body over limit", dict(url=J, content=b"\0" * (MAX_BODY + 1), headers={"content-type": "image/png"}), 413, "payload_too_large"),
+        ("GET classify", dict(url=J, method="GET"), 405, "method_not_allowed"),
+        ("unknown route", dict(url="/v1/nope", method="POST", json={}), 404, "not_found"),
+        ("unknown merge job", dict(url="/v1/merge/abc", method="GET", headers={"authorization": "Bearer s3cret"}), 404, "unknown_job"),
+    ]
+
+
+def test_bad_inputs_get_clear_json_4xx_and_server_keeps_serving(harness, samples):
+    png = samples[0][1]
+    cases = _bad_inputs(png)
+    assert len(cases) >= 30
+    failures = []
+    for name, kwargs, status, code in cases:
+        kwargs = dict(kwargs)
+        method = kwargs.pop("method", "POST")
+        r = harness.request(method, kwargs.pop("url"), **kwargs)
+        try:
+            body = r.json()
+            ok = r.status_code == status and set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+            ok = ok and "Traceback" not in r.text
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            failures.append(f"{name}: got {r.status_code} {r.text[:200]!r}, want {status} {code}")
+    assert not failures, "\n".join(failures)
+    assert harness.request("GET", "/readyz").status_code == 200
+    ok = harness.request("POST", "/v1/classify", files={"image": ("x.png", png)})
+    assert ok.status_code == 200
+
+
+def test_admin_auth(server_store, test_zoo_dir):
+    h = AsgiHarness(_settings(server_store, test_zoo_dir))
+    try:
+        body = {"method": "nope"}
+        assert h.request("POST", "/v1/merge", json=body).status_code == 401
+        r = h.request("POST", "/v1/merge", json=body, headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+        r = h.request("POST", "/merge", json=body, headers={"authorization": "Basic s3cret"})
+        assert r.status_code == 401
+        r = h.request("POST", "/v1/merge", json=body, headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 422 and "unknown merge method" in r.json()["error"]["message"]
+        r = h.request("POST", "/v1/merge", json={"method": "ties", "params": {"k": 7}}, headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 422 and "k" in r.json()["error"]["message"]
+        r = h.request("POST", "/v1/merge", json={"method": "emr", "extra": 1}, headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 422
+    finally:
+        h.close()
+    no_token = AsgiHarness(_settings(server_store, test_zoo_dir, admin_token=None))
+    try:
+        r = no_token.request("POST", "/v1/merge", json={"method": "emr"}, headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+    finally:
+        no_token.close()
+
+
+def test_api_key_guards_classify_when_configured(server_store_template, test_zoo_dir, samples):
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, api_key="k3y"))
+    try:
+        files = {"image": ("x.png", samples[0][1])}
+        assert h.request("POST", "/v1/classify", files=files).status_code == 401
+        assert h.request("POST", "/v1/classify", files=files, headers={"x-api-key": "nope"}).status_code == 401
+        assert h.request("POST", "/v1/classify", files=files, headers={"x-api-key": "k3y"}).status_code == 200
+        assert h.request("POST", "/v1/classify", files=files, headers={"authorization": "Bearer k3y"}).status_code == 200
+    finally:
+        h.close()
+
+
+def test_merge_job_swaps_atomically_and_failed_merge_changes_nothing(server_store, test_zoo_dir, samples):
+    h = AsgiHarness(_settings(server_store, test_zoo_dir))
+    auth = {"authorization": "Bearer s3cret"}
+    try:
+        before = sorted(p.name for p in (server_store / "bundles").iterdir())
+        # a merge that fails inside the job (task subset unknown to the zoo): nothing changes
+        r = h.request("POST", "/v1/merge", json={"method": "emr", "tasks": ["mnist", "cifar"]}, headers=auth)
+        assert r.status_code == 202
+        job = _wait_job(h, r.json()["id"], auth)
+        assert job["state"] == "failed" and "cifar" in job["error"] and job["version"] is None
+        assert sorted(p.name for p in (server_store / "bundles").iterdir()) == before
+        assert (server_store / "CURRENT").read_text().strip() == "v1" and h.state.manager.version == "v1"
+        # a good one: published, CURRENT moved, swapped in
+        r = h.request("POST", "/v1/merge", json={"method": "emr", "tasks": ["mnist", "digits"]}, headers=auth)
+        assert r.status_code == 202 and r.json()["state"] in ("queued", "running")
+        second = h.request("POST", "/v1/merge", json={"method": "avg"}, headers=auth)
+        job = _wait_job(h, r.json()["id"], auth)
+        assert job["state"] == "succeeded" and job["version"] == "v2" and job["progress"] == 1.0, job
+        assert second.status_code in (202, 409)  # 409 while the first one still ran
+        if second.status_code == 202:
+            _wait_job(h, second.json()["id"], auth)
+        assert (server_store / "CURRENT").read_text().strip() == h.state.manager.version
+        r = h.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])}, data={"task": "mnist"})
+        assert r.status_code == 200 and r.json()["model_version"] == h.state.manager.version
+        text = h.request("GET", "/metrics").text
+        assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="failed"') == 1
+        assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="succeeded"') >= 1
+    finally:
+        h.close()
+
+
+def test_second_merge_gets_409_while_one_runs(server_store, test_zoo_dir):
+    h = AsgiHarness(_settings(server_store, test_zoo_dir))
+    auth = {"authorization": "Bearer s3cret"}
+    try:
+        first = h.request("POST", "/v1/merge", json={"method": "emr_routed", "params": {"gate_epochs": 1, "gate_size": 32}}, headers=auth)
+        second = h.request("POST", "/v1/merge", json={"method": "avg"}, headers=auth)
+        assert first.status_code == 202
+        assert second.status_code == 409 and second.json()["error"]["code"] == "merge_in_progress"
+        assert _wait_job(h, first.json()["id"], auth)["state"] == "succeeded"
+    finally:
+        h.close()
+
+
+def _wait_job(h, job_id, auth, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = h.request("GET", f"/v1/merge/{job_id}", headers=auth).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(job_id)
+
+
+def test_readyz_503_until_a_model_is_loaded(tmp_path):
+    h = AsgiHarness(_settings(tmp_path / "empty-store", tmp_path / "no-such-zoo"), wait_ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        while h.state.manager.state not in ("failed",) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = h.request("GET", "/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "no-such-zoo" in r.json()["error"]["message"]
+        r = h.request("POST", "/v1/classify", content=b"x", headers={"content-type": "image/png"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
+        assert h.request("GET", "/v1/tasks").status_code == 503
+        assert h.request("GET", "/healthz").status_code == 200
+    finally:
+        h.close()
+
+
+def test_queue_full_429_and_timeout_504(server_store_template, test_zoo_dir, samples):
+    png = _b64(samples[0][1])
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, max_queue=2))
+    try:
+        r = h.request("POST", "/v1/classify", json={"images": [png] * 3})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"
+        assert h.request("POST", "/v1/classify", json={"images": [png] * 2}).status_code == 200
+    finally:
+        h.close()
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, request_timeout_s=1e-4, max_wait_ms=50))
+    try:
+        r = h.request("POST", "/v1/classify", json={"images": [png]})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert h.request("GET", "/readyz").status_code == 200
+    finally:
+        h.close()
+
+
+def test_metrics_exposition(harness, samples):
+    harness.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])})
+    text = harness.request("GET", "/metrics").text
+    assert metric_value(text, "vitmerge_requests_total", 'method="POST",route="/v1/classify",status="200"') >= 1
+    for name in ("vitmerge_request_latency_seconds_count", "vitmerge_queue_wait_seconds_count", "vitmerge_inference_seconds_count",
+                 "vitmerge_batch_size_count", "vitmerge_queue_depth", "vitmerge_predictions_total", "vitmerge_weight_cache_lookups_total"):
+        assert metric_value(text, name) >= 0
+    assert 'vitmerge_model_info{' in text and 'version="v1"' in text
+    assert metric_value(text, "vitmerge_ready") == 1
