@@ -1,4 +1,4 @@
-# The two commands: `make run` (set up + build the demo zoo + serve) and `make test`.
+# The two commands: `make run` (set up, build the demo zoo, merge, serve) and `make test`.
 .PHONY: setup run test zoo clean
 
 VENV := .venv
@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(BIN)/vitmerge zoo build --preset tiny
+	$(BIN)/vitmerge serve
 
 test: setup
 	$(BIN)/python -m pytest -q

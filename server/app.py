@@ -367,10 +367,11 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
         elif not engine.has_gate:
             raise InvalidRequest(f"bundle {engine.version} has no gate: name the task (one of {', '.join(engine.tasks)})", code="task_required")
         loop = asyncio.get_running_loop()
-        xs, gates = await loop.run_in_executor(state.decode_pool, _decode_all, blobs, engine, task is None, settings.max_image_pixels)
-        decoded = time.perf_counter()
         assert state.batcher is not None
-        futures = state.batcher.submit(engine, xs, gates, [task] * len(xs))
+        with state.batcher.incoming():
+            xs, gates = await loop.run_in_executor(state.decode_pool, _decode_all, blobs, engine, task is None, settings.max_image_pixels)
+            decoded = time.perf_counter()
+            futures = state.batcher.submit(engine, xs, gates, [task] * len(xs))
         try:
             results: list[ItemResult] = await asyncio.wait_for(asyncio.gather(*futures), settings.request_timeout_s)
         except TimeoutError:

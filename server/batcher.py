@@ -2,7 +2,9 @@
 
 Requests put their images (already decoded and preprocessed in threads) on an
 asyncio queue. The batch loop takes the first waiting image, then waits at most
-``max_wait_ms`` for up to ``max_batch_size`` images, and runs the batch on the
+``max_wait_ms`` for up to ``max_batch_size`` images -- but only while some admitted
+request is still decoding (otherwise no image can arrive in time and waiting would
+only add latency) -- and runs the batch on the
 single worker thread that owns the model and the device. Each image carries the
 engine it was preprocessed for (pinned when its request arrived), so a hot swap
 never mixes versions inside a response: images queued before the swap finish on
@@ -11,8 +13,10 @@ the old engine, new requests use the new one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -57,6 +61,7 @@ class Batcher:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitmerge-infer")
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._incoming = 0  # requests admitted and still decoding: images that may join the next batch
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -89,6 +94,15 @@ class Batcher:
     def pending(self) -> int:
         return self._pending
 
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Mark a request as decoding: the batch loop only waits for images that can still come."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+
     def submit(self, engine: Engine, xs: list[torch.Tensor], gates: list[torch.Tensor | None], tasks: list[int | None]) -> list[asyncio.Future]:
         """Queue a request's images; raises :class:`QueueFull` (429) when over capacity."""
         n = len(xs)
@@ -117,7 +131,7 @@ class Batcher:
             except asyncio.QueueEmpty:
                 pass
             remaining = deadline - time.perf_counter()
-            if remaining <= 0:
+            if remaining <= 0 or self._incoming == 0:  # nothing is on its way: waiting only adds latency
                 break
             try:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))

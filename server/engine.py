@@ -11,9 +11,9 @@ Strategies by bundle kind (one engine, small strategies):
 
 * ``static`` -- one shared backbone, run once for the whole batch;
 * ``emr``    -- task t's backbone ``theta_0 + lam_t * M_t * tau_uni`` is materialised
-  on the device and kept in an LRU :class:`~server.weight_cache.WeightCache` under a
-  byte budget; one template module runs any task's weights (``functional_call``),
-  so switching tasks never copies weights into a module;
+  on the device from flat buffers (a few kernels for the whole model) into a module
+  built on the meta device whose parameters ARE the materialised views (no copy);
+  modules live in an LRU :class:`~server.weight_cache.WeightCache` under a byte budget;
 * ``gated``  -- :class:`~server.gated_vit.GatedViT` mixes expert tensors per image
   (``exact`` or ``sparse``).
 
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from merging.emr import unpack_mask
 from model_store.architecture import build_model
@@ -41,6 +40,25 @@ from server.gated_vit import DEFAULT_SPARSE_THRESHOLD, GatedViT
 from server.weight_cache import WeightCache, Weights, weights_nbytes
 
 Source = Literal["gate", "given"]
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Flat bool ``(n,)`` -> uint8 ``(ceil(n/8),)``, big-endian bit order (numpy.packbits), on its device."""
+    pad = (-bits.numel()) % 8
+    b = F.pad(bits.to(torch.uint8), (0, pad)).view(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=bits.device)
+    return (b * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` as float32 0/1 (ready to multiply)."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    return ((packed.view(-1, 1) >> shifts) & 1).view(-1)[:n].float()
+
+
+def _groups(tasks: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """CPU task indices -> [(task, image indices)], in task order."""
+    return [(int(t), (tasks == t).nonzero().flatten()) for t in tasks.unique().tolist()]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,14 +121,7 @@ class Engine:
         elif self.kind == "static":
             self.template = self._template({k: v.to(dev) for k, v in bundle.tensors("backbone").items()})
         else:
-            self._base = {k: v.float().to(dev) for k, v in bundle.tensors("base").items()}
-            self._tau = {k: v.float().to(dev) for k, v in bundle.tensors("tau_unified").items()}
-            self._masks = {k: v.to(dev) for k, v in bundle.tensors("masks").items()}
-            self._lams = [self.models.rescaler(t) for t in self.tasks]
-            self.template = self._template({k: self._base[k] for k in self._base})
-            missing = set(self.template.state_dict()) - set(self._tau)
-            if missing:
-                raise ValueError(f"bundle {self.version}: tau_unified lacks {sorted(missing)[:3]}")
+            self._init_emr(bundle)
 
     # -- building blocks -----------------------------------------------------------
     def _template(self, weights: Weights) -> nn.Module:
@@ -119,14 +130,42 @@ class Engine:
         model.load_state_dict(weights, strict=True, assign=True)
         return model.to(self.device).eval().requires_grad_(False)
 
-    def task_weights(self, task: int) -> Weights:
-        """EMR: task ``task``'s materialised backbone (cached under the byte budget)."""
-        name = self.tasks[task]
-        return self.cache.get(name, lambda: self._materialise(task))
+    def _init_emr(self, bundle: Bundle) -> None:
+        """Flat device buffers: ``theta_0``, ``tau_uni`` and each task's packed mask as ONE tensor each,
+        so materialising a task is a handful of kernels, not a few per tensor."""
+        tau = bundle.tensors("tau_unified")
+        base = bundle.tensors("base")
+        masks = bundle.tensors("masks")
+        self._keys = list(tau)
+        self._shapes = [tuple(tau[k].shape) for k in self._keys]
+        self._numels = [tau[k].numel() for k in self._keys]
+        dev = self.device
+        self._base_flat = torch.cat([base[k].float().reshape(-1) for k in self._keys]).to(dev)
+        self._tau_flat = torch.cat([tau[k].float().reshape(-1) for k in self._keys]).to(dev)
+        self._masks_flat = [pack_bits(torch.cat([unpack_mask(masks[f"{t}/{k}"], s).reshape(-1) for k, s in zip(self._keys, self._shapes)]).to(dev)) for t in self.tasks]
+        self._lams = [self.models.rescaler(t) for t in self.tasks]
+        with torch.device("meta"):
+            probe = build_model(self.models.architecture, 0)
+        missing = set(probe.state_dict()) - set(self._keys)
+        if missing:
+            raise ValueError(f"bundle {self.version}: tau_unified lacks {sorted(missing)[:3]}")
+
+    def task_module(self, task: int) -> nn.Module:
+        """EMR: a headless model running task ``task``'s weights ``theta_0 + lam_t M_t tau_uni`` (LRU-cached)."""
+        return self.cache.get(self.tasks[task], lambda: self._task_module(task))
 
     def _materialise(self, task: int) -> Weights:
-        name, lam = self.tasks[task], self._lams[task]
-        return {k: self._base[k] + lam * (unpack_mask(self._masks[f"{name}/{k}"], t.shape) * t) for k, t in self._tau.items()}
+        """Task ``task``'s backbone as views of one flat tensor."""
+        n = self._tau_flat.numel()
+        mask = unpack_bits(self._masks_flat[task], n)
+        flat = torch.addcmul(self._base_flat, mask, self._tau_flat, value=self._lams[task])
+        return {k: v.view(s) for k, v, s in zip(self._keys, flat.split(self._numels), self._shapes)}
+
+    def _task_module(self, task: int) -> nn.Module:
+        with torch.device("meta"):
+            model = build_model(self.models.architecture, 0)
+        model.load_state_dict(self._materialise(task), strict=True, assign=True)
+        return model.eval().requires_grad_(False)
 
     @property
     def has_gate(self) -> bool:
@@ -167,14 +206,20 @@ class Engine:
         """Pre-logit features ``(B, D)``, each image with its routed weights."""
         if self.gated is not None:
             return self.gated.features(x, p, self.strategy, self.threshold)
-        assert self.template is not None
         if self.kind == "static":
+            assert self.template is not None
             return self.template(x)
-        tasks = p.argmax(1)
-        out = torch.empty(x.shape[0], self.template.num_features, device=self.device, dtype=x.dtype)
-        for t in tasks.unique().tolist():
-            idx = (tasks == t).nonzero().flatten()
-            out[idx] = functional_call(self.template, self.task_weights(t), (x[idx],))
+        tasks = p.argmax(1).cpu()
+        groups = _groups(tasks)
+        if len(groups) == 1:
+            return self.task_module(groups[0][0])(x)
+        out = None
+        for t, idx in groups:
+            y = self.task_module(t)(x[idx.to(x.device)])
+            if out is None:
+                out = torch.empty(x.shape[0], y.shape[1], device=y.device, dtype=y.dtype)
+            out[idx.to(x.device)] = y
+        assert out is not None
         return out
 
     @torch.inference_mode()
@@ -185,17 +230,25 @@ class Engine:
         x = x.to(self.device, non_blocking=True)
         p, sources = self.route(given, x_gate)
         feats = self.features(x, p)
-        tasks = p.argmax(1)
-        task_prob = p.gather(1, tasks[:, None]).squeeze(1).cpu()
-        probs: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
-        for t in tasks.unique().tolist():
-            idx = (tasks == t).nonzero().flatten()
+        best_p, best = p.max(1)
+        tasks = best.cpu()
+        outs = []
+        groups = _groups(tasks)
+        for t, idx in groups:
             w, b = self.heads[t]
-            out = F.linear(feats[idx], w, b).float().softmax(-1).cpu()
+            outs.append(F.linear(feats[idx.to(feats.device)], w, b).float().softmax(-1).reshape(-1))
+        host = torch.cat([best_p.float(), *outs]).cpu()  # one device->host copy per batch
+        task_prob, flat = host[: len(tasks)], host[len(tasks) :]
+        probs: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
+        offset = 0
+        for t, idx in groups:
+            k = self.heads[t][0].shape[0]
+            block = flat[offset : offset + k * len(idx)].view(len(idx), k)
+            offset += k * len(idx)
             for j, i in enumerate(idx.tolist()):
-                probs[i] = out[j]
-        tasks_cpu = tasks.cpu().tolist()
-        return [ImageOutput(tasks_cpu[i], float(task_prob[i]), sources[i], probs[i]) for i in range(x.shape[0])]
+                probs[i] = block[j]
+        tasks_list = tasks.tolist()
+        return [ImageOutput(tasks_list[i], float(task_prob[i]), sources[i], probs[i]) for i in range(x.shape[0])]
 
     # -- lifecycle ------------------------------------------------------------------
     def warmup(self) -> None:
@@ -218,8 +271,8 @@ class Engine:
             assert self.template is not None
             parts["backbone"] = sum(t.numel() * t.element_size() for t in self.template.state_dict().values())
         else:
-            parts["base"] = weights_nbytes(self._base)
-            parts["tau_unified"] = weights_nbytes(self._tau)
-            parts["masks"] = weights_nbytes(self._masks)
+            parts["base"] = self._base_flat.numel() * 4
+            parts["tau_unified"] = self._tau_flat.numel() * 4
+            parts["masks"] = sum(m.numel() for m in self._masks_flat)
             parts["weight_cache"] = self.cache.nbytes
         return parts

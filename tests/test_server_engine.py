@@ -62,6 +62,16 @@ def test_mixed_batch_equals_one_image_batches(emr_engine):
         torch.testing.assert_close(alone.probabilities, batch[i].probabilities, atol=1e-5, rtol=1e-4)
 
 
+def test_flat_bit_packing_matches_numpy():
+    from merging.emr import pack_mask
+    from server.engine import pack_bits, unpack_bits
+
+    for n in (1, 7, 8, 9, 1000):
+        bits = torch.rand(n) > 0.5
+        assert torch.equal(pack_bits(bits), pack_mask(bits))
+        assert torch.equal(unpack_bits(pack_bits(bits), n), bits.float())
+
+
 def test_weight_cache_budget_and_lru():
     w = {"a": torch.zeros(250)}  # 1000 bytes
     built = []
@@ -100,8 +110,9 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
         torch.testing.assert_close(u.probabilities, w.probabilities)
     # resident: base + tau + 1-bit masks (+ cache), never N full models when the cache is off
     parts = cold.resident_bytes()
-    per_task_bits = sum(-(-t.numel() // 8) for t in cold._tau.values())
-    assert parts["masks"] == len(cold.tasks) * per_task_bits  # 1 bit per weight per task, packed
+    weights = cold._tau_flat.numel()
+    assert parts["masks"] == len(cold.tasks) * -(-weights // 8)  # 1 bit per weight per task, packed
+    assert parts["base"] == parts["tau_unified"] == 4 * weights
 
 
 @pytest.mark.parametrize("strategy", ["exact", "sparse"])
