@@ -21,6 +21,7 @@ The engine never writes to the bundle's tensors; a hot swap builds a new engine.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -145,13 +146,23 @@ class Engine:
         self._masks_flat = [pack_bits(torch.cat([unpack_mask(masks[f"{t}/{k}"], s).reshape(-1) for k, s in zip(self._keys, self._shapes)]).to(dev)) for t in self.tasks]
         self._lams = [self.models.rescaler(t) for t in self.tasks]
         with torch.device("meta"):
-            probe = build_model(self.models.architecture, 0)
-        missing = set(probe.state_dict()) - set(self._keys)
+            self._meta_model = build_model(self.models.architecture, 0).eval().requires_grad_(False)
+        missing = set(self._meta_model.state_dict()) - set(self._keys)
         if missing:
             raise ValueError(f"bundle {self.version}: tau_unified lacks {sorted(missing)[:3]}")
+        self._model_bytes = 4 * self._tau_flat.numel()
+        self._scratch = copy.deepcopy(self._meta_model)  # reused when the cache cannot hold a task
 
     def task_module(self, task: int) -> nn.Module:
-        """EMR: a headless model running task ``task``'s weights ``theta_0 + lam_t M_t tau_uni`` (LRU-cached)."""
+        """EMR: a headless model running task ``task``'s weights ``theta_0 + lam_t M_t tau_uni``.
+
+        Cached (LRU) when one task's weights fit the budget; otherwise the weights are
+        materialised into a reusable scratch module (parameters reassigned, no copy).
+        """
+        if self._model_bytes > self.cache.budget:
+            self.cache.record_miss()
+            self._scratch.load_state_dict(self._materialise(task), strict=True, assign=True)
+            return self._scratch
         return self.cache.get(self.tasks[task], lambda: self._task_module(task))
 
     def _materialise(self, task: int) -> Weights:
@@ -162,10 +173,9 @@ class Engine:
         return {k: v.view(s) for k, v, s in zip(self._keys, flat.split(self._numels), self._shapes)}
 
     def _task_module(self, task: int) -> nn.Module:
-        with torch.device("meta"):
-            model = build_model(self.models.architecture, 0)
+        model = copy.deepcopy(self._meta_model)  # structure only: parameters live on the meta device
         model.load_state_dict(self._materialise(task), strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        return model
 
     @property
     def has_gate(self) -> bool:

@@ -69,6 +69,12 @@ class WeightCache:
         self._notify(False)
         return value
 
+    def record_miss(self) -> None:
+        """Count a lookup the caller served without the cache (value larger than the budget)."""
+        with self._lock:
+            self.misses += 1
+        self._notify(False)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
