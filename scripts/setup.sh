@@ -52,4 +52,5 @@ apt_install() {  # apt_install CHECK_PATH PACKAGE...
   fi
 }
 apt_install /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz dataset-fashion-mnist
+apt_install /usr/sbin/nginx nginx-light  # the loopback load-balancer test (tests/test_cluster.py)
 say "ready"

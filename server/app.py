@@ -115,6 +115,10 @@ class ServingMiddleware:
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                version = self.state.manager.version
+                headers = list(message.get("headers", []))
+                if version is not None and not any(k.lower() == b"x-model-version" for k, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-model-version", version.encode())]}
             await send(message)
 
         try:

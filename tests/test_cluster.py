@@ -1,0 +1,161 @@
+"""Loopback cluster: 2 `vitmerge serve` replicas on one store behind nginx (deploy/nginx.conf).
+
+Mixed-task traffic goes through nginx the whole time; a merge on one replica must
+reach both within 10 s with no failed request; `kill -9` of a replica under load must
+not stop nginx from answering; the restarted replica rejoins on the current version.
+"""
+import asyncio
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model_store.datasets import load_split
+
+from server_helpers import LiveServer, free_port, png_bytes
+
+REPO = Path(__file__).resolve().parent.parent
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+AUTH = {"authorization": "Bearer s3cret"}
+
+
+def nginx_config(tmp: Path, replica_ports: list[int], listen: int) -> Path:
+    """deploy/nginx.conf with loopback upstreams, a loopback listen port and private temp paths."""
+    conf = (REPO / "deploy" / "nginx.conf").read_text()
+    names = re.findall(r"server\s+(vitmerge-\d+):8000", conf)
+    assert len(names) == len(replica_ports)
+    for name, port in zip(names, replica_ports):
+        conf = conf.replace(f"server {name}:8000", f"server 127.0.0.1:{port}")
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+    temp = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = conf.replace("http {", "http {\n" + temp, 1)
+    if os.geteuid() == 0:
+        conf = "user root;\n" + conf
+    path = tmp / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+@pytest.fixture
+def nginx_lb(tmp_path):
+    def start(replica_ports: list[int]) -> tuple[str, subprocess.Popen]:
+        listen = free_port()
+        conf = nginx_config(tmp_path, replica_ports, listen)
+        proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log warn;"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return f"http://127.0.0.1:{listen}", proc
+
+    procs: list[subprocess.Popen] = []
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pool() -> list[tuple[str, bytes]]:
+    return [(task, png_bytes(img)) for task in ("mnist", "animals", "solar", "digits") for img in load_split(task, "test", limit=6).images]
+
+
+async def _traffic(url: str, pool, clients: int, stop: asyncio.Event, log: list) -> None:
+    async def client(seed: int) -> None:
+        rng = random.Random(seed)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                task, png = rng.choice(pool)
+                data = {"task": task} if rng.random() < 0.5 else {}
+                t = time.monotonic()
+                try:
+                    r = await c.post("/v1/classify", files={"image": ("x.png", png)}, data=data)
+                    log.append((t, time.monotonic(), r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:200]))
+                except httpx.HTTPError as e:
+                    log.append((t, time.monotonic(), -1, repr(e)))
+
+    await asyncio.gather(*(client(k) for k in range(clients)))
+
+
+def _version(url: str) -> str | None:
+    try:
+        r = httpx.get(f"{url}/readyz", timeout=2)
+        return r.json().get("model_version") if r.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed (scripts/setup.sh installs nginx-light as root)")
+def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo_dir, nginx_lb):
+    flags = ["--watch-interval", "1"]
+    a = LiveServer(server_store, test_zoo_dir, flags)
+    b = LiveServer(server_store, test_zoo_dir, flags)
+    servers = [a, b]
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        lb, _ = nginx_lb([a.port, b.port])
+        deadline = time.monotonic() + 20
+        while _version(lb) != "v1":
+            assert time.monotonic() < deadline, "nginx did not come up"
+            time.sleep(0.1)
+        pool = _pool()
+        log: list = []
+        report: dict = {}
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            traffic = asyncio.create_task(_traffic(lb, pool, 8, stop, log))
+            await asyncio.sleep(1.0)
+            async with httpx.AsyncClient(timeout=30) as admin:
+                r = await admin.post(f"{a.url}/v1/merge", json={"method": "emr_routed", "params": {"gate_epochs": 1, "gate_size": 32}}, headers=AUTH)
+                assert r.status_code == 202, r.text
+                while True:
+                    job = (await admin.get(f"{a.url}/v1/merge/{r.json()['id']}", headers=AUTH)).json()
+                    if job["state"] in ("succeeded", "failed"):
+                        break
+                    await asyncio.sleep(0.1)
+                assert job["state"] == "succeeded", job
+                published = time.monotonic()
+                while await asyncio.to_thread(_version, b.url) != job["version"]:
+                    assert time.monotonic() - published < 10, "replica b did not converge within 10 s"
+                    await asyncio.sleep(0.05)
+                report["convergence_s"] = time.monotonic() - published
+                assert await asyncio.to_thread(_version, a.url) == job["version"]
+                report["version"] = job["version"]
+                await asyncio.sleep(1.0)
+                report["killed_at"] = time.monotonic()
+                b.proc.send_signal(signal.SIGKILL)  # under load
+                b.proc.wait(10)
+                await asyncio.sleep(3.0)
+                report["restart_at"] = time.monotonic()
+                servers.append(LiveServer(server_store, test_zoo_dir, flags, port=b.port))
+                await asyncio.to_thread(servers[-1].wait_ready)
+                report["rejoined_version"] = await asyncio.to_thread(_version, servers[-1].url)
+                await asyncio.sleep(2.0)  # nginx sends traffic to the restarted replica again
+            stop.set()
+            await traffic
+
+        asyncio.run(scenario())
+        before_kill = [e for e in log if e[1] < report["killed_at"]]
+        after_kill = [e for e in log if e[0] > report["killed_at"]]
+        failed_before = [e for e in before_kill if e[2] != 200]
+        failed_after = [e for e in log if e[2] != 200 and e[1] >= report["killed_at"]]
+        versions = [e[3] for e in before_kill if e[2] == 200]
+        print(f"\n{len(log)} requests through nginx; merge converged on the other replica in {report['convergence_s']:.2f} s; "
+              f"{len(failed_before)} failed before the kill; {len(failed_after)} failed after kill -9 "
+              f"({len([e for e in after_kill if e[2] == 200])} answered after it); rejoined on {report['rejoined_version']}")
+        assert not failed_before, failed_before[:3]
+        assert set(versions) <= {"v1", report["version"]}
+        assert len(failed_after) <= 8  # at most the in-flight requests of the killed replica (8 clients)
+        assert len([e for e in after_kill if e[2] == 200]) > 20  # nginx kept answering
+        assert report["rejoined_version"] == report["version"]
+        late = [e[3] for e in log if e[0] > report["restart_at"] and e[2] == 200]
+        assert late and set(late) == {report["version"]}
+    finally:
+        for s in servers:
+            s.terminate()
