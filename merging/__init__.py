@@ -9,21 +9,22 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Lazy re-exports (PEP 562): ``import merging.emr`` from the server must not pull in
-# the registry, gate training or calibration code.
-_EXPORTS = {
-    "task_arithmetic": "averaging", "weight_average": "averaging", "dare": "dare", "dare_views": "dare",
-    "EMRMerged": "emr", "emr_merge": "emr", "pack_mask": "emr", "unpack_mask": "emr",
-    "estimate_fisher": "fisher", "fisher_merge": "fisher", "REGISTRY": "registry", "MergeContext": "registry",
-    "MergeResult": "registry", "get_method": "registry", "parse_params": "registry", "register": "registry",
-    "run_merge": "registry", "collect_grams": "regmean", "regmean": "regmean", "layer_similarity": "similarity",
-    "rank_blocks": "similarity", "ties_merge": "ties",
-}
+from merging.averaging import task_arithmetic, weight_average
+from merging.dare import dare, dare_views
+from merging.emr import EMRMerged, emr_merge, pack_mask, unpack_mask
+from merging.fisher import estimate_fisher, fisher_merge
+from merging.regmean import collect_grams, regmean
+from merging.similarity import layer_similarity, rank_blocks
+from merging.ties import ties_merge
+
+# The registry (and through it gate training) loads lazily (PEP 562): the server
+# imports merging.emr on its load path without pulling in training code.
+_LAZY = {"REGISTRY", "MergeContext", "MergeResult", "get_method", "parse_params", "register", "run_merge"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"merging.{_EXPORTS[name]}"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module("merging.registry"), name)
     raise AttributeError(f"module 'merging' has no attribute '{name}'")
 
 

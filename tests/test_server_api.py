@@ -324,3 +324,14 @@ def test_metrics_exposition(harness, samples):
         assert metric_value(text, name) >= 0
     assert 'vitmerge_model_info{' in text and 'version="v1"' in text
     assert metric_value(text, "vitmerge_ready") == 1
+
+
+def test_serving_path_does_not_import_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys, server.app, server.engine, server.cli; "
+            "bad = [m for m in ('merging.registry', 'merging.gate', 'model_store.training', 'model_store.presets') if m in sys.modules]; "
+            "assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
