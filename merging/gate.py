@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from merging.types import StateDict
 from model_store.architecture import head_prefix, split_head
+from model_store.memory import training_allocations
 
 GateArch = Literal["mobilenetv2_100", "efficientnet_lite0"]
 GATE_ARCHS: tuple[str, ...] = ("mobilenetv2_100", "efficientnet_lite0")
@@ -74,6 +75,7 @@ def _split(n: int, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor,
     return perm[k:], perm[:k]
 
 
+@training_allocations()
 def train_gate(images: Sequence[torch.Tensor], cfg: GateConfig = GateConfig(), init_state: StateDict | None = None, progress: bool = True) -> GateTraining:
     """Train a gate on ``images[i]`` = task i's preprocessed calibration images."""
     torch.manual_seed(cfg.seed)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from model_store.memory import training_allocations
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -28,6 +30,7 @@ class TrainConfig:
     seed: int = 0
 
 
+@training_allocations()
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, desc: str = "train", progress: bool = True) -> float:
     """Train ``model`` in place on ``(x, y)``; returns the wall time in seconds."""
     gen = torch.Generator().manual_seed(cfg.seed)

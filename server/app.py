@@ -88,11 +88,12 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.manager.engine is not None and self.batcher is not None and self.batcher.alive
+        engine = self.manager.engine
+        return engine is not None and engine.alive and self.batcher is not None and self.batcher.alive
 
     def engine(self) -> Engine:
         engine = self.manager.engine
-        if engine is None or self.batcher is None or not self.batcher.alive:
+        if engine is None or not engine.alive or self.batcher is None or not self.batcher.alive:
             raise NotReady(f"model not loaded (state: {self.manager.state}{'; ' + self.manager.error if self.manager.error else ''})", headers={"Retry-After": "5"})
         return engine
 

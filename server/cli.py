@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["exact", "sparse"], default=None, help="gated bundles: routing strategy (default sparse)")
     p.add_argument("--cache-bytes", type=int, default=None, help="LRU budget for materialised task weights (default 512 MiB)")
     p.add_argument("--watch-interval", type=float, default=None, help="seconds between CURRENT polls (0 = off; default 2)")
+    p.add_argument("--worker", choices=["thread", "process"], default=None, help="engine in the server process or its own (default thread)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_serve)
     return parser
@@ -301,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {
         "host": args.host, "port": args.port, "store": args.store, "zoo": args.zoo, "admin_token": args.admin_token,
         "device": args.device, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-        "strategy": args.strategy, "cache_bytes": args.cache_bytes, "watch_interval_s": args.watch_interval,
+        "strategy": args.strategy, "cache_bytes": args.cache_bytes, "watch_interval_s": args.watch_interval, "worker": args.worker,
     }
     settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

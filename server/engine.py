@@ -57,6 +57,13 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return ((packed.view(-1, 1) >> shifts) & 1).view(-1)[:n].float()
 
 
+def preprocess_image(image: np.ndarray, prep: Preprocessing, gate_prep: Preprocessing | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One uint8 image -> the ViT's input ``(C, S, S)`` and, when ``gate_prep`` is given, the gate's."""
+    batch = image[None]
+    x = to_model_input(batch, prep)[0]
+    return x, (to_model_input(batch, gate_prep)[0] if gate_prep is not None else None)
+
+
 def _groups(tasks: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """CPU task indices -> [(task, image indices)], in task order."""
     return [(int(t), (tasks == t).nonzero().flatten()) for t in tasks.unique().tolist()]
@@ -187,10 +194,11 @@ class Engine:
     # -- preprocessing (called from request threads) --------------------------------
     def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 ``(H, W[, C])`` -> the ViT's input ``(C, S, S)`` (+ the gate's when needed)."""
-        batch = image[None]
-        x = to_model_input(batch, self.preprocessing)[0]
-        g = to_model_input(batch, self.gate_preprocessing)[0] if need_gate and self.gate_preprocessing is not None else None
-        return x, g
+        return preprocess_image(image, self.preprocessing, self.gate_preprocessing if need_gate else None)
+
+    @property
+    def alive(self) -> bool:
+        return True
 
     # -- the hot path ---------------------------------------------------------------
     @torch.inference_mode()

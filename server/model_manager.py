@@ -65,7 +65,12 @@ class ModelManager:
     def build_engine(self, version: str) -> Engine:
         """Load, verify and warm up ``version`` (does not serve it yet)."""
         s = self.settings
-        engine = Engine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup)
+        if s.worker == "process":
+            from server.worker_process import ProcessEngine
+
+            engine: Engine = ProcessEngine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup)  # type: ignore[assignment]
+        else:
+            engine = Engine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup)
         engine.warmup()
         return engine
 

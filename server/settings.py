@@ -28,6 +28,7 @@ class ServerSettings(BaseSettings):
     default_params: dict = Field(default_factory=dict)
 
     # engine
+    worker: Literal["thread", "process"] = Field("thread", description="run the engine in the server process (thread) or in its own process (no shared GIL)")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     strategy: Literal["exact", "sparse"] = "sparse"
     sparse_threshold: float | None = Field(None, ge=0.0, le=1.0, description="default: the gating benchmark's choice")

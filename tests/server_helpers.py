@@ -104,7 +104,9 @@ class LiveServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = store / f"serve-{self.port}.log"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--zoo", str(zoo), "--port", str(self.port),
+        script = Path(sys.executable).parent / "vitmerge"  # the console script: exactly the Dockerfile's entrypoint
+        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+        cmd = [*launcher, "serve", "--store", str(store), "--zoo", str(zoo), "--port", str(self.port),
                "--admin-token", "s3cret", "--quiet", *(extra or [])]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=full_env)

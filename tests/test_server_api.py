@@ -335,3 +335,25 @@ def test_serving_path_does_not_import_training_code():
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_process_worker_gives_the_same_answers_and_readyz_follows_it(server_store_template, test_zoo_dir, samples):
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, worker="process"))
+    try:
+        engine = h.state.manager.engine
+        assert type(engine).__name__ == "ProcessEngine" and engine.alive
+        direct = Engine(engine.bundle, "cpu")
+        for i, (task, png, img) in enumerate(samples[:6]):
+            given = task if i % 2 else None
+            r = h.request("POST", "/v1/classify", files={"image": ("x.png", png)}, data={"task": given} if given else {})
+            assert r.status_code == 200, r.text
+            _check(r.json()["predictions"][0], _direct(direct, img, given), direct)
+        text = h.request("GET", "/metrics").text
+        assert metric_value(text, "vitmerge_weight_cache_lookups_total") > 0  # reported back from the child
+        engine._proc.kill()  # the inference process dies: not ready, classify answers 503
+        engine._proc.join(5)
+        assert h.request("GET", "/readyz").status_code == 503
+        r = h.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
+    finally:
+        h.close()

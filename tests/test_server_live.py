@@ -47,8 +47,9 @@ async def _client(url: str, items: list, n: int, seed: int, log: list, stop: asy
             i += 1
 
 
-def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store, test_zoo_dir, pool):
-    server = LiveServer(server_store, test_zoo_dir, ["--max-wait-ms", "5", "--watch-interval", "0"])
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store, test_zoo_dir, pool, worker):
+    server = LiveServer(server_store, test_zoo_dir, ["--max-wait-ms", "5", "--watch-interval", "0", "--worker", worker])
     try:
         server.wait_ready()
         log: list = []
@@ -72,7 +73,7 @@ def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store,
         batches = metric_value(text, "vitmerge_batch_size_count")
         singles = metric_value(text, "vitmerge_batch_size_bucket", 'le="1.0"')
         images = metric_value(text, "vitmerge_batch_size_sum")
-        print(f"\n3200 requests in {seconds:.1f} s ({3200 / seconds:.0f} req/s); {batches:.0f} batches, mean size {images / batches:.2f}")
+        print(f"\n[{worker}] 3200 requests in {seconds:.1f} s ({3200 / seconds:.0f} req/s); {batches:.0f} batches, mean size {images / batches:.2f}")
         assert images == 3200 and batches > singles and images / batches > 1.5
         assert metric_value(text, "vitmerge_predictions_total", 'source="gate",task="mnist"') > 0
     finally:
