@@ -212,8 +212,17 @@ def engine_rows(engine: Engine, batches: list[dict], label: str) -> list[dict]:
     cold = rate(lambda b: engine.predict(b["x"], [None] * b["n"], b["g"]), moved, dev)
     engine.cache.budget = cache
     gate_only = rate(lambda b: engine.gate(b["g"]).softmax(-1).cpu(), moved, dev)
+    extra = []
+    if engine.use_graphs:  # the same engine without CUDA graphs, and the plain ViT WITH one
+        from server.engine import GraphRunner
+
+        eager = Engine(engine.bundle, dev, 1 << 40, cuda_graphs=False)
+        graphed_vit = GraphRunner(vit, torch.cuda.graph_pool_handle())
+        extra = [("engine, routed, all cached, WITHOUT CUDA graphs", rate(lambda b: eager.predict(b["x"], [None] * b["n"], b["g"]), moved, dev)),
+                 ("plain single ViT replayed as a CUDA graph", rate(lambda b: graphed_vit(b["x"]).softmax(-1).cpu(), moved, dev))]
+        del eager
     rows = [("plain single ViT (one task's model)", plain), ("engine, task given (EMR, grouped by task), all tasks cached", given),
-            ("engine, routed (gate + EMR), all tasks cached", routed), ("engine, routed, weight cache off (materialise per batch)", cold), ("gate alone", gate_only)]
+            ("engine, routed (gate + EMR), all tasks cached", routed), ("engine, routed, weight cache off (materialise per batch)", cold), ("gate alone", gate_only), *extra]
     return [{"model": label, "config": name, "img_s": r, "vs_plain": r / plain} for name, r in rows]
 
 

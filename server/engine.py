@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -79,6 +79,50 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: Batch-size buckets for CUDA graphs (a batch is padded up to the next one).
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class GraphRunner:
+    """Replays CUDA graphs of a module with FIXED weights, one per batch-size bucket.
+
+    A tiny model's forward on a GPU is bound by Python and kernel-launch overhead; a
+    graph replays all kernels with one call. Rows are independent in a ViT and in an
+    eval-mode CNN, so padding a batch to its bucket does not change the real rows.
+    The returned tensor is a view of the graph's static output: consume it before the
+    next call (the engine copies it at once).
+    """
+
+    def __init__(self, module: nn.Module, pool: Any):
+        self.module, self.pool = module, pool
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        bucket = next((b for b in GRAPH_BUCKETS if b >= n), None)
+        if bucket is None:
+            return self.module(x)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket, x)
+        static_in, static_out, graph = self.graphs[bucket]
+        static_in[:n].copy_(x)
+        graph.replay()
+        return static_out[:n]
+
+    def _capture(self, bucket: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]:
+        static_in = torch.zeros((bucket, *x.shape[1:]), device=x.device, dtype=x.dtype)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.module(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.module(static_in)
+        return static_in, static_out, graph
+
+
 @dataclass
 class ImageOutput:
     """One image's prediction: its task, how sure the router is, class probabilities."""
@@ -100,6 +144,7 @@ class Engine:
         strategy: Literal["exact", "sparse"] = "sparse",
         threshold: float | None = None,
         on_cache_lookup: Callable[[bool], None] | None = None,
+        cuda_graphs: bool = True,
     ):
         self.models = BundleModels(bundle)
         self.bundle = bundle
@@ -118,7 +163,10 @@ class Engine:
         for t in self.tasks:
             head = self.models.head(t)
             self.heads.append((head["head.weight"].float().to(dev), head["head.bias"].float().to(dev)))
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.gate: nn.Module | None = self.models.gate_model().to(dev) if self.models.has_gate else None
+        self._gate_run = self._graphed(self.gate) if self.gate is not None else None
         self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
         self.template: nn.Module | None = None
         self.gated: GatedViT | None = None
@@ -128,10 +176,15 @@ class Engine:
             self.gated = GatedViT(self.models.architecture, dict(b.tensors("backbone")), dict(b.tensors("experts")), heads).to(dev)
         elif self.kind == "static":
             self.template = self._template({k: v.to(dev) for k, v in bundle.tensors("backbone").items()})
+            self._template_run = self._graphed(self.template)
         else:
             self._init_emr(bundle)
 
     # -- building blocks -----------------------------------------------------------
+    def _graphed(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``module`` itself, or on CUDA a :class:`GraphRunner` over it (fixed weights only)."""
+        return GraphRunner(module, self._graph_pool) if self.use_graphs else module
+
     def _template(self, weights: Weights) -> nn.Module:
         """A headless timm model whose parameters ARE ``weights`` (assigned, not copied)."""
         model = build_model(self.models.architecture, 0)
@@ -160,7 +213,7 @@ class Engine:
         self._model_bytes = 4 * self._tau_flat.numel()
         self._scratch = copy.deepcopy(self._meta_model)  # reused when the cache cannot hold a task
 
-    def task_module(self, task: int) -> nn.Module:
+    def task_module(self, task: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """EMR: a headless model running task ``task``'s weights ``theta_0 + lam_t M_t tau_uni``.
 
         Cached (LRU) when one task's weights fit the budget; otherwise the weights are
@@ -169,8 +222,8 @@ class Engine:
         if self._model_bytes > self.cache.budget:
             self.cache.record_miss()
             self._scratch.load_state_dict(self._materialise(task), strict=True, assign=True)
-            return self._scratch
-        return self.cache.get(self.tasks[task], lambda: self._task_module(task))
+            return self._scratch  # weights change every call: never graphed
+        return self.cache.get(self.tasks[task], lambda: self._task_module(task))._vitmerge_run
 
     def _materialise(self, task: int) -> Weights:
         """Task ``task``'s backbone as views of one flat tensor."""
@@ -182,6 +235,8 @@ class Engine:
     def _task_module(self, task: int) -> nn.Module:
         model = copy.deepcopy(self._meta_model)  # structure only: parameters live on the meta device
         model.load_state_dict(self._materialise(task), strict=True, assign=True)
+        # plain attribute (not a registered submodule): graphs die with the module when the cache evicts it
+        object.__setattr__(model, "_vitmerge_run", self._graphed(model))
         return model
 
     @property
@@ -216,7 +271,8 @@ class Engine:
                 raise ValueError(f"bundle {self.version} has no gate: name the task")
             if x_gate is None or x_gate.shape[0] != len(routed):
                 raise ValueError(f"expected gate input for {len(routed)} images")
-            p[routed] = self.gate(x_gate.to(self.device)).float().softmax(-1)
+            assert self._gate_run is not None
+            p[routed] = self._gate_run(x_gate.to(self.device)).float().softmax(-1)
         return p, sources
 
     @torch.inference_mode()
@@ -225,8 +281,7 @@ class Engine:
         if self.gated is not None:
             return self.gated.features(x, p, self.strategy, self.threshold)
         if self.kind == "static":
-            assert self.template is not None
-            return self.template(x)
+            return self._template_run(x)
         tasks = p.argmax(1).cpu()
         groups = _groups(tasks)
         if len(groups) == 1:

@@ -68,9 +68,9 @@ class ModelManager:
         if s.worker == "process":
             from server.worker_process import ProcessEngine
 
-            engine: Engine = ProcessEngine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup)  # type: ignore[assignment]
+            engine: Engine = ProcessEngine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)  # type: ignore[assignment]
         else:
-            engine = Engine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup)
+            engine = Engine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)
         engine.warmup()
         return engine
 

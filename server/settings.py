@@ -32,6 +32,7 @@ class ServerSettings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     strategy: Literal["exact", "sparse"] = "sparse"
     sparse_threshold: float | None = Field(None, ge=0.0, le=1.0, description="default: the gating benchmark's choice")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay CUDA graphs of fixed-weight modules (gate, cached task models)")
     cache_bytes: int = Field(512 * 2**20, ge=0, description="LRU budget for materialised per-task weights; 0 = rebuild every batch")
 
     # batcher

@@ -28,7 +28,7 @@ from server.bundle_models import BundleModels
 from server.engine import ImageOutput, preprocess_image, resolve_device
 
 
-def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None) -> None:
+def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None, cuda_graphs: bool) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
     from server.engine import Engine
@@ -36,7 +36,7 @@ def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: 
     lookups: list[bool] = []
     try:
         torch.set_grad_enabled(False)
-        engine = Engine(load_bundle_dir(Path(bundle_dir), verify=False), device, cache_bytes, strategy, threshold, lookups.append)  # type: ignore[arg-type]
+        engine = Engine(load_bundle_dir(Path(bundle_dir), verify=False), device, cache_bytes, strategy, threshold, lookups.append, cuda_graphs)  # type: ignore[arg-type]
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -89,6 +89,7 @@ class ProcessEngine:
         strategy: Literal["exact", "sparse"] = "sparse",
         threshold: float | None = None,
         on_cache_lookup: Callable[[bool], None] | None = None,
+        cuda_graphs: bool = True,
     ):
         self.models = BundleModels(bundle)  # metadata only: no tensors in this process
         self.bundle = bundle
@@ -104,7 +105,7 @@ class ProcessEngine:
         self._lock = threading.Lock()
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_child, args=(child, str(bundle.path), str(self.device), cache_bytes, strategy, threshold),
+        self._proc = ctx.Process(target=_child, args=(child, str(bundle.path), str(self.device), cache_bytes, strategy, threshold, cuda_graphs),
                                  name=f"vitmerge-engine-{bundle.version}", daemon=True)
         self._proc.start()
         child.close()
