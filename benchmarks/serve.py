@@ -81,11 +81,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, store: Path, device: str, max_batch: int):
+    def __init__(self, store: Path, device: str, max_batch: int, max_wait_ms: float = 5.0):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(self.port), "--device", device,
-               "--max-batch-size", str(max_batch), "--max-wait-ms", "5", "--watch-interval", "0", "--quiet"]
+               "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--watch-interval", "0", "--quiet"]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VITMERGE_ZOO": "tiny"})
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -140,10 +140,10 @@ async def _load(url: str, pool: list[tuple[str, bytes]], concurrency: int, total
     return latencies, errors, time.perf_counter() - start, {k: float(np.mean(v)) if v else 0.0 for k, v in timing.items()}
 
 
-def http_rows(store: Path, device: str, pool, requests: dict[int, int]) -> list[dict]:
+def http_rows(store: Path, device: str, pool, requests: dict[int, int], max_wait_ms: float = 5.0) -> list[dict]:
     rows = []
     for name, max_batch in (("batching", 32), ("no batching", 1)):
-        server = Server(store, device, max_batch)
+        server = Server(store, device, max_batch, max_wait_ms)
         try:
             asyncio.run(_load(server.url, pool, 4, 64))  # warm-up
             for conc in tqdm(CONCURRENCY, desc=f"http {name}"):
@@ -327,6 +327,7 @@ def main() -> None:
     ap.add_argument("--prepared", action="store_true", help="use the existing bench store (no datasets needed)")
     ap.add_argument("--requests", type=int, default=400, help="requests per concurrency level (x2 at 16)")
     ap.add_argument("--vit-b-batches", type=int, default=2, help="batches of 32 for the ViT-B/16-size engine rows (0 = skip)")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="the batching server's max wait")
     ap.add_argument("--http-only", action="store_true", help="only the HTTP rows (server variants via VITMERGE_* env vars)")
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
@@ -339,7 +340,7 @@ def main() -> None:
     res: dict = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
                  "device": str(device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     requests = {1: args.requests // 2, 4: args.requests, 16: 2 * args.requests}
-    res["http"] = http_rows(args.store, args.device, pool, requests)
+    res["http"] = http_rows(args.store, args.device, pool, requests, args.max_wait_ms)
     res["env"] = {k: v for k, v in os.environ.items() if k.startswith("VITMERGE_")}
     suffix = ("" if device.type == "cpu" else f"-{device.type}") + (f"-{args.tag}" if args.tag else "")
     if args.http_only:

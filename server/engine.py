@@ -79,8 +79,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-#: Batch-size buckets for CUDA graphs (a batch is padded up to the next one).
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Batch-size buckets for CUDA graphs (a batch is padded up to the next one). Fine-grained:
+#: padding a ViT-B group of 9 to 16 cost more than the graph saved (measured on an H100).
+GRAPH_BUCKETS = (*range(1, 9), *range(10, 17, 2), *range(20, 33, 4), *range(40, 65, 8), *range(80, 129, 16), *range(160, 257, 32))
 
 
 class GraphRunner:
