@@ -134,7 +134,39 @@ class ImageOutput:
     probabilities: torch.Tensor  # (num_classes,) on CPU
 
 
-class Engine:
+class EngineInfo:
+    """What the server needs to know about a loaded bundle without touching its weights:
+    version, tasks, classes, preprocessing (shared by :class:`Engine` and the process proxy)."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device):
+        self.models = BundleModels(bundle)
+        self.bundle = bundle
+        self.version = bundle.version
+        self.method = bundle.manifest.method
+        self.kind = self.models.kind
+        self.tasks = self.models.tasks
+        self.class_names = self.models.class_names
+        self.preprocessing: Preprocessing = self.models.preprocessing
+        self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate_preprocessing is not None
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def task_index(self, name: str) -> int:
+        return self.tasks.index(name)
+
+    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 ``(H, W[, C])`` -> the ViT's input ``(C, S, S)`` (+ the gate's when needed)."""
+        return preprocess_image(image, self.preprocessing, self.gate_preprocessing if need_gate else None)
+
+
+class Engine(EngineInfo):
     """Routes, groups and classifies batches with one bundle's weights."""
 
     def __init__(
@@ -147,15 +179,7 @@ class Engine:
         on_cache_lookup: Callable[[bool], None] | None = None,
         cuda_graphs: bool = True,
     ):
-        self.models = BundleModels(bundle)
-        self.bundle = bundle
-        self.version = bundle.version
-        self.method = bundle.manifest.method
-        self.kind = self.models.kind
-        self.tasks = self.models.tasks
-        self.class_names = self.models.class_names
-        self.preprocessing: Preprocessing = self.models.preprocessing
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        super().__init__(bundle, device)
         self.strategy = strategy
         self.threshold = DEFAULT_SPARSE_THRESHOLD if threshold is None else threshold
         self.cache = WeightCache(cache_bytes, on_cache_lookup)
@@ -168,7 +192,6 @@ class Engine:
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.gate: nn.Module | None = self.models.gate_model().to(dev) if self.models.has_gate else None
         self._gate_run = self._graphed(self.gate) if self.gate is not None else None
-        self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
         self.template: nn.Module | None = None
         self.gated: GatedViT | None = None
         if self.kind == "gated":
@@ -240,21 +263,7 @@ class Engine:
         object.__setattr__(model, "_vitmerge_run", self._graphed(model))
         return model
 
-    @property
-    def has_gate(self) -> bool:
-        return self.gate is not None
-
-    def task_index(self, name: str) -> int:
-        return self.tasks.index(name)
-
     # -- preprocessing (called from request threads) --------------------------------
-    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 ``(H, W[, C])`` -> the ViT's input ``(C, S, S)`` (+ the gate's when needed)."""
-        return preprocess_image(image, self.preprocessing, self.gate_preprocessing if need_gate else None)
-
-    @property
-    def alive(self) -> bool:
-        return True
 
     # -- the hot path ---------------------------------------------------------------
     @torch.inference_mode()

@@ -19,13 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers tensor reductions with multiprocessing)
 
 from model_store.bundle import Bundle
-from server.bundle_models import BundleModels
-from server.engine import ImageOutput, preprocess_image, resolve_device
+from server.engine import EngineInfo, ImageOutput
 
 
 def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None, cuda_graphs: bool) -> None:
@@ -78,7 +76,7 @@ def _shutdown(conn: Any, proc: mp.process.BaseProcess) -> None:
     conn.close()
 
 
-class ProcessEngine:
+class ProcessEngine(EngineInfo):
     """The Engine interface with ``predict`` running in a spawned child process."""
 
     def __init__(
@@ -91,16 +89,7 @@ class ProcessEngine:
         on_cache_lookup: Callable[[bool], None] | None = None,
         cuda_graphs: bool = True,
     ):
-        self.models = BundleModels(bundle)  # metadata only: no tensors in this process
-        self.bundle = bundle
-        self.version = bundle.version
-        self.method = bundle.manifest.method
-        self.kind = self.models.kind
-        self.tasks = self.models.tasks
-        self.class_names = self.models.class_names
-        self.preprocessing = self.models.preprocessing
-        self.gate_preprocessing = self.models.gate_preprocessing if self.models.has_gate else None
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        super().__init__(bundle, device)  # metadata only: no tensors in this process
         self._on_cache_lookup = on_cache_lookup
         self._lock = threading.Lock()
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
@@ -113,18 +102,8 @@ class ProcessEngine:
         self._call_raw()  # wait until the child has loaded the bundle
 
     @property
-    def has_gate(self) -> bool:
-        return self.gate_preprocessing is not None
-
-    @property
     def alive(self) -> bool:
         return self._proc.is_alive()
-
-    def task_index(self, name: str) -> int:
-        return self.tasks.index(name)
-
-    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return preprocess_image(image, self.preprocessing, self.gate_preprocessing if need_gate else None)
 
     def _call_raw(self, op: str | None = None, *args: Any) -> Any:
         with self._lock:
