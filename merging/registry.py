@@ -44,6 +44,8 @@ class MergeContext:
     calibration: Callable[[int, Preprocessing | None], torch.Tensor] | None = None
     gate_init: Callable[[str], StateDict | None] | None = None
     progress: bool = False
+    heads: Sequence[Tensors] | None = None  # task i's classifier (methods that re-order features adapt it)
+    shared_init: bool = True  # False: the models share no pretrained base (task vectors are meaningless)
 
 
 @dataclass
@@ -64,7 +66,9 @@ class MergeResult:
     * ``backbone``: static weights (for gated merges: the non-gated tensors too);
     * ``emr``: EMR's unified task vector + per-task masks and rescalers;
     * ``experts``: ``(N, ...)`` stacks of gated tensors, ``plan`` says which;
-    * ``gate``: the trained gate network.
+    * ``gate``: the trained gate network;
+    * ``heads``: per task (``ctx.tasks`` order), classifiers adapted to the merged
+      features (methods that permute or re-mix features); None: the original heads.
     """
 
     backbone: StateDict | None = None
@@ -72,6 +76,7 @@ class MergeResult:
     experts: StateDict | None = None
     plan: GatingPlan | None = None
     gate: GateArtifact | None = None
+    heads: list[StateDict] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,18 +94,23 @@ class MethodSpec:
     params: type[Params]
     needs_calibration: bool
     description: str
+    needs_shared_base: bool = False
 
 
 REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, params: type[Params], needs_calibration: bool, description: str) -> Callable[[MergeFn], MergeFn]:
-    """Decorator adding a merge method to :data:`REGISTRY`."""
+def register(name: str, params: type[Params], needs_calibration: bool, description: str, needs_shared_base: bool = False) -> Callable[[MergeFn], MergeFn]:
+    """Decorator adding a merge method to :data:`REGISTRY`.
+
+    ``needs_shared_base``: the method uses task vectors (or per-task copies of blocks
+    whose neighbours are averaged) and is refused for models without a common base.
+    """
 
     def deco(fn: MergeFn) -> MergeFn:
         if name in REGISTRY:
             raise ValueError(f"merge method '{name}' registered twice")
-        REGISTRY[name] = MethodSpec(name, fn, params, needs_calibration, description)
+        REGISTRY[name] = MethodSpec(name, fn, params, needs_calibration, description, needs_shared_base)
         return fn
 
     return deco
@@ -129,9 +139,19 @@ def run_merge(name: str, ctx: MergeContext, params: dict[str, Any] | Params | No
     parsed = params if isinstance(params, Params) else parse_params(name, params)
     if spec.needs_calibration and (ctx.build_model is None or ctx.calibration is None):
         raise ValueError(f"merge method '{name}' needs calibration data and model builders")
+    if spec.needs_shared_base and not ctx.shared_init:
+        raise ValueError(refusal(name))
     result = spec.fn(ctx, parsed)
     result.info.setdefault("params", parsed.model_dump())
     return result
+
+
+def refusal(name: str) -> str:
+    """Why ``name`` cannot merge models that share no pretrained base."""
+    usable = ", ".join(sorted(n for n, s in REGISTRY.items() if not s.needs_shared_base))
+    return (f"merge method '{name}' needs task models fine-tuned from one shared pretrained base, but this zoo's models "
+            f"were initialised differently (shared_init=false / different init seeds), so task vectors are meaningless; "
+            f"use a method for differently-initialised models: {usable}")
 
 
 # -- parameter models ------------------------------------------------------------------
@@ -213,23 +233,23 @@ def _avg(ctx: MergeContext, p: NoParams) -> MergeResult:
     return MergeResult(backbone=weight_average(ctx.finetuned))
 
 
-@register("task_arithmetic", TaskArithmeticParams, False, "theta_0 + lam * sum of task vectors")
+@register("task_arithmetic", TaskArithmeticParams, False, "theta_0 + lam * sum of task vectors", needs_shared_base=True)
 def _ta(ctx: MergeContext, p: TaskArithmeticParams) -> MergeResult:
     return MergeResult(backbone=task_arithmetic(ctx.pretrained, ctx.finetuned, p.lam))
 
 
-@register("ties", TiesParams, False, "TIES: trim top-k, elect sign, disjoint mean")
+@register("ties", TiesParams, False, "TIES: trim top-k, elect sign, disjoint mean", needs_shared_base=True)
 def _ties(ctx: MergeContext, p: TiesParams) -> MergeResult:
     return MergeResult(backbone=ties_merge(ctx.pretrained, ctx.finetuned, p.k, p.lam))
 
 
-@register("dare_ta", DareTAParams, False, "DARE drop/rescale, then Task Arithmetic")
+@register("dare_ta", DareTAParams, False, "DARE drop/rescale, then Task Arithmetic", needs_shared_base=True)
 def _dare_ta(ctx: MergeContext, p: DareTAParams) -> MergeResult:
     views = dare_views(ctx.pretrained, ctx.finetuned, p.p, p.seed)
     return MergeResult(backbone=task_arithmetic(ctx.pretrained, views, p.lam))
 
 
-@register("dare_ties", DareTiesParams, False, "DARE drop/rescale, then TIES")
+@register("dare_ties", DareTiesParams, False, "DARE drop/rescale, then TIES", needs_shared_base=True)
 def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
     views = dare_views(ctx.pretrained, ctx.finetuned, p.p, p.seed)
     return MergeResult(backbone=ties_merge(ctx.pretrained, views, p.k, p.lam))
@@ -249,13 +269,13 @@ def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
     return MergeResult(backbone=fisher_merge(ctx.finetuned, fishers, p.floor))
 
 
-@register("emr", NoParams, False, "EMR-Merging: unified task vector + 1-bit masks + rescalers")
+@register("emr", NoParams, False, "EMR-Merging: unified task vector + 1-bit masks + rescalers", needs_shared_base=True)
 def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
     return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
 
 
-@register("emr_routed", GateParams, True, "EMR + a gate that picks the task (routed EMR, the server default)")
+@register("emr_routed", GateParams, True, "EMR + a gate that picks the task (routed EMR, the server default)", needs_shared_base=True)
 def _emr_routed(ctx: MergeContext, p: GateParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
     gate = train_gate_for(ctx, p)
@@ -271,13 +291,17 @@ def _gated(ctx: MergeContext, p: GatingAvgParams, static: StateDict) -> MergeRes
     return MergeResult(backbone=backbone, experts=experts, plan=plan, gate=gate, info=info)
 
 
-@register("gating_avg", GatingAvgParams, True, "Gated whole-ViT merging, AvgMean for the non-gated blocks")
+@register("gating_avg", GatingAvgParams, True, "Gated whole-ViT merging, AvgMean for the non-gated blocks", needs_shared_base=True)
 def _gating_avg(ctx: MergeContext, p: GatingAvgParams) -> MergeResult:
     return _gated(ctx, p, weight_average(ctx.finetuned))
 
 
-@register("gating_regmean", GatingRegMeanParams, True, "Gated whole-ViT merging, RegMean for the non-gated blocks")
+@register("gating_regmean", GatingRegMeanParams, True, "Gated whole-ViT merging, RegMean for the non-gated blocks", needs_shared_base=True)
 def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
     grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
     return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+
+
+# Methods for differently-initialised models (MuDSC, FS-Merge, distillation) register themselves.
+import merging.diffinit_methods  # noqa: F401

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from filelock import FileLock, Timeout
 
+from model_store.errors import ModelStoreError
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.metrics import ServerMetrics
 from server.model_manager import MERGE_LOCK, ModelManager, resolve_zoo
@@ -89,6 +90,7 @@ class MergeJobs:
             raise InvalidRequest(e.args[0] if isinstance(e, KeyError) and e.args else str(e), code="invalid_merge_request") from e
         if tasks is not None and len(set(tasks)) != len(tasks):
             raise InvalidRequest("tasks must be unique", code="invalid_merge_request")
+        self._check_zoo(name, tasks)
         with self._lock:
             if self._active is not None:
                 raise Conflict(f"merge job {self._active.id} is {self._active.state}; one merge at a time", code="merge_in_progress")
@@ -104,6 +106,19 @@ class MergeJobs:
                 self.jobs.pop(next(iter(self.jobs)))
         threading.Thread(target=self._run, args=(job,), name=f"merge-{job.id}", daemon=True).start()
         return job
+
+    def _check_zoo(self, method: str, tasks: list[str] | None) -> None:
+        """422 at once for a method the (already built) zoo cannot use, e.g. task vectors without a shared base."""
+        from server.merge_pipeline import check_applicable
+
+        try:
+            zoo = resolve_zoo(self.manager.settings, build_missing=False)
+        except (FileNotFoundError, ModelStoreError):
+            return  # not built yet: the job builds it and fails there if needed
+        try:
+            check_applicable(zoo, method, [t for t in tasks if t in zoo.tasks] if tasks else None)
+        except ValueError as e:
+            raise InvalidRequest(str(e), code="invalid_merge_request") from e
 
     def get(self, job_id: str) -> MergeJob:
         job = self.jobs.get(job_id)

@@ -27,12 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from merging.gate import build_gate, gate_probabilities
-from merging.registry import GateArtifact, MergeContext, MergeResult, get_method, parse_params, run_merge
+from merging.registry import GateArtifact, MergeContext, MergeResult, get_method, parse_params, refusal, run_merge
 from merging.types import Tensors
 from model_store.architecture import build_model, load_into
 from model_store.bundle import BundleDraft, BundleStore
 from model_store.datasets import SplitSpec, load_split
-from model_store.errors import ZooFormatError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
 from model_store.preprocessing import to_model_input
 from model_store.schema import Preprocessing
@@ -77,10 +76,24 @@ def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
     return list(tasks)
 
 
+def shares_init(zoo: Zoo, tasks: Sequence[str] | None = None) -> bool:
+    """Whether the task models come from one pretrained base (manifest flag and recorded init seeds)."""
+    seeds = {zoo.metas[t].provenance.init_seed for t in (tasks or zoo.tasks)} - {None}
+    return zoo.manifest.shared_init and len(seeds) <= 1
+
+
+def check_applicable(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> None:
+    """ValueError when ``method`` needs a shared base that the zoo's models do not have."""
+    if get_method(method).needs_shared_base and not shares_init(zoo, tasks):
+        raise ValueError(refusal(method))
+
+
 def merge_context(zoo: Zoo, tasks: Sequence[str], split: SplitSpec = SplitSpec(), bar: tqdm | None = None, progress: bool = False) -> MergeContext:
-    """Lazy backbones of the zoo plus calibration access for data-dependent methods."""
-    if not zoo.manifest.shared_init:
-        raise ZooFormatError(f"zoo '{zoo.name}' has no shared pretrained base (shared_init=false): task-vector methods do not apply")
+    """Lazy backbones of the zoo plus calibration access for data-dependent methods.
+
+    For zoos without a shared base, ``pretrained`` is the manifest's base (the first
+    model's own pretraining) and ``shared_init`` is False: task-vector methods refuse.
+    """
     finetuned: list[Tensors] = [zoo.backbone_lazy(t) for t in tasks]
     if bar is not None:
         finetuned[0] = _Ticking(finetuned[0], bar)
@@ -95,7 +108,8 @@ def merge_context(zoo: Zoo, tasks: Sequence[str], split: SplitSpec = SplitSpec()
         data = load_split(meta.task or tasks[i], "calibration", split)
         return to_model_input(data.images, prep or meta.preprocessing)
 
-    return MergeContext(zoo.backbone_lazy(zoo.base), finetuned, list(tasks), build, calibration, gate_init, progress)
+    return MergeContext(zoo.backbone_lazy(zoo.base), finetuned, list(tasks), build, calibration, gate_init, progress,
+                        heads=[zoo.head(t) for t in tasks], shared_init=shares_init(zoo, tasks))
 
 
 def gate_init(arch: str) -> dict[str, torch.Tensor] | None:
@@ -139,7 +153,8 @@ def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: Mer
         "preprocessing": base_meta.preprocessing.model_dump(mode="json"),
         "tasks": [{"name": t, "class_names": zoo.metas[t].class_names, "individual_test_accuracy": zoo.metas[t].provenance.test_accuracy} for t in tasks],
     }
-    draft.add_tensors("heads", {f"{t}/{k}": v for t in tasks for k, v in zoo.head(t).items()})
+    heads = dict(zip(tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in tasks}
+    draft.add_tensors("heads", {f"{t}/{k}": v for t in tasks for k, v in heads[t].items()})
     if result.emr is not None:
         emr = result.emr
         draft.add_tensors("base", dict(zoo.backbone(zoo.base)))
@@ -182,6 +197,7 @@ def merge_and_publish(
     spec = get_method(method)
     parsed = parse_params(method, params)
     chosen = select_tasks(zoo, tasks)
+    check_applicable(zoo, spec.name, chosen)
     if bar is not None:
         result = run_merge(spec.name, merge_context(zoo, chosen, bar=bar, progress=progress), parsed)
     else:
