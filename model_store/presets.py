@@ -142,6 +142,8 @@ def _train_one(preset: ZooPreset, recipe: TaskRecipe, init: dict[str, torch.Tens
 def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress: bool = True) -> BuildReport:
     """Build (or return the cached) zoo of ``preset_name`` in directory ``root``."""
     preset = get_preset(preset_name)
+    if isinstance(preset, DiffInitPreset):  # one pretraining run per task (model_store/diffinit.py)
+        return build_diffinit(preset, root, force, progress)
     root = Path(root)
     chash = preset.config_hash()
     start = time.perf_counter()
@@ -202,3 +204,9 @@ def _meta(preset: ZooPreset, name: str, task: str | None, classes: list[str], ac
             notes=("pretraining on the fashion train split; head dropped" if task is None else f"fine-tuned from base on {task}"),
         ),
     )
+
+
+# Zoos of differently-initialised models (issue 8) register here.
+from model_store.diffinit import DIFFINIT_PRESETS, DiffInitPreset, build_diffinit
+
+PRESETS.update(DIFFINIT_PRESETS)

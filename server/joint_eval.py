@@ -24,7 +24,7 @@ from model_store.zoo import Zoo
 TestSet = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def test_sets(tasks: Sequence[str], prep: Preprocessing, split: SplitSpec | None = None, limit: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_test_sets(tasks: Sequence[str], prep: Preprocessing, split: SplitSpec | None = None, limit: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every task's TEST images (preprocessed) and labels."""
     out = {}
     for t in tasks:
