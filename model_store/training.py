@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from model_store.architecture import head_prefix
 from model_store.memory import training_allocations
 
 
@@ -28,13 +29,34 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.0
     seed: int = 0
+    head_lr: float | None = None  # classifier's own lr (fine-tuning a pretrained backbone); None: ``lr``
+
+    def hash_fields(self) -> dict:
+        """Fields that name a build (``head_lr`` only when set, so older hashes stay valid)."""
+        out = asdict(self)
+        if self.head_lr is None:
+            out.pop("head_lr")
+        return out
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One group at ``lr``; with ``head_lr`` the classifier gets its own group."""
+    if cfg.head_lr is None:
+        return [{"params": list(model.parameters()), "lr": cfg.lr}]
+    prefix = head_prefix(model)
+    is_head = {k: k == prefix or k.startswith(prefix + ".") for k, _ in model.named_parameters()}
+    return [
+        {"params": [p for k, p in model.named_parameters() if not is_head[k]], "lr": cfg.lr},
+        {"params": [p for k, p in model.named_parameters() if is_head[k]], "lr": cfg.head_lr},
+    ]
 
 
 @training_allocations()
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, desc: str = "train", progress: bool = True) -> float:
-    """Train ``model`` in place on ``(x, y)``; returns the wall time in seconds."""
+    """Train ``model`` in place on ``(x, y)`` (batches go to the model's device); returns seconds."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     warmup = max(1, int(cfg.warmup_fraction * total))
@@ -52,7 +74,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
             order = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
-                loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device), label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -67,7 +89,10 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Arg-max class of every row of ``x``."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)]) if len(x) else torch.empty(0, dtype=torch.long)
+    device = next(model.parameters()).device
+    if not len(x):
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat([model(x[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:

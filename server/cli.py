@@ -9,6 +9,7 @@ serving path never imports training code.
     vitmerge merge --method emr             merge a zoo, publish a bundle
     vitmerge methods                        list merge methods
     vitmerge eval [--bundle V]              per-task accuracy of a bundle
+    vitmerge bench accuracy --zoo tiny      every method's accuracy table + plots
     vitmerge store list | store verify      inspect merged bundles
     vitmerge serve                          the HTTP server (merges or loads the model)
 """
@@ -17,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from model_store.errors import ModelStoreError
 from model_store.memory import limit_heap_fragmentation
@@ -42,14 +43,16 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     from model_store.presets import build_zoo
 
     target = Path(args.out) if args.out else _store(args).zoo(args.preset)
-    report = build_zoo(args.preset, target, force=args.force, progress=not args.quiet)
+    report = build_zoo(args.preset, target, force=args.force, progress=not args.quiet, device=args.device)
     zoo = report.zoo
     state = "cached, nothing to do" if report.cached else f"trained {', '.join(report.trained) or 'nothing'}"
     if report.reused and not report.cached:
         state += f"; reused {', '.join(report.reused)}"
     print(f"zoo '{zoo.name}' at {zoo.root} ({state}; {report.seconds:.1f} s)")
     base = zoo.metas[zoo.base]
-    print(f"  base: {base.architecture.timm_name} {base.architecture.kwargs}, pretrained on {base.provenance.dataset} (test acc {base.provenance.test_accuracy:.3f})")
+    origin = (f"pretrained on {base.provenance.dataset} (test acc {base.provenance.test_accuracy:.3f})"
+              if base.provenance.test_accuracy is not None else f"from {base.provenance.source}")
+    print(f"  base: {base.architecture.timm_name} {base.architecture.kwargs}, {origin}")
     for task in zoo.tasks:
         meta = zoo.metas[task]
         print(f"  task {task:<8} {meta.num_classes:>3} classes  test acc {meta.provenance.test_accuracy:.3f}")
@@ -213,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="build and inspect source zoos").add_subparsers(dest="zoo_command", required=True)
     p = zoo.add_parser("build", parents=[common], help="build a preset zoo (cached; resumable)")
-    p.add_argument("--preset", default="tiny", help="preset name (tiny, test)")
+    p.add_argument("--preset", default="tiny", help="preset name (tiny, test, dinov2-s14)")
     p.add_argument("--out", default=None, help="zoo directory (default: STORE/zoos/PRESET)")
     p.add_argument("--force", action="store_true", help="retrain every model")
+    p.add_argument("--device", default="cpu", help="train on cpu, cuda or auto (bit-exact rebuilds on cpu only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_zoo_build)
     p = zoo.add_parser("list", parents=[common], help="list the store's zoos")
@@ -266,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("accuracy", parents=[common], help="accuracy of every merge method on a zoo (tables + plots)")
+    p.add_argument("--zoo", default="tiny", help="preset (built if missing: tiny, test, dinov2-s14), zoo name in the store, or directory")
+    p.add_argument("--limit", type=int, default=None, help="test images per task (default: all)")
+    p.add_argument("--m", default="0,1,3,5", help="comma-separated m values for the gated rows (those above the depth are skipped)")
+    p.add_argument("--gate-epochs", type=int, default=10)
+    p.add_argument("--gate-size", type=int, default=64)
+    p.add_argument("--gate-archs", default="efficientnet_lite0,mobilenetv2_100", help="comma-separated; the first is used for routed EMR scaling")
+    p.add_argument("--no-scaling", action="store_true", help="skip the accuracy-vs-N rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, markdown and PNG files")
+    p.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file whose section for this zoo is replaced ('' = none)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench_accuracy)
+
     store = sub.add_parser("store", help="inspect merged bundles").add_subparsers(dest="store_command", required=True)
     p = store.add_parser("list", parents=[common], help="list bundle versions (* = CURRENT)")
     p.set_defaults(func=cmd_store_list)
@@ -287,6 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+# -- bench ------------------------------------------------------------------------------
+def cmd_bench_accuracy(args: argparse.Namespace) -> int:
+    from model_store.presets import PRESETS, build_zoo
+    from model_store.zoo import Zoo
+    from server.accuracy_bench import (
+        AccuracyBenchConfig,
+        render_markdown,
+        run_accuracy_bench,
+        write_report,
+    )
+
+    limit_heap_fragmentation()
+    zoo = build_zoo(args.zoo, _store(args).zoo(args.zoo), progress=not args.quiet).zoo if args.zoo in PRESETS else Zoo.load(_zoo_dir(args, args.zoo))
+    cfg = AccuracyBenchConfig(
+        m_values=tuple(int(m) for m in args.m.split(",") if m), gate_archs=tuple(a for a in args.gate_archs.split(",") if a),
+        gate_epochs=args.gate_epochs, gate_size=args.gate_size, limit=args.limit, seed=args.seed, scaling=not args.no_scaling,
+    )
+    result = run_accuracy_bench(zoo, cfg, progress=not args.quiet)
+    command = "vitmerge bench accuracy " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "accuracy"] else f"vitmerge bench accuracy --zoo {args.zoo}"
+    files = write_report(result, Path(args.out), command.strip(), Path(args.benchmarks_md) if args.benchmarks_md else None)
+    print(render_markdown(result, command))
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
 
 
 # -- serve ------------------------------------------------------------------------------
@@ -311,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base_url = f"http://{host}:{settings.port}"
 
-    def announce(engine) -> None:  # noqa: ANN001 - Engine, imported lazily
+    def announce(engine) -> None:
         try:
             examples = write_examples(engine, settings.layout.root / "examples")
         except Exception:  # noqa: BLE001 - examples are a convenience
