@@ -110,3 +110,15 @@ def test_server_merges_and_serves_a_diffinit_zoo(zoo, tmp_path):
         assert r.status_code == 200 and r.json()["model_version"] == "v2"
     finally:
         h.close()
+
+
+def test_cli_merges_with_a_new_method_and_refuses_task_vectors(zoo, tmp_path, capsys):
+    from server.cli import main
+
+    store = str(tmp_path / "store")
+    assert main(["merge", "--method", "emr", "--zoo", str(zoo.root), "--store", store, "--quiet"]) == 2
+    assert "shared pretrained base" in capsys.readouterr().err
+    args = ["merge", "--method", "mudsc_zip", "--zoo", str(zoo.root), "--store", store, "--quiet", "--param", "gate=false", "--param", "max_images=16"]
+    assert main(args) == 0
+    assert "published bundle v1 (mudsc_zip" in capsys.readouterr().out
+    assert main(["eval", "--store", store, "--limit", "50"]) == 0
