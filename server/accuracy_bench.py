@@ -84,16 +84,19 @@ class Pool:
     x: torch.Tensor
     task: torch.Tensor
     y: torch.Tensor
-    raw: list  # per task uint8 arrays (for the gate's own preprocessing)
-    order: torch.Tensor
+    raw: list  # per task uint8 arrays of the full pool (for the gate's own preprocessing)
+    order: torch.Tensor  # full pool position -> index into the concatenated raw images
+    keep: torch.Tensor | None = None  # mask over the full pool (subsets)
 
     def gate_input(self, prep) -> torch.Tensor:
-        return torch.cat([to_model_input(r, prep) for r in self.raw])[self.order]
+        g = torch.cat([to_model_input(r, prep) for r in self.raw])[self.order]
+        return g if self.keep is None else g[self.keep]
 
     def subset(self, n: int) -> Pool:
         """The images of the first ``n`` tasks (same order)."""
+        assert self.keep is None, "subset of a subset"
         keep = self.task < n
-        return Pool(self.tasks[:n], self.x[keep], self.task[keep], self.y[keep], self.raw[:n], self.order)
+        return Pool(self.tasks[:n], self.x[keep], self.task[keep], self.y[keep], self.raw, self.order, keep)
 
 
 def build_pool(zoo: Zoo, tasks: Sequence[str], limit: int | None, seed: int, split: SplitSpec = SplitSpec()) -> Pool:
