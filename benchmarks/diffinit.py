@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from merging.registry import run_merge
 from model_store.memory import limit_heap_fragmentation
 from model_store.presets import build_zoo
+from model_store.zoo import Zoo
 from server.joint_eval import evaluate_ensemble, evaluate_merged, load_test_sets, summary
 from server.merge_pipeline import merge_context
 
@@ -87,8 +88,10 @@ def fmt_params(n: int) -> str:
 
 def render(result: dict) -> str:
     """Markdown tables in FS-Merge Table 3/4 style."""
-    lines = [f"Seed {result['args']['seed']}; {result['args']['images']} original + {result['args']['images'] * result['args']['augment']} augmented "
-             f"images per task; {result['args']['epochs']} epochs for distillation and FS-Merge. Accuracy in %, test splits.", ""]
+    a = result["args"]
+    intro = (f"Seed {a['seed']}; {a['images']} original + {a['images'] * a['augment']} augmented images per task; "
+             f"{a['epochs']} epochs for distillation and FS-Merge. Accuracy in %, test splits.")
+    lines = [intro, ""]
     for title, groups in (("Pairs", [g for g in result["groups"] if len(g["tasks"]) == 2]), ("Group of four", [g for g in result["groups"] if len(g["tasks"]) == 4])):
         if not groups:
             continue
@@ -132,9 +135,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [m for m in ORDER if m != "original"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, size, title in ((axes[0], 2, "pairs (mean of 3)"), (axes[1], 4, "group of four")):
+    sizes = sorted({len(g["tasks"]) for g in result["groups"]})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
         groups = [g for g in result["groups"] if len(g["tasks"]) == size]
+        title = f"pairs (mean of {len(groups)})" if size == 2 else f"groups of {size} (mean of {len(groups)})"
         present = [m for m in labels if m in groups[0]["rows"]]
         per = [100 * sum(g["rows"][m]["mean"]["per_task"] for g in groups) / len(groups) for m in present]
         joint = [100 * sum(g["rows"][m]["mean"]["joint"] for g in groups) / len(groups) for m in present]
@@ -146,7 +151,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(list(x), present, rotation=35, ha="right")
         ax.set_title(title)
         ax.set_ylabel("test accuracy (%)")
-    axes[0].legend()
+    axes[0][0].legend()
     fig.suptitle("Merging differently-initialised tiny ViTs (tiny-diffinit)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -161,6 +166,8 @@ def main() -> None:
     parser.add_argument("--fs-lr", type=float, default=1e-3)
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--groups", default=",".join("+".join(g) for g in [*PAIRS, FOUR]), help="comma-separated task groups, tasks joined by +")
+    parser.add_argument("--zoo", default=None, help="zoo directory (default: build/reuse the tiny-diffinit preset in ./store)")
     parser.add_argument("--render-only", action="store_true", help="re-render results/diffinit.md from results/diffinit.json")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
@@ -170,12 +177,13 @@ def main() -> None:
         plot(result, RESULTS / "diffinit.png")
         return
     limit_heap_fragmentation()
-    zoo = build_zoo("tiny-diffinit", REPO / "store" / "zoos" / "tiny-diffinit").zoo
-    data = load_test_sets(FOUR, zoo.metas[FOUR[0]].preprocessing)
+    zoo = Zoo.load(args.zoo) if args.zoo else build_zoo("tiny-diffinit", REPO / "store" / "zoos" / "tiny-diffinit").zoo
+    groups = [tuple(g.split("+")) for g in args.groups.split(",")]
+    data = load_test_sets(sorted({t for g in groups for t in g}), zoo.metas[zoo.tasks[0]].preprocessing)
     result: dict = {"args": vars(args), "zoo_config_hash": zoo.manifest.config_hash,
                     "init_seeds": {t: zoo.metas[t].provenance.init_seed for t in zoo.tasks},
                     "torch_threads": torch.get_num_threads(), "groups": []}
-    for group in [*PAIRS, FOUR]:
+    for group in groups:
         result["groups"].append({"tasks": list(group), "rows": run_group(zoo, group, args, data)})
         (RESULTS / "diffinit.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "diffinit.md").write_text(render(result))
