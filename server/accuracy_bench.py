@@ -395,6 +395,19 @@ def render_markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, ax, path: Path, legend: bool = True) -> Path:
+    """Grid, legend, tight layout, PNG at 110 dpi; closes the figure."""
+    import matplotlib.pyplot as plt
+
+    if legend:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     """PNG plots: normalised accuracy per method, accuracy vs m, stored params vs accuracy, accuracy vs N."""
     import matplotlib
@@ -412,10 +425,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     ax.axvline(100, color="black", lw=1)
     ax.set(xlabel="normalised accuracy (%)", title=f"{result['zoo']}: normalised accuracy per method")
     ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / f"{stem}-normalised.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out_dir / f"{stem}-normalised.png", legend=False))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for base, label, style in (("avg", "AvgMean", "-"), ("regmean", "RegMean", "--")):
@@ -426,12 +436,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     ax.axhline(_avg(ind), color="black", lw=1, label="individual")
     ax.axhline(_avg(_find(rows, f"routed EMR ({arch} gate)")["accuracy"]), color="green", ls=":", label="routed EMR")
     ax.set(xlabel="m (gated attention + MLP blocks)", ylabel="avg accuracy (%)", title=f"{result['zoo']}: accuracy vs m")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / f"{stem}-vs-m.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out_dir / f"{stem}-vs-m.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colors = {"individual": "black", "emr": "green", "emr_routed": "limegreen", "gating_avg": "tab:orange", "gating_regmean": "tab:red"}
@@ -440,12 +445,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     for kind, c in [("static merges", "tab:blue"), *colors.items()]:
         ax.scatter([], [], color=c, label=kind)
     ax.set(xlabel="parameters stored (M)", ylabel="normalised accuracy (%)", title=f"{result['zoo']}: stored parameters vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / f"{stem}-params.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out_dir / f"{stem}-params.png"))
 
     if result["scaling"]:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -453,12 +453,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
         for k in result["scaling"][0]["normalised"]:
             ax.plot(ns, [100 * sc["normalised"][k] for sc in result["scaling"]], marker="o", label=k)
         ax.set(xlabel="number of tasks N", ylabel="normalised accuracy (%)", title=f"{result['zoo']}: scaling with N", xticks=ns)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out_dir / f"{stem}-vs-n.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, ax, out_dir / f"{stem}-vs-n.png"))
     return paths
 
 
