@@ -21,7 +21,6 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from model_store.architecture import head_prefix, split_head
-from model_store.errors import ZooFormatError
 from model_store.presets import (
     _GRAY,
     BuildReport,
@@ -29,9 +28,10 @@ from model_store.presets import (
     ZooPreset,
     _meta,
     _train_one,
+    cached_build,
 )
 from model_store.training import TrainConfig
-from model_store.zoo import BACKBONE_FILE, Zoo, ZooWriter
+from model_store.zoo import BACKBONE_FILE, ZooWriter
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,8 @@ def build_diffinit(preset: DiffInitPreset, root: str | Path, force: bool = False
     root = Path(root)
     chash = preset.config_hash()
     start = time.perf_counter()
-    if not force and (root / "zoo.json").exists():
-        try:
-            zoo = Zoo.load(root)
-            if zoo.manifest.config_hash == chash:
-                accs = {t: zoo.metas[t].provenance.test_accuracy or 0.0 for t in zoo.tasks}
-                return BuildReport(zoo, [], [zoo.base, *zoo.tasks], time.perf_counter() - start, accs, cached=True)
-        except ZooFormatError:
-            pass
+    if not force and (cached := cached_build(root, chash, start)) is not None:
+        return cached
     writer = ZooWriter(root)
     (root / "zoo.json").unlink(missing_ok=True)
     trained, reused, accs = [], [], {}

@@ -181,7 +181,10 @@ def _imported_base(preset: ZooPreset) -> tuple[dict[str, torch.Tensor], str]:
     """The base backbone of a preset whose base is imported, and its source string."""
     if preset.base_import != "dinov2":
         raise ValueError(f"preset '{preset.name}': unknown base importer '{preset.base_import}'")
-    from model_store.importers.dinov2_onnx import dinov2_state_from_onnx, resize_pos_embed
+    from model_store.importers.dinov2_onnx import (
+        dinov2_state_from_onnx,
+        resize_pos_embed,
+    )
 
     state = resize_pos_embed(dinov2_state_from_onnx(), preset.prep.size)
     build_model(preset.arch, 0).load_state_dict(state, strict=True)  # fails loudly on any mismatch
@@ -191,6 +194,20 @@ def _imported_base(preset: ZooPreset) -> tuple[dict[str, torch.Tensor], str]:
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def cached_build(root: Path, config_hash: str, start: float) -> BuildReport | None:
+    """The complete zoo at ``root`` when it was built from ``config_hash`` (else None)."""
+    if not (root / "zoo.json").exists():
+        return None
+    try:
+        zoo = Zoo.load(root)
+    except ZooFormatError:
+        return None
+    if zoo.manifest.config_hash != config_hash:
+        return None
+    accs = {t: zoo.metas[t].provenance.test_accuracy or 0.0 for t in zoo.tasks}
+    return BuildReport(zoo, [], [zoo.base, *zoo.tasks], time.perf_counter() - start, accs, cached=True)
 
 
 def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress: bool = True, device: str = "cpu") -> BuildReport:
@@ -206,14 +223,8 @@ def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress:
     root = Path(root)
     chash = preset.config_hash()
     start = time.perf_counter()
-    if not force and (root / "zoo.json").exists():
-        try:
-            zoo = Zoo.load(root)
-            if zoo.manifest.config_hash == chash:
-                accs = {t: zoo.metas[t].provenance.test_accuracy or 0.0 for t in zoo.tasks}
-                return BuildReport(zoo, [], [zoo.base, *zoo.tasks], time.perf_counter() - start, accs, cached=True)
-        except ZooFormatError:
-            pass
+    if not force and (cached := cached_build(root, chash, start)) is not None:
+        return cached
     writer = ZooWriter(root)
     (root / "zoo.json").unlink(missing_ok=True)
     trained, reused, accs = [], [], {}
