@@ -13,11 +13,14 @@ mixed in :meth:`GatedViT.forward_features`.
 Strategies (one interface, :meth:`GatedViT.classify`):
 
 * ``exact``  -- one pass over the batch with per-image mixing. Linear layers mix
-  weights per image and use a batched matmul (``linear_mode="mix"``), or run every
-  expert and mix outputs (``linear_mode="experts"``); both are exact.
-* ``sparse`` -- drop experts with ``p_i < threshold`` (never the argmax), renormalise, group images by
-  their remaining expert set; a group with one expert runs plain dense layers with
-  that expert's weights (as fast as a single ViT), others run the exact mixing.
+  weights per image into one reused scratch buffer and use a batched matmul
+  (``linear_mode="mix"``, the default: fewer FLOPs), or run every expert and mix
+  outputs (``linear_mode="experts"``); both are exact. The patch embedding mixes its
+  weights per image too (a per-patch linear map).
+* ``sparse`` -- drop experts with ``p_i < threshold`` (never the argmax), renormalise, sort
+  the batch by remaining expert set and run one pass: ungated layers see the whole
+  batch, each gated linear layer runs once per group (a plain dense layer with that
+  expert's weights for a one-expert group, exact mixing otherwise).
 """
 from __future__ import annotations
 
@@ -35,20 +38,65 @@ LinearMode = Literal["mix", "experts"]
 #: Measured on the tiny zoo (BENCHMARKS.md): 0.1 keeps exact routing's accuracy
 #: (74.93% vs 74.87%) at 0.91x plain-ViT throughput; 0.05 only reaches 0.80x.
 DEFAULT_SPARSE_THRESHOLD = 0.1
+#: The mixed-weights scratch buffer is kept between batches up to this size (bytes);
+#: a larger one (big batch x big layer) is freed after each pass instead of held idle.
+KEEP_SCRATCH_BYTES = 256 << 20
+
+
+#: ``(rows, expert)``: a contiguous run of images; ``expert`` when the run uses one expert only
+Group = tuple[slice, int | None]
+#: ``(offset, numel)`` of one stacked tensor in :attr:`GatedViT.small_stack`
+Slot = tuple[int, int]
 
 
 class Routing:
-    """Routing of the current (sub)batch: per-image weights ``p`` (B, N) or one expert for all."""
+    """Routing of the current (sub)batch: per-image weights ``p`` (B, N) or one expert for all.
+
+    Also owns the scratch buffer the gated linear layers mix their per-image weights into:
+    layers run one after another, so one buffer (grown to the largest ``B x out x in``)
+    serves them all. A fresh ``B x`` (gated parameters) allocation per layer and batch
+    cost page faults and cache misses -- up to half of the exact strategy's time.
+    """
 
     def __init__(self) -> None:
         self.p: torch.Tensor | None = None
         self.expert: int | None = None
+        #: sparse routing: the batch is sorted so that each group is a contiguous run of images
+        self.groups: list[Group] | None = None
+        #: ``p @`` the small-tensor table of the current pass (``B x S``)
+        self.table: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None
 
-    def mix(self, stack: torch.Tensor) -> torch.Tensor:
-        """``(N, *s)`` -> ``(B, *s)`` per-image mixture, or ``(*s)`` for a single expert."""
+    def scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor | None:
+        """A reusable flat buffer of ``numel`` elements (dtype/device of ``like``); ``None`` under autograd."""
+        if torch.is_grad_enabled():
+            return None
+        buf, inference = self._scratch, torch.is_inference_mode_enabled()
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device or buf.is_inference() != inference:
+            buf = self._scratch = torch.empty(max(numel, buf.numel() if buf is not None and buf.dtype == like.dtype else 0), dtype=like.dtype, device=like.device)
+        return buf[:numel]
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes held by the scratch buffer."""
+        buf = self._scratch
+        return 0 if buf is None else buf.numel() * buf.element_size()
+
+    def release(self) -> None:
+        """Drop the scratch buffer (it is re-created on the next exact pass)."""
+        self._scratch = None
+
+    def mix(self, stack: torch.Tensor, slot: Slot | None = None) -> torch.Tensor:
+        """``(N, *s)`` -> ``(B, *s)`` per-image mixture, or ``(*s)`` for a single expert.
+
+        ``slot``: where ``stack`` sits in the table of small tensors that
+        :class:`GatedViT` mixes once per pass (one matmul instead of one per tensor).
+        """
         if self.expert is not None:
             return stack[self.expert]
         assert self.p is not None, "routing not set"
+        if slot is not None and self.table is not None:
+            return self.table[:, slot[0] : slot[0] + slot[1]].view(self.p.shape[0], *stack.shape[1:])
         n = stack.shape[0]
         return (self.p @ stack.reshape(n, -1)).reshape(self.p.shape[0], *stack.shape[1:])
 
@@ -59,28 +107,67 @@ class GatedLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, out, in)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None  # (N, out)
         self.routing, self.mode = routing, mode
+        self.slots: dict[str, Slot] = {}
+        self._views: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._views_key: tuple[int, torch.dtype] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         if r.expert is not None:
             return F.linear(x, self.weight[r.expert], None if self.bias is None else self.bias[r.expert])
         assert r.p is not None
+        if r.groups is not None:
+            return self._grouped(x, r.p, r.groups)
+        return self._mixed(x, r.p)
+
+    def _grouped(self, x: torch.Tensor, p: torch.Tensor, groups: Sequence[Group]) -> torch.Tensor:
+        """Contiguous image groups: a one-expert group is a plain dense layer, others mix."""
+        out_f, in_f = self.weight.shape[1:]
+        y = x.new_empty(*x.shape[:-1], out_f)
+        x2, y2 = x.reshape(-1, in_f), y.view(-1, out_f)
+        per_image = x2.shape[0] // x.shape[0]  # tokens per image
+        for rows, expert in groups:
+            if expert is None:
+                y[rows] = self._mixed(x[rows], p[rows])
+                continue
+            tokens = slice(rows.start * per_image, rows.stop * per_image)
+            w_t, b = self._expert(expert)
+            if b is None:
+                torch.mm(x2[tokens], w_t, out=y2[tokens])
+            else:
+                torch.addmm(b, x2[tokens], w_t, out=y2[tokens])
+        return y
+
+    def _expert(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expert ``i``'s ``(W_i^T, b_i)`` as views, cached while the weights stay put (``.to()`` moves them)."""
+        key = (self.weight.data_ptr(), self.weight.dtype)
+        if self._views_key != key:
+            self._views = [(w.t(), None if self.bias is None else self.bias[j]) for j, w in enumerate(self.weight.detach())]
+            self._views_key = key
+        return self._views[i]
+
+    def _mixed(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Image b uses ``sum_i p[b, i] (W_i x + b_i)``."""
         squeeze = x.ndim == 2
         if squeeze:
             x = x.unsqueeze(1)
         if self.mode == "experts":
             y = 0
             for i in range(self.weight.shape[0]):
-                w = r.p[:, i].view(-1, 1, 1)
+                w = p[:, i].view(-1, 1, 1)
                 if bool((w != 0).any()):
                     y = y + w * F.linear(x, self.weight[i], None if self.bias is None else self.bias[i])
             assert isinstance(y, torch.Tensor)
         else:
-            w = r.mix(self.weight)  # (B, out, in)
-            if self.bias is None:
-                y = torch.bmm(x, w.transpose(1, 2))
-            else:
-                y = torch.baddbmm(r.mix(self.bias).unsqueeze(1), x, w.transpose(1, 2))
+            n, out_f, in_f = self.weight.shape
+            batch = p.shape[0]
+            buf = self.routing.scratch(batch * out_f * in_f, x)
+            flat = self.weight.reshape(n, -1)
+            w = (torch.mm(p, flat, out=buf.view(batch, -1)) if buf is not None else p @ flat).view(batch, out_f, in_f)
+            y = torch.bmm(x, w.transpose(1, 2))
+            if self.bias is not None:  # in place: baddbmm would first copy the bias over the whole output
+                bias = self.routing.mix(self.bias, self.slots.get("bias")) if p is self.routing.p else p @ self.bias
+                y = y.add_(bias.unsqueeze(1)) if buf is not None else y + bias.unsqueeze(1)
         return y.squeeze(1) if squeeze else y
 
 
@@ -90,14 +177,15 @@ class GatedLayerNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, D)
         self.bias = nn.Parameter(bias, requires_grad=False)
         self.eps, self.routing = eps, routing
+        self.slots: dict[str, Slot] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
-        w, b = self.routing.mix(self.weight), self.routing.mix(self.bias)
+        w, b = self.routing.mix(self.weight, self.slots.get("weight")), self.routing.mix(self.bias, self.slots.get("bias"))
         if self.routing.expert is None:
             shape = (w.shape[0],) + (1,) * (x.ndim - 2) + (w.shape[-1],)
             w, b = w.view(shape), b.view(shape)
-        return y * w + b
+        return torch.addcmul(b, y, w)
 
 
 class GatedLayerScale(nn.Module):
@@ -105,14 +193,17 @@ class GatedLayerScale(nn.Module):
         super().__init__()
         self.gamma = nn.Parameter(gamma, requires_grad=False)  # (N, D)
         self.routing = routing
+        self.slots: dict[str, Slot] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.routing.mix(self.gamma)
+        g = self.routing.mix(self.gamma, self.slots.get("gamma"))
         return x * (g if self.routing.expert is not None else g.unsqueeze(1))
 
 
 class GatedConv2d(nn.Module):
-    """Patch-embedding convolution: ``sum_i p_i conv_i(x)`` (all experts, then mix)."""
+    """Patch-embedding convolution, mixed per image: non-overlapping patches (timm's
+    patch embedding) run as a per-image linear map with mixed weights; any other
+    convolution runs every expert and mixes the outputs."""
 
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, routing: Routing):
         super().__init__()
@@ -120,6 +211,7 @@ class GatedConv2d(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)  # (N, D, C, k, k)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.routing = routing
+        self.slots: dict[str, Slot] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
@@ -127,6 +219,15 @@ class GatedConv2d(nn.Module):
             return F.conv2d(x, self.weight[r.expert], None if self.bias is None else self.bias[r.expert], self.stride, self.padding)
         assert r.p is not None
         n, d = self.weight.shape[:2]
+        kernel = tuple(self.weight.shape[-2:])
+        if tuple(self.stride) == kernel and tuple(self.padding) == (0, 0):
+            # non-overlapping patches: a per-image linear map of each patch, mixed weights + bmm
+            patches = F.unfold(x, kernel, stride=kernel)  # (B, C*k*k, L)
+            w = r.mix(self.weight.reshape(n, d, -1), self.slots.get("weight"))  # (B, D, C*k*k)
+            y = torch.bmm(w, patches)
+            if self.bias is not None:
+                y = y.add_(r.mix(self.bias, self.slots.get("bias")).unsqueeze(-1))
+            return y.view(x.shape[0], d, x.shape[-2] // kernel[0], x.shape[-1] // kernel[1])
         y = F.conv2d(x, self.weight.flatten(0, 1), None if self.bias is None else self.bias.flatten(), self.stride, self.padding)
         y = y.view(y.shape[0], n, d, *y.shape[2:])
         return torch.einsum("bn,bnd...->bd...", r.p, y)
@@ -148,8 +249,10 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 class GatedViT(nn.Module):
     """A timm ViT whose gated tensors are mixed per image."""
 
-    def __init__(self, architecture, static: dict[str, torch.Tensor], experts: dict[str, torch.Tensor], heads: Sequence[dict[str, torch.Tensor]], linear_mode: LinearMode = "mix"):
+    def __init__(self, architecture, static: dict[str, torch.Tensor], experts: dict[str, torch.Tensor], heads: Sequence[dict[str, torch.Tensor]], linear_mode: LinearMode = "mix",
+                 keep_scratch_bytes: int = KEEP_SCRATCH_BYTES):
         super().__init__()
+        self.keep_scratch_bytes = keep_scratch_bytes
         self.vit = build_model(architecture, 0)
         if getattr(self.vit, "reg_token", None) is not None:
             raise NotImplementedError("register tokens are not supported by the gated ViT")
@@ -160,6 +263,8 @@ class GatedViT(nn.Module):
         self._replace(experts, linear_mode)
         self.register_buffer("cls_stack", experts.get("cls_token"), persistent=False)  # moves with .to(device)
         self.register_buffer("pos_stack", experts.get("pos_embed"), persistent=False)
+        self.slots: dict[str, Slot] = {}
+        self.register_buffer("small_stack", self._small_table(), persistent=False)
         self.heads = nn.ModuleList()
         for head in heads:
             lin = nn.Linear(head["head.weight"].shape[1], head["head.weight"].shape[0])
@@ -185,14 +290,36 @@ class GatedViT(nn.Module):
                 raise NotImplementedError(f"cannot gate module {name} ({type(mod).__name__})")
             _set_module(self.vit, name, new)
 
+    def _small_table(self) -> torch.Tensor:
+        """``(N, S)``: every small stacked tensor (norms, biases, layer scales, embeddings,
+        patch-embedding weights) side by side, each module told its slot; one matmul
+        per pass mixes them all. Large linear weights stay out (mixed in their layer)."""
+        owners: list[tuple[nn.Module, str, torch.Tensor]] = [(self, "cls", self.cls_stack), (self, "pos", self.pos_stack)]
+        for mod in self.vit.modules():
+            if isinstance(mod, GatedLinear):
+                owners.append((mod, "bias", mod.bias))
+            elif isinstance(mod, (GatedLayerNorm, GatedConv2d)):
+                owners += [(mod, "weight", mod.weight), (mod, "bias", mod.bias)]
+            elif isinstance(mod, GatedLayerScale):
+                owners.append((mod, "gamma", mod.gamma))
+        parts, offset = [], 0
+        for mod, name, stack in owners:
+            if stack is None:
+                continue
+            flat = stack.detach().reshape(self.num_experts, -1)
+            mod.slots[name] = (offset, flat.shape[1])
+            parts.append(flat)
+            offset += flat.shape[1]
+        return torch.cat(parts, 1) if parts else torch.zeros(self.num_experts, 0)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         vit, r = self.vit, self.routing
         x = vit.patch_embed(x)
         batch = x.shape[0]
         # mixing a (N, 1, L, D) stack gives (B, 1, L, D); one expert or a static tensor (1, L, D)
-        cls = r.mix(self.cls_stack) if self.cls_stack is not None else vit.cls_token
+        cls = r.mix(self.cls_stack, self.slots.get("cls")) if self.cls_stack is not None else vit.cls_token
         cls = cls.reshape(-1, 1, cls.shape[-1]).expand(batch, -1, -1)
-        pos = r.mix(self.pos_stack) if self.pos_stack is not None else vit.pos_embed
+        pos = r.mix(self.pos_stack, self.slots.get("pos")) if self.pos_stack is not None else vit.pos_embed
         pos = pos.reshape(-1, *pos.shape[-2:])
         if vit.no_embed_class:
             x = torch.cat([cls, x + pos], dim=1)
@@ -205,12 +332,16 @@ class GatedViT(nn.Module):
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_head(self.forward_features(x), pre_logits=True)
 
-    def _run(self, x: torch.Tensor, p: torch.Tensor | None = None, expert: int | None = None) -> torch.Tensor:
-        self.routing.p, self.routing.expert = p, expert
+    def _run(self, x: torch.Tensor, p: torch.Tensor | None = None, expert: int | None = None, groups: list[Group] | None = None) -> torch.Tensor:
+        r = self.routing
+        r.p, r.expert, r.groups = p, expert, groups
+        r.table = p @ self.small_stack if p is not None else None
         try:
             return self._pre_logits(x)
         finally:
-            self.routing.p, self.routing.expert = None, None
+            r.p, r.expert, r.groups, r.table = None, None, None, None
+            if r.scratch_bytes > self.keep_scratch_bytes:
+                r.release()
 
     @torch.inference_mode()
     def features(self, x: torch.Tensor, p: torch.Tensor, strategy: Literal["exact", "sparse"] = "exact", threshold: float = DEFAULT_SPARSE_THRESHOLD) -> torch.Tensor:
@@ -220,19 +351,32 @@ class GatedViT(nn.Module):
         p = p.to(x.dtype)
         if strategy == "exact":
             return self._run(x, p=p)
+        return self._sparse(x, p, threshold)
+
+    def _sparse(self, x: torch.Tensor, p: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Drop small experts, sort the batch by remaining expert set, run ONE pass.
+
+        Ungated layers see the whole batch; a gated linear layer runs once per group (a
+        plain dense layer for a one-expert group); norms and embeddings mix per image
+        with the renormalised ``p`` (one-hot for a one-expert image: exactly that expert).
+        """
         top = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).bool()
         kept = p * ((p >= threshold) | top)  # the argmax expert is always kept
         kept = kept / kept.sum(1, keepdim=True).clamp(min=1e-12)
-        support = kept > 0
-        out = torch.empty(x.shape[0], self.vit.num_features, dtype=x.dtype, device=x.device)
-        patterns, inverse = torch.unique(support, dim=0, return_inverse=True)
-        for g, pattern in enumerate(patterns):
-            idx = (inverse == g).nonzero().flatten()
-            experts = pattern.nonzero().flatten()
-            if len(experts) == 1:
-                out[idx] = self._run(x[idx], expert=int(experts[0]))
-            else:
-                out[idx] = self._run(x[idx], p=kept[idx])
+        n = p.shape[1]
+        code = ((kept > 0).long() << torch.arange(n, device=p.device)).sum(1)  # expert set as a bit mask
+        order = torch.argsort(code, stable=True)
+        sets, counts = torch.unique_consecutive(code[order], return_counts=True)
+        experts = [[i for i in range(n) if c >> i & 1] for c in sets.tolist()]
+        if len(experts) == 1 and len(experts[0]) == 1:
+            return self._run(x, expert=experts[0][0])
+        groups, start = [], 0
+        for ex, count in zip(experts, counts.tolist()):
+            groups.append((slice(start, start + count), ex[0] if len(ex) == 1 else None))
+            start += count
+        feats = self._run(x[order], p=kept[order], groups=groups)
+        out = torch.empty_like(feats)
+        out[order] = feats
         return out
 
     @torch.inference_mode()

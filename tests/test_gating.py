@@ -107,3 +107,41 @@ def test_gate_learns_which_task_an_image_comes_from():
     assert acc > 0.85, acc
     with pytest.raises(ValueError, match="unknown gate arch"):
         build_gate("resnet50", 2)
+
+
+def test_mixing_scratch_is_reused_bounded_and_safe_across_modes(zoo, inputs):
+    gated, _, _ = _gated_vit(zoo, 1)
+    p = torch.softmax(torch.randn(len(inputs), len(zoo.tasks), generator=torch.Generator().manual_seed(1)), -1)
+    first = gated.features(inputs, p)
+    held = gated.routing.scratch_bytes
+    assert held > 0  # kept for the next batch ...
+    assert torch.equal(gated.features(inputs, p), first)  # ... and reusing it changes nothing
+    assert gated.routing.scratch_bytes == held
+    with torch.no_grad():  # outside inference mode: a fresh (non-inference) buffer, same result
+        gated.routing.p = p
+        try:
+            assert torch.allclose(gated._pre_logits(inputs), first, atol=1e-6)
+        finally:
+            gated.routing.p = None
+    assert torch.allclose(gated.double().features(inputs.double(), p.double()).float(), first, atol=1e-5)  # dtype change
+    gated.float()
+    gated.keep_scratch_bytes = 0
+    assert torch.allclose(gated.features(inputs, p), first, atol=1e-6) and gated.routing.scratch_bytes == 0
+
+
+@pytest.mark.parametrize("stride", [4, 2])
+def test_gated_patch_embedding_mixes_per_image(stride):
+    from torch import nn
+
+    from server.gated_vit import GatedConv2d, Routing
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(3, 8, 2, 4, 4, generator=g), torch.randn(3, 8, generator=g)
+    routing = Routing()
+    conv = GatedConv2d(nn.Conv2d(2, 8, 4, stride=stride), w, b, routing)  # stride 4: patch path, 2: all experts
+    x, p = torch.randn(5, 2, 16, 16, generator=g), torch.softmax(torch.randn(5, 3, generator=g), -1)
+    routing.p = p
+    with torch.inference_mode():
+        y = conv(x)
+    expected = sum(p[:, i, None, None, None] * torch.nn.functional.conv2d(x, w[i], b[i], stride) for i in range(3))
+    assert y.shape == expected.shape and torch.allclose(y, expected, atol=1e-5)
