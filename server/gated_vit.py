@@ -74,7 +74,7 @@ class Routing:
             return None
         buf, inference = self._scratch, torch.is_inference_mode_enabled()
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device or buf.is_inference() != inference:
-            buf = self._scratch = torch.empty(max(numel, buf.numel() if buf is not None and buf.dtype == like.dtype else 0), dtype=like.dtype, device=like.device)
+            buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel]
 
     @property
@@ -294,7 +294,8 @@ class GatedViT(nn.Module):
     def _small_table(self) -> torch.Tensor:
         """``(N, S)``: every small stacked tensor (norms, biases, layer scales, embeddings,
         patch-embedding weights) side by side, each module told its slot; one matmul
-        per pass mixes them all. Large linear weights stay out (mixed in their layer)."""
+        per pass mixes them all. Large linear weights stay out (mixed in their layer).
+        A copy taken at construction: the gated weights are fixed for a GatedViT's life."""
         owners: list[tuple[nn.Module, str, torch.Tensor]] = [(self, "cls", self.cls_stack), (self, "pos", self.pos_stack)]
         for mod in self.vit.modules():
             if isinstance(mod, GatedLinear):
