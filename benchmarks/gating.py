@@ -45,6 +45,16 @@ def flops(fn, *args) -> float:
     return float(counter.get_total_flops())
 
 
+def plain_features(model):
+    """``fn(x, p)`` -> pre-logit features of a plain timm ViT (``p`` ignored), the throughput reference."""
+
+    @torch.inference_mode()
+    def run(xb: torch.Tensor, _pb: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.forward_features(xb), pre_logits=True)
+
+    return run
+
+
 def throughput(fns: dict, batches: list, rounds: int = 7) -> dict[str, dict[str, float]]:
     """Images per second of every ``fns[name]`` over ``batches``, interleaved.
 
@@ -198,9 +208,7 @@ def main() -> None:
     nb = 40
     batches = [(x[i : i + args.batch], p[i : i + args.batch]) for i in range(0, nb * args.batch, args.batch)]
 
-    @torch.inference_mode()
-    def plain_fn(xb, _pb):
-        return plain.forward_head(plain.forward_features(xb), pre_logits=True)
+    plain_fn = plain_features(plain)
 
     thresholds = (0.01, 0.05, 0.1, 0.2)
 
@@ -250,9 +258,7 @@ def real_size_throughput(preset: str, batch: int, rounds: int, n_batches: int = 
     x, p = torch.cat(xs)[order], torch.nn.functional.one_hot(tid[order], len(tasks)).float()
     batches = [(x[i : i + batch], p[i : i + batch]) for i in range(0, n_batches * batch, batch)]
 
-    @torch.inference_mode()
-    def plain_fn(xb, _pb):
-        return plain.forward_head(plain.forward_features(xb), pre_logits=True)
+    plain_fn = plain_features(plain)
 
     speed = throughput({"plain ViT": plain_fn, "exact (mix)": lambda xb, pb: gated.features(xb, pb, "exact"),
                         "sparse (t=0.1)": lambda xb, pb: gated.features(xb, pb, "sparse", 0.1)}, batches, rounds)
