@@ -179,7 +179,7 @@ def main() -> None:
     limit_heap_fragmentation()
     zoo = Zoo.load(args.zoo) if args.zoo else build_zoo("tiny-diffinit", REPO / "store" / "zoos" / "tiny-diffinit").zoo
     groups = [tuple(g.split("+")) for g in args.groups.split(",")]
-    data = load_test_sets(sorted({t for g in groups for t in g}), zoo.metas[zoo.tasks[0]].preprocessing)
+    data = load_test_sets(zoo, sorted({t for g in groups for t in g}), zoo.metas[zoo.tasks[0]].preprocessing)
     result: dict = {"args": vars(args), "zoo_config_hash": zoo.manifest.config_hash,
                     "init_seeds": {t: zoo.metas[t].provenance.init_seed for t in zoo.tasks},
                     "torch_threads": torch.get_num_threads(), "groups": []}

@@ -154,7 +154,7 @@ def main() -> None:
         return {t: float(correct[tid == i].float().mean()) for i, t in enumerate(tasks)}
 
     one_hot = torch.nn.functional.one_hot(tid, n).float()
-    grams = [collect_grams(ctx.build_model(i, finetuned[i]), ctx.calibration(i, None)[:256]) for i in range(n)]
+    grams = [collect_grams(ctx.build_model(i, finetuned[i]), ctx.calibration(i, None, 256)) for i in range(n)]
     statics = {"avg": weight_average(finetuned), "regmean": regmean(base, finetuned, grams, 0.9)}
     head_params = sum(v.numel() for h in heads for v in h.values())
     backbone_params = sum(v.numel() for v in base.values())

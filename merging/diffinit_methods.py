@@ -81,7 +81,7 @@ def _mudsc(ctx: MergeContext, p: MuDSCParams, mode: Mode) -> MergeResult:
     states = _states(ctx)
     models = [ctx.build_model(i, s) for i, s in enumerate(states)]
     shape = ViTShape.from_state(states[0], models[0].blocks[0].attn.num_heads)  # type: ignore[index]
-    images = torch.cat([ctx.calibration(i, None)[: p.max_images] for i in range(len(states))])
+    images = torch.cat([ctx.calibration(i, None, p.max_images) for i in range(len(states))])
     acts = [collect_activations(m, images, shape) for m in models]
     res = mudsc_merge(states, acts, shape, _heads(ctx, states), p.alpha, mode, p.max_sweeps, p.seed)
     info = {"sweeps": res.sweeps, "converged": res.converged, "merge_seconds": round(time.perf_counter() - start, 3), "optimised_parameters": 0}
@@ -101,7 +101,7 @@ def _mudsc_zip(ctx: MergeContext, p: MuDSCParams) -> MergeResult:
 def _feature_data(ctx: MergeContext, p: TrainedParams, states: list[StateDict]) -> FeatureSet:
     assert ctx.build_model and ctx.calibration
     models = [ctx.build_model(i, s) for i, s in enumerate(states)]
-    images = [ctx.calibration(i, None)[: p.images] for i in range(len(states))]
+    images = [ctx.calibration(i, None, p.images) for i in range(len(states))]
     return build_feature_set(models, images, p.augment, p.seed)
 
 

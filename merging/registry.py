@@ -33,15 +33,16 @@ class MergeContext:
     """Everything a merge may use. Data-dependent methods need the two callables.
 
     ``build_model(i, backbone)`` returns task i's full model (its own head) with the
-    given backbone tensors; ``calibration(i)`` returns task i's UNLABELED,
-    preprocessed calibration images.
+    given backbone tensors; ``calibration(i, prep, limit)`` returns the first ``limit``
+    (None: all) of task i's UNLABELED calibration images, preprocessed with ``prep``
+    (None: the task model's preprocessing); only those are decoded.
     """
 
     pretrained: Tensors
     finetuned: Sequence[Tensors]
     tasks: Sequence[str]
     build_model: Callable[[int, Tensors], nn.Module] | None = None
-    calibration: Callable[[int, Preprocessing | None], torch.Tensor] | None = None
+    calibration: Callable[[int, Preprocessing | None, int | None], torch.Tensor] | None = None
     gate_init: Callable[[str], StateDict | None] | None = None
     progress: bool = False
     heads: Sequence[Tensors] | None = None  # task i's classifier (methods that re-order features adapt it)
@@ -198,6 +199,7 @@ class GateParams(Params):
     gate_epochs: int = Field(10, gt=0)
     gate_lr: float | None = Field(None, gt=0.0, description="default: 2e-3 pretrained, 1e-2 from scratch")
     gate_seed: int = 0
+    gate_max_images: int = Field(1000, gt=0, description="calibration images per task for the gate")
 
 
 class GatingAvgParams(GateParams):
@@ -218,7 +220,7 @@ def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
     """Train the gate on every task's calibration images (labels = task index)."""
     assert ctx.calibration is not None
     prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN_STD, std=GATE_MEAN_STD)
-    images = [ctx.calibration(i, prep) for i in range(len(ctx.finetuned))]
+    images = [ctx.calibration(i, prep, p.gate_max_images) for i in range(len(ctx.finetuned))]
     init = ctx.gate_init(p.gate_arch) if ctx.gate_init is not None else None
     lr = p.gate_lr if p.gate_lr is not None else (2e-3 if init is not None else 1e-2)
     cfg = GateConfig(arch=p.gate_arch, epochs=p.gate_epochs, lr=lr, seed=p.gate_seed)
@@ -258,14 +260,14 @@ def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
 @register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
 def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
     return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
 
 
 @register("fisher", FisherParams, True, "Fisher merging with a diagonal Fisher from the models' own predictions")
 def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    fishers = [estimate_fisher(ctx.build_model(i, m), ctx.calibration(i, None)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    fishers = [estimate_fisher(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
     return MergeResult(backbone=fisher_merge(ctx.finetuned, fishers, p.floor))
 
 
@@ -299,7 +301,7 @@ def _gating_avg(ctx: MergeContext, p: GatingAvgParams) -> MergeResult:
 @register("gating_regmean", GatingRegMeanParams, True, "Gated whole-ViT merging, RegMean for the non-gated blocks", needs_shared_base=True)
 def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None)[: p.max_images]) for i, m in enumerate(ctx.finetuned)]
+    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
     return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
 
 

@@ -1,8 +1,8 @@
 """RegMean (Jin et al.; SPEC section 1): closed-form merge of linear layers.
 
-For every ``nn.Linear`` of the backbone, with ``G_i = X_i^T X_i`` the Gram matrix of
-the inputs that layer sees in model i on unlabeled data of task i, off-diagonals
-scaled by ``alpha``::
+For every ``nn.Linear`` of the backbone, with ``G_i = X_i^T X_i / n_i`` the (per-row
+mean) Gram matrix of the ``n_i`` inputs that layer sees in model i on unlabeled data of
+task i, off-diagonals scaled by ``alpha``::
 
     W^T = (sum_i G_i)^-1 (sum_i G_i W_i^T)        (torch's y = x W^T convention)
 
@@ -28,18 +28,22 @@ def backbone_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 @torch.inference_mode()
 def collect_grams(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """``X^T X`` of the inputs of every backbone linear, over all tokens and images (fp64).
+    """``X^T X / n`` of the inputs of every backbone linear, over all tokens and images (fp64).
 
-    Uses forward hooks; images are unlabeled (only the forward pass runs).
+    Divided by the number of rows ``n`` (tokens x images) that built it -- a per-task
+    mean, as FusionBench does -- so a task with more calibration images does not
+    dominate the merge. Uses forward hooks; images are unlabeled (only the forward pass runs).
     """
     model.eval()
     linears = backbone_linears(model)
     grams: dict[str, torch.Tensor] = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in linears.items()}
+    rows = dict.fromkeys(linears, 0)
 
     def hook(key: str):
         def fn(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
             grams[key] += x.T @ x
+            rows[key] += x.shape[0]
 
         return fn
 
@@ -50,7 +54,9 @@ def collect_grams(model: nn.Module, images: torch.Tensor, batch_size: int = 64) 
     finally:
         for h in handles:
             h.remove()
-    return grams
+    if not len(images):
+        raise ValueError("RegMean needs at least one calibration image")
+    return {k: g / max(rows[k], 1) for k, g in grams.items()}
 
 
 def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -20,3 +20,19 @@ class BundleIntegrityError(ModelStoreError):
 
 class CheckpointImportError(ModelStoreError):
     """A checkpoint could not be imported (unknown layout, shape mismatch...)."""
+
+
+class ImageDecodeError(ModelStoreError):
+    """Bytes that are not a decodable image in a supported format."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image above the pixel cap (decompression bombs included)."""
+
+
+class DataSourceError(ModelStoreError):
+    """A task's calibration or test images cannot be used (missing, empty, mislabeled...)."""
+
+
+class MissingDataError(DataSourceError):
+    """A method needs data that a task of the zoo does not have."""

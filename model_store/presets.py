@@ -27,7 +27,7 @@ from model_store.architecture import build_model, head_prefix, split_head
 from model_store.datasets import SplitSpec, load_split
 from model_store.errors import ZooFormatError
 from model_store.preprocessing import to_model_input
-from model_store.schema import Architecture, ModelMeta, Preprocessing, Provenance
+from model_store.schema import Architecture, DataSource, ModelMeta, Preprocessing, Provenance, TaskData
 from model_store.training import TrainConfig, accuracy, train_classifier
 from model_store.zoo import BACKBONE_FILE, Zoo, ZooWriter
 
@@ -278,7 +278,14 @@ def _meta(preset: ZooPreset, name: str, task: str | None, classes: list[str], ac
             train_seconds=round(secs, 2),
             notes=("pretraining on the fashion train split; head dropped" if task is None else f"fine-tuned from base on {task}"),
         ),
+        data=builtin_data(task, preset.split.seed) if task is not None else TaskData(),
     )
+
+
+def builtin_data(task: str, seed: int = 0) -> TaskData:
+    """A built-in task's calibration and test splits as data sources."""
+    src = DataSource(kind="builtin", location=task, seed=seed)
+    return TaskData(calibration=src, test=src)
 
 
 def _imported_meta(preset: ZooPreset, source: str) -> ModelMeta:

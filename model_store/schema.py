@@ -59,6 +59,34 @@ class Provenance(_Strict):
     notes: str | None = None
 
 
+class DataSource(_Strict):
+    """Where a task's images come from (``model_store.data.sources`` reads them).
+
+    * ``builtin``: one of the offline datasets, cut by today's seeded splits
+      (``location`` = dataset name, ``seed`` = split seed);
+    * ``folder``: any tree of image files, labels ignored (calibration);
+    * ``imagefolder``: one sub-folder per class (test; the torchvision/timm convention);
+    * ``csv``: a manifest with columns ``path`` (relative to the CSV) and ``label``.
+
+    File sources are read in a seeded shuffle of their sorted file list (``seed``), so a
+    ``max_images`` prefix is a sample of every class, the same one each run.
+    """
+
+    kind: Literal["builtin", "folder", "imagefolder", "csv"]
+    location: str = Field(min_length=1, description="dataset name (builtin) or an absolute path")
+    seed: int = 0
+
+    def describe(self) -> str:
+        return f"builtin:{self.location}" if self.kind == "builtin" else self.location
+
+
+class TaskData(_Strict):
+    """A task's data sources: unlabeled calibration images, labeled test images (both optional)."""
+
+    calibration: DataSource | None = None
+    test: DataSource | None = None
+
+
 class ModelMeta(_Strict):
     """``meta.json`` of one zoo model (the base or a task model)."""
 
@@ -70,6 +98,7 @@ class ModelMeta(_Strict):
     architecture: Architecture
     preprocessing: Preprocessing
     provenance: Provenance
+    data: TaskData = Field(default_factory=TaskData)
 
     @model_validator(mode="after")
     def _task_fields(self) -> "ModelMeta":
@@ -87,6 +116,14 @@ class ModelMeta(_Strict):
         return len(self.class_names)
 
 
+class GateInit(_Strict):
+    """A user's pretrained weights for the gate network, copied into the zoo."""
+
+    arch: Literal["mobilenetv2_100", "efficientnet_lite0"]
+    file: str | None = Field(default=None, description="safetensors file inside the zoo (timm naming); None: the default init")
+    source: str | None = Field(default=None, description="where the weights were imported from")
+
+
 class ZooManifest(_Strict):
     """``zoo.json``: which models make up a zoo."""
 
@@ -98,6 +135,8 @@ class ZooManifest(_Strict):
     preset: str | None = None
     config_hash: str | None = None
     created_at: str
+    gate: GateInit | None = None
+    spec: str | None = Field(default=None, description="the zoo spec file this zoo was created from")
 
     @field_validator("tasks")
     @classmethod

@@ -25,7 +25,7 @@ from model_store.architecture import StateDict, build_model, load_into
 from model_store.errors import ZooFormatError
 from model_store.files import sha256_file, write_json
 from model_store.lazy_tensors import LazySafetensors
-from model_store.schema import ModelMeta, ZooManifest
+from model_store.schema import DataSource, ModelMeta, TaskData, ZooManifest
 
 BACKBONE_FILE = "backbone.safetensors"
 HEAD_FILE = "head.safetensors"
@@ -105,7 +105,10 @@ class Zoo:
         for task in self.manifest.tasks:
             meta = self.metas[task]
             if meta.architecture != base.architecture:
-                raise ZooFormatError(f"{self.root / 'models' / task / 'meta.json'}: architecture: differs from the base model's")
+                raise ZooFormatError(f"{self.root / 'models' / task / 'meta.json'}: architecture: task '{task}' is "
+                                     f"{meta.architecture.timm_name} {meta.architecture.kwargs}, the base is "
+                                     f"{base.architecture.timm_name} {base.architecture.kwargs}; every task model must be "
+                                     "fine-tuned from the base's architecture")
             shapes = self.backbone_shapes(task)
             if shapes != base_shapes:
                 diff = sorted(set(shapes.items()) ^ set(base_shapes.items()))[:3]
@@ -155,9 +158,25 @@ class Zoo:
         head = self.head(name) if meta.role == "task" else None
         return load_into(model, self.backbone(name), head).eval()
 
+    def task_data(self, task: str) -> TaskData:
+        """The task's data sources (zoos built before data sources existed: their built-in splits)."""
+        return task_data(self.metas[task])
+
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every file of the zoo, keyed by path relative to the zoo root."""
         return {str(p.relative_to(self.root)): sha256_file(p) for p in sorted(self.root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def task_data(meta: ModelMeta) -> TaskData:
+    """``meta.data``; for preset models written before it existed, the built-in dataset they were trained on."""
+    if meta.data.calibration or meta.data.test or meta.role != "task":
+        return meta.data
+    from model_store.datasets import TASKS
+
+    if meta.provenance.source.startswith("vitmerge zoo build") and meta.provenance.dataset == meta.task and meta.task in TASKS:
+        src = DataSource(kind="builtin", location=meta.task, seed=meta.provenance.split_seed or 0)
+        return TaskData(calibration=src, test=src)
+    return meta.data
 
 
 class ZooWriter:
@@ -199,6 +218,12 @@ class ZooWriter:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final
+
+    def set_data(self, name: str, data: TaskData) -> ModelMeta:
+        """Replace a written model's data sources (``meta.json`` rewritten atomically)."""
+        meta = self.read_meta(name).model_copy(update={"data": data})
+        write_json(self.root / "models" / name / "meta.json", meta.model_dump(mode="json"))
+        return meta
 
     def finalize(self, name: str, base: str | None, tasks: list[str], **fields: object) -> Zoo:
         """Write ``zoo.json`` and return the validated zoo."""

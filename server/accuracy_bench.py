@@ -36,8 +36,9 @@ from merging.gate import build_gate, gate_probabilities
 from merging.gating import expert_stacks, gating_plan
 from merging.registry import GateParams, MergeContext, run_merge, train_gate_for
 from model_store.architecture import load_into
-from model_store.datasets import SplitSpec, load_split
-from model_store.preprocessing import to_model_input
+from model_store.data.attach import test_set
+from model_store.data.sources import ImageSet
+from model_store.errors import MissingDataError
 from model_store.zoo import Zoo
 from server.gated_vit import GatedViT
 from server.merge_pipeline import merge_context
@@ -84,33 +85,37 @@ class Pool:
     x: torch.Tensor
     task: torch.Tensor
     y: torch.Tensor
-    raw: list  # per task uint8 arrays of the full pool (for the gate's own preprocessing)
+    raw: list[ImageSet]  # per task test images of the full pool (re-read with the gate's own preprocessing)
     order: torch.Tensor  # full pool position -> index into the concatenated raw images
     keep: torch.Tensor | None = None  # mask over the full pool (subsets)
+    limit: int | None = None
 
     def gate_input(self, prep) -> torch.Tensor:
-        g = torch.cat([to_model_input(r, prep) for r in self.raw])[self.order]
+        g = torch.cat([r.tensors(prep, self.limit) for r in self.raw])[self.order]
         return g if self.keep is None else g[self.keep]
 
     def subset(self, n: int) -> Pool:
         """The images of the first ``n`` tasks (same order)."""
         assert self.keep is None, "subset of a subset"
         keep = self.task < n
-        return Pool(self.tasks[:n], self.x[keep], self.task[keep], self.y[keep], self.raw, self.order, keep)
+        return Pool(self.tasks[:n], self.x[keep], self.task[keep], self.y[keep], self.raw, self.order, keep, self.limit)
 
 
-def build_pool(zoo: Zoo, tasks: Sequence[str], limit: int | None, seed: int, split: SplitSpec = SplitSpec()) -> Pool:
+def build_pool(zoo: Zoo, tasks: Sequence[str], limit: int | None, seed: int) -> Pool:
+    """Every task's test images (the zoo's test sources) shuffled into one stream; refuses tasks without test data."""
     prep = zoo.metas[zoo.base].preprocessing
     xs, raw, tids, ys = [], [], [], []
     for i, t in enumerate(tasks):
-        d = load_split(t, "test", split, limit=limit)
-        assert d.labels is not None
-        xs.append(to_model_input(d.images, prep))
-        raw.append(d.images)
-        tids.append(torch.full((len(d.labels),), i))
-        ys.append(torch.as_tensor(d.labels))
+        images = test_set(zoo, t)
+        if images is None:
+            raise MissingDataError(f"the accuracy benchmark needs test images for every task; task '{t}' has none "
+                                   f"(add them with 'test:' in the zoo spec or `vitmerge zoo data --task {t} --test SRC`)")
+        xs.append(images.tensors(prep, limit))
+        raw.append(images)
+        tids.append(torch.full((len(xs[-1]),), i))
+        ys.append(images.label_tensor(limit))
     order = torch.randperm(sum(len(x) for x in xs), generator=torch.Generator().manual_seed(seed))
-    return Pool(list(tasks), torch.cat(xs)[order], torch.cat(tids)[order], torch.cat(ys)[order], raw, order)
+    return Pool(list(tasks), torch.cat(xs)[order], torch.cat(tids)[order], torch.cat(ys)[order], raw, order, limit=limit)
 
 
 @torch.inference_mode()
@@ -181,7 +186,7 @@ def _setup(zoo: Zoo, tasks: list[str], grams: list | None = None) -> _Setup:
     ctx = merge_context(zoo, tasks)
     finetuned = [zoo.backbone(t) for t in tasks]
     s = _Setup(zoo, tasks, ctx, zoo.backbone(zoo.base), finetuned, [zoo.head(t) for t in tasks])
-    s.grams = grams if grams is not None else [collect_grams(ctx.build_model(i, finetuned[i]), ctx.calibration(i, None)[:256]) for i in range(len(tasks))]
+    s.grams = grams if grams is not None else [collect_grams(ctx.build_model(i, finetuned[i]), ctx.calibration(i, None, 256)) for i in range(len(tasks))]
     return s
 
 

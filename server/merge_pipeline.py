@@ -27,13 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from merging.gate import build_gate, gate_probabilities
-from merging.registry import GateArtifact, MergeContext, MergeResult, get_method, parse_params, refusal, run_merge
+from merging.registry import REGISTRY, GateArtifact, MergeContext, MergeResult, get_method, parse_params, refusal, run_merge
 from merging.types import Tensors
 from model_store.architecture import build_model, load_into
 from model_store.bundle import BundleDraft, BundleStore
-from model_store.datasets import SplitSpec, load_split
+from model_store.data.attach import calibration_set, test_set
+from model_store.data.sources import ImageSet
+from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
-from model_store.preprocessing import to_model_input
 from model_store.schema import Preprocessing
 from model_store.zoo import Zoo
 
@@ -88,47 +89,94 @@ def check_applicable(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) 
         raise ValueError(refusal(method))
 
 
-def merge_context(zoo: Zoo, tasks: Sequence[str], split: SplitSpec = SplitSpec(), bar: tqdm | None = None, progress: bool = False) -> MergeContext:
+def check_data(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> None:
+    """MissingDataError naming the task and the fix when ``method`` needs calibration images a task lacks."""
+    if not get_method(method).needs_calibration:
+        return
+    for task in tasks or zoo.tasks:
+        if zoo.task_data(task).calibration is None:
+            raise MissingDataError(
+                f"merge method '{method}' needs calibration images, but task '{task}' of zoo '{zoo.name}' has none; add them with "
+                f"'calibration:' for that task in the zoo spec, `vitmerge zoo data --zoo {zoo.name} --task {task} --calibration SRC`, "
+                f"or --calibration on `vitmerge import`; data-free methods: "
+                + ", ".join(sorted(n for n, m in REGISTRY.items() if not m.needs_calibration))
+            )
+        calibration_set(zoo, task)  # lists the files now: a missing folder fails before any work
+
+
+def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False) -> MergeContext:
     """Lazy backbones of the zoo plus calibration access for data-dependent methods.
 
-    For zoos without a shared base, ``pretrained`` is the manifest's base (the first
-    model's own pretraining) and ``shared_init`` is False: task-vector methods refuse.
+    Calibration images come from each task's calibration source; only the ``limit``
+    images a method asks for are decoded. For zoos without a shared base,
+    ``pretrained`` is the manifest's base (the first model's own pretraining) and
+    ``shared_init`` is False: task-vector methods refuse.
     """
     finetuned: list[Tensors] = [zoo.backbone_lazy(t) for t in tasks]
     if bar is not None:
         finetuned[0] = _Ticking(finetuned[0], bar)
+    sets: dict[int, ImageSet] = {}
 
     def build(i: int, backbone: Tensors) -> torch.nn.Module:
         meta = zoo.metas[tasks[i]]
         model = build_model(meta.architecture, meta.num_classes)
         return load_into(model, dict(backbone.items()), zoo.head(tasks[i])).eval()
 
-    def calibration(i: int, prep: Preprocessing | None = None) -> torch.Tensor:
-        meta = zoo.metas[tasks[i]]
-        data = load_split(meta.task or tasks[i], "calibration", split)
-        return to_model_input(data.images, prep or meta.preprocessing)
+    def calibration(i: int, prep: Preprocessing | None = None, limit: int | None = None) -> torch.Tensor:
+        if i not in sets:
+            images = calibration_set(zoo, tasks[i])
+            if images is None:
+                raise MissingDataError(f"task '{tasks[i]}' has no calibration images (`vitmerge zoo data --task {tasks[i]} --calibration SRC`)")
+            sets[i] = images
+        return sets[i].tensors(prep or zoo.metas[tasks[i]].preprocessing, limit)
 
-    return MergeContext(zoo.backbone_lazy(zoo.base), finetuned, list(tasks), build, calibration, gate_init, progress,
+    return MergeContext(zoo.backbone_lazy(zoo.base), finetuned, list(tasks), build, calibration, lambda arch: gate_init(arch, zoo), progress,
                         heads=[zoo.head(t) for t in tasks], shared_init=shares_init(zoo, tasks))
 
 
-def gate_init(arch: str) -> dict[str, torch.Tensor] | None:
-    """ImageNet weights for gate architectures that have them offline."""
+def gate_init(arch: str, zoo: Zoo | None = None) -> dict[str, torch.Tensor] | None:
+    """Pretrained gate weights: the zoo's own (zoo spec ``gate.init``), else those offline (EfficientNet-Lite0)."""
+    gate = zoo.manifest.gate if zoo is not None else None
+    if gate is not None and gate.arch == arch and gate.file:
+        from safetensors.torch import load_file
+
+        return load_file(zoo.root / gate.file)  # type: ignore[union-attr]
     if arch == "efficientnet_lite0":
         return efficientnet_lite0_state()
     return None
 
 
+def with_zoo_defaults(zoo: Zoo, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """``params`` plus the zoo's gate architecture (zoo spec ``gate.arch``) unless the caller chose one."""
+    out = dict(params or {})
+    if zoo.manifest.gate is not None and "gate_arch" in get_method(method).params.model_fields:
+        out.setdefault("gate_arch", zoo.manifest.gate.arch)
+    return out
+
+
 @torch.inference_mode()
-def gate_test_accuracy(gate: GateArtifact, tasks: Sequence[str], split: SplitSpec = SplitSpec()) -> dict[str, float]:
-    """Share of each task's TEST images the gate routes to that task."""
+def gate_test_accuracy(gate: GateArtifact, zoo: Zoo, tasks: Sequence[str]) -> dict[str, float | None]:
+    """Share of each task's TEST images the gate routes to that task (None: the task has no test images)."""
     model = build_gate(gate.arch, len(tasks))
     model.load_state_dict(gate.state)
-    out = {}
+    out: dict[str, float | None] = {}
     for i, task in enumerate(tasks):
-        data = load_split(task, "test", split)
-        probs = gate_probabilities(model, to_model_input(data.images, gate.preprocessing))
+        images = test_set(zoo, task)
+        if images is None:
+            out[task] = None
+            continue
+        probs = gate_probabilities(model, images.tensors(gate.preprocessing))
         out[task] = float((probs.argmax(-1) == i).float().mean())
+    return out
+
+
+def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, dict[str, Any]]:
+    """Per task: the calibration set a merge read (when it read one) and the test set, with file-list hashes."""
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        cal = calibration_set(zoo, task) if calibrated else None
+        test = test_set(zoo, task)
+        out[task] = {"calibration": cal.record() if cal is not None else None, "test": test.record() if test is not None else None}
     return out
 
 
@@ -142,7 +190,7 @@ def bundle_kind(result: MergeResult) -> str:
     raise ValueError("merge produced neither a backbone, EMR modulators nor experts")
 
 
-def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: MergeResult, gate_accuracy: dict[str, float] | None = None) -> None:
+def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: MergeResult, gate_accuracy: dict[str, float | None] | None = None) -> None:
     """Write a merge result and the task heads into ``draft``."""
     base_meta = zoo.metas[zoo.base]
     kind = bundle_kind(result)
@@ -195,15 +243,17 @@ def merge_and_publish(
     ``bar`` (anything with ``update(n)``, e.g. a job's progress) replaces the tqdm bar.
     """
     spec = get_method(method)
-    parsed = parse_params(method, params)
+    parsed = parse_params(method, with_zoo_defaults(zoo, spec.name, params))
     chosen = select_tasks(zoo, tasks)
     check_applicable(zoo, spec.name, chosen)
+    check_data(zoo, spec.name, chosen)
     if bar is not None:
         result = run_merge(spec.name, merge_context(zoo, chosen, bar=bar, progress=progress), parsed)
     else:
         with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
             result = run_merge(spec.name, merge_context(zoo, chosen, bar=tbar, progress=progress), parsed)
-    gate_acc = gate_test_accuracy(result.gate, chosen) if result.gate is not None else None
+    gate_acc = gate_test_accuracy(result.gate, zoo, chosen) if result.gate is not None else None
+    data = data_record(zoo, chosen, spec.needs_calibration)
     draft = store.draft()
     try:
         write_bundle(draft, zoo, chosen, result, gate_acc)
@@ -214,5 +264,6 @@ def merge_and_publish(
     extra = {k: v for k, v in result.info.items() if k != "params"}
     if gate_acc is not None:
         extra["gate_test_accuracy"] = gate_acc
+    extra["data"] = data
     version = store.publish(draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current)
     return MergeOutcome(version, result, chosen)

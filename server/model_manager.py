@@ -27,9 +27,23 @@ MERGE_LOCK = ".merge.lock"
 
 
 def resolve_zoo(settings: ServerSettings, build_missing: bool = True, progress: bool = True) -> Zoo:
-    """The configured source zoo: a directory, a zoo in the store, or a preset built on demand."""
+    """The configured source zoo: a spec file, a directory, a zoo in the store, or a preset built on demand.
+
+    A zoo spec (YAML) is created in the store on first use and re-created when the spec
+    or its checkpoints changed (``build_missing=False``: only an up-to-date one is returned).
+    """
     value = settings.zoo
     path = Path(value)
+    from model_store.zoo_spec import ensure_zoo, is_spec_file, load_spec, spec_hash
+
+    if is_spec_file(value):
+        if build_missing:
+            return ensure_zoo(path, settings.layout.zoos, progress=progress)
+        spec = load_spec(path)
+        zoo = Zoo.load(settings.layout.zoo(spec.name))
+        if zoo.manifest.config_hash != spec_hash(spec, path.resolve().parent):
+            raise FileNotFoundError(f"zoo '{spec.name}' in the store is older than {path}")
+        return zoo
     if (path / "zoo.json").exists():
         return Zoo.load(path)
     in_store = settings.layout.zoo(value)

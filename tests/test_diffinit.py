@@ -34,7 +34,7 @@ def zoo(diff_report):
 def accuracies(zoo):
     """Per-task / joint test accuracy of a few merges of the pair (300 test images per task)."""
     meta = zoo.metas[zoo.tasks[0]]
-    data = load_test_sets(zoo.tasks, meta.preprocessing, limit=300)
+    data = load_test_sets(zoo, zoo.tasks, meta.preprocessing, limit=300)
     out = {}
     for name, params in [("avg", {}), ("mudsc_align", {"gate": False, "max_images": 32}), ("mudsc_zip", {"gate": False, "max_images": 32}),
                          ("fs_merge", {"gate": False, "epochs": 4, "augment": 20})]:

@@ -232,11 +232,14 @@ def test_merge_job_swaps_atomically_and_failed_merge_changes_nothing(server_stor
     auth = {"authorization": "Bearer s3cret"}
     try:
         before = sorted(p.name for p in (server_store / "bundles").iterdir())
-        # a merge that fails inside the job (task subset unknown to the zoo): nothing changes
+        # tasks the zoo does not have: refused at submit time, naming them
         r = h.request("POST", "/v1/merge", json={"method": "emr", "tasks": ["mnist", "cifar"]}, headers=auth)
-        assert r.status_code == 202
+        assert r.status_code == 422 and "cifar" in r.json()["error"]["message"], r.text
+        # a merge that fails inside the job (a gate cannot train on one image per task): nothing changes
+        r = h.request("POST", "/v1/merge", json={"method": "emr_routed", "params": {"gate_max_images": 1, "gate_epochs": 1}}, headers=auth)
+        assert r.status_code == 202, r.text
         job = _wait_job(h, r.json()["id"], auth)
-        assert job["state"] == "failed" and "cifar" in job["error"] and job["version"] is None
+        assert job["state"] == "failed" and "at least 2" in job["error"] and job["version"] is None, job
         assert sorted(p.name for p in (server_store / "bundles").iterdir()) == before
         assert (server_store / "CURRENT").read_text().strip() == "v1" and h.state.manager.version == "v1"
         # a good one: published, CURRENT moved, swapped in

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from model_store.architecture import StateDict, build_model, head_prefix, load_into, split_head
 from model_store.errors import CheckpointImportError
-from model_store.schema import Architecture, ModelMeta, Preprocessing, Provenance
+from model_store.data.attach import task_data_from
+from model_store.schema import Architecture, ModelMeta, Preprocessing, Provenance, TaskData
 from model_store.zoo import Zoo, ZooWriter
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -50,8 +51,15 @@ def save_imported(
     source: str,
     task: str | None = None,
     class_names: list[str] | None = None,
+    calibration: str | None = None,
+    test: str | None = None,
+    data_dir: str | Path | None = None,
 ) -> Zoo:
-    """Validate ``state`` by a strict load into ``arch`` and add it to the zoo at ``zoo_dir``."""
+    """Validate ``state`` by a strict load into ``arch`` and add it to the zoo at ``zoo_dir``.
+
+    ``calibration``/``test`` are data sources (``builtin:NAME``, a folder, a CSV; relative
+    to ``data_dir``, default the working directory), checked before anything is written.
+    """
     if role not in ("base", "task"):
         raise CheckpointImportError(f"role must be 'base' or 'task', got '{role}'")
     probe = build_model(arch, 0)
@@ -66,6 +74,9 @@ def save_imported(
         load_into(model, backbone, head)
     except RuntimeError as e:
         raise CheckpointImportError(f"checkpoint does not fit {arch.timm_name} {arch.kwargs}: {str(e)[:800]}") from e
+    if role == "base" and (calibration or test):
+        raise CheckpointImportError("data sources belong to task models; import the base without --calibration/--test")
+    data = task_data_from(calibration, test, Path(data_dir) if data_dir else Path.cwd(), classes) if role == "task" else TaskData()
     meta = ModelMeta(
         name=name,
         role=role,  # type: ignore[arg-type]
@@ -74,6 +85,7 @@ def save_imported(
         architecture=arch,
         preprocessing=prep,
         provenance=Provenance(source=source),
+        data=data,
     )
     writer = ZooWriter(zoo_dir)
     writer.add_model(meta, backbone, head or None)

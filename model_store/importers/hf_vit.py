@@ -109,22 +109,58 @@ def convert_hf_vit_state(hf: StateDict) -> StateDict:
     return state
 
 
-def _preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
+#: PIL resample codes in ``preprocessor_config.json`` -> our interpolation names.
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}
+
+
+def hf_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
+    """Mean, std and resample from ``preprocessor_config.json`` (HF's ViT defaults 0.5/0.5, bilinear, without one).
+
+    The input size is the model's (``image_size``): its position embeddings fix it.
+    """
     proc = ckpt_dir / "preprocessor_config.json"
-    cfg = json.loads(proc.read_text()) if proc.exists() else {}
+    try:
+        cfg = json.loads(proc.read_text()) if proc.exists() else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointImportError(f"{proc}: invalid JSON ({e})") from e
     channels = arch.kwargs["in_chans"]
-    mean = list(cfg.get("image_mean", [0.5] * channels))
-    std = list(cfg.get("image_std", [0.5] * channels))
-    return Preprocessing(size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation="bilinear")
+    mean = [float(v) for v in cfg.get("image_mean", [0.5] * channels)]
+    std = [float(v) for v in cfg.get("image_std", [0.5] * channels)]
+    interpolation = _RESAMPLE.get(int(cfg.get("resample", 2)), "bilinear")
+    return Preprocessing(size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation=interpolation)  # type: ignore[arg-type]
 
 
-def import_hf_vit(ckpt_dir: str | Path, zoo_dir: str | Path, name: str, role: str = "task", task: str | None = None) -> Zoo:
-    """Add an HF ViT checkpoint directory to a zoo."""
-    ckpt_dir = Path(ckpt_dir)
+def _read_config(ckpt_dir: Path) -> dict:
     config_path = ckpt_dir / "config.json"
     if not config_path.exists():
         raise CheckpointImportError(f"{ckpt_dir}: config.json is missing (not a Hugging Face checkpoint directory)")
-    config = json.loads(config_path.read_text())
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointImportError(f"{config_path}: invalid JSON ({e})") from e
+
+
+def hf_checkpoint_preprocessing(ckpt_dir: str | Path) -> Preprocessing:
+    """The preprocessing an HF ViT checkpoint directory describes."""
+    ckpt_dir = Path(ckpt_dir)
+    return hf_preprocessing(ckpt_dir, hf_vit_architecture(_read_config(ckpt_dir)))
+
+
+def import_hf_vit(
+    ckpt_dir: str | Path,
+    zoo_dir: str | Path,
+    name: str,
+    role: str = "task",
+    task: str | None = None,
+    class_names: list[str] | None = None,
+    preprocessing: Preprocessing | None = None,
+    calibration: str | None = None,
+    test: str | None = None,
+    data_dir: str | Path | None = None,
+) -> Zoo:
+    """Add an HF ViT checkpoint directory to a zoo (classes from ``id2label`` unless given)."""
+    ckpt_dir = Path(ckpt_dir)
+    config = _read_config(ckpt_dir)
     weights = next((ckpt_dir / f for f in ("model.safetensors", "pytorch_model.bin") if (ckpt_dir / f).exists()), None)
     if weights is None:
         raise CheckpointImportError(f"{ckpt_dir}: neither model.safetensors nor pytorch_model.bin found")
@@ -134,4 +170,5 @@ def import_hf_vit(ckpt_dir: str | Path, zoo_dir: str | Path, name: str, role: st
     classes = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label and "head.weight" in state else None
     if classes is not None and len(classes) != state["head.weight"].shape[0]:
         classes = None
-    return save_imported(zoo_dir, name, role, state, arch, _preprocessing(ckpt_dir, arch), f"import:hf:{ckpt_dir.name}", task, classes)
+    prep = preprocessing or hf_preprocessing(ckpt_dir, arch)
+    return save_imported(zoo_dir, name, role, state, arch, prep, f"import:hf:{ckpt_dir.name}", task, class_names or classes, calibration, test, data_dir)

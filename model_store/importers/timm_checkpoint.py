@@ -33,9 +33,12 @@ def import_timm(
     task: str | None = None,
     class_names: list[str] | None = None,
     preprocessing: Preprocessing | None = None,
+    calibration: str | None = None,
+    test: str | None = None,
+    data_dir: str | Path | None = None,
 ) -> Zoo:
     """Add a timm checkpoint to a zoo (strictly validated against ``model_name``)."""
     arch = Architecture(timm_name=model_name, kwargs=model_kwargs or {})
     state = read_state_dict(checkpoint)
     prep = preprocessing or default_preprocessing(arch)
-    return save_imported(zoo_dir, name, role, state, arch, prep, f"import:timm:{Path(checkpoint).name}", task, class_names)
+    return save_imported(zoo_dir, name, role, state, arch, prep, f"import:timm:{Path(checkpoint).name}", task, class_names, calibration, test, data_dir)

@@ -1,0 +1,153 @@
+"""Time from `vitmerge zoo create` to a served, routed model for a 2-task user zoo (CPU).
+
+The user's side is played for real: two fine-tuned task models of the `tiny` demo zoo
+(mnist, animals) and its base are exported as plain timm safetensors files, and their
+calibration/test splits are written as user-style data (PNG files in a flat folder and an
+ImageFolder for mnist, CSV manifests for animals). Then, as a user would, in fresh
+processes::
+
+    vitmerge zoo create spec.yaml --store S
+    vitmerge serve --zoo spec.yaml --store S        # merges with the default (routed EMR), serves
+
+and the clock stops when ``/readyz`` answers 200; one classify per task checks the gate
+routes to the user's task names. Writes ``benchmarks/results/user_zoo.{json,md}``.
+
+    .venv/bin/python benchmarks/user_zoo.py
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+WORK = REPO / "benchmarks" / ".user-zoo"
+TASKS = {"mnist": "digits-scan", "animals": "silhouettes"}  # zoo task -> the user's own task name
+
+
+def _vitmerge() -> list[str]:
+    script = Path(sys.executable).parent / "vitmerge"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+
+
+def export_user_world() -> Path:
+    """Checkpoints + images in the layouts a user has; returns the spec path."""
+    from model_store.data.attach import calibration_set, test_set
+    from model_store.presets import build_zoo
+
+    zoo = build_zoo("tiny", REPO / "store" / "zoos" / "tiny").zoo
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "ckpt").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in zoo.backbone(zoo.base).items()}, WORK / "ckpt" / "base.safetensors")
+    arch = zoo.metas[zoo.base].architecture
+    tasks = []
+    for task, user_name in tqdm(TASKS.items(), desc="export user data", unit="task"):
+        state = {**zoo.backbone(task), **zoo.head(task)}
+        save_file({k: v.contiguous() for k, v in state.items()}, WORK / "ckpt" / f"{user_name}.safetensors")
+        classes = zoo.metas[task].class_names
+        cal, test = calibration_set(zoo, task), test_set(zoo, task)
+        assert cal is not None and test is not None
+        data = WORK / "data" / user_name
+        entry = {"name": user_name, "format": "timm", "model_name": arch.timm_name, "model_kwargs": arch.kwargs,
+                 "path": f"ckpt/{user_name}.safetensors", "classes": classes}
+        if task == "mnist":  # folders
+            (data / "unlabeled").mkdir(parents=True)
+            for i in range(len(cal)):
+                Image.fromarray(cal.pixels(i)).save(data / "unlabeled" / f"{i:05d}.png")
+            for i in range(len(test)):
+                folder = data / "test" / classes[int(test.labels[i])]  # type: ignore[index]
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(test.pixels(i)).save(folder / f"{i:05d}.png")
+            entry.update(calibration=f"data/{user_name}/unlabeled", test=f"data/{user_name}/test")
+        else:  # CSV manifests
+            (data / "images").mkdir(parents=True)
+            for part, images in (("calib", cal), ("test", test)):
+                with open(data / f"{part}.csv", "w", newline="") as f:
+                    w = csv.writer(f)
+                    w.writerow(["path", "label"])
+                    for i in range(len(images)):
+                        name = f"images/{part}-{i:05d}.png"
+                        Image.fromarray(images.pixels(i)).save(data / name)
+                        w.writerow([name, classes[int(images.labels[i])] if part == "test" else ""])  # type: ignore[index]
+            entry.update(calibration=f"data/{user_name}/calib.csv", test=f"data/{user_name}/test.csv")
+        tasks.append(entry)
+    spec = {"name": "user-bench", "base": {"format": "timm", "model_name": arch.timm_name, "model_kwargs": arch.kwargs, "path": "ckpt/base.safetensors",
+            "preprocessing": zoo.metas[zoo.base].preprocessing.model_dump(exclude={"size", "channels"})}, "tasks": tasks}
+    for t in tasks:
+        t["preprocessing"] = spec["base"]["preprocessing"]
+    path = WORK / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    spec = export_user_world()
+    store = WORK / "store"
+    t0 = time.perf_counter()
+    subprocess.run([*_vitmerge(), "zoo", "create", str(spec), "--store", str(store), "--quiet"], check=True, cwd=REPO)
+    t_create = time.perf_counter() - t0
+    port = _port()
+    log = (WORK / "serve.log").open("w")
+    proc = subprocess.Popen([*_vitmerge(), "serve", "--zoo", str(spec), "--store", str(store), "--port", str(port), "--quiet", "--watch-interval", "0"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with tqdm(desc="serve: merge (routed EMR) + load", unit="s") as bar:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError((WORK / "serve.log").read_text())
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+                bar.update(0.2)
+        t_ready = time.perf_counter() - t0
+        answers = {}
+        for user_name in TASKS.values():
+            folder = WORK / "data" / user_name
+            img = next(iter(sorted((folder / "test").rglob("*.png")))) if (folder / "test").exists() else sorted((folder / "images").glob("test-*.png"))[0]
+            r = httpx.post(f"{url}/v1/classify", files={"image": (img.name, img.read_bytes())}, timeout=30).json()
+            answers[user_name] = r["predictions"][0]["task"]["name"]
+        manifest = json.loads(next((store / "bundles").glob("v*/manifest.json")).read_text())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    counts = {t: {k: (v or {}).get("images") for k, v in d.items()} for t, d in manifest["extra"]["data"].items()}
+    result = {"zoo_create_s": round(t_create, 1), "create_to_ready_s": round(t_ready, 1), "serve_to_ready_s": round(t_ready - t_create, 1),
+              "method": manifest["method"], "params": manifest["params"], "images": counts, "gate_test_accuracy": manifest["extra"]["gate_test_accuracy"],
+              "routed_answers": answers, "torch_threads": os.cpu_count(), "command": ".venv/bin/python benchmarks/user_zoo.py"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "user_zoo.json").write_text(json.dumps(result, indent=2))
+    gate = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["gate_test_accuracy"].items())
+    md = (f"| step | seconds |\n|---|---|\n| `vitmerge zoo create spec.yaml` | {result['zoo_create_s']} |\n"
+          f"| `vitmerge serve --zoo spec.yaml` until /readyz (merge {result['method']} + gate training + load) | {result['serve_to_ready_s']} |\n"
+          f"| **zoo create -> served routed model** | **{result['create_to_ready_s']}** |\n\n"
+          f"Images read (calibration / test): {json.dumps(counts)}; gate routing on the test images: {gate}; "
+          f"one classify per task answered {answers}.\n")
+    (RESULTS / "user_zoo.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
