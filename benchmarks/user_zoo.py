@@ -111,7 +111,7 @@ def main() -> None:
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        with tqdm(desc="serve: merge (routed EMR) + load", unit="s") as bar:
+        with tqdm(desc="serve: merge (routed EMR) + load", unit="s", bar_format="{desc}: {elapsed}") as bar:
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError((WORK / "serve.log").read_text())
@@ -120,8 +120,8 @@ def main() -> None:
                         break
                 except httpx.HTTPError:
                     pass
-                time.sleep(0.2)
-                bar.update(0.2)
+                time.sleep(0.5)
+                bar.refresh()
         t_ready = time.perf_counter() - t0
         answers = {}
         for user_name in TASKS.values():
@@ -136,7 +136,7 @@ def main() -> None:
     counts = {t: {k: (v or {}).get("images") for k, v in d.items()} for t, d in manifest["extra"]["data"].items()}
     result = {"zoo_create_s": round(t_create, 1), "create_to_ready_s": round(t_ready, 1), "serve_to_ready_s": round(t_ready - t_create, 1),
               "method": manifest["method"], "params": manifest["params"], "images": counts, "gate_test_accuracy": manifest["extra"]["gate_test_accuracy"],
-              "routed_answers": answers, "torch_threads": os.cpu_count(), "command": ".venv/bin/python benchmarks/user_zoo.py"}
+              "routed_answers": answers, "cpu_count": os.cpu_count(), "command": ".venv/bin/python benchmarks/user_zoo.py"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "user_zoo.json").write_text(json.dumps(result, indent=2))
     gate = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["gate_test_accuracy"].items())
