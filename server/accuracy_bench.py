@@ -69,6 +69,7 @@ class AccuracyBenchConfig:
     gate_archs: tuple[str, ...] = GATE_ARCHS
     gate_epochs: int = 10
     gate_size: int = 64
+    gate_max_images: int = 1000  # calibration images per task for each gate (the method default)
     limit: int | None = None  # test images per task (None: the whole test split)
     batch_size: int = 64
     seed: int = 0
@@ -198,7 +199,8 @@ def _gates(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, archs: Sequence[str]
     out = {}
     for arch in archs:
         t0 = time.perf_counter()
-        art = train_gate_for(s.ctx, GateParams(gate_arch=arch, gate_epochs=cfg.gate_epochs, gate_size=cfg.gate_size, gate_seed=cfg.seed))
+        art = train_gate_for(s.ctx, GateParams(gate_arch=arch, gate_epochs=cfg.gate_epochs, gate_size=cfg.gate_size, gate_seed=cfg.seed,
+                                                  gate_max_images=cfg.gate_max_images))
         secs = time.perf_counter() - t0
         model = build_gate(arch, len(s.tasks))
         model.load_state_dict(art.state)

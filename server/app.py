@@ -93,6 +93,8 @@ class ServerState:
 
     def engine(self) -> Engine:
         engine = self.manager.engine
+        if self.batcher is not None and self.batcher.stopping:
+            raise NotReady("server is shutting down (draining queued requests); retry on another replica", code="shutting_down", headers={"Retry-After": "1"})
         if engine is None or not engine.alive or self.batcher is None or not self.batcher.alive:
             raise NotReady(f"model not loaded (state: {self.manager.state}{'; ' + self.manager.error if self.manager.error else ''})", headers={"Retry-After": "5"})
         return engine

@@ -71,6 +71,11 @@ class Batcher:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done() and not self._stopping
 
+    @property
+    def stopping(self) -> bool:
+        """True once a graceful stop began (queued images still finish)."""
+        return self._stopping
+
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Finish queued images (bounded), then stop the loop and the worker."""
         self._stopping = True

@@ -343,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", default="0,1,3,5", help="comma-separated m values for the gated rows (those above the depth are skipped)")
     p.add_argument("--gate-epochs", type=int, default=10)
     p.add_argument("--gate-size", type=int, default=64)
+    p.add_argument("--gate-max-images", type=int, default=1000, help="calibration images per task for each gate")
     p.add_argument("--gate-archs", default="efficientnet_lite0,mobilenetv2_100", help="comma-separated; the first is used for routed EMR scaling")
     p.add_argument("--no-scaling", action="store_true", help="skip the accuracy-vs-N rows")
     p.add_argument("--seed", type=int, default=0)
@@ -396,7 +397,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
         zoo = Zoo.load(_zoo_dir(args, args.zoo))
     cfg = AccuracyBenchConfig(
         m_values=tuple(int(m) for m in args.m.split(",") if m), gate_archs=tuple(a for a in args.gate_archs.split(",") if a),
-        gate_epochs=args.gate_epochs, gate_size=args.gate_size, limit=args.limit, seed=args.seed, scaling=not args.no_scaling,
+        gate_epochs=args.gate_epochs, gate_size=args.gate_size, gate_max_images=args.gate_max_images, limit=args.limit, seed=args.seed, scaling=not args.no_scaling,
     )
     result = run_accuracy_bench(zoo, cfg, progress=not args.quiet)
     command = "vitmerge bench accuracy " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "accuracy"] else f"vitmerge bench accuracy --zoo {args.zoo}"
@@ -407,13 +408,8 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
 
 
 # -- serve ------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
-
-    from server.app import create_app
-    from server.examples import ready_message, write_examples
+def serve_settings(args: argparse.Namespace):
+    """`vitmerge serve` settings: flags given beat ``VITMERGE_*`` variables, which beat the defaults."""
     from server.settings import ServerSettings
 
     flags = {
@@ -421,7 +417,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "device": args.device, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
         "strategy": args.strategy, "cache_bytes": args.cache_bytes, "watch_interval_s": args.watch_interval, "worker": args.worker,
     }
-    settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+    return ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.examples import ready_message, write_examples
+
+    settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, progress=not args.quiet)
     state = app.state.vitmerge

@@ -41,8 +41,21 @@ def server_store_template(test_zoo_report: BuildReport, tmp_path_factory: pytest
     return root
 
 
-#: A gate that trains in seconds on the `test` zoo (accuracy is not the point in server tests).
-SMALL_GATE = {"gate_epochs": 1, "gate_size": 32}
+#: A gate that trains in seconds on the `test` zoo (accuracy is not the point in server tests):
+#: one epoch at 32 px on at most 200 calibration images per task.
+SMALL_GATE = {"gate_epochs": 1, "gate_size": 32, "gate_max_images": 200}
+
+
+@pytest.fixture(scope="session")
+def gated_store(test_zoo_report: BuildReport, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store whose CURRENT is a gating_avg (m=1) bundle of the `test` zoo, built once per session."""
+    from model_store.bundle import BundleStore
+    from model_store.settings import StoreLayout
+    from server.merge_pipeline import merge_and_publish
+
+    root = tmp_path_factory.mktemp("gated-store")
+    merge_and_publish(test_zoo_report.zoo, BundleStore(StoreLayout(root)), "gating_avg", {"m": 1, **SMALL_GATE}, progress=False)
+    return root
 
 
 @pytest.fixture

@@ -148,3 +148,23 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     if not found:
         raise KeyError(f"{name}{{{labels}}} not in metrics")
     return total
+
+
+def require(module: str, install: str):
+    """Import ``module`` or FAIL (never skip) with the command that installs it: the set-up installs every test dependency."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pytest.fail(f"{module} is missing ({e}); install it with: {install}   (or run `make setup`)", pytrace=False)
+
+
+def require_file(path: str, install: str) -> None:
+    """FAIL (never skip) when a tool the set-up installs is missing."""
+    import pytest
+
+    if not Path(path).exists():
+        pytest.fail(f"{path} is missing; install it with: {install}   (or run `make setup` as root)", pytrace=False)

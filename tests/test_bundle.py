@@ -69,15 +69,25 @@ def test_empty_store_has_no_current(store):
         store.load()
 
 
-def test_retention_keeps_last_k_and_the_current(store):
+def _publish_not_current(store: BundleStore, value: float) -> str:
+    draft = store.draft()
+    draft.add_tensors("unified", {"w": torch.full((2,), value)})
+    return store.publish(draft, "avg", {"lam": value}, make_current=False)
+
+
+def test_retention_keeps_last_k_and_never_the_current(store):
     for i in range(5):
         _publish(store, float(i))
-    assert store.versions() == ["v3", "v4", "v5"]
+    assert store.versions() == ["v3", "v4", "v5"]  # keep = 3
+    # CURRENT rolled back to the oldest kept version, then newer ones published beside it
     store.set_current("v3")
-    _publish(store, 9.0)  # v6, current
-    store.set_current("v4")
-    _publish(store, 10.0)  # v7
-    assert "v7" in store.versions() and len(store.versions()) == 3
+    _publish_not_current(store, 9.0)  # v6
+    _publish_not_current(store, 10.0)  # v7: v3 is now outside the newest 3 (v5-v7), but CURRENT
+    assert store.versions() == ["v3", "v5", "v6", "v7"] and store.current_version() == "v3"
+    assert store.load().manifest.params == {"lam": 2.0}  # still loadable, untouched
+    store.set_current("v7")
+    _publish_not_current(store, 11.0)  # v8: v3 is no longer CURRENT and goes (with v5)
+    assert store.versions() == ["v6", "v7", "v8"]
 
 
 def test_rollback_refuses_a_corrupt_version(store):
@@ -89,12 +99,16 @@ def test_rollback_refuses_a_corrupt_version(store):
     assert store.current_version() == "v2"
 
 
-def test_failure_while_drafting_publishes_nothing(store):
+def test_failure_inside_publish_discards_the_draft_and_changes_nothing(store):
     _publish(store, 1.0)
+    before = sorted(p.name for p in store.layout.bundles.iterdir())
     draft = store.draft()
     draft.add_tensors("unified", {"w": torch.zeros(2)})
-    draft.discard()
+    with pytest.raises(Exception, match="serializ"):  # the manifest cannot be written: publish fails inside its lock
+        store.publish(draft, "avg", {"not json": object()})
+    assert sorted(p.name for p in store.layout.bundles.iterdir()) == before  # no staging dir, no new version
     assert store.versions() == ["v1"] and store.current_version() == "v1"
+    assert _publish(store, 2.0) == "v2"  # the version number was not used up
 
 
 def test_concurrent_publishes_get_distinct_versions(store):

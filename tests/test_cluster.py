@@ -19,7 +19,8 @@ import pytest
 
 from model_store.datasets import load_split
 
-from server_helpers import LiveServer, free_port, png_bytes
+from conftest import SMALL_GATE
+from server_helpers import LiveServer, free_port, png_bytes, require_file
 
 REPO = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -89,8 +90,8 @@ def _version(url: str) -> str | None:
         return None
 
 
-@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed (scripts/setup.sh installs nginx-light as root)")
 def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo_dir, nginx_lb):
+    require_file(NGINX, "apt-get install -y nginx-light")
     flags = ["--watch-interval", "1"]
     a = LiveServer(server_store, test_zoo_dir, flags)
     b = LiveServer(server_store, test_zoo_dir, flags)
@@ -107,12 +108,19 @@ def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo
         log: list = []
         report: dict = {}
 
+        async def answered_since(t0: float, n: int = 20, timeout: float = 30) -> None:
+            """Poll until ``n`` requests that started after ``t0`` were answered 200 (no fixed sleeps)."""
+            deadline = time.monotonic() + timeout
+            while sum(1 for e in log if e[0] > t0 and e[2] == 200) < n:
+                assert time.monotonic() < deadline, f"fewer than {n} answers since t={t0:.1f}"
+                await asyncio.sleep(0.05)
+
         async def scenario() -> None:
             stop = asyncio.Event()
             traffic = asyncio.create_task(_traffic(lb, pool, 8, stop, log))
-            await asyncio.sleep(1.0)
+            await answered_since(0.0)
             async with httpx.AsyncClient(timeout=30) as admin:
-                r = await admin.post(f"{a.url}/v1/merge", json={"method": "emr_routed", "params": {"gate_epochs": 1, "gate_size": 32}}, headers=AUTH)
+                r = await admin.post(f"{a.url}/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=AUTH)
                 assert r.status_code == 202, r.text
                 while True:
                     job = (await admin.get(f"{a.url}/v1/merge/{r.json()['id']}", headers=AUTH)).json()
@@ -127,16 +135,16 @@ def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo
                 report["convergence_s"] = time.monotonic() - published
                 assert await asyncio.to_thread(_version, a.url) == job["version"]
                 report["version"] = job["version"]
-                await asyncio.sleep(1.0)
+                await answered_since(time.monotonic())
                 report["killed_at"] = time.monotonic()
                 b.proc.send_signal(signal.SIGKILL)  # under load
                 b.proc.wait(10)
-                await asyncio.sleep(3.0)
+                await answered_since(report["killed_at"])  # nginx answers from the survivor
                 report["restart_at"] = time.monotonic()
                 servers.append(LiveServer(server_store, test_zoo_dir, flags, port=b.port))
                 await asyncio.to_thread(servers[-1].wait_ready)
                 report["rejoined_version"] = await asyncio.to_thread(_version, servers[-1].url)
-                await asyncio.sleep(2.0)  # nginx sends traffic to the restarted replica again
+                await answered_since(time.monotonic())
             stop.set()
             await traffic
 
@@ -151,7 +159,7 @@ def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo
               f"({len([e for e in after_kill if e[2] == 200])} answered after it); rejoined on {report['rejoined_version']}")
         assert not failed_before, failed_before[:3]
         assert set(versions) <= {"v1", report["version"]}
-        assert len(failed_after) <= 8  # at most the in-flight requests of the killed replica (8 clients)
+        assert not failed_after, failed_after[:3]  # nginx retries classify on the other replica: nothing is lost
         assert len([e for e in after_kill if e[2] == 200]) > 20  # nginx kept answering
         assert report["rejoined_version"] == report["version"]
         late = [e[3] for e in log if e[0] > report["restart_at"] and e[2] == 200]

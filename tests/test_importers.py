@@ -18,6 +18,10 @@ from model_store.preprocessing import to_model_input
 from model_store.schema import Architecture
 from model_store.zoo import Zoo
 
+from server_helpers import require
+
+#: our DINOv2 vs onnxruntime on the foolbox image, max error relative to the largest feature: measured 1.9e-6
+MAX_REL_ERR = 1e-4
 TINY = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "in_chans": 3}
 
 
@@ -62,7 +66,7 @@ def test_timm_checkpoint_that_does_not_fit_is_refused(tmp_path):
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
 def test_hf_vit_import_matches_transformers_logits(tmp_path, weights):
-    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (installed by make test)")
+    transformers = require("transformers", "pip install -e '.[test]'")
     cfg = transformers.ViTConfig(
         hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8,
         num_channels=3, num_labels=3, id2label={0: "cat", 1: "dog", 2: "owl"}, label2id={"cat": 0, "dog": 1, "owl": 2},
@@ -104,8 +108,8 @@ def test_dinov2_strict_load_at_native_size():
 
 
 def test_dinov2_import_matches_onnxruntime_on_a_real_image(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    onnx = require("onnx", "pip install -e '.[test]'")
+    ort = require("onnxruntime", "pip install -e '.[test]'")
     zoo = import_dinov2(tmp_path / "zoo", img_size=224)
     meta = zoo.metas["base"]
     assert meta.role == "base" and meta.architecture.kwargs == {"img_size": 224}
@@ -118,5 +122,6 @@ def test_dinov2_import_matches_onnxruntime_on_a_real_image(tmp_path):
     sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     ref_in = ((image / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)[None].astype(np.float32)
     ref = torch.from_numpy(sess.run(None, {"input_image": ref_in})[-1])[:, 0]
-    cos = torch.nn.functional.cosine_similarity(ours, ref).item()
-    assert cos > 0.999, cos
+    rel = ((ours - ref).abs().max() / ref.abs().max()).item()  # max error relative to the largest feature
+    print(f"max relative error {rel:.2e}")
+    assert rel < MAX_REL_ERR, rel

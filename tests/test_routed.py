@@ -12,9 +12,14 @@ from server.merge_pipeline import merge_and_publish
 from server.routed import RoutedModel
 
 
+LIMIT = 500  # test images per task for the task-given vs routed comparison
+
+
 @pytest.fixture(scope="module")
 def routed_bundle(tiny_zoo_report, tmp_path_factory):
     store = BundleStore(StoreLayout(tmp_path_factory.mktemp("routed")))
+    # the default gate (EfficientNet-Lite0, 64 px, every calibration image) for 4 epochs (~45 s here;
+    # capping the images to 300 per task cost animals 0.2 of gate accuracy and saved little time)
     outcome = merge_and_publish(tiny_zoo_report.zoo, store, "emr_routed", {"gate_epochs": 4}, progress=False)
     return BundleModels(store.load(outcome.version))
 
@@ -30,12 +35,15 @@ def test_gate_accuracy_is_recorded_and_high(routed_bundle):
 
 def test_routed_emr_is_close_to_task_given_emr(routed_bundle):
     routed = RoutedModel(routed_bundle)
-    given = evaluate_bundle(routed_bundle)
-    result = evaluate_routed(routed, batch_size=64)
+    given = evaluate_bundle(routed_bundle, limit=LIMIT)
+    result = evaluate_routed(routed, limit=LIMIT, batch_size=64)
     print("\ntask-given EMR:", {k: round(v, 4) for k, v in given.items()})
     print("routed EMR    :", {k: round(v["routed"], 4) for k, v in result.items()}, "gate:", {k: round(v["gate"], 4) for k, v in result.items()})
     for task in routed_bundle.tasks:
-        assert result[task]["routed"] <= given[task] + 1e-9 + (1 - result[task]["gate"])
+        # an image the gate routes right is scored by the same EMR model as with the task given:
+        # routed loses at most the misrouted share, and gains nothing
+        gate = result[task]["gate"]
+        assert given[task] - (1 - gate) - 0.005 <= result[task]["routed"] <= given[task] + 1e-9, (task, result[task], given[task])
     mean_given = sum(given.values()) / len(given)
     mean_routed = sum(v["routed"] for v in result.values()) / len(result)
     assert mean_routed > mean_given - 0.05, (mean_routed, mean_given)

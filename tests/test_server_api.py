@@ -11,6 +11,7 @@ from model_store.datasets import load_split
 from server.engine import Engine
 from server.settings import ServerSettings
 
+from conftest import SMALL_GATE
 from server_helpers import AsgiHarness, gif_bomb, huge_png_header, image_bytes, metric_value, png_bytes
 
 MAX_PIXELS = 320 * 320  # solar cells are 300x300
@@ -242,6 +243,24 @@ def test_merge_job_swaps_atomically_and_failed_merge_changes_nothing(server_stor
         assert job["state"] == "failed" and "at least 2" in job["error"] and job["version"] is None, job
         assert sorted(p.name for p in (server_store / "bundles").iterdir()) == before
         assert (server_store / "CURRENT").read_text().strip() == "v1" and h.state.manager.version == "v1"
+        # a merge that publishes and then cannot be loaded (fault injected into the load step):
+        # the published version is removed again, CURRENT and the served engine stay
+        manager, real_build = h.state.manager, h.state.manager.build_engine
+        loaded: list[str] = []
+
+        def unloadable(version: str):
+            loaded.append(version)
+            raise RuntimeError(f"cannot load {version}")
+
+        manager.build_engine = unloadable
+        try:
+            r = h.request("POST", "/v1/merge", json={"method": "avg"}, headers=auth)
+            job = _wait_job(h, r.json()["id"], auth)
+        finally:
+            manager.build_engine = real_build
+        assert job["state"] == "failed" and "cannot load" in job["error"] and loaded, job
+        assert sorted(p.name for p in (server_store / "bundles").iterdir()) == before  # the published version is gone
+        assert (server_store / "CURRENT").read_text().strip() == "v1" and manager.version == "v1"
         # a good one: published, CURRENT moved, swapped in
         r = h.request("POST", "/v1/merge", json={"method": "emr", "tasks": ["mnist", "digits"]}, headers=auth)
         assert r.status_code == 202 and r.json()["state"] in ("queued", "running")
@@ -255,7 +274,7 @@ def test_merge_job_swaps_atomically_and_failed_merge_changes_nothing(server_stor
         r = h.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])}, data={"task": "mnist"})
         assert r.status_code == 200 and r.json()["model_version"] == h.state.manager.version
         text = h.request("GET", "/metrics").text
-        assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="failed"') == 1
+        assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="failed"') == 2
         assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="succeeded"') >= 1
     finally:
         h.close()
@@ -265,7 +284,7 @@ def test_second_merge_gets_409_while_one_runs(server_store, test_zoo_dir):
     h = AsgiHarness(_settings(server_store, test_zoo_dir))
     auth = {"authorization": "Bearer s3cret"}
     try:
-        first = h.request("POST", "/v1/merge", json={"method": "emr_routed", "params": {"gate_epochs": 1, "gate_size": 32}}, headers=auth)
+        first = h.request("POST", "/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=auth)
         second = h.request("POST", "/v1/merge", json={"method": "avg"}, headers=auth)
         assert first.status_code == 202
         assert second.status_code == 409 and second.json()["error"]["code"] == "merge_in_progress"

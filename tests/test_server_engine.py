@@ -116,10 +116,8 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
 
 
 @pytest.mark.parametrize("strategy", ["exact", "sparse"])
-def test_gated_bundle_per_image_routing(test_zoo_report, tmp_path_factory, strategy):
-    store = BundleStore(StoreLayout(tmp_path_factory.mktemp("gated")))
-    if not store.versions():
-        merge_and_publish(test_zoo_report.zoo, store, "gating_avg", {"m": 1, **SMALL_GATE}, progress=False)
+def test_gated_bundle_per_image_routing(gated_store, strategy):
+    store = BundleStore(StoreLayout(gated_store))
     engine = Engine(store.load(), "cpu", strategy=strategy, threshold=0.0 if strategy == "sparse" else None)
     x, g, truth = _mixed_batch(engine, per_task=3)
     batch = engine.predict(x, [None] * len(x), g)

@@ -12,9 +12,12 @@ from model_store.datasets import load_split
 from model_store.settings import StoreLayout
 from server.engine import Engine
 
+from conftest import SMALL_GATE
 from server_helpers import LiveServer, metric_value, png_bytes
 
 AUTH = {"authorization": "Bearer s3cret"}
+#: requests per client (16 clients): enough for every pool item to be asked and for batches to form
+PER_CLIENT = 40
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +58,12 @@ def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store,
         log: list = []
 
         async def main():
-            await asyncio.gather(*(_client(server.url, pool, 200, seed, log) for seed in range(16)))
+            await asyncio.gather(*(_client(server.url, pool, PER_CLIENT, seed, log) for seed in range(16)))
 
         start = time.monotonic()
         asyncio.run(main())
         seconds = time.monotonic() - start
-        assert len(log) == 16 * 200
+        assert len(log) == 16 * PER_CLIENT
         bad = [(s, body) for _, s, body, _ in log if s != 200]
         assert not bad, bad[:3]
         wrong = []
@@ -73,8 +76,9 @@ def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store,
         batches = metric_value(text, "vitmerge_batch_size_count")
         singles = metric_value(text, "vitmerge_batch_size_bucket", 'le="1.0"')
         images = metric_value(text, "vitmerge_batch_size_sum")
-        print(f"\n[{worker}] 3200 requests in {seconds:.1f} s ({3200 / seconds:.0f} req/s); {batches:.0f} batches, mean size {images / batches:.2f}")
-        assert images == 3200 and batches > singles and images / batches > 1.5
+        n = 16 * PER_CLIENT
+        print(f"\n[{worker}] {n} requests in {seconds:.1f} s ({n / seconds:.0f} req/s); {batches:.0f} batches, mean size {images / batches:.2f}")
+        assert images == n and batches > singles and images / batches > 1.5
         assert metric_value(text, "vitmerge_predictions_total", 'source="gate",task="mnist"') > 0
     finally:
         server.terminate()
@@ -90,9 +94,10 @@ def test_merge_while_16_clients_classify_zero_failures(server_store, test_zoo_di
         async def main():
             stop = asyncio.Event()
             clients = [asyncio.create_task(_client(server.url, pool, 0, seed, log, stop)) for seed in range(16)]
-            await asyncio.sleep(1.0)
+            while len(log) < 50:  # traffic flows on v1
+                await asyncio.sleep(0.05)
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as admin:
-                r = await admin.post("/v1/merge", json={"method": "emr_routed", "params": {"gate_epochs": 1, "gate_size": 32}}, headers=AUTH)
+                r = await admin.post("/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=AUTH)
                 assert r.status_code == 202, r.text
                 while True:
                     job.update((await admin.get(f"/v1/merge/{r.json()['id']}", headers=AUTH)).json())
@@ -100,7 +105,8 @@ def test_merge_while_16_clients_classify_zero_failures(server_store, test_zoo_di
                         break
                     await asyncio.sleep(0.2)
                 job["done_at"] = time.monotonic()
-            await asyncio.sleep(1.5)
+            while sum(1 for *_, t in log if t > job["done_at"] + 0.2) < 50:  # traffic flows on v2
+                await asyncio.sleep(0.05)
             stop.set()
             await asyncio.gather(*clients)
 

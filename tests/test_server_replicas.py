@@ -3,6 +3,7 @@ import time
 
 from server.settings import ServerSettings
 
+from conftest import SMALL_GATE
 from server_helpers import AsgiHarness
 
 AUTH = {"authorization": "Bearer s3cret"}
@@ -17,7 +18,7 @@ def test_replicas_converge_and_merges_are_exclusive(server_store, test_zoo_dir):
     b = AsgiHarness(_settings(server_store, test_zoo_dir))
     try:
         assert a.state.manager.version == b.state.manager.version == "v1"
-        first = a.request("POST", "/v1/merge", json={"method": "emr_routed", "params": {"gate_epochs": 1, "gate_size": 32}}, headers=AUTH)
+        first = a.request("POST", "/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=AUTH)
         assert first.status_code == 202
         other = b.request("POST", "/v1/merge", json={"method": "avg"}, headers=AUTH)  # store-level lock held by replica a
         assert other.status_code == 409 and "another replica" in other.json()["error"]["message"]

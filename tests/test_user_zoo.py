@@ -31,9 +31,9 @@ from model_store.settings import StoreLayout
 from model_store.zoo import Zoo
 from server.cli import main
 
-from server_helpers import AsgiHarness, LiveServer
+from server_helpers import AsgiHarness, LiveServer, require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers", "pip install -e '.[test]'")
 
 GLYPHS = ["zero", "one", "two"]
 PHOTOS = ["imagenet", "cifar"]

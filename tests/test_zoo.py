@@ -2,6 +2,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,14 +13,23 @@ from model_store.presets import build_zoo
 from model_store.training import accuracy
 from model_store.zoo import Zoo
 
-CHANCE = {"mnist": 0.1, "animals": 0.1, "digits": 0.1, "solar": 0.69}  # solar: majority class share
+#: ~0.1 below the test zoo's measured test accuracies (mnist 0.773, animals 0.737, solar 0.752,
+#: digits 0.872; seed 0, CPU); solar's floor is its majority share + 0.03 (0.1 below would be under it)
+FLOOR = {"mnist": 0.67, "animals": 0.63, "solar": 0.70, "digits": 0.77}
 
 
-def test_test_zoo_models_beat_chance(test_zoo_report):
+def _majority_share(task: str) -> float:
+    labels = load_split(task, "test").labels
+    assert labels is not None
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def test_test_zoo_models_learnt_their_tasks(test_zoo_report):
     zoo = test_zoo_report.zoo
     assert zoo.tasks == ["mnist", "animals", "solar", "digits"]
     for task, acc in test_zoo_report.test_accuracy.items():
-        assert acc > CHANCE[task] + 0.04, f"{task}: {acc:.3f}"
+        assert FLOOR[task] > _majority_share(task) + 0.02  # a floor that always-the-majority-class would miss
+        assert acc >= FLOOR[task], f"{task}: {acc:.3f} < {FLOOR[task]}"
         assert zoo.metas[task].provenance.test_accuracy == pytest.approx(acc)
 
 
