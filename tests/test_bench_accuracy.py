@@ -14,6 +14,8 @@ from server.accuracy_bench import (
 )
 from server.cli import main
 
+pytestmark = pytest.mark.slow  # every method's accuracy on the test zoo
+
 SMALL = ["--gate-epochs", "1", "--gate-size", "32", "--gate-max-images", "200", "--limit", "100", "--m", "0,2,5", "--quiet"]
 
 

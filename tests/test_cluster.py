@@ -22,6 +22,8 @@ from model_store.datasets import load_split
 from conftest import SMALL_GATE
 from server_helpers import LiveServer, free_port, png_bytes, require_file
 
+pytestmark = pytest.mark.slow  # two live replicas behind nginx, a merge under load
+
 REPO = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 AUTH = {"authorization": "Bearer s3cret"}

@@ -13,6 +13,8 @@ from server.bundle_models import BundleModels
 from server.evaluation import evaluate_bundle, format_table
 from server.merge_pipeline import merge_and_publish
 
+pytestmark = pytest.mark.slow  # the tiny zoo (built once, ~2 min)
+
 
 @pytest.fixture(scope="module")
 def merged_table(tiny_zoo_report, tmp_path_factory):

@@ -11,6 +11,8 @@ from server.evaluation import evaluate_bundle, evaluate_routed
 from server.merge_pipeline import merge_and_publish
 from server.routed import RoutedModel
 
+pytestmark = pytest.mark.slow  # the tiny zoo (built once, ~2 min) and a real gate training
+
 
 LIMIT = 500  # test images per task for the task-given vs routed comparison
 

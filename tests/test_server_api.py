@@ -5,7 +5,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from model_store.datasets import load_split
 from server.engine import Engine
@@ -195,17 +194,20 @@ def test_admin_auth(server_store, test_zoo_dir):
     h = AsgiHarness(_settings(server_store, test_zoo_dir))
     try:
         body = {"method": "nope"}
-        assert h.request("POST", "/v1/merge", json=body).status_code == 401
+        r = h.request("POST", "/v1/merge", json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
         r = h.request("POST", "/v1/merge", json=body, headers={"authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
-        r = h.request("POST", "/merge", json=body, headers={"authorization": "Basic s3cret"})
-        assert r.status_code == 401
+        r = h.request("POST", "/merge", json=body, headers={"authorization": "Basic s3cret"})  # the right secret, the wrong scheme
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         r = h.request("POST", "/v1/merge", json=body, headers={"authorization": "Bearer s3cret"})
-        assert r.status_code == 422 and "unknown merge method" in r.json()["error"]["message"]
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith("unknown merge method 'nope'; valid methods: ")
         r = h.request("POST", "/v1/merge", json={"method": "ties", "params": {"k": 7}}, headers={"authorization": "Bearer s3cret"})
-        assert r.status_code == 422 and "k" in r.json()["error"]["message"]
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 422 and "invalid parameters for 'ties'" in msg and "k: Input should be less than or equal to 1" in msg, msg
         r = h.request("POST", "/v1/merge", json={"method": "emr", "extra": 1}, headers={"authorization": "Bearer s3cret"})
-        assert r.status_code == 422
+        assert r.status_code == 422 and "extra" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
+        assert not (server_store / "bundles" / "v2").exists()  # nothing of the refused requests was published
     finally:
         h.close()
     no_token = AsgiHarness(_settings(server_store, test_zoo_dir, admin_token=None))
@@ -220,10 +222,13 @@ def test_api_key_guards_classify_when_configured(server_store_template, test_zoo
     h = AsgiHarness(_settings(server_store_template, test_zoo_dir, api_key="k3y"))
     try:
         files = {"image": ("x.png", samples[0][1])}
-        assert h.request("POST", "/v1/classify", files=files).status_code == 401
-        assert h.request("POST", "/v1/classify", files=files, headers={"x-api-key": "nope"}).status_code == 401
-        assert h.request("POST", "/v1/classify", files=files, headers={"x-api-key": "k3y"}).status_code == 200
-        assert h.request("POST", "/v1/classify", files=files, headers={"authorization": "Bearer k3y"}).status_code == 200
+        for headers in ({}, {"x-api-key": "nope"}, {"authorization": "Bearer nope"}, {"authorization": "k3y"}):
+            r = h.request("POST", "/v1/classify", files=files, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized" and "API key" in r.json()["error"]["message"], headers
+        for headers in ({"x-api-key": "k3y"}, {"authorization": "Bearer k3y"}):
+            r = h.request("POST", "/v1/classify", files=files, data={"task": samples[0][0]}, headers=headers)
+            assert r.status_code == 200 and r.json()["predictions"][0]["task"] == {"name": samples[0][0], "index": 0, "probability": 1.0, "source": "given"}, r.text
+        assert h.request("GET", "/readyz").status_code == 200  # probes need no key
     finally:
         h.close()
 

@@ -12,7 +12,6 @@ from server.merge_pipeline import merge_and_publish
 from server.routed import RoutedModel
 from server.weight_cache import WeightCache
 
-from conftest import SMALL_GATE
 
 
 def _mixed_batch(engine: Engine, per_task: int = 6):

@@ -15,6 +15,8 @@ from server.engine import Engine
 from conftest import SMALL_GATE
 from server_helpers import LiveServer, metric_value, png_bytes
 
+pytestmark = pytest.mark.slow  # live servers under concurrent load
+
 AUTH = {"authorization": "Bearer s3cret"}
 #: requests per client (16 clients): enough for every pool item to be asked and for batches to form
 PER_CLIENT = 40
