@@ -1,5 +1,5 @@
 # The two commands: `make run` (set up, build the demo zoo, merge, serve) and `make test`.
-.PHONY: setup run test zoo clean
+.PHONY: setup run test lint zoo clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,8 +10,12 @@ setup:
 run: setup
 	$(BIN)/vitmerge serve
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 zoo: setup
 	$(BIN)/vitmerge zoo build --preset tiny

@@ -80,7 +80,7 @@ def _mudsc(ctx: MergeContext, p: MuDSCParams, mode: Mode) -> MergeResult:
     start = time.perf_counter()
     states = _states(ctx)
     models = [ctx.build_model(i, s) for i, s in enumerate(states)]
-    shape = ViTShape.from_state(states[0], models[0].blocks[0].attn.num_heads)  # type: ignore[index]
+    shape = ViTShape.from_state(states[0], models[0].blocks[0].attn.num_heads)  # type: ignore[index,union-attr]
     images = torch.cat([ctx.calibration(i, None, p.max_images) for i in range(len(states))])
     acts = [collect_activations(m, images, shape) for m in models]
     res = mudsc_merge(states, acts, shape, _heads(ctx, states), p.alpha, mode, p.max_sweeps, p.seed)

@@ -23,7 +23,7 @@ def estimate_fisher(model: nn.Module, images: torch.Tensor, keys: Sequence[str] 
     model.eval()
     params = dict(model.named_parameters())
     if keys is None:
-        head_ids = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()
+        head_ids = {id(p) for p in model.get_classifier().parameters()} if hasattr(model, "get_classifier") else set()  # type: ignore[operator]
         keys = [k for k, p in params.items() if id(p) not in head_ids]
     train = {k: params[k].detach() for k in keys}
     frozen = {k: v.detach() for k, v in params.items() if k not in train}

@@ -85,8 +85,10 @@ def train_gate(images: Sequence[torch.Tensor], cfg: GateConfig = GateConfig(), i
         if len(x) < 2:
             raise ValueError(f"task {task} has {len(x)} calibration images; the gate needs at least 2")
         tr, ho = _split(len(x), cfg.holdout_fraction, gen)
-        tr_x.append(x[tr]), ho_x.append(x[ho])
-        tr_y.append(torch.full((len(tr),), task)), ho_y.append(torch.full((len(ho),), task))
+        tr_x.append(x[tr])
+        ho_x.append(x[ho])
+        tr_y.append(torch.full((len(tr),), task))
+        ho_y.append(torch.full((len(ho),), task))
     x_tr, y_tr, x_ho, y_ho = torch.cat(tr_x), torch.cat(tr_y), torch.cat(ho_x), torch.cat(ho_y)
     counts = torch.bincount(y_tr, minlength=len(images)).float()
     weight = counts.sum() / (len(images) * counts)
@@ -96,7 +98,7 @@ def train_gate(images: Sequence[torch.Tensor], cfg: GateConfig = GateConfig(), i
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps), pct_start=0.15)
     best, best_state, history, bad = -1.0, None, [], 0
     bar = tqdm(range(cfg.epochs), desc=f"gate {cfg.arch}", unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
+    for _epoch in bar:
         model.train()
         order = torch.randperm(len(x_tr), generator=gen)
         for i in range(0, len(order), cfg.batch_size):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,13 +71,14 @@ def collect_activations(model: nn.Module, images: torch.Tensor, shape: ViTShape,
         put(f"attn.{b}.v", o[..., 2 * d :])
 
     hooks = []
-    blocks = model.blocks  # type: ignore[attr-defined]
+    blocks: list[Any] = list(model.blocks)  # type: ignore[arg-type]
     for b, block in enumerate(blocks):
         hooks.append(block.norm1.register_forward_hook(lambda _m, i, _o: put("residual", i[0])))
         hooks.append(block.norm2.register_forward_hook(lambda _m, i, _o: put("residual", i[0])))
         hooks.append(block.attn.qkv.register_forward_hook(lambda _m, _i, o, b=b: put_qkv(b, o)))
         hooks.append(block.mlp.fc2.register_forward_hook(lambda _m, i, _o, b=b: put(f"mlp.{b}", i[0])))
-    hooks.append(model.norm.register_forward_hook(lambda _m, i, _o: put("residual", i[0])))  # type: ignore[attr-defined]
+    norm: nn.Module = model.norm  # type: ignore[assignment]
+    hooks.append(norm.register_forward_hook(lambda _m, i, _o: put("residual", i[0])))
     try:
         for i in range(0, len(images), batch_size):
             model(images[i : i + batch_size])

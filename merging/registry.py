@@ -11,11 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
-
-from model_store.schema import Preprocessing
 
 from merging.averaging import task_arithmetic, weight_average
 from merging.dare import dare_views
@@ -26,6 +23,7 @@ from merging.gating import GatingPlan, expert_stacks, gating_plan
 from merging.regmean import collect_grams, regmean
 from merging.ties import ties_merge
 from merging.types import StateDict, Tensors
+from model_store.schema import Preprocessing
 
 
 @dataclass
@@ -306,4 +304,4 @@ def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
 
 
 # Methods for differently-initialised models (MuDSC, FS-Merge, distillation) register themselves.
-import merging.diffinit_methods  # noqa: F401
+import merging.diffinit_methods  # noqa: F401, E402 -- an import cycle issue 16 removes

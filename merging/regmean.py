@@ -22,7 +22,7 @@ from merging.types import StateDict, Tensors
 
 def backbone_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` of the model except its classifier, by weight key."""
-    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None  # type: ignore[operator]
     return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not classifier}
 
 

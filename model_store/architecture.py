@@ -22,7 +22,7 @@ def build_model(arch: Architecture, num_classes: int = 0) -> nn.Module:
 
 def head_prefix(model: nn.Module) -> str:
     """Name of the classifier module (``head`` for timm ViTs)."""
-    classifier = model.get_classifier()
+    classifier = model.get_classifier()  # type: ignore[operator]
     for name, module in model.named_modules():
         if module is classifier and name:
             return name

@@ -43,7 +43,7 @@ STALE_STAGING_SECONDS = 3600.0
 
 
 def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def version_number(version: str) -> int:

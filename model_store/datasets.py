@@ -23,7 +23,7 @@ import gzip
 import importlib.util
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -150,7 +150,7 @@ def _load_digits() -> TaskDataset:
 _LOADERS = {"fashion": _load_fashion, "mnist": _load_mnist, "animals": _load_animals, "solar": _load_solar, "digits": _load_digits}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_task(name: str) -> TaskDataset:
     """Load a task's whole pool (cached per process)."""
     if name not in _LOADERS:

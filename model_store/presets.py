@@ -84,7 +84,7 @@ def _prune_unset(value: object) -> object:
 _GRAY = {"channels": 1, "mean": [0.5], "std": [0.5]}
 #: DINOv2 ViT-S/14 input size for the ``dinov2-s14`` zoo (4x4 patches; BENCHMARKS.md).
 DINOV2_SIZE = 56
-_DINOV2_FT = {"lr": 2e-5, "head_lr": 1e-3, "batch_size": 32, "warmup_fraction": 0.1}
+_DINOV2_FT: dict = {"lr": 2e-5, "head_lr": 1e-3, "batch_size": 32, "warmup_fraction": 0.1}
 
 PRESETS: dict[str, ZooPreset] = {
     "tiny": ZooPreset(
@@ -304,6 +304,6 @@ def _imported_meta(preset: ZooPreset, source: str) -> ModelMeta:
 
 
 # Zoos of differently-initialised models (issue 8) register here.
-from model_store.diffinit import DIFFINIT_PRESETS, DiffInitPreset, build_diffinit
+from model_store.diffinit import DIFFINIT_PRESETS, DiffInitPreset, build_diffinit  # noqa: E402 -- an import cycle issue 16 removes
 
 PRESETS.update(DIFFINIT_PRESETS)

@@ -28,7 +28,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         import numpy as np
 
         if name == "_reconstruct":
-            return np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+            return np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct  # type: ignore[attr-defined]
         return getattr(np, name)
 
 

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the `format_version` of every schema below (a Literal[1] field)
 
 
 class _Strict(BaseModel):
@@ -22,7 +22,7 @@ class Preprocessing(_Strict):
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
 
     @model_validator(mode="after")
-    def _per_channel(self) -> "Preprocessing":
+    def _per_channel(self) -> Preprocessing:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"mean and std need {self.channels} values (one per channel)")
         if any(s <= 0 for s in self.std):
@@ -90,7 +90,7 @@ class TaskData(_Strict):
 class ModelMeta(_Strict):
     """``meta.json`` of one zoo model (the base or a task model)."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     role: Literal["base", "task"]
     task: str | None = None
@@ -101,7 +101,7 @@ class ModelMeta(_Strict):
     data: TaskData = Field(default_factory=TaskData)
 
     @model_validator(mode="after")
-    def _task_fields(self) -> "ModelMeta":
+    def _task_fields(self) -> ModelMeta:
         if self.role == "task":
             if not self.task:
                 raise ValueError("a task model needs 'task'")
@@ -127,7 +127,7 @@ class GateInit(_Strict):
 class ZooManifest(_Strict):
     """``zoo.json``: which models make up a zoo."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     name: str = Field(min_length=1)
     base: str | None = None
     tasks: list[str] = Field(default_factory=list)
@@ -154,7 +154,7 @@ class FileEntry(_Strict):
 class BundleManifest(_Strict):
     """``manifest.json`` of a merged bundle."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     version: str
     method: str
     params: dict[str, Any] = Field(default_factory=dict)

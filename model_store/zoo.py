@@ -32,7 +32,7 @@ HEAD_FILE = "head.safetensors"
 
 
 def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _read_schema(path: Path, schema: type[BaseModel]) -> BaseModel:
@@ -63,7 +63,7 @@ class Zoo:
         self.metas = metas
 
     @classmethod
-    def load(cls, root: str | Path, require_base: bool = True) -> "Zoo":
+    def load(cls, root: str | Path, require_base: bool = True) -> Zoo:
         """Read and validate ``zoo.json`` and every model's ``meta.json`` and files."""
         root = Path(root)
         if not root.is_dir():
@@ -144,7 +144,7 @@ class Zoo:
         """All backbone tensors of a model (memory-mapped safetensors load)."""
         return load_file(self.backbone_path(name))
 
-    def backbone_lazy(self, name: str) -> "LazySafetensors":
+    def backbone_lazy(self, name: str) -> LazySafetensors:
         """The backbone as a lazy mapping: tensors are read one at a time on access."""
         return LazySafetensors(self.backbone_path(name))
 
@@ -227,7 +227,7 @@ class ZooWriter:
 
     def finalize(self, name: str, base: str | None, tasks: list[str], **fields: object) -> Zoo:
         """Write ``zoo.json`` and return the validated zoo."""
-        manifest = ZooManifest(name=name, base=base, tasks=tasks, created_at=_utcnow(), **fields)  # type: ignore[arg-type]
+        manifest = ZooManifest.model_validate({"name": name, "base": base, "tasks": tasks, "created_at": _utcnow(), **fields})
         write_json(self.root / "zoo.json", manifest.model_dump(mode="json"))
         return Zoo.load(self.root, require_base=base is not None)
 

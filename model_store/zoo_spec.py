@@ -69,7 +69,7 @@ class ModelSpec(_Spec):
     preprocessing: PreprocessingOverride | None = None
 
     @model_validator(mode="after")
-    def _timm_name(self) -> "ModelSpec":
+    def _timm_name(self) -> ModelSpec:
         if self.format == "timm" and not self.model_name:
             raise ValueError("format timm needs model_name (e.g. vit_small_patch16_224)")
         return self

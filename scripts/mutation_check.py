@@ -29,14 +29,15 @@ failed_to_catch = 0
 for name, path, old, new, test in M:
     if only and name.split()[0] not in only:
         continue
-    p = pathlib.Path(path); src = p.read_text()
+    p = pathlib.Path(path)
+    src = p.read_text()
     assert src.count(old) == 1, (name, src.count(old))
     p.write_text(src.replace(old, new))
     try:
         r = subprocess.run([".venv/bin/python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test], capture_output=True, text=True, timeout=900)
     finally:
         p.write_text(src)
-    last = [l for l in r.stdout.splitlines() if "passed" in l or "failed" in l or "error" in l][-1:]
+    last = [line for line in r.stdout.splitlines() if "passed" in line or "failed" in line or "error" in line][-1:]
     print(f"{'red  ' if r.returncode else 'GREEN'} {name}: {last}", flush=True)
     failed_to_catch += r.returncode == 0
 sys.exit(1 if failed_to_catch else 0)

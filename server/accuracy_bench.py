@@ -273,7 +273,9 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
             gated, gated_n = _gated(s, static, m)
             stored = backbone_n - gated_n + n * gated_n + head_n
             mix = 2 * n * gated_n  # per-image weight mixing (exact routing)
-            feat = lambda x, p, chosen, g=gated: g.features(x, p, "exact")
+            def feat(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor, g: GatedViT = gated) -> torch.Tensor:
+                return g.features(x, p, "exact")
+
             given = evaluate(pool, s.heads, feat, one_hot, bs)
             label = "AvgMean" if base_name == "avg" else "RegMean"
             rows.append(_row(f"gating+{label} m={m} (task given)", f"gating_{base_name}", given, stored, vit_flops + mix, m=m, base=base_name))
@@ -435,7 +437,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     paths.append(_save(fig, ax, out_dir / f"{stem}-normalised.png", legend=False))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for base, label, style in (("avg", "AvgMean", "-"), ("regmean", "RegMean", "--")):
+    for _base, label, style in (("avg", "AvgMean", "-"), ("regmean", "RegMean", "--")):
         for gate, marker in [(a, mk) for a, mk in zip(result["config"]["gate_archs"], "ox")] + [("task given", "s")]:
             suffix = "(task given)" if gate == "task given" else f"({gate} gate)"
             ys = [_avg(_find(rows, f"gating+{label} m={m} {suffix}")["accuracy"]) for m in result["m_values"]]

@@ -12,7 +12,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,19 +25,36 @@ from pydantic import SecretStr, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import Message, Receive, Scope, Send
 
 from server.batcher import Batcher, ItemResult
 from server.decoding import configure_pillow, decode_base64, decode_image
 from server.engine import Engine
 from server.errors import (
-    APIError, Forbidden, InvalidRequest, NotReady, PayloadTooLarge, Timeout, Unauthorized, UnknownTask,
-    UnsupportedMediaType, error_body, install_error_handlers,
+    APIError,
+    Forbidden,
+    InvalidRequest,
+    NotReady,
+    PayloadTooLarge,
+    Timeout,
+    Unauthorized,
+    UnknownTask,
+    UnsupportedMediaType,
+    error_body,
+    install_error_handlers,
 )
 from server.merge_jobs import MergeJobs
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.schemas import (
-    ClassifyJSON, ClassifyOptions, ClassifyResponse, MergeJobView, MergeRequest, ModelsResponse, ModelVersion, TaskInfo,
+    ClassifyJSON,
+    ClassifyOptions,
+    ClassifyResponse,
+    MergeJobView,
+    MergeRequest,
+    ModelsResponse,
+    ModelVersion,
+    TaskInfo,
     TasksResponse,
 )
 from server.settings import ServerSettings
@@ -107,7 +124,7 @@ class ServingMiddleware:
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state
 
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -115,7 +132,7 @@ class ServingMiddleware:
         status = {"code": 500}
         limit = self.state.settings.max_body_bytes
 
-        async def send_wrapper(message: dict) -> None:
+        async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 version = self.state.manager.version
@@ -132,7 +149,7 @@ class ServingMiddleware:
                 return
             received = 0
 
-            async def limited_receive() -> dict:
+            async def limited_receive() -> Message:
                 nonlocal received
                 message = await receive()
                 if message["type"] == "http.request":
@@ -148,7 +165,7 @@ class ServingMiddleware:
             m.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()
             m.latency.labels(route).observe(time.perf_counter() - start)
 
-    def _route(self, scope: dict) -> str:
+    def _route(self, scope: Scope) -> str:
         route = scope.get("route")
         if route is not None and getattr(route, "path", None):
             return route.path

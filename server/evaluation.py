@@ -94,13 +94,13 @@ def format_table(rows: dict[str, Accuracies], tasks: list[str], reference: Accur
         line = f"| {name} | {cells} | {avg} |"
         if reference:
             pairs = [t for t in have if reference.get(t)]
-            norm = sum(accs[t] / reference[t] for t in pairs) / len(pairs) if pairs else None  # type: ignore[operator]
+            norm = sum(accs[t] / reference[t] for t in pairs) / len(pairs) if pairs else None  # type: ignore[operator,misc]
             line += f" {100 * norm:.1f} |" if norm is not None else " n/a |"
         lines.append(line)
     return "\n".join(lines)
 
 
-def evaluate_routed(routed: "RoutedModel", limit: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float] | None]:
+def evaluate_routed(routed: RoutedModel, limit: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float] | None]:
     """Accuracy with the task NOT given, on MIXED-task batches of every task's test images.
 
     An image counts as correct only when the gate picks its task AND that task's

@@ -27,7 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from merging.gate import build_gate, gate_probabilities
-from merging.registry import REGISTRY, GateArtifact, MergeContext, MergeResult, get_method, parse_params, refusal, run_merge
+from merging.registry import (
+    REGISTRY,
+    GateArtifact,
+    MergeContext,
+    MergeResult,
+    get_method,
+    parse_params,
+    refusal,
+    run_merge,
+)
 from merging.types import Tensors
 from model_store.architecture import build_model, load_into
 from model_store.bundle import BundleDraft, BundleStore

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from model_store.datasets import load_split
-
 from conftest import SMALL_GATE
 from server_helpers import LiveServer, free_port, png_bytes, require_file
+
+from model_store.datasets import load_split
 
 pytestmark = pytest.mark.slow  # two live replicas behind nginx, a merge under load
 

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from server_helpers import require
 
 from server.app import create_app
 from server.settings import ServerSettings
-
-from server_helpers import require
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -5,6 +5,7 @@ Uses the `test-diffinit` preset (two tiny ViTs, each with its own pretraining; ~
 import time
 
 import pytest
+from server_helpers import AsgiHarness, png_bytes
 
 from merging.registry import REGISTRY, run_merge
 from model_store.bundle import BundleStore
@@ -13,8 +14,6 @@ from model_store.settings import StoreLayout
 from server.joint_eval import evaluate_merged, load_test_sets, summary
 from server.merge_pipeline import merge_and_publish, merge_context, shares_init
 from server.settings import ServerSettings
-
-from server_helpers import AsgiHarness, png_bytes
 
 TASK_VECTOR_METHODS = ["task_arithmetic", "ties", "dare_ta", "dare_ties", "emr", "emr_routed", "gating_avg", "gating_regmean"]
 

@@ -8,17 +8,23 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from server_helpers import require
 
 from model_store.architecture import build_model
 from model_store.errors import CheckpointImportError
-from model_store.importers.dinov2_onnx import IMAGENET_MEAN, IMAGENET_STD, default_onnx_path, dinov2_architecture, dinov2_state_from_onnx, import_dinov2
+from model_store.importers.dinov2_onnx import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    default_onnx_path,
+    dinov2_architecture,
+    dinov2_state_from_onnx,
+    import_dinov2,
+)
 from model_store.importers.hf_vit import import_hf_vit
 from model_store.importers.timm_checkpoint import import_timm
 from model_store.preprocessing import to_model_input
 from model_store.schema import Architecture
 from model_store.zoo import Zoo
-
-from server_helpers import require
 
 #: our DINOv2 vs onnxruntime on the foolbox image, max error relative to the largest feature: measured 1.9e-6
 MAX_REL_ERR = 1e-4

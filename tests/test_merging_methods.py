@@ -5,8 +5,17 @@ import torch
 from safetensors.torch import save_file
 
 from merging import (
-    dare, emr_merge, fisher_merge, layer_similarity, pack_mask, rank_blocks, regmean, task_arithmetic, ties_merge,
-    unpack_mask, weight_average,
+    dare,
+    emr_merge,
+    fisher_merge,
+    layer_similarity,
+    pack_mask,
+    rank_blocks,
+    regmean,
+    task_arithmetic,
+    ties_merge,
+    unpack_mask,
+    weight_average,
 )
 from merging.regmean import collect_grams, scale_off_diagonal
 from merging.ties import disjoint_mean, topk_magnitude_threshold
@@ -112,7 +121,8 @@ def test_emr_invariants():
         rhs = sum(float(tau[k].abs().sum()) for k in pre)
         assert lhs == pytest.approx(rhs, rel=1e-5)
         # distance to theta_i is no larger than without mask or without rescaler
-        dist = lambda est: sum(float((est[k] - model[k]).pow(2).sum()) for k in pre) ** 0.5  # noqa: E731
+        def dist(est, model=model):
+            return sum(float((est[k] - model[k]).pow(2).sum()) for k in pre) ** 0.5
         full = dist(m.task_state(i))
         no_mask = dist({k: pre[k] + m.rescalers[i] * m.tau_unified[k] for k in pre})
         no_rescale = dist({k: pre[k] + masks[k] * m.tau_unified[k] for k in pre})

@@ -5,13 +5,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SMALL_GATE
+from server_helpers import AsgiHarness, gif_bomb, huge_png_header, image_bytes, metric_value, png_bytes
 
 from model_store.datasets import load_split
 from server.engine import Engine
 from server.settings import ServerSettings
-
-from conftest import SMALL_GATE
-from server_helpers import AsgiHarness, gif_bomb, huge_png_header, image_bytes, metric_value, png_bytes
 
 MAX_PIXELS = 320 * 320  # solar cells are 300x300
 MAX_BODY = 1 << 20

@@ -13,7 +13,6 @@ from server.routed import RoutedModel
 from server.weight_cache import WeightCache
 
 
-
 def _mixed_batch(engine: Engine, per_task: int = 6):
     xs, gs, truth = [], [], []
     for i, task in enumerate(engine.tasks):

@@ -6,14 +6,13 @@ import time
 
 import httpx
 import pytest
+from conftest import SMALL_GATE
+from server_helpers import LiveServer, metric_value, png_bytes
 
 from model_store.bundle import BundleStore
 from model_store.datasets import load_split
 from model_store.settings import StoreLayout
 from server.engine import Engine
-
-from conftest import SMALL_GATE
-from server_helpers import LiveServer, metric_value, png_bytes
 
 pytestmark = pytest.mark.slow  # live servers under concurrent load
 

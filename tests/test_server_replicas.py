@@ -1,10 +1,10 @@
 """Two servers sharing one store: a merge on one reaches the other; merges are exclusive."""
 import time
 
-from server.settings import ServerSettings
-
 from conftest import SMALL_GATE
 from server_helpers import AsgiHarness
+
+from server.settings import ServerSettings
 
 AUTH = {"authorization": "Bearer s3cret"}
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from server_helpers import AsgiHarness, LiveServer, png_bytes
 
 from model_store.bundle import BundleStore
 from model_store.datasets import load_split
@@ -21,8 +22,6 @@ from model_store.settings import StoreLayout
 from server.cli import build_parser, serve_settings
 from server.engine import Engine
 from server.settings import ServerSettings
-
-from server_helpers import AsgiHarness, LiveServer, png_bytes
 
 AUTH = {"authorization": "Bearer s3cret"}
 

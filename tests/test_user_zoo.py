@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from server_helpers import AsgiHarness, LiveServer, require
 
 from model_store.bundle import BundleStore
 from model_store.data.sources import open_source
@@ -30,8 +31,6 @@ from model_store.schema import DataSource, Preprocessing
 from model_store.settings import StoreLayout
 from model_store.zoo import Zoo
 from server.cli import main
-
-from server_helpers import AsgiHarness, LiveServer, require
 
 transformers = require("transformers", "pip install -e '.[test]'")
 
@@ -76,7 +75,7 @@ def _write_images(data: Path) -> dict[str, list[tuple[np.ndarray, int]]]:
     rng = np.random.default_rng(1)
     by_class = {c: [p for p in photos if p[1] == c] for c in (0, 1)}
     rows: dict[str, list] = {"train": [], "calib": [], "test": []}
-    for c, items in by_class.items():
+    for _c, items in by_class.items():
         items = [items[i] for i in rng.permutation(len(items))]
         k = len(items) // 3
         rows["train"] += items[:k]
@@ -426,9 +425,9 @@ def test_csv_labels_by_name_or_index_and_required_columns(tmp_path):
 
 
 def test_regmean_grams_are_per_row_means_so_a_larger_set_does_not_dominate():
+    from merging.regmean import collect_grams
     from model_store.architecture import build_model
     from model_store.schema import Architecture
-    from merging.regmean import collect_grams
 
     model = build_model(Architecture(timm_name="vit_tiny_patch16_224", kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}), 2)
     x = torch.randn(6, 3, 8, 8)

@@ -148,7 +148,7 @@ class ImageSet:
                 h.update(f"{p.relative_to(root) if p.is_relative_to(root) else p}\t{p.stat().st_size}\t{label}\n".encode())
         else:
             h.update(f"{self.source.location}:{self.source.seed}".encode())
-            h.update(np.ascontiguousarray(self.arrays[:, :4]).tobytes() if self.arrays is not None else b"")  # type: ignore[index]
+            h.update(np.ascontiguousarray(self.arrays[:, :4]).tobytes() if self.arrays is not None else b"")
         return h.hexdigest()
 
     def record(self) -> dict[str, object]:

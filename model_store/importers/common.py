@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from model_store.architecture import StateDict, build_model, head_prefix, load_into, split_head
-from model_store.errors import CheckpointImportError
 from model_store.data.attach import task_data_from
+from model_store.errors import CheckpointImportError
 from model_store.schema import Architecture, ModelMeta, Preprocessing, Provenance, TaskData
 from model_store.zoo import Zoo, ZooWriter
 
@@ -24,6 +24,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     path = Path(path)
     if not path.exists():
         raise CheckpointImportError(f"checkpoint {path} does not exist")
+    state: object
     if path.suffix == ".safetensors":
         state = load_file(path)
     else:
@@ -79,7 +80,7 @@ def save_imported(
     data = task_data_from(calibration, test, Path(data_dir) if data_dir else Path.cwd(), classes) if role == "task" else TaskData()
     meta = ModelMeta(
         name=name,
-        role=role,  # type: ignore[arg-type]
+        role=role,
         task=(task or name) if role == "task" else None,
         class_names=classes,
         architecture=arch,

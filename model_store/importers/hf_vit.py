@@ -127,7 +127,7 @@ def hf_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
     mean = [float(v) for v in cfg.get("image_mean", [0.5] * channels)]
     std = [float(v) for v in cfg.get("image_std", [0.5] * channels)]
     interpolation = _RESAMPLE.get(int(cfg.get("resample", 2)), "bilinear")
-    return Preprocessing(size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation=interpolation)  # type: ignore[arg-type]
+    return Preprocessing(size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation=interpolation)
 
 
 def _read_config(ckpt_dir: Path) -> dict:

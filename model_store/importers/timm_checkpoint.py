@@ -12,7 +12,7 @@ from model_store.zoo import Zoo
 
 def default_preprocessing(arch: Architecture) -> Preprocessing:
     """Preprocessing from timm's pretrained config of the architecture."""
-    cfg = build_model(arch, 0).pretrained_cfg
+    cfg: dict = build_model(arch, 0).pretrained_cfg  # type: ignore[assignment]
     channels, _, size = cfg.get("input_size", (3, 224, 224))
     size = arch.kwargs.get("img_size", size)
     size = size[0] if isinstance(size, (list, tuple)) else size
