@@ -110,7 +110,8 @@ def check_data(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> Non
                 f"or --calibration on `vitmerge import`; data-free methods: "
                 + ", ".join(sorted(n for n, m in REGISTRY.items() if not m.needs_calibration))
             )
-        calibration_set(zoo, task)  # lists the files now: a missing folder fails before any work
+        if zoo.task_data(task).calibration.kind != "builtin":  # type: ignore[union-attr]
+            calibration_set(zoo, task)  # lists the files now: a missing folder fails before any work
 
 
 def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False) -> MergeContext:
