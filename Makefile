@@ -11,7 +11,7 @@ run: setup
 	$(BIN)/vitmerge serve
 
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

@@ -20,9 +20,9 @@ LIMIT = 500  # test images per task for the task-given vs routed comparison
 @pytest.fixture(scope="module")
 def routed_bundle(tiny_zoo_report, tmp_path_factory):
     store = BundleStore(StoreLayout(tmp_path_factory.mktemp("routed")))
-    # the default gate (EfficientNet-Lite0, 64 px, every calibration image) for 4 epochs (~45 s here;
-    # capping the images to 300 per task cost animals 0.2 of gate accuracy and saved little time)
-    outcome = merge_and_publish(tiny_zoo_report.zoo, store, "emr_routed", {"gate_epochs": 4}, progress=False)
+    # the default gate (EfficientNet-Lite0, 64 px) for 4 epochs on up to 600 calibration images per task:
+    # measured min 0.946 / mean 0.984 test routing accuracy (300 images: animals 0.77; all: 0.987 / 0.994)
+    outcome = merge_and_publish(tiny_zoo_report.zoo, store, "emr_routed", {"gate_epochs": 4, "gate_max_images": 600}, progress=False)
     return BundleModels(store.load(outcome.version))
 
 

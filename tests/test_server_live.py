@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # live servers under concurrent load
 
 AUTH = {"authorization": "Bearer s3cret"}
 #: requests per client (16 clients): enough for every pool item to be asked and for batches to form
-PER_CLIENT = 40
+PER_CLIENT = 25
 
 
 @pytest.fixture(scope="module")
