@@ -114,8 +114,9 @@ def evaluate_routed(routed: RoutedModel, limit: int | None = None, batch_size: i
         images = sets[task]
         if images is None:
             continue
-        xs.append(images.tensors(models.preprocessing, limit))
-        gs.append(images.tensors(models.gate_preprocessing, limit))
+        x_task, g_task = images.tensors_for([models.preprocessing, models.gate_preprocessing], limit)
+        xs.append(x_task)
+        gs.append(g_task)
         tasks.append(torch.full((len(xs[-1]),), i))
         labels.append(images.label_tensor(limit))
     if not xs:

@@ -114,13 +114,21 @@ class ImageSet:
     def count(self, limit: int | None = None) -> int:
         return len(self) if limit is None else min(limit, len(self))
 
-    def tensors(self, prep: Preprocessing, limit: int | None = None, chunk: int = 256) -> torch.Tensor:
-        """The first ``limit`` images as model input ``(n, C, S, S)`` (decoded chunk by chunk)."""
+    def tensors(self, prep: Preprocessing, limit: int | None = None) -> torch.Tensor:
+        """The first ``limit`` images as model input ``(n, C, S, S)`` (files decoded one at a time)."""
+        return self.tensors_for([prep], limit)[0]
+
+    def tensors_for(self, preps: Sequence[Preprocessing], limit: int | None = None) -> list[torch.Tensor]:
+        """The first ``limit`` images once per preprocessing in ``preps`` (e.g. the ViT's and the gate's);
+        each file is decoded once."""
         n = self.count(limit)
         if self.arrays is not None:
-            return to_model_input(self.arrays[:n], prep)
-        out = [to_model_input(img[None], prep) for img in self.iter_pixels(n)]
-        return torch.cat(out) if out else torch.empty(0, prep.channels, prep.size, prep.size)
+            return [to_model_input(self.arrays[:n], p) for p in preps]
+        outs: list[list[torch.Tensor]] = [[] for _ in preps]
+        for img in self.iter_pixels(n):
+            for out, p in zip(outs, preps):
+                out.append(to_model_input(img[None], p))
+        return [torch.cat(o) if o else torch.empty(0, p.channels, p.size, p.size) for o, p in zip(outs, preps)]
 
     def label_tensor(self, limit: int | None = None) -> torch.Tensor:
         if self.labels is None:
