@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -28,7 +29,7 @@ from starlette.routing import Match
 from starlette.types import Message, Receive, Scope, Send
 
 from server.batcher import Batcher, ItemResult
-from server.decoding import configure_pillow, decode_base64, decode_image
+from server.decoding import configure_pillow, decode_base64, decode_image, decode_json
 from server.engine import Engine
 from server.errors import (
     APIError,
@@ -42,6 +43,7 @@ from server.errors import (
     UnsupportedMediaType,
     error_body,
     install_error_handlers,
+    request_id_of,
 )
 from server.merge_jobs import MergeJobs
 from server.metrics import ServerMetrics
@@ -60,6 +62,7 @@ from server.schemas import (
 from server.settings import ServerSettings
 
 log = logging.getLogger("vitmerge.server")
+access_log = logging.getLogger("vitmerge.access")
 
 
 class ServerState:
@@ -118,6 +121,16 @@ class ServerState:
 
 
 # -- middleware ----------------------------------------------------------------------------
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id(given: bytes | None) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token (<= 128 visible characters), else a new one."""
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given.decode()
+    return uuid.uuid4().hex
+
+
 class ServingMiddleware:
     """Body-size limit (413 before reading, or while streaming) + request metrics."""
 
@@ -131,21 +144,25 @@ class ServingMiddleware:
         start = time.perf_counter()
         status = {"code": 500}
         limit = self.state.settings.max_body_bytes
+        request_headers = dict(scope.get("headers") or [])
+        rid = request_id(request_headers.get(b"x-request-id"))
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 version = self.state.manager.version
-                headers = list(message.get("headers", []))
+                headers = [*message.get("headers", []), (b"x-request-id", rid.encode())]
                 if version is not None and not any(k.lower() == b"x-model-version" for k, _ in headers):
-                    message = {**message, "headers": [*headers, (b"x-model-version", version.encode())]}
+                    headers.append((b"x-model-version", version.encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:
-            length = dict(scope.get("headers") or []).get(b"content-length")
+            length = request_headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 err = PayloadTooLarge(f"request body of {length.decode(errors='replace')} bytes is above the limit of {limit} bytes") if length.isdigit() else InvalidRequest("invalid Content-Length header", status=400)
-                await JSONResponse(error_body(err.code, err.message), status_code=err.status)(scope, receive, send_wrapper)
+                await JSONResponse(error_body(err.code, err.message, rid), status_code=err.status)(scope, receive, send_wrapper)
                 return
             received = 0
 
@@ -161,9 +178,12 @@ class ServingMiddleware:
             await self.app(scope, limited_receive, send_wrapper)
         finally:
             route = self._route(scope)
+            elapsed = time.perf_counter() - start
             m = self.state.metrics
             m.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()
-            m.latency.labels(route).observe(time.perf_counter() - start)
+            m.latency.labels(route).observe(elapsed)
+            access_log.info('%s "%s %s" %d %.1f ms request_id=%s', (scope.get("client") or ("-",))[0], scope.get("method", ""),
+                            scope.get("path", ""), status["code"], 1000 * elapsed, rid)
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -217,10 +237,7 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
         body = await request.body()
         if not body.strip():
             raise InvalidRequest("request body is empty", code="empty_body")
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequest(f"body is not valid JSON: {e}", code="invalid_json") from e
+        data = decode_json(body)
         if not isinstance(data, dict):
             raise InvalidRequest("JSON body must be an object like {\"images\": [\"<base64>\", ...]}")
         images = data.get("images")
@@ -260,6 +277,21 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
     raise UnsupportedMediaType(f"Content-Type {shown} is not supported: use application/json, multipart/form-data or image/*")
 
 
+async def read_merge_request(request: Request) -> MergeRequest:
+    """A ``POST /v1/merge`` body -> MergeRequest: 415 if not JSON, 400 if unparsable, 422 if invalid."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(f"Content-Type {media or 'none'} is not supported: send application/json")
+    body = await request.body()
+    if not body.strip():
+        raise InvalidRequest("request body is empty", code="empty_body")
+    data = decode_json(body)
+    try:
+        return MergeRequest.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequest(_first_error(e), code="invalid_merge_request") from e
+
+
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
@@ -287,6 +319,8 @@ def encode_prediction(engine: Engine, result: ItemResult, top_k: int) -> dict[st
 
 
 # -- the app ---------------------------------------------------------------------------------
+_MERGE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": MergeRequest.model_json_schema()}}}}
+
 _CLASSIFY_BODY = {
     "requestBody": {
         "required": True,
@@ -339,12 +373,12 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["ops"], summary="readiness: 200 while a model is loaded and the worker is alive")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         ready = state.ready
         state.metrics.ready.set(1 if ready else 0)
         if not ready:
             msg = f"not ready (state: {state.manager.state}{'; ' + state.manager.error if state.manager.error else ''})"
-            return JSONResponse(error_body("not_ready", msg), status_code=503)
+            return JSONResponse(error_body("not_ready", msg, request_id_of(request)), status_code=503)
         return JSONResponse({"status": "ready", "model_version": state.manager.version})
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
@@ -422,8 +456,9 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
         require_admin(request, settings)
 
     @app.post("/v1/merge", tags=["admin"], status_code=202, response_model=MergeJobView, summary="start a merge job (admin)",
-              responses={401: {}, 403: {}, 409: {}, 422: {}}, dependencies=[Depends(admin)])
-    async def merge(body: MergeRequest) -> dict[str, Any]:
+              openapi_extra=_MERGE_BODY, responses={400: {}, 401: {}, 403: {}, 409: {}, 413: {}, 415: {}, 422: {}}, dependencies=[Depends(admin)])
+    async def merge(request: Request) -> dict[str, Any]:
+        body = await read_merge_request(request)
         job = await asyncio.to_thread(state.jobs.submit, body.method, body.params, body.tasks)
         return job.as_dict()
 

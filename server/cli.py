@@ -430,6 +430,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("vitmerge.access").setLevel(logging.WARNING if args.quiet else logging.INFO)  # one line per request
     app = create_app(settings, progress=not args.quiet)
     state = app.state.vitmerge
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host

@@ -69,8 +69,16 @@ class NotFound(APIError):
     status, code = 404, "not_found"
 
 
-def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, request_id: str | None = None) -> dict:
+    """The JSON error body; ``request_id`` (also in the ``X-Request-ID`` header) finds the request in the logs."""
+    error = {"code": code, "message": message}
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
+def request_id_of(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -86,20 +94,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.code, exc.message, request_id_of(request)), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", _validation_message(exc)), status_code=422)
+        return JSONResponse(error_body("invalid_request", _validation_message(exc), request_id_of(request)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail), request_id_of(request)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         import logging
 
-        logging.getLogger("vitmerge.server").exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body("internal_error", f"internal error ({type(exc).__name__})"), status_code=500)
+        logging.getLogger("vitmerge.server").exception("unhandled error on %s (request_id=%s)", request.url.path, request_id_of(request))
+        return JSONResponse(error_body("internal_error", f"internal error ({type(exc).__name__})", request_id_of(request)), status_code=500)

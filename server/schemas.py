@@ -61,7 +61,7 @@ class ClassifyResponse(BaseModel):
 class MergeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field(..., description="a merge method (`vitmerge methods`), e.g. emr_routed")
+    method: str = Field(..., min_length=1, description="a merge method (`vitmerge methods`), e.g. emr_routed")
     params: dict[str, Any] = Field(default_factory=dict)
     tasks: list[str] | None = Field(None, min_length=1, description="subset of the zoo's tasks (default: all)")
 

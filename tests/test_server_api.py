@@ -1,6 +1,7 @@
 """The HTTP API through httpx's ASGI transport (lifespan included): results, errors, auth, metrics."""
 import base64
 import json
+import logging
 import time
 
 import numpy as np
@@ -119,14 +120,15 @@ def _bad_inputs(png: bytes):
     """(name, request kwargs, status, error code or None) -- every one must be refused cleanly."""
     rgb_ico = image_bytes(np.zeros((16, 16, 3), np.uint8), "ICO")
     over_cap = png_bytes(np.zeros((400, 400), np.uint8))  # 160k pixels > the 102,400 cap (Pillow warns: an error here)
-    J = "/v1/classify"
+    J, M = "/v1/classify", "/v1/merge"
+    JSON, ADMIN = {"content-type": "application/json"}, {"authorization": "Bearer s3cret"}
     return [
         ("empty json body", dict(url=J, content=b"", headers={"content-type": "application/json"}), 422, "empty_body"),
         ("no content type", dict(url=J, content=b"abc"), 415, "unsupported_media_type"),
         ("text/plain", dict(url=J, content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
         ("xml", dict(url=J, content=b"<a/>", headers={"content-type": "application/xml"}), 415, "unsupported_media_type"),
         ("form urlencoded", dict(url=J, data={"images": "x"}), 415, "unsupported_media_type"),
-        ("invalid json", dict(url=J, content=b'{"images": [', headers={"content-type": "application/json"}), 422, "invalid_json"),
+        ("invalid json", dict(url=J, content=b'{"images": [', headers={"content-type": "application/json"}), 400, "invalid_json"),
         ("json array", dict(url=J, json=["x"]), 422, "invalid_request"),
         ("json without images", dict(url=J, json={}), 422, "invalid_request"),
         ("images not a list", dict(url=J, json={"images": "abc"}), 422, "invalid_request"),
@@ -134,6 +136,20 @@ def _bad_inputs(png: bytes):
         ("image not a string", dict(url=J, json={"images": [1]}), 422, "invalid_request"),
         ("invalid base64", dict(url=J, json={"images": ["!!!not base64"]}), 422, "invalid_base64"),
         ("data url without base64", dict(url=J, json={"images": ["data:image/png,abc"]}), 422, "invalid_base64"),
+        ("data url not an image", dict(url=J, json={"images": ["data:text/plain;base64," + _b64(png)]}), 422, "invalid_data_url"),
+        ("json nested 5000 deep", dict(url=J, content=b'{"images": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=JSON), 400, "invalid_json"),
+        ("json nested 40 deep", dict(url=J, content=b'{"images": ["AAAA"], "task": ' + b"[" * 40 + b"]" * 40 + b"}", headers=JSON), 400, "invalid_json"),
+        ("json 5000-digit number", dict(url=J, content=b'{"images": ["AAAA"], "top_k": ' + b"9" * 5000 + b"}", headers=JSON), 400, "invalid_json"),
+        ("json NaN", dict(url=J, content=b'{"images": ["AAAA"], "top_k": NaN}', headers=JSON), 400, "invalid_json"),
+        ("json not utf-8", dict(url=J, content=b'{"images": ["\xff\xfe"]}', headers=JSON), 400, "invalid_json"),
+        ("merge: invalid json", dict(url=M, content=b'{"method": ', headers={**JSON, **ADMIN}), 400, "invalid_json"),
+        ("merge: nested 5000 deep", dict(url=M, content=b'{"method": "avg", "params": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers={**JSON, **ADMIN}), 400, "invalid_json"),
+        ("merge: huge number", dict(url=M, content=b'{"method": "ties", "params": {"k": 1' + b"0" * 5000 + b'}}', headers={**JSON, **ADMIN}), 400, "invalid_json"),
+        ("merge: text/plain", dict(url=M, content=b"method=avg", headers={"content-type": "text/plain", **ADMIN}), 415, "unsupported_media_type"),
+        ("merge: empty body", dict(url=M, content=b"", headers={**JSON, **ADMIN}), 422, "empty_body"),
+        ("merge: json array", dict(url=M, json=["avg"], headers=ADMIN), 422, "invalid_merge_request"),
+        ("merge: empty method", dict(url=M, json={"method": ""}, headers=ADMIN), 422, "invalid_merge_request"),
+        ("merge: unknown task", dict(url=M, json={"method": "avg", "tasks": ["mnist", "cifar"]}, headers=ADMIN), 422, "invalid_merge_request"),
         ("random bytes", dict(url=J, json={"images": [_b64(bytes(range(256)) * 4)]}), 400, "invalid_image"),
         ("empty image", dict(url=J, json={"images": [""]}), 400, "invalid_image"),
         ("truncated png", dict(url=J, json={"images": [_b64(png[: len(png) // 2])]}), 400, "invalid_image"),
@@ -166,11 +182,12 @@ def _bad_inputs(png: bytes):
     ]
 
 
-def test_bad_inputs_get_clear_json_4xx_and_server_keeps_serving(harness, samples):
+def test_bad_inputs_get_clear_json_4xx_and_server_keeps_serving(harness, samples, caplog):
     png = samples[0][1]
     cases = _bad_inputs(png)
     assert len(cases) >= 30
     failures = []
+    caplog.set_level(logging.INFO, logger="vitmerge")
     for name, kwargs, status, code in cases:
         kwargs = dict(kwargs)
         method = kwargs.pop("method", "POST")
@@ -178,15 +195,39 @@ def test_bad_inputs_get_clear_json_4xx_and_server_keeps_serving(harness, samples
         try:
             body = r.json()
             ok = r.status_code == status and set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
-            ok = ok and "Traceback" not in r.text
+            ok = ok and "Traceback" not in r.text and body["error"]["request_id"] == r.headers["x-request-id"]
         except json.JSONDecodeError:
             ok = False
         if not ok:
             failures.append(f"{name}: got {r.status_code} {r.text[:200]!r}, want {status} {code}")
     assert not failures, "\n".join(failures)
+    # one access-log line per request, and no stack trace for any of them
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert sum(r.name == "vitmerge.access" for r in caplog.records) >= len(cases)
     assert harness.request("GET", "/readyz").status_code == 200
     ok = harness.request("POST", "/v1/classify", files={"image": ("x.png", png)})
     assert ok.status_code == 200
+
+
+def test_request_ids_are_echoed_logged_and_in_error_bodies(harness, samples, caplog):
+    caplog.set_level(logging.INFO, logger="vitmerge.access")
+    png = samples[0][1]
+    r = harness.request("POST", "/v1/classify", files={"image": ("x.png", png)}, headers={"x-request-id": "client-42.a:b"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-42.a:b"
+    r = harness.request("POST", "/v1/classify", json={"images": ["!!"]}, headers={"x-request-id": "client-43"})
+    assert r.status_code == 422 and r.headers["x-request-id"] == r.json()["error"]["request_id"] == "client-43"
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "vitmerge.access"]
+    assert any('"POST /v1/classify" 200' in ln and "request_id=client-42.a:b" in ln for ln in lines), lines
+    assert any('"POST /v1/classify" 422' in ln and "request_id=client-43" in ln for ln in lines), lines
+    # no id, or one that is not a sane token (spaces, too long): a fresh one per request
+    ids = set()
+    for given in (None, "has space", "x" * 129):
+        r = harness.request("GET", "/healthz", headers={} if given is None else {"x-request-id": given})
+        assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32 and r.headers["x-request-id"] != given
+        ids.add(r.headers["x-request-id"])
+    assert len(ids) == 3
+    r = harness.request("GET", "/v1/nope", headers={"x-request-id": "lost-1"})
+    assert r.status_code == 404 and r.json()["error"]["request_id"] == "lost-1"
 
 
 def test_admin_auth(server_store, test_zoo_dir):
@@ -205,7 +246,7 @@ def test_admin_auth(server_store, test_zoo_dir):
         msg = r.json()["error"]["message"]
         assert r.status_code == 422 and "invalid parameters for 'ties'" in msg and "k: Input should be less than or equal to 1" in msg, msg
         r = h.request("POST", "/v1/merge", json={"method": "emr", "extra": 1}, headers={"authorization": "Bearer s3cret"})
-        assert r.status_code == 422 and "extra" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_request"
+        assert r.status_code == 422 and "extra" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_merge_request"
         assert not (server_store / "bundles" / "v2").exists()  # nothing of the refused requests was published
     finally:
         h.close()
