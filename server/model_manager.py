@@ -117,10 +117,16 @@ class ModelManager:
                     if version is None:
                         self.state = "merging"
                         log.info("store %s has no CURRENT bundle: merging zoo '%s' with %s", self.store.layout.root, self.settings.zoo, self.settings.default_method)
-                        from server.merge_pipeline import merge_and_publish  # admin/startup path only
+                        from server.merge_process import MergeRequestSpec, cleanup_leftovers, run_merge_process
 
-                        zoo = resolve_zoo(self.settings, progress=progress)
-                        version = merge_and_publish(zoo, self.store, self.settings.default_method, self.settings.default_params, progress=progress).version
+                        before = set(self.store.versions())
+                        req = MergeRequestSpec(self.settings, self.settings.default_method, self.settings.default_params,
+                                               make_current=True, progress=progress)
+                        try:  # in a child process: the zoo build and the merge cannot take this server down
+                            version = run_merge_process(req)
+                        except Exception:
+                            cleanup_leftovers(self.store, before)
+                            raise
             self.state = "loading"
             return self.load_and_swap(version)
         except Exception as e:

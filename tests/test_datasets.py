@@ -80,3 +80,21 @@ def test_solar_binarisation_matches_labels_csv():
     assert data.class_names == ("functional", "defective")
     # 2624 cells; ELPV defect probabilities >= 0.5 (2/3 and 1) are 'defective'
     assert len(data.labels) == 2624 and 0.2 < data.labels.mean() < 0.4
+
+
+def test_decoded_pools_are_cached_on_disk_and_equal_to_a_fresh_decode(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITMERGE_DATA_CACHE", str(tmp_path))
+    fresh = datasets._LOADERS["digits"]()
+    first = datasets._cached_pool("digits")  # a miss: decoded, written, returned
+    (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert entry.name.startswith("digits-scikit-learn-") and {p.name for p in entry.iterdir()} == {"images.npy", "labels.npy", "meta.json"}
+    second = datasets._cached_pool("digits")  # a hit: memory-mapped from the entry
+    assert isinstance(second.images, np.memmap) and not isinstance(first.images, np.memmap)
+    for pool in (first, second):
+        assert np.array_equal(pool.images, fresh.images) and np.array_equal(pool.labels, fresh.labels)
+        assert (pool.class_names, pool.source, pool.license) == (fresh.class_names, fresh.source, fresh.license)
+    (entry / "images.npy").write_bytes(b"damaged")  # a damaged entry is decoded again and rewritten
+    third = datasets._cached_pool("digits")
+    assert np.array_equal(third.images, fresh.images) and np.array_equal(np.load(entry / "images.npy"), fresh.images)
+    monkeypatch.setenv("VITMERGE_DATA_CACHE", "off")
+    assert not isinstance(datasets._cached_pool("digits").images, np.memmap)

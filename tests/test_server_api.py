@@ -2,6 +2,8 @@
 import base64
 import json
 import logging
+import os
+import signal
 import time
 
 import numpy as np
@@ -321,6 +323,31 @@ def test_merge_job_swaps_atomically_and_failed_merge_changes_nothing(server_stor
         text = h.request("GET", "/metrics").text
         assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="failed"') == 2
         assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="succeeded"') >= 1
+    finally:
+        h.close()
+
+
+def test_a_merge_process_killed_mid_merge_fails_the_job_and_serving_goes_on(server_store, test_zoo_dir, samples):
+    h = AsgiHarness(_settings(server_store, test_zoo_dir))
+    auth = {"authorization": "Bearer s3cret"}
+    try:
+        before = sorted(p.name for p in (server_store / "bundles").iterdir())
+        r = h.request("POST", "/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=auth)
+        assert r.status_code == 202, r.text
+        job = h.state.jobs.jobs[r.json()["id"]]
+        deadline = time.monotonic() + 60
+        while (job.process is None or job.phase != "merging") and job.state != "failed" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.process is not None and job.process.pid != os.getpid(), job  # the merge runs in a child process
+        os.kill(job.process.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+        done = _wait_job(h, job.id, auth)
+        assert done["state"] == "failed" and "SIGKILL" in done["error"] and done["version"] is None, done
+        assert sorted(p.name for p in (server_store / "bundles").iterdir()) == before  # no half-written version or staging dir
+        assert (server_store / "CURRENT").read_text().strip() == "v1" and h.state.manager.version == "v1"
+        r = h.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])})
+        assert r.status_code == 200 and r.json()["model_version"] == "v1"
+        r = h.request("POST", "/v1/merge", json={"method": "avg"}, headers=auth)  # and the next merge works
+        assert _wait_job(h, r.json()["id"], auth)["state"] == "succeeded"
     finally:
         h.close()
 
