@@ -197,6 +197,7 @@ def _cached_pool(name: str) -> TaskDataset:
     except (OSError, ValueError, KeyError):
         pass  # a damaged cache entry: decode again and rewrite it
     data = _LOADERS[name]()
+    tmp: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
@@ -206,7 +207,8 @@ def _cached_pool(name: str) -> TaskDataset:
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except OSError:
-        shutil.rmtree(locals().get("tmp", root / ".none"), ignore_errors=True)  # read-only home: serve from memory
+        if tmp is not None:  # e.g. a full disk; a read-only home never got a tmp folder: serve from memory
+            shutil.rmtree(tmp, ignore_errors=True)
     return data
 
 
