@@ -38,7 +38,7 @@ USER 10001
 WORKDIR /home/vitmerge
 VOLUME ["/store"]
 EXPOSE 8000
-# start period covers a first start on an empty store (tiny zoo build + merge, ~6 min on 2 CPUs)
+# start period covers a first start on an empty store (the shipped demo zoo is copied, then merged: a few minutes on 2 CPUs)
 HEALTHCHECK --interval=15s --timeout=3s --start-period=900s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('VITMERGE_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["vitmerge", "serve"]

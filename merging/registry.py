@@ -18,7 +18,7 @@ from merging.averaging import task_arithmetic, weight_average
 from merging.dare import dare_views
 from merging.emr import EMRMerged, emr_merge
 from merging.fisher import estimate_fisher, fisher_merge
-from merging.gate import GateConfig, train_gate
+from merging.gate import GateConfig, gate_state, train_gate
 from merging.gating import GatingPlan, expert_stacks, gating_plan
 from merging.regmean import collect_grams, regmean
 from merging.ties import ties_merge
@@ -198,6 +198,7 @@ class GateParams(Params):
     gate_lr: float | None = Field(None, gt=0.0, description="default: 2e-3 pretrained, 1e-2 from scratch")
     gate_seed: int = 0
     gate_max_images: int = Field(1000, gt=0, description="calibration images per task for the gate")
+    gate_test_images: int = Field(1000, ge=0, description="test images per task the routing accuracy is measured on after the merge (0: not measured)")
 
 
 class GatingAvgParams(GateParams):
@@ -223,8 +224,7 @@ def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
     lr = p.gate_lr if p.gate_lr is not None else (2e-3 if init is not None else 1e-2)
     cfg = GateConfig(arch=p.gate_arch, epochs=p.gate_epochs, lr=lr, seed=p.gate_seed)
     trained = train_gate(images, cfg, init, progress=ctx.progress)
-    state = {k: v.detach().clone() for k, v in trained.model.state_dict().items()}
-    return GateArtifact(state, p.gate_arch, prep, trained.holdout_accuracy, trained.epochs_run)
+    return GateArtifact(gate_state(trained.model), p.gate_arch, prep, trained.holdout_accuracy, trained.epochs_run)
 
 
 # -- methods -----------------------------------------------------------------------------

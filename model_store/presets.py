@@ -144,6 +144,7 @@ class BuildReport:
     seconds: float
     test_accuracy: dict[str, float]
     cached: bool = False
+    embedded: bool = False  # copied from the zoo shipped inside the package (no training)
 
 
 def get_preset(name: str) -> ZooPreset:
@@ -210,11 +211,39 @@ def cached_build(root: Path, config_hash: str, start: float) -> BuildReport | No
     return BuildReport(zoo, [], [zoo.base, *zoo.tasks], time.perf_counter() - start, accs, cached=True)
 
 
-def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress: bool = True, device: str = "cpu") -> BuildReport:
+#: Zoos shipped inside the package, one folder per preset (``tiny``: the demo zoo, 16 MB).
+#: Refresh one after changing its preset or the training code: ``make demo-zoo``.
+EMBEDDED_ZOOS = Path(__file__).resolve().parent / "embedded_zoos"
+
+
+def embedded_zoo(preset: ZooPreset) -> Path | None:
+    """The shipped copy of ``preset``'s zoo, when there is one built from the same config hash."""
+    root = EMBEDDED_ZOOS / preset.name
+    try:
+        manifest = json.loads((root / "zoo.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return root if manifest.get("config_hash") == preset.config_hash() else None
+
+
+def _copy_zoo(src: Path, dst: Path) -> None:
+    """Copy a complete zoo into ``dst``; ``zoo.json`` last, so an interrupted copy is never taken as complete."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "zoo.json").unlink(missing_ok=True)
+    shutil.copytree(src / "models", dst / "models", dirs_exist_ok=True)
+    shutil.copy2(src / "zoo.json", dst / "zoo.json")
+
+
+def build_zoo(
+    preset_name: str, root: str | Path, force: bool = False, progress: bool = True, device: str = "cpu", use_embedded: bool = True
+) -> BuildReport:
     """Build (or return the cached) zoo of ``preset_name`` in directory ``root``.
 
-    ``device`` trains there (``auto``: CUDA when available); accuracies are
-    reproducible bit for bit on CPU only.
+    A preset shipped inside the package (:data:`EMBEDDED_ZOOS`, same config hash) is
+    copied instead of trained unless ``force`` or not ``use_embedded``. ``device`` trains there (``auto``:
+    CUDA when available); accuracies are reproducible bit for bit on CPU only.
     """
     preset = get_preset(preset_name)
     if isinstance(preset, DiffInitPreset):  # one pretraining run per task (model_store/diffinit.py)
@@ -225,6 +254,11 @@ def build_zoo(preset_name: str, root: str | Path, force: bool = False, progress:
     start = time.perf_counter()
     if not force and (cached := cached_build(root, chash, start)) is not None:
         return cached
+    if not force and use_embedded and (shipped := embedded_zoo(preset)) is not None:
+        _copy_zoo(shipped, root)
+        if (copied := cached_build(root, chash, start)) is not None:
+            copied.embedded = True
+            return copied
     writer = ZooWriter(root)
     (root / "zoo.json").unlink(missing_ok=True)
     trained, reused, accs = [], [], {}

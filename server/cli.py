@@ -57,7 +57,8 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     target = Path(args.out) if args.out else _store(args).zoo(args.preset)
     report = build_zoo(args.preset, target, force=args.force, progress=not args.quiet, device=args.device)
     zoo = report.zoo
-    state = "cached, nothing to do" if report.cached else f"trained {', '.join(report.trained) or 'nothing'}"
+    state = ("copied the zoo shipped in the package; --force retrains it" if report.embedded
+             else "cached, nothing to do" if report.cached else f"trained {', '.join(report.trained) or 'nothing'}")
     if report.reused and not report.cached:
         state += f"; reused {', '.join(report.reused)}"
     print(f"zoo '{zoo.name}' at {zoo.root} ({state}; {report.seconds:.1f} s)")

@@ -282,7 +282,7 @@ class Engine(EngineInfo):
             if x_gate is None or x_gate.shape[0] != len(routed):
                 raise ValueError(f"expected gate input for {len(routed)} images")
             assert self._gate_run is not None
-            p[routed] = self._gate_run(x_gate.to(self.device)).float().softmax(-1)
+            p[routed] = self._gate_run(x_gate.to(self.device).contiguous(memory_format=torch.channels_last)).float().softmax(-1)
         return p, sources
 
     @torch.inference_mode()

@@ -165,8 +165,9 @@ def with_zoo_defaults(zoo: Zoo, method: str, params: dict[str, Any] | None) -> d
 
 
 @torch.inference_mode()
-def gate_test_accuracy(gate: GateArtifact, zoo: Zoo, tasks: Sequence[str]) -> dict[str, float | None]:
-    """Share of each task's TEST images the gate routes to that task (None: the task has no test images)."""
+def gate_test_accuracy(gate: GateArtifact, zoo: Zoo, tasks: Sequence[str], limit: int | None = None) -> dict[str, float | None]:
+    """Share of each task's TEST images (the first ``limit``) the gate routes to that task
+    (None: the task has no test images)."""
     model = build_gate(gate.arch, len(tasks))
     model.load_state_dict(gate.state)
     out: dict[str, float | None] = {}
@@ -175,7 +176,7 @@ def gate_test_accuracy(gate: GateArtifact, zoo: Zoo, tasks: Sequence[str]) -> di
         if images is None:
             out[task] = None
             continue
-        probs = gate_probabilities(model, images.tensors(gate.preprocessing))
+        probs = gate_probabilities(model, images.tensors(gate.preprocessing, limit))
         out[task] = float((probs.argmax(-1) == i).float().mean())
     return out
 
@@ -262,7 +263,8 @@ def merge_and_publish(
     else:
         with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
             result = run_merge(spec.name, merge_context(zoo, chosen, bar=tbar, progress=progress), parsed)
-    gate_acc = gate_test_accuracy(result.gate, zoo, chosen) if result.gate is not None else None
+    test_images = getattr(parsed, "gate_test_images", None)
+    gate_acc = gate_test_accuracy(result.gate, zoo, chosen, test_images) if result.gate is not None and test_images != 0 else None
     data = data_record(zoo, chosen, spec.needs_calibration)
     draft = store.draft()
     try:

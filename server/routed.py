@@ -52,7 +52,7 @@ class RoutedModel:
         """``p(x)`` per image, ``(B, N)``."""
         if self.gate is None:
             raise ValueError(f"bundle {self.models.bundle.version} has no gate: name the task")
-        return self.gate(x_gate).softmax(-1)
+        return self.gate(x_gate.contiguous(memory_format=torch.channels_last)).softmax(-1)
 
     @torch.inference_mode()
     def classify(self, x: torch.Tensor, x_gate: torch.Tensor | None = None, task: str | None = None) -> Routed:

@@ -124,3 +124,32 @@ def test_invalid_json_and_missing_zoo(zoo_copy, tmp_path):
         Zoo.load(zoo_copy)
     with pytest.raises(ZooFormatError, match="does not exist"):
         Zoo.load(tmp_path / "nope")
+
+
+def test_the_shipped_demo_zoo_is_what_its_preset_builds(tmp_path):
+    """The demo zoo shipped in the package: same config hash as its preset, copied (not trained) by a
+    build, its recorded accuracies real, and one model retrained by this code lands on the shipped one."""
+    from model_store.presets import EMBEDDED_ZOOS, embedded_zoo, get_preset
+
+    preset = get_preset("tiny")
+    assert embedded_zoo(preset) == EMBEDDED_ZOOS / "tiny", "stale shipped zoo: `make demo-zoo` retrains it"
+    t = time.perf_counter()
+    report = build_zoo("tiny", tmp_path / "tiny", progress=False)
+    assert report.embedded and report.cached and report.trained == [] and time.perf_counter() - t < 5
+    zoo = report.zoo
+    assert zoo.file_hashes() == Zoo.load(EMBEDDED_ZOOS / "tiny").file_hashes()
+    meta, test = zoo.metas["digits"], load_split("digits", "test")  # a recorded accuracy is what the weights score
+    acc = accuracy(zoo.build_model("digits"), to_model_input(test.images, meta.preprocessing), torch.as_tensor(test.labels))
+    assert acc == pytest.approx(meta.provenance.test_accuracy, abs=1e-6)
+    # retrain solar (the quickest recipe, ~11 s) from the shipped base with this code
+    (tmp_path / "tiny" / "zoo.json").unlink()
+    shutil.rmtree(tmp_path / "tiny" / "models" / "solar")
+    again = build_zoo("tiny", tmp_path / "tiny", progress=False, use_embedded=False)
+    assert again.trained == ["solar"] and not again.embedded
+    base, shipped, new = (Zoo.load(EMBEDDED_ZOOS / "tiny").backbone("base"), Zoo.load(EMBEDDED_ZOOS / "tiny").backbone("solar"),
+                          again.zoo.backbone("solar"))
+    tau_err = sum(float((new[k] - shipped[k]).norm() ** 2) for k in base) ** 0.5
+    tau = sum(float((shipped[k] - base[k]).norm() ** 2) for k in base) ** 0.5
+    # bit-identical on this machine type (measured); 1% of the task vector leaves room for another CPU
+    assert tau_err <= 0.01 * tau, (tau_err, tau)
+    assert again.test_accuracy["solar"] == pytest.approx(zoo.metas["solar"].provenance.test_accuracy, abs=0.01)
