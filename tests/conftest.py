@@ -10,7 +10,7 @@ from model_store.presets import BuildReport, build_zoo
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _build_in_fresh_process(preset: str, root: Path) -> BuildReport:
+def build_in_fresh_process(preset: str, root: Path) -> BuildReport:
     """Train a preset zoo with ``vitmerge zoo build`` in a new interpreter, then open the cached result.
 
     Training in the long-lived test process runs 1.3-1.9x slower than in a fresh one (measured:
@@ -31,7 +31,7 @@ def _build_in_fresh_process(preset: str, root: Path) -> BuildReport:
 @pytest.fixture(scope="session")
 def test_zoo_report(tmp_path_factory: pytest.TempPathFactory) -> BuildReport:
     """The `test` preset zoo, trained for real on the offline datasets (~20 s)."""
-    return _build_in_fresh_process("test", tmp_path_factory.mktemp("store") / "zoos" / "test")
+    return build_in_fresh_process("test", tmp_path_factory.mktemp("store") / "zoos" / "test")
 
 
 @pytest.fixture(scope="session")

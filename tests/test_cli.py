@@ -112,7 +112,8 @@ def test_methods_lists_the_registry(capsys):
 def test_routed_eval_via_cli(test_zoo_dir, tmp_path, capsys):
     store = tmp_path / "s"
     args = ["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--method", "emr_routed", "--quiet",
-            "--param", "gate_arch=mobilenetv2_100", "--param", "gate_size=32", "--param", "gate_epochs=2"]
+            "--param", "gate_arch=mobilenetv2_100", "--param", "gate_size=32", "--param", "gate_epochs=2",
+            "--param", "gate_max_images=200", "--param", "gate_test_images=40"]
     assert main(args) == 0
     capsys.readouterr()
     manifest = json.loads((store / "bundles" / "v1" / "manifest.json").read_text())

@@ -5,6 +5,7 @@ Uses the `test-diffinit` preset (two tiny ViTs, each with its own pretraining; ~
 import time
 
 import pytest
+from conftest import build_in_fresh_process
 from server_helpers import AsgiHarness, png_bytes
 
 from merging.registry import REGISTRY, run_merge
@@ -20,8 +21,7 @@ TASK_VECTOR_METHODS = ["task_arithmetic", "ties", "dare_ta", "dare_ties", "emr",
 
 @pytest.fixture(scope="module")
 def diff_report(tmp_path_factory):
-    root = tmp_path_factory.mktemp("diffinit") / "zoos" / "test-diffinit"
-    return build_zoo("test-diffinit", root, progress=False)
+    return build_in_fresh_process("test-diffinit", tmp_path_factory.mktemp("diffinit") / "zoos" / "test-diffinit")
 
 
 @pytest.fixture(scope="module")
