@@ -17,7 +17,7 @@ def test_every_task_loads_real_images(task):
     assert data.images.dtype == np.uint8 and data.images.ndim == 3
     assert len(data.images) == len(data.labels) > 1000
     assert set(np.unique(data.labels)) == set(range(len(data.class_names)))
-    assert data.images.std() > 10  # real pictures, not blanks
+    assert data.images[:: max(1, len(data.images) // 200)].std() > 10  # real pictures, not blanks (200 spread over the pool)
 
 
 @pytest.mark.parametrize("task", TASKS)
