@@ -1,0 +1,95 @@
+"""Gate speed on CPU by memory format: the timm gates (EfficientNet-Lite0, MobileNetV2) in
+PyTorch's default NCHW layout vs ``channels_last`` (what ``merging.gate.build_gate`` returns).
+
+Per architecture and input size: training ms/image (AdamW, batch 32, forward + backward +
+step) and inference ms/image (batch 256, ``inference_mode``); same weights, same inputs,
+one process, warm-up excluded, best of ``--repeats``. Writes
+``benchmarks/results/gate_memory_format.{json,md}``.
+
+    .venv/bin/python benchmarks/gate_memory_format.py [--sizes 32,64] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from merging.gate import GATE_ARCHS, build_gate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _nchw(model: torch.nn.Module) -> torch.nn.Module:
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def _train_ms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+    step(x[:batch], y[:batch])
+    t = time.perf_counter()
+    for i in range(0, len(x), batch):
+        step(x[i : i + batch], y[i : i + batch])
+    return (time.perf_counter() - t) / len(x) * 1000
+
+
+@torch.inference_mode()
+def _infer_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
+    model.eval()
+    model(x[:16])
+    t = time.perf_counter()
+    model(x)
+    return (time.perf_counter() - t) / len(x) * 1000
+
+
+def measure(arch: str, size: int, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` train / infer ms per image in both formats."""
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 3, size, size), torch.randint(0, 4, (256,))
+    out: dict[str, float] = {}
+    for fmt in ("nchw", "channels_last"):
+        trains, infers = [], []
+        for _ in range(repeats):
+            model = build_gate(arch, 4)  # channels_last
+            xs = x.contiguous(memory_format=torch.channels_last)
+            if fmt == "nchw":
+                model, xs = _nchw(model), x.contiguous()
+            trains.append(_train_ms(model, xs, y, 32))
+            infers.append(_infer_ms(model, xs))
+        out[f"train_{fmt}"], out[f"infer_{fmt}"] = min(trains), min(infers)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="32,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    cases = [(a, s) for a in GATE_ARCHS for s in sizes]
+    for arch, size in tqdm(cases, desc="gate memory formats", unit="case"):
+        rows.append({"arch": arch, "size": size, **measure(arch, size, args.repeats)})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "gate_memory_format.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    lines = ["| gate | px | train NCHW | train channels_last | speed-up | infer NCHW | infer channels_last | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['size']} | {r['train_nchw']:.2f} | {r['train_channels_last']:.2f} | {r['train_nchw'] / r['train_channels_last']:.2f}× "
+                     f"| {r['infer_nchw']:.2f} | {r['infer_channels_last']:.2f} | {r['infer_nchw'] / r['infer_channels_last']:.2f}× |")
+    table = "\n".join(lines)
+    (RESULTS / "gate_memory_format.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
