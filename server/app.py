@@ -52,10 +52,12 @@ from server.schemas import (
     ClassifyJSON,
     ClassifyOptions,
     ClassifyResponse,
+    ErrorResponse,
     MergeJobView,
     MergeRequest,
     ModelsResponse,
     ModelVersion,
+    ReadyResponse,
     TaskInfo,
     TasksResponse,
 )
@@ -319,6 +321,30 @@ def encode_prediction(engine: Engine, result: ItemResult, top_k: int) -> dict[st
 
 
 # -- the app ---------------------------------------------------------------------------------
+_STATUS = {
+    400: "malformed body (unparsable JSON, bad multipart, undecodable base64)",
+    401: "missing or wrong bearer token",
+    403: "admin endpoints are disabled (no VITMERGE_ADMIN_TOKEN)",
+    404: "no such merge job",
+    409: "a merge is already running",
+    413: "body or image larger than the limits",
+    415: "unsupported content type",
+    422: "well-formed but invalid: schema, unknown task, unusable image, method or params",
+    429: "the request queue is full (Retry-After)",
+    500: "a batch failed inside the engine",
+    503: "no model loaded yet, or the server is draining (Retry-After)",
+    504: "the request did not finish within the request timeout",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses: each with the JSON error body (``ErrorResponse``)."""
+    return {code: {"model": ErrorResponse, "description": _STATUS[code]} for code in codes}
+
+
+#: Statuses the serving middleware can answer on any route (draining; body over the limit).
+_ANY = (413, 503)
+
 _MERGE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": MergeRequest.model_json_schema()}}}}
 
 _CLASSIFY_BODY = {
@@ -329,9 +355,11 @@ _CLASSIFY_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
+                    "required": ["images"],
                     "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "task": {"type": "string"},
+                        "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                                   "description": "image files (a single part named `image` is accepted too)"},
+                        "task": {"type": "string", "minLength": 1},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
                     },
                 }
@@ -368,11 +396,12 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, state=state)
 
-    @app.get("/healthz", tags=["ops"], summary="liveness")
+    @app.get("/healthz", tags=["ops"], summary="liveness", responses=_errors(*_ANY))
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="readiness: 200 while a model is loaded and the worker is alive")
+    @app.get("/readyz", tags=["ops"], summary="readiness: 200 while a model is loaded and the worker is alive", response_model=ReadyResponse,
+             responses=_errors(*_ANY))
     async def readyz(request: Request) -> JSONResponse:
         ready = state.ready
         state.metrics.ready.set(1 if ready else 0)
@@ -381,18 +410,19 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
             return JSONResponse(error_body("not_ready", msg, request_id_of(request)), status_code=503)
         return JSONResponse({"status": "ready", "model_version": state.manager.version})
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}, **_errors(*_ANY)})
     async def metrics() -> PlainTextResponse:
         state.metrics.ready.set(1 if state.ready else 0)
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/tasks", tags=["models"], response_model=TasksResponse, summary="tasks and classes of the served bundle")
+    @app.get("/v1/tasks", tags=["models"], response_model=TasksResponse, summary="tasks and classes of the served bundle", responses=_errors(*_ANY))
     async def tasks() -> TasksResponse:
         engine = state.engine()
         infos = [TaskInfo(name=t, index=i, classes=engine.class_names[t]) for i, t in enumerate(engine.tasks)]
         return TasksResponse(model_version=engine.version, gate=engine.has_gate, tasks=infos)
 
-    @app.get("/v1/models", tags=["models"], response_model=ModelsResponse, summary="bundle versions in the store")
+    @app.get("/v1/models", tags=["models"], response_model=ModelsResponse, summary="bundle versions in the store", responses=_errors(*_ANY))
     async def models() -> ModelsResponse:
         store = state.manager.store
 
@@ -411,7 +441,7 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
         return await asyncio.to_thread(listing)
 
     @app.post("/v1/classify", tags=["inference"], response_model=ClassifyResponse, openapi_extra=_CLASSIFY_BODY,
-              summary="classify images (task from the gate, or given)", responses={400: {}, 413: {}, 415: {}, 422: {}, 429: {}, 503: {}, 504: {}})
+              summary="classify images (task from the gate, or given)", responses=_errors(400, 401, 413, 415, 422, 429, 500, 503, 504))
     async def classify(request: Request, response: Response) -> dict[str, Any]:
         start = time.perf_counter()
         require_api_key(request, settings)
@@ -456,13 +486,14 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
         require_admin(request, settings)
 
     @app.post("/v1/merge", tags=["admin"], status_code=202, response_model=MergeJobView, summary="start a merge job (admin)",
-              openapi_extra=_MERGE_BODY, responses={400: {}, 401: {}, 403: {}, 409: {}, 413: {}, 415: {}, 422: {}}, dependencies=[Depends(admin)])
+              openapi_extra=_MERGE_BODY, responses=_errors(400, 401, 403, 409, 413, 415, 422, 503), dependencies=[Depends(admin)])
     async def merge(request: Request) -> dict[str, Any]:
         body = await read_merge_request(request)
         job = await asyncio.to_thread(state.jobs.submit, body.method, body.params, body.tasks)
         return job.as_dict()
 
-    @app.get("/v1/merge/{job_id}", tags=["admin"], response_model=MergeJobView, summary="a merge job's state (admin)", dependencies=[Depends(admin)])
+    @app.get("/v1/merge/{job_id}", tags=["admin"], response_model=MergeJobView, summary="a merge job's state (admin)", dependencies=[Depends(admin)],
+             responses=_errors(401, 403, 404, *_ANY))
     async def merge_job(job_id: str) -> dict[str, Any]:
         return state.jobs.get(job_id).as_dict()
 

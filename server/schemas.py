@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API (pydantic; they make the OpenAPI docs)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,14 +13,16 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str | None = Field(None, description="task name; skips the gate for every image")
+    task: str | None = Field(None, min_length=1, description="task name; skips the gate for every image")
     top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="classes returned per image")
 
 
 class ClassifyJSON(ClassifyOptions):
     """``application/json`` body: base64 images (plain or ``data:image/...;base64,`` URLs)."""
 
-    images: list[str] = Field(..., min_length=1, description="base64-encoded PNG/JPEG/GIF/BMP/WEBP/TIFF images")
+    images: list[Annotated[str, Field(min_length=1)]] = Field(
+        ..., min_length=1, description="base64-encoded PNG/JPEG/GIF/BMP/WEBP/TIFF images (plain or `data:image/...;base64,` URLs)"
+    )
 
 
 class TaskPrediction(BaseModel):
@@ -100,6 +102,23 @@ class ModelVersion(BaseModel):
     created_at: str
     current: bool
     serving: bool
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code, e.g. invalid_image, unknown_task")
+    message: str = Field(description="what was wrong, for a person")
+    request_id: str | None = Field(None, description="the request's X-Request-ID (also a response header)")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body."""
+
+    error: ErrorDetail
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    model_version: str | None
 
 
 class ModelsResponse(BaseModel):

@@ -153,7 +153,9 @@ def _bad_inputs(png: bytes):
         ("merge: empty method", dict(url=M, json={"method": ""}, headers=ADMIN), 422, "invalid_merge_request"),
         ("merge: unknown task", dict(url=M, json={"method": "avg", "tasks": ["mnist", "cifar"]}, headers=ADMIN), 422, "invalid_merge_request"),
         ("random bytes", dict(url=J, json={"images": [_b64(bytes(range(256)) * 4)]}), 400, "invalid_image"),
-        ("empty image", dict(url=J, json={"images": [""]}), 400, "invalid_image"),
+        ("empty image", dict(url=J, json={"images": [""]}), 422, "invalid_request"),  # the schema says minLength 1
+        ("empty task form field", dict(url=J, files={"image": ("x.png", png)}, data={"task": ""}), 422, "invalid_request"),
+        ("empty task json field", dict(url=J, json={"images": [_b64(png)], "task": ""}), 422, "invalid_request"),
         ("truncated png", dict(url=J, json={"images": [_b64(png[: len(png) // 2])]}), 400, "invalid_image"),
         ("png signature only", dict(url=J, json={"images": [_b64(png[:8])]}), 400, "invalid_image"),
         ("huge png header", dict(url=J, json={"images": [_b64(huge_png_header())]}), 413, "image_too_large"),
