@@ -58,9 +58,8 @@ def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -
     """A timm gate network with ``num_tasks`` outputs (optionally from pretrained weights).
 
     The model is in ``channels_last`` memory format: its depthwise convolutions run
-    1.3-5x faster that way on CPU (measured: EfficientNet-Lite0 inference at 32 px
-    2.2 -> 0.43 ms/img, training 8.8 -> 4.6 ms/img); :func:`gate_state` gives a
-    contiguous copy of the weights for saving.
+    1.3-5.9x faster that way on CPU (``benchmarks/gate_memory_format.py``, BENCHMARKS.md);
+    :func:`gate_state` gives a contiguous copy of the weights for saving.
     """
     if arch not in GATE_ARCHS:
         raise ValueError(f"unknown gate arch '{arch}'; valid: {', '.join(GATE_ARCHS)}")
