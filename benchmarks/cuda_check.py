@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model_store.bundle import BundleStore  # noqa: E402
 from model_store.settings import StoreLayout  # noqa: E402
-from server.engine import Engine  # noqa: E402
+from server.runtime.engine import Engine  # noqa: E402
 
 
 def _batch(engine: Engine, pool: Path, n: int = 64):

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merging.registry import run_merge
+from merging.catalog import run_merge
+from merging.pipeline import merge_context
 from model_store.memory import limit_heap_fragmentation
-from model_store.presets import build_zoo
 from model_store.zoo import Zoo
-from server.joint_eval import evaluate_ensemble, evaluate_merged, load_test_sets, summary
-from server.merge_pipeline import merge_context
+from model_store.zoo_build.presets import build_zoo
+from server.eval.joint import evaluate_ensemble, evaluate_merged, load_test_sets, summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
 """Gate speed on CPU by memory format: the timm gates (EfficientNet-Lite0, MobileNetV2) in
-PyTorch's default NCHW layout vs ``channels_last`` (what ``merging.gate.build_gate`` returns).
+PyTorch's default NCHW layout vs ``channels_last`` (what ``model_store.architecture.build_gate`` returns).
 
 Per architecture and input size: training ms/image (AdamW, batch 32, forward + backward +
 step) and inference ms/image (batch 256, ``inference_mode``); same weights, same inputs,
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merging.gate import GATE_ARCHS, build_gate
+from model_store.architecture import GATE_ARCHS, build_gate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,12 +78,12 @@ def engine_ms(repeats: int, batches: int = 8) -> dict[str, float]:
     gate trained briefly: speed does not depend on its accuracy), gate in NCHW vs channels_last."""
     import tempfile
 
+    from merging.pipeline import merge_and_publish
     from model_store.bundle import BundleStore
-    from model_store.datasets import load_split
-    from model_store.presets import build_zoo
+    from model_store.data.builtin import load_split
     from model_store.settings import StoreLayout
-    from server.engine import Engine
-    from server.merge_pipeline import merge_and_publish
+    from model_store.zoo_build.presets import build_zoo
+    from server.runtime.engine import Engine
 
     work = Path(tempfile.mkdtemp(prefix="gate-engine-"))
     zoo = build_zoo("tiny", work / "zoo", progress=False).zoo

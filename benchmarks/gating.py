@@ -24,15 +24,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from merging import collect_grams, emr_merge, regmean, weight_average
-from merging.gate import build_gate, gate_probabilities
-from merging.gating import expert_stacks, gating_plan
-from merging.registry import GateParams, train_gate_for
-from model_store.datasets import load_split
+from merging.gating.plan import expert_stacks, gating_plan
+from merging.gating.router import GateParams, gate_probabilities, train_gate_for
+from merging.pipeline import merge_context
+from model_store.architecture import build_gate
+from model_store.data.builtin import load_split
+from model_store.data.preprocessing import to_model_input
 from model_store.memory import limit_heap_fragmentation
-from model_store.preprocessing import to_model_input
-from model_store.presets import build_zoo
-from server.gated_vit import GatedViT
-from server.merge_pipeline import merge_context
+from model_store.zoo_build.presets import build_zoo
+from server.runtime.gated_vit import GatedViT
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from merging.regmean import collect_grams, regmean
+from merging.methods.regmean import collect_grams, regmean
+from merging.pipeline import merge_context
 from model_store.architecture import load_into
 from model_store.data.attach import test_set
-from model_store.presets import build_zoo
-from model_store.training import accuracy
-from server.merge_pipeline import merge_context
+from model_store.zoo_build.presets import build_zoo
+from model_store.zoo_build.training import accuracy
 
 REPO = Path(__file__).resolve().parent.parent
 

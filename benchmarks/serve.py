@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from model_store.architecture import build_model  # noqa: E402
 from model_store.bundle import BundleStore  # noqa: E402
 from model_store.settings import StoreLayout  # noqa: E402
-from server.engine import Engine  # noqa: E402
+from server.runtime.engine import Engine  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BENCH_STORE = REPO / "benchmarks" / ".serve-store"
@@ -50,9 +50,9 @@ CONCURRENCY = (1, 4, 16)
 # -- preparation (CPU machine with the offline datasets) ---------------------------------------
 def prepare(store: Path, per_task: int = 64) -> None:
     """Bench store with the tiny zoo's default routed-EMR bundle + a pool of TEST images as PNG."""
-    from model_store.datasets import load_split
-    from model_store.presets import build_zoo
-    from server.merge_pipeline import merge_and_publish
+    from merging.pipeline import merge_and_publish
+    from model_store.data.builtin import load_split
+    from model_store.zoo_build.presets import build_zoo
 
     zoo = build_zoo("tiny", REPO / "store" / "zoos" / "tiny", progress=True).zoo
     bstore = BundleStore(StoreLayout(store))
@@ -214,7 +214,7 @@ def engine_rows(engine: Engine, batches: list[dict], label: str) -> list[dict]:
     gate_only = rate(lambda b: engine.gate(b["g"]).softmax(-1).cpu(), moved, dev)
     extra = []
     if engine.use_graphs:  # the same engine without CUDA graphs, and the plain ViT WITH one
-        from server.engine import GraphRunner
+        from server.runtime.engine import GraphRunner
 
         eager = Engine(engine.bundle, dev, 1 << 40, cuda_graphs=False)
         graphed_vit = GraphRunner(vit, torch.cuda.graph_pool_handle())
@@ -244,9 +244,9 @@ def memory_rows(engine: Engine, batches: list[dict], label: str) -> dict:
 
 def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
     """An EMR + gate bundle of ViT-B/16 size (random weights; speed and memory only, not accuracy)."""
-    from merging.emr import emr_merge
-    from merging.gate import build_gate, gate_state
-    from server.merge_pipeline import BUNDLE_FORMAT
+    from merging.methods.emr import emr_merge
+    from merging.pipeline import BUNDLE_FORMAT
+    from model_store.architecture import build_gate, gate_state
 
     store = BundleStore(StoreLayout(root))
     if store.current_version() is not None:

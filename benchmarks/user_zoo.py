@@ -46,7 +46,7 @@ def _vitmerge() -> list[str]:
 def export_user_world() -> Path:
     """Checkpoints + images in the layouts a user has; returns the spec path."""
     from model_store.data.attach import calibration_set, test_set
-    from model_store.presets import build_zoo
+    from model_store.zoo_build.presets import build_zoo
 
     zoo = build_zoo("tiny", REPO / "store" / "zoos" / "tiny").zoo
     shutil.rmtree(WORK, ignore_errors=True)

@@ -9,27 +9,27 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from merging.averaging import task_arithmetic, weight_average
-from merging.dare import dare, dare_views
-from merging.emr import EMRMerged, emr_merge, pack_mask, unpack_mask
-from merging.fisher import estimate_fisher, fisher_merge
-from merging.regmean import collect_grams, regmean
-from merging.similarity import layer_similarity, rank_blocks
-from merging.ties import ties_merge
+from merging.methods.averaging import task_arithmetic, weight_average
+from merging.methods.dare import dare, dare_views
+from merging.methods.emr import EMRMerged, emr_merge, pack_mask, unpack_mask
+from merging.methods.fisher import estimate_fisher, fisher_merge
+from merging.methods.regmean import collect_grams, regmean
+from merging.methods.similarity import layer_similarity, rank_blocks
+from merging.methods.ties import ties_merge
 
-# The registry (and through it gate training) loads lazily (PEP 562): the server
-# imports merging.emr on its load path without pulling in training code.
-_LAZY = {"REGISTRY", "MergeContext", "MergeResult", "get_method", "parse_params", "register", "run_merge"}
+# The method index (and through it gate training) loads on first use (PEP 562).
+_LAZY = {"REGISTRY": "merging.catalog", "get_method": "merging.catalog", "parse_params": "merging.catalog",
+         "run_merge": "merging.catalog", "MergeContext": "merging.registry", "MergeResult": "merging.registry"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module("merging.registry"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'merging' has no attribute '{name}'")
 
 
 __all__ = [
     "REGISTRY", "EMRMerged", "MergeContext", "MergeResult", "collect_grams", "dare", "dare_views", "emr_merge",
     "estimate_fisher", "fisher_merge", "get_method", "layer_similarity", "pack_mask", "parse_params", "rank_blocks",
-    "register", "regmean", "run_merge", "task_arithmetic", "ties_merge", "unpack_mask", "weight_average",
+    "regmean", "run_merge", "task_arithmetic", "ties_merge", "unpack_mask", "weight_average",
 ]

@@ -1,1 +1,3 @@
-"""On-disk formats: offline datasets, source zoos, merged bundles, importers."""
+"""Formats and what feeds them: zoo and bundle schemas and stores, networks, data sources, importers, zoo builds.
+
+The bottom layer: imports nothing from ``merging`` or ``server``."""

@@ -1,7 +1,8 @@
-"""Building timm models from metadata and splitting their state into backbone + head."""
+"""Every network a bundle holds, built from metadata: the ViT (timm) and the gate CNN; backbone/head splits."""
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal, get_args
 
 import timm
 import torch
@@ -10,6 +11,10 @@ from torch import nn
 from model_store.schema import Architecture
 
 StateDict = dict[str, torch.Tensor]
+
+#: The gate (router) networks: timm names, the default first.
+GateArch = Literal["efficientnet_lite0", "mobilenetv2_100"]
+GATE_ARCHS: tuple[str, ...] = get_args(GateArch)
 
 
 def build_model(arch: Architecture, num_classes: int = 0) -> nn.Module:
@@ -43,3 +48,28 @@ def load_into(model: nn.Module, backbone: StateDict, head: StateDict | None = No
         state.update(head)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -> nn.Module:
+    """A timm gate network with ``num_tasks`` outputs (optionally from pretrained weights).
+
+    The model is in ``channels_last`` memory format: its depthwise convolutions run
+    1.3-5.9x faster that way on CPU (``benchmarks/gate_memory_format.py``, BENCHMARKS.md);
+    :func:`gate_state` gives a contiguous copy of the weights for saving.
+    """
+    if arch not in GATE_ARCHS:
+        raise ValueError(f"unknown gate arch '{arch}'; valid: {', '.join(GATE_ARCHS)}")
+    model = timm.create_model(arch, pretrained=False, num_classes=num_tasks)
+    if init_state is not None:
+        prefix = head_prefix(model)
+        head_keys = set(split_head(model.state_dict(), prefix)[1])
+        body, _ = split_head(init_state, prefix)  # the ImageNet classifier is replaced
+        missing, unexpected = model.load_state_dict(body, strict=False)
+        if unexpected or set(missing) - head_keys:
+            raise ValueError(f"gate init does not fit {arch}: missing={sorted(set(missing) - head_keys)[:5]} unexpected={unexpected[:5]}")
+    return model.to(memory_format=torch.channels_last)
+
+
+def gate_state(model: nn.Module) -> StateDict:
+    """The gate's weights as contiguous tensors (safetensors refuses channels-last strides)."""
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

@@ -171,7 +171,7 @@ def task_data(meta: ModelMeta) -> TaskData:
     """``meta.data``; for preset models written before it existed, the built-in dataset they were trained on."""
     if meta.data.calibration or meta.data.test or meta.role != "task":
         return meta.data
-    from model_store.datasets import TASKS
+    from model_store.data.builtin import TASKS
 
     if meta.provenance.source.startswith("vitmerge zoo build") and meta.provenance.dataset == meta.task and meta.task in TASKS:
         src = DataSource(kind="builtin", location=meta.task, seed=meta.provenance.split_seed or 0)

@@ -223,10 +223,10 @@ def _gate(spec: ZooSpec, spec_dir: Path, zoo_dir: Path) -> GateInit | None:
         return None
     if spec.gate.init is None:
         return GateInit(arch=spec.gate.arch)
-    from model_store.importers.gate_weights import gate_state
+    from model_store.importers.gate_weights import load_gate_weights
 
     src = _resolve(spec_dir, spec.gate.init)
-    state = gate_state(src, spec.gate.arch)
+    state = load_gate_weights(src, spec.gate.arch)
     (zoo_dir / "gate").mkdir(exist_ok=True)
     save_file(state, zoo_dir / "gate" / "init.safetensors")
     return GateInit(arch=spec.gate.arch, file="gate/init.safetensors", source=str(src))

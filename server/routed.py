@@ -16,8 +16,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from server.bundle_models import BundleModels
-from server.gated_vit import DEFAULT_SPARSE_THRESHOLD, GatedViT
+from server.runtime.bundle_reader import BundleModels
+from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD, GatedViT
 
 
 @dataclass

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from model_store.presets import BuildReport, build_zoo
+from model_store.zoo_build.presets import BuildReport, build_zoo
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def tiny_zoo_report() -> BuildReport:
     """The real demo zoo (`tiny` preset) as `make run` gets it: copied from the package into ./store.
 
     The copy shipped in the package is checked against its preset and the training code by
-    tests/test_zoo.py::test_the_shipped_demo_zoo_is_what_its_preset_builds.
+    tests/model_store/test_zoo.py::test_the_shipped_demo_zoo_is_what_its_preset_builds.
     """
     report = build_zoo("tiny", REPO / "store" / "zoos" / "tiny", progress=False)
     assert report.cached, "the shipped demo zoo is stale: `make demo-zoo` retrains it"
@@ -54,9 +54,9 @@ def tiny_zoo_report() -> BuildReport:
 @pytest.fixture(scope="session")
 def server_store_template(test_zoo_report: BuildReport, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store whose CURRENT (v1) is a routed-EMR bundle of the `test` zoo (small gate, ~10 s)."""
+    from merging.pipeline import merge_and_publish
     from model_store.bundle import BundleStore
     from model_store.settings import StoreLayout
-    from server.merge_pipeline import merge_and_publish
 
     root = tmp_path_factory.mktemp("server-store")
     merge_and_publish(test_zoo_report.zoo, BundleStore(StoreLayout(root)), "emr_routed", SMALL_GATE, progress=False)
@@ -71,9 +71,9 @@ SMALL_GATE = {"gate_epochs": 1, "gate_size": 32, "gate_max_images": 200, "gate_t
 @pytest.fixture(scope="session")
 def gated_store(test_zoo_report: BuildReport, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store whose CURRENT is a gating_avg (m=1) bundle of the `test` zoo, built once per session."""
+    from merging.pipeline import merge_and_publish
     from model_store.bundle import BundleStore
     from model_store.settings import StoreLayout
-    from server.merge_pipeline import merge_and_publish
 
     root = tmp_path_factory.mktemp("gated-store")
     merge_and_publish(test_zoo_report.zoo, BundleStore(StoreLayout(root)), "gating_avg", {"m": 1, **SMALL_GATE}, progress=False)

@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from server.app import create_app
-from server.settings import ServerSettings
+from server.http.app import create_app
+from server.http.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 

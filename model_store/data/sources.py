@@ -5,7 +5,7 @@ One code path for every zoo. A source is parsed from what a user writes
 pixels yet) and read in chunks into model inputs (:meth:`ImageSet.tensors`):
 
 * ``builtin:<name>`` -- the offline datasets with their seeded splits
-  (:mod:`model_store.datasets`);
+  (:mod:`model_store.data.builtin`);
 * a folder (calibration) -- every image file below it, labels ignored;
 * an ImageFolder (test) -- one sub-folder per class, named like the task's classes;
 * a CSV manifest ``path,label`` -- paths relative to the CSV; ``label`` (a class name,
@@ -28,10 +28,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from model_store.data.builtin import TASKS, SplitSpec, load_split
 from model_store.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
-from model_store.datasets import TASKS, SplitSpec, load_split
+from model_store.data.preprocessing import to_model_input
 from model_store.errors import DataSourceError, ImageDecodeError
-from model_store.preprocessing import to_model_input
 from model_store.schema import DataSource, Preprocessing
 
 Role = Literal["calibration", "test"]

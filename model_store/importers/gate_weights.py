@@ -12,14 +12,12 @@ from pathlib import Path
 
 import timm
 
-from model_store.architecture import StateDict, head_prefix, split_head
+from model_store.architecture import GATE_ARCHS, StateDict, head_prefix, split_head
 from model_store.errors import CheckpointImportError
 from model_store.importers.common import read_state_dict
 
-GATE_ARCHS = ("mobilenetv2_100", "efficientnet_lite0")
 
-
-def gate_state(path: str | Path, arch: str) -> StateDict:
+def load_gate_weights(path: str | Path, arch: str) -> StateDict:
     """The gate backbone (and 1000-class head when present) of ``path`` in timm ``arch`` naming."""
     if arch not in GATE_ARCHS:
         raise CheckpointImportError(f"unknown gate arch '{arch}'; valid: {', '.join(GATE_ARCHS)}")

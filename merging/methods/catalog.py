@@ -1,0 +1,95 @@
+"""Catalog of the merges of models that share a pretrained base, without a gate (SPEC sections 1-2).
+
+AvgMean, Task Arithmetic, TIES, DARE (+TA / +TIES), RegMean, Fisher and EMR.
+"""
+from __future__ import annotations
+
+from pydantic import Field
+
+from merging.methods.averaging import task_arithmetic, weight_average
+from merging.methods.dare import dare_views
+from merging.methods.emr import emr_merge
+from merging.methods.fisher import estimate_fisher, fisher_merge
+from merging.methods.regmean import collect_grams, regmean
+from merging.methods.ties import ties_merge
+from merging.registry import Catalog, MergeContext, MergeResult, NoParams, Params
+
+CATALOG = Catalog()
+
+
+# -- parameter models ------------------------------------------------------------------
+class TaskArithmeticParams(Params):
+    lam: float = Field(0.3, gt=0.0, le=2.0, description="scale of the summed task vectors")
+
+
+class TiesParams(Params):
+    k: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept by magnitude")
+    lam: float = Field(1.0, gt=0.0, le=2.0, description="scale of the disjoint mean")
+
+
+class DareTAParams(TaskArithmeticParams):
+    p: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability")
+    seed: int = 0
+
+
+class DareTiesParams(TiesParams):
+    p: float = Field(0.5, ge=0.0, lt=1.0, description="drop probability")
+    seed: int = 0
+
+
+class RegMeanParams(Params):
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="scale of Gram off-diagonals")
+    max_images: int = Field(256, gt=0, description="calibration images per task")
+
+
+class FisherParams(Params):
+    max_images: int = Field(128, gt=0, description="calibration images per task")
+    floor: float = Field(1e-12, gt=0.0)
+
+
+# -- methods -----------------------------------------------------------------------------
+@CATALOG.register("avg", NoParams, False, "AvgMean: mean of the fine-tuned weights")
+def _avg(ctx: MergeContext, p: NoParams) -> MergeResult:
+    return MergeResult(backbone=weight_average(ctx.finetuned))
+
+
+@CATALOG.register("task_arithmetic", TaskArithmeticParams, False, "theta_0 + lam * sum of task vectors", needs_shared_base=True)
+def _ta(ctx: MergeContext, p: TaskArithmeticParams) -> MergeResult:
+    return MergeResult(backbone=task_arithmetic(ctx.pretrained, ctx.finetuned, p.lam))
+
+
+@CATALOG.register("ties", TiesParams, False, "TIES: trim top-k, elect sign, disjoint mean", needs_shared_base=True)
+def _ties(ctx: MergeContext, p: TiesParams) -> MergeResult:
+    return MergeResult(backbone=ties_merge(ctx.pretrained, ctx.finetuned, p.k, p.lam))
+
+
+@CATALOG.register("dare_ta", DareTAParams, False, "DARE drop/rescale, then Task Arithmetic", needs_shared_base=True)
+def _dare_ta(ctx: MergeContext, p: DareTAParams) -> MergeResult:
+    views = dare_views(ctx.pretrained, ctx.finetuned, p.p, p.seed)
+    return MergeResult(backbone=task_arithmetic(ctx.pretrained, views, p.lam))
+
+
+@CATALOG.register("dare_ties", DareTiesParams, False, "DARE drop/rescale, then TIES", needs_shared_base=True)
+def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
+    views = dare_views(ctx.pretrained, ctx.finetuned, p.p, p.seed)
+    return MergeResult(backbone=ties_merge(ctx.pretrained, views, p.k, p.lam))
+
+
+@CATALOG.register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
+def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
+    assert ctx.build_model and ctx.calibration
+    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
+    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+
+
+@CATALOG.register("fisher", FisherParams, True, "Fisher merging with a diagonal Fisher from the models' own predictions")
+def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
+    assert ctx.build_model and ctx.calibration
+    fishers = [estimate_fisher(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
+    return MergeResult(backbone=fisher_merge(ctx.finetuned, fishers, p.floor))
+
+
+@CATALOG.register("emr", NoParams, False, "EMR-Merging: unified task vector + 1-bit masks + rescalers", needs_shared_base=True)
+def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
+    merged = emr_merge(ctx.pretrained, ctx.finetuned)
+    return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})

@@ -1,0 +1,141 @@
+"""Per-task test accuracy of a bundle: task given, or routed by its gate, on the zoo's test sources.
+
+The test images of each task come from the data source the bundle's manifest records
+(``extra.data[task].test``; bundles made before data sources: the task's built-in
+split). A task without test images is reported as such (``None``), never as 0.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from model_store.data.builtin import TASKS
+from model_store.data.sources import ImageSet, open_source
+from model_store.errors import ZooFormatError
+from model_store.schema import DataSource
+from model_store.zoo import Zoo
+from model_store.zoo_build.training import accuracy
+from server.runtime.bundle_reader import BundleModels
+
+if TYPE_CHECKING:
+    from server.routed import RoutedModel
+
+Accuracies = dict[str, float | None]
+
+
+def bundle_test_sets(models: BundleModels) -> dict[str, ImageSet | None]:
+    """Each task's labeled test images, from the sources the bundle was made with."""
+    records = models.bundle.manifest.extra.get("data")
+    out: dict[str, ImageSet | None] = {}
+    for task in models.tasks:
+        if records is None:  # bundles made before data sources: the built-in split
+            source = DataSource(kind="builtin", location=task) if task in TASKS else None
+        else:
+            rec = (records.get(task) or {}).get("test")
+            source = DataSource.model_validate(rec["source"]) if rec else None
+        out[task] = None if source is None else open_source(source, "test", models.class_names[task])
+    return out
+
+
+def source_zoo(models: BundleModels) -> Zoo | None:
+    """The zoo a bundle was merged from, when it is still where the manifest says."""
+    path = models.bundle.manifest.zoo.get("path")
+    if not path or not (Path(path) / "zoo.json").exists():
+        return None
+    try:
+        return Zoo.load(path, require_base=False)
+    except ZooFormatError:
+        return None
+
+
+def evaluate_bundle(models: BundleModels, limit: int | None = None, progress: bool = False) -> Accuracies:
+    """Accuracy on every task's TEST images (first ``limit`` of each); None without test data."""
+    sets = bundle_test_sets(models)
+    out: Accuracies = {}
+    for task in tqdm(models.tasks, desc=f"eval {models.bundle.version}", disable=not progress):
+        images = sets[task]
+        if images is None:
+            out[task] = None
+            continue
+        out[task] = accuracy(models.build(task), images.tensors(models.preprocessing, limit), images.label_tensor(limit))
+    return out
+
+
+def evaluate_individual(models: BundleModels, zoo: Zoo, limit: int | None = None, progress: bool = False) -> Accuracies:
+    """The zoo's individual fine-tuned models on exactly the images :func:`evaluate_bundle` uses."""
+    sets = bundle_test_sets(models)
+    out: Accuracies = {}
+    for task in tqdm(models.tasks, desc="eval individual", disable=not progress):
+        images = sets[task]
+        if images is None or task not in zoo.tasks:
+            out[task] = None
+            continue
+        prep = zoo.metas[task].preprocessing
+        out[task] = accuracy(zoo.build_model(task), images.tensors(prep, limit), images.label_tensor(limit))
+    return out
+
+
+def format_table(rows: dict[str, Accuracies], tasks: list[str], reference: Accuracies | None = None) -> str:
+    """Markdown table: one row per method, per-task accuracy, average and normalised average.
+
+    Averages run over the tasks that have a number in the row (and in ``reference``); a
+    task without test data shows ``n/a``.
+    """
+    head = "| method | " + " | ".join(tasks) + " | avg |" + (" norm. avg |" if reference else "")
+    sep = "|---" * (len(tasks) + 2 + (1 if reference else 0)) + "|"
+    lines = [head, sep]
+    for name, accs in rows.items():
+        have = [t for t in tasks if accs.get(t) is not None]
+        cells = " | ".join(f"{100 * accs[t]:.1f}" if accs.get(t) is not None else "n/a" for t in tasks)  # type: ignore[operator]
+        avg = f"{100 * sum(accs[t] for t in have) / len(have):.1f}" if have else "n/a"  # type: ignore[misc]
+        line = f"| {name} | {cells} | {avg} |"
+        if reference:
+            pairs = [t for t in have if reference.get(t)]
+            norm = sum(accs[t] / reference[t] for t in pairs) / len(pairs) if pairs else None  # type: ignore[operator,misc]
+            line += f" {100 * norm:.1f} |" if norm is not None else " n/a |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def evaluate_routed(routed: RoutedModel, limit: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float] | None]:
+    """Accuracy with the task NOT given, on MIXED-task batches of every task's test images.
+
+    An image counts as correct only when the gate picks its task AND that task's
+    head picks its class. Returns per task ``{"routed": acc, "gate": acc}`` (None:
+    the task has no test images; the gate still may route other tasks' images to it).
+    """
+    models = routed.models
+    sets = bundle_test_sets(models)
+    xs, gs, tasks, labels = [], [], [], []
+    for i, task in enumerate(models.tasks):
+        images = sets[task]
+        if images is None:
+            continue
+        x_task, g_task = images.tensors_for([models.preprocessing, models.gate_preprocessing], limit)
+        xs.append(x_task)
+        gs.append(g_task)
+        tasks.append(torch.full((len(xs[-1]),), i))
+        labels.append(images.label_tensor(limit))
+    if not xs:
+        return dict.fromkeys(models.tasks)
+    x, g, t, y = torch.cat(xs), torch.cat(gs), torch.cat(tasks), torch.cat(labels)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    pred_task = torch.empty_like(t)
+    pred_class = torch.empty_like(y)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        out = routed.classify(x[idx], g[idx])
+        pred_task[idx] = out.tasks
+        pred_class[idx] = torch.stack([lg.argmax() for lg in out.logits])
+    result: dict[str, dict[str, float] | None] = {}
+    for i, task in enumerate(models.tasks):
+        sel = t == i
+        if not bool(sel.any()):
+            result[task] = None
+            continue
+        gate_ok = pred_task[sel] == i
+        result[task] = {"gate": float(gate_ok.float().mean()), "routed": float((gate_ok & (pred_class[sel] == y[sel])).float().mean())}
+    return result

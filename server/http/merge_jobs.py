@@ -1,0 +1,172 @@
+"""Admin merge jobs: one at a time, each in a child process (server/http/merge_process.py), atomic on success.
+
+A job merges the configured zoo in a child process (a crash or an out-of-memory kill
+there fails the job, not the server), publishes the bundle WITHOUT moving ``CURRENT``,
+loads and warms it up beside the served one, then moves ``CURRENT`` and swaps. Any
+failure before that point removes the new version: the store and the served model
+stay as they were. A file lock in the store (``.merge.lock``) makes merges from
+several replicas sharing one store exclusive: the loser answers 409.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from filelock import FileLock, Timeout
+
+from model_store.errors import ModelStoreError
+from server.http.errors import Conflict, InvalidRequest, NotFound
+from server.http.metrics import ServerMetrics
+from server.http.model_manager import MERGE_LOCK, ModelManager
+from server.http.zoo_source import resolve_zoo
+
+log = logging.getLogger("vitmerge.merge")
+State = Literal["queued", "running", "succeeded", "failed"]
+MAX_JOBS_KEPT = 100
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class MergeJob:
+    """A merge request and how it is going."""
+
+    id: str
+    method: str
+    params: dict[str, Any]
+    tasks: list[str] | None
+    state: State = "queued"
+    phase: str = "queued"
+    progress: float = 0.0
+    error: str | None = None
+    version: str | None = None
+    created_at: str = field(default_factory=_now)
+    finished_at: str | None = None
+    seconds: float | None = None
+    process: Any = field(default=None, repr=False, compare=False)  # the merge child while it runs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("id", "method", "params", "tasks", "state", "phase", "progress", "error", "version", "created_at", "finished_at", "seconds")}
+
+
+class MergeJobs:
+    """Accepts, runs and reports admin merges."""
+
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics):
+        self.manager = manager
+        self.metrics = metrics
+        self.jobs: dict[str, MergeJob] = {}
+        self._lock = threading.Lock()
+        self._active: MergeJob | None = None
+        self._file_lock = FileLock(str(manager.store.layout.root / MERGE_LOCK), thread_local=False)  # released by the job thread
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None
+
+    def submit(self, method: str, params: dict[str, Any], tasks: list[str] | None) -> MergeJob:
+        """Validate and start a job; 422 for a bad method/params, 409 while another merge runs."""
+        from merging.pipeline import get_method, parse_params  # admin path only
+
+        try:
+            name = get_method(method).name
+            parsed = parse_params(name, params).model_dump()
+        except (KeyError, ValueError) as e:
+            raise InvalidRequest(e.args[0] if isinstance(e, KeyError) and e.args else str(e), code="invalid_merge_request") from e
+        if tasks is not None and len(set(tasks)) != len(tasks):
+            raise InvalidRequest("tasks must be unique", code="invalid_merge_request")
+        self._check_zoo(name, tasks)
+        with self._lock:
+            if self._active is not None:
+                raise Conflict(f"merge job {self._active.id} is {self._active.state}; one merge at a time", code="merge_in_progress")
+            self.manager.store.layout.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self._file_lock.acquire(timeout=0)
+            except Timeout:
+                raise Conflict("another replica is merging into this store", code="merge_in_progress") from None
+            job = MergeJob(uuid.uuid4().hex[:12], name, parsed, tasks)
+            self._active = job
+            self.jobs[job.id] = job
+            while len(self.jobs) > MAX_JOBS_KEPT:
+                self.jobs.pop(next(iter(self.jobs)))
+        threading.Thread(target=self._run, args=(job,), name=f"merge-{job.id}", daemon=True).start()
+        return job
+
+    def _check_zoo(self, method: str, tasks: list[str] | None) -> None:
+        """422 at once for what the (already built) zoo cannot do: unknown tasks, task vectors without a
+        shared base, a method that needs calibration images a task lacks."""
+        from merging.pipeline import check_applicable, check_data, select_tasks
+
+        try:
+            zoo = resolve_zoo(self.manager.settings, build_missing=False)
+        except (FileNotFoundError, ModelStoreError):
+            return  # not built yet: the job builds it and fails there if needed
+        try:
+            chosen = select_tasks(zoo, tasks)
+            check_applicable(zoo, method, chosen)
+            check_data(zoo, method, chosen)
+        except (ValueError, ModelStoreError) as e:
+            raise InvalidRequest(str(e), code="invalid_merge_request") from e
+
+    def get(self, job_id: str) -> MergeJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no merge job '{job_id}'", code="unknown_job")
+        return job
+
+    def _run(self, job: MergeJob) -> None:
+        from server.http.merge_process import MergeFailed, MergeRequestSpec, cleanup_leftovers, run_merge_process
+
+        start = time.perf_counter()
+        store = self.manager.store
+        before = set(store.versions())
+        published: str | None = None
+
+        def on_progress(frac: float) -> None:
+            job.progress = round(0.8 * frac, 4)
+
+        def on_phase(phase: str) -> None:
+            job.phase = phase
+
+        def on_start(proc: Any) -> None:
+            job.process = proc
+
+        try:
+            job.state, job.phase = "running", "starting merge process"
+            req = MergeRequestSpec(self.manager.settings, job.method, job.params, job.tasks)
+            published = run_merge_process(req, on_progress, on_phase, on_start)
+            job.phase, job.progress = "loading", 0.85
+            engine = self.manager.build_engine(published)
+            job.phase, job.progress = "publishing", 0.95
+            store.set_current(published)
+            self.manager.swap(engine)
+            job.version, job.progress, job.phase, job.state = published, 1.0, "done", "succeeded"
+            self.metrics.merge_jobs.labels("succeeded").inc()
+        except Exception as e:
+            log.error("merge job %s failed: %s", job.id, e)
+            try:
+                removed = cleanup_leftovers(store, before)
+                if removed:
+                    log.info("merge job %s: removed %s", job.id, ", ".join(removed))
+            except Exception:  # pragma: no cover - best effort
+                log.exception("could not clean up after merge job %s", job.id)
+            if isinstance(e, MergeFailed):
+                job.error = str(e)
+            else:
+                message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                job.error = f"{type(e).__name__}: {message}"
+            job.state, job.phase = "failed", "failed"
+            self.metrics.merge_jobs.labels("failed").inc()
+        finally:
+            job.seconds = round(time.perf_counter() - start, 3)
+            job.finished_at = _now()
+            with self._lock:
+                self._active = None
+                self._file_lock.release()

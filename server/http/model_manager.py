@@ -1,0 +1,128 @@
+"""Which bundle is served: loading, atomic hot swap, startup bootstrap, watching CURRENT.
+
+The served :class:`~server.engine.Engine` is one reference; a swap replaces it in a
+single assignment after the new engine is fully loaded and warmed up beside the old
+one. Requests pin the engine they started with, so in-flight work finishes on the
+old version and no response mixes versions.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from filelock import FileLock
+
+from model_store.bundle import BundleStore
+from server.http.metrics import ServerMetrics
+from server.http.settings import ServerSettings
+from server.runtime.engine import Engine, resolve_device
+
+log = logging.getLogger("vitmerge.models")
+#: File in the store that serialises merges (admin jobs and startup merges) across replicas.
+MERGE_LOCK = ".merge.lock"
+
+
+class ModelManager:
+    """Holds the served engine; loads, swaps and (for replicas) follows ``CURRENT``."""
+
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.store = BundleStore(settings.layout, keep=settings.keep_versions)
+        self.device = resolve_device(settings.device)
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.state = "starting"
+        self._load_lock = threading.Lock()
+        self._failed_versions: set[str] = set()
+
+    @property
+    def version(self) -> str | None:
+        return self.engine.version if self.engine is not None else None
+
+    def build_engine(self, version: str) -> Engine:
+        """Load, verify and warm up ``version`` (does not serve it yet)."""
+        s = self.settings
+        if s.worker == "process":
+            from server.runtime.worker import ProcessEngine
+
+            engine: Engine = ProcessEngine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)  # type: ignore[assignment]
+        else:
+            engine = Engine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)
+        engine.warmup()
+        return engine
+
+    def swap(self, engine: Engine) -> None:
+        """Serve ``engine`` from the next request on (one reference assignment)."""
+        old = self.engine
+        self.engine = engine
+        self.state, self.error = "ready", None
+        self.metrics.model_info.info({"version": engine.version, "method": engine.method, "kind": engine.kind, "tasks": ",".join(engine.tasks), "device": str(engine.device)})
+        if old is not None and old.version != engine.version:
+            self.metrics.swaps.inc()
+        log.info("serving bundle %s (%s, %s) on %s", engine.version, engine.method, engine.kind, engine.device)
+
+    def load_and_swap(self, version: str) -> Engine:
+        with self._load_lock:
+            engine = self.build_engine(version)
+            self.swap(engine)
+            return engine
+
+    # -- startup ----------------------------------------------------------------------
+    def bootstrap(self, progress: bool = True) -> Engine:
+        """Serve CURRENT; with none, merge the configured zoo with the default method first."""
+        try:
+            version = self.store.current_version()
+            if version is None:
+                # replicas starting together on an empty store: one merges, the others wait for it
+                self.store.layout.root.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(self.store.layout.root / MERGE_LOCK), thread_local=False):
+                    version = self.store.current_version()
+                    if version is None:
+                        self.state = "merging"
+                        log.info("store %s has no CURRENT bundle: merging zoo '%s' with %s", self.store.layout.root, self.settings.zoo, self.settings.default_method)
+                        from server.http.merge_process import MergeRequestSpec, cleanup_leftovers, run_merge_process
+
+                        before = set(self.store.versions())
+                        req = MergeRequestSpec(self.settings, self.settings.default_method, self.settings.default_params,
+                                               make_current=True, progress=progress)
+                        try:  # in a child process: the zoo build and the merge cannot take this server down
+                            version = run_merge_process(req)
+                        except Exception:
+                            cleanup_leftovers(self.store, before)
+                            raise
+            self.state = "loading"
+            return self.load_and_swap(version)
+        except Exception as e:
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("startup failed: %s", self.error)
+            raise
+
+    # -- replicas ---------------------------------------------------------------------
+    def current_changed(self) -> str | None:
+        """The store's CURRENT when it differs from what we serve (and did not fail before)."""
+        current = self.store.current_version()
+        if current is None or current == self.version or current in self._failed_versions:
+            return None
+        return current
+
+    async def watch(self, busy: Callable[[], bool]) -> None:
+        """Poll CURRENT every ``watch_interval_s`` and hot-swap when another replica published."""
+        interval = self.settings.watch_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self.engine is None or busy():
+                continue
+            try:
+                version = await asyncio.to_thread(self.current_changed)
+                if version is None:
+                    continue
+                log.info("CURRENT moved to %s: hot-swapping", version)
+                await asyncio.to_thread(self.load_and_swap, version)
+            except Exception as e:  # keep serving the old version
+                failed = self.store.current_version()
+                if failed:
+                    self._failed_versions.add(failed)
+                log.error("could not load CURRENT (%s); still serving %s", e, self.version)

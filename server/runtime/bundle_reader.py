@@ -1,0 +1,89 @@
+"""Turning a loaded bundle into per-task weights and models.
+
+Static bundles share one backbone; EMR bundles materialise task t's backbone as
+``theta_0 + lam_t * M_t * tau_uni`` (masks unpacked from their bit-packed form).
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+from torch import nn
+
+from model_store.architecture import StateDict, build_gate, build_model, load_into
+from model_store.bitpack import unpack_mask
+from model_store.bundle import Bundle
+from model_store.errors import BundleIntegrityError
+from model_store.schema import Architecture, Preprocessing
+
+
+class BundleModels:
+    """Read-only view of a bundle's tasks, heads and (per task) backbone weights."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.spec = bundle.json("model")
+        if self.spec.get("bundle_format") != 1 or self.spec.get("kind") not in ("static", "emr", "gated"):
+            raise BundleIntegrityError(f"bundle {bundle.version}: unsupported model.json (format {self.spec.get('bundle_format')}, kind {self.spec.get('kind')})")
+        self.kind: str = self.spec["kind"]
+        self.architecture = Architecture.model_validate(self.spec["architecture"])
+        self.preprocessing = Preprocessing.model_validate(self.spec["preprocessing"])
+        self.tasks: list[str] = [t["name"] for t in self.spec["tasks"]]
+        self.class_names: dict[str, list[str]] = {t["name"]: t["class_names"] for t in self.spec["tasks"]}
+
+    @cached_property
+    def _heads(self) -> dict[str, StateDict]:
+        heads: dict[str, StateDict] = {t: {} for t in self.tasks}
+        for key, value in self.bundle.tensors("heads").items():
+            task, name = key.split("/", 1)
+            heads[task][name] = value
+        return heads
+
+    def head(self, task: str) -> StateDict:
+        self._check(task)
+        return self._heads[task]
+
+    def rescaler(self, task: str) -> float:
+        return float(self.spec["emr"]["rescalers"][task])
+
+    def task_backbone(self, task: str) -> StateDict:
+        """The backbone tensors task ``task`` runs with."""
+        self._check(task)
+        if self.kind == "static":
+            return dict(self.bundle.tensors("backbone"))
+        if self.kind == "gated":  # the model with p one-hot on this task
+            i = self.tasks.index(task)
+            return {**self.bundle.tensors("backbone"), **{k: v[i] for k, v in self.bundle.tensors("experts").items()}}
+        base = self.bundle.tensors("base")
+        tau = self.bundle.tensors("tau_unified")
+        masks = self.bundle.tensors("masks")
+        lam = self.rescaler(task)
+        return {k: base[k].float() + lam * (unpack_mask(masks[f"{task}/{k}"], t.shape) * t) for k, t in tau.items()}
+
+    @property
+    def has_gate(self) -> bool:
+        return "gate" in self.spec
+
+    @cached_property
+    def gate_preprocessing(self) -> Preprocessing:
+        return Preprocessing.model_validate(self._gate_spec["preprocessing"])
+
+    @property
+    def _gate_spec(self) -> dict:
+        if not self.has_gate:
+            raise KeyError(f"bundle {self.bundle.version} has no gate")
+        return self.spec["gate"]
+
+    def gate_model(self) -> nn.Module:
+        """The bundle's gate network in eval mode."""
+        model = build_gate(self._gate_spec["arch"], len(self.tasks))
+        model.load_state_dict(self.bundle.tensors("gate"))
+        return model.eval()
+
+    def build(self, task: str) -> nn.Module:
+        """A standalone eval-mode model of ``task`` (backbone + its head)."""
+        model = build_model(self.architecture, len(self.class_names[task]))
+        return load_into(model, self.task_backbone(task), self.head(task)).eval()
+
+    def _check(self, task: str) -> None:
+        if task not in self.class_names:
+            raise KeyError(f"unknown task '{task}'; bundle {self.bundle.version} has {self.tasks}")

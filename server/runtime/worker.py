@@ -1,0 +1,137 @@
+"""An :class:`~server.engine.Engine` in a child process: the model gets its own GIL.
+
+With the inference worker as a thread, its Python-heavy kernel launching competes with
+request decoding and HTTP handling for one interpreter lock (BENCHMARKS.md, "Serving").
+:class:`ProcessEngine` keeps the Engine's interface -- metadata and preprocessing stay in
+the server process, ``predict`` runs in a spawned child that owns the weights and the
+device. Input batches travel through shared memory (torch's multiprocessing
+reductions: one file descriptor per tensor, no copy of the pixels through the pipe);
+outputs come back as small numpy arrays. One child per loaded bundle version; it exits
+when its engine is dropped after a hot swap (or when the server exits).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import traceback
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers tensor reductions with multiprocessing)
+
+from model_store.bundle import Bundle
+from server.runtime.engine import EngineInfo, ImageOutput
+
+
+def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None, cuda_graphs: bool) -> None:
+    """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
+    from model_store.bundle import load_bundle_dir
+    from server.runtime.engine import Engine
+
+    lookups: list[bool] = []
+    try:
+        torch.set_grad_enabled(False)
+        engine = Engine(load_bundle_dir(Path(bundle_dir), verify=False), device, cache_bytes, strategy, threshold, lookups.append, cuda_graphs)  # type: ignore[arg-type]
+        conn.send(("ok", None))
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if op == "predict":
+                outs = engine.predict(*args)
+                result: Any = ([(o.task, o.task_probability, o.source, o.probabilities.numpy()) for o in outs], list(lookups))
+                lookups.clear()
+            elif op == "warmup":
+                engine.warmup()
+                result = list(lookups)
+                lookups.clear()
+            elif op == "resident":
+                result = engine.resident_bytes()
+            elif op == "stop":
+                conn.send(("ok", None))
+                return
+            else:
+                raise ValueError(f"unknown op {op}")
+            conn.send(("ok", result))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, the child keeps serving
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+
+
+def _shutdown(conn: Any, proc: mp.process.BaseProcess) -> None:
+    try:
+        conn.send(("stop", ()))
+    except (OSError, ValueError):
+        pass
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+    conn.close()
+
+
+class ProcessEngine(EngineInfo):
+    """The Engine interface with ``predict`` running in a spawned child process."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        cache_bytes: int = 512 * 2**20,
+        strategy: Literal["exact", "sparse"] = "sparse",
+        threshold: float | None = None,
+        on_cache_lookup: Callable[[bool], None] | None = None,
+        cuda_graphs: bool = True,
+    ):
+        super().__init__(bundle, device)  # metadata only: no tensors in this process
+        self._on_cache_lookup = on_cache_lookup
+        self._lock = threading.Lock()
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._conn, child = ctx.Pipe(duplex=True)
+        self._proc = ctx.Process(target=_child, args=(child, str(bundle.path), str(self.device), cache_bytes, strategy, threshold, cuda_graphs),
+                                 name=f"vitmerge-engine-{bundle.version}", daemon=True)
+        self._proc.start()
+        child.close()
+        self._finalizer = weakref.finalize(self, _shutdown, self._conn, self._proc)
+        self._call_raw()  # wait until the child has loaded the bundle
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def _call_raw(self, op: str | None = None, *args: Any) -> Any:
+        with self._lock:
+            try:
+                if op is not None:
+                    self._conn.send((op, args))
+                status, payload = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError) as e:
+                raise RuntimeError(f"inference process of bundle {self.version} died (exit code {self._proc.exitcode})") from e
+        if status != "ok":
+            raise RuntimeError(f"inference process of bundle {self.version}: {payload}")
+        return payload
+
+    def _report(self, lookups: list[bool]) -> None:
+        if self._on_cache_lookup is not None:
+            for hit in lookups:
+                self._on_cache_lookup(hit)
+
+    def predict(self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None) -> list[ImageOutput]:
+        outs, lookups = self._call_raw("predict", x, list(given), x_gate)
+        self._report(lookups)
+        return [ImageOutput(t, p, s, torch.from_numpy(probs)) for t, p, s, probs in outs]
+
+    def warmup(self) -> None:
+        self._report(self._call_raw("warmup"))
+
+    def resident_bytes(self) -> dict[str, int]:
+        return self._call_raw("resident")
+
+    def close(self) -> None:
+        self._finalizer()

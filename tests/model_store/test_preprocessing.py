@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+
+from model_store.data.preprocessing import to_model_input
+from model_store.schema import Preprocessing
+
+
+def test_gray_to_rgb_resize_and_normalise():
+    imgs = np.full((2, 8, 8), 255, dtype=np.uint8)
+    prep = Preprocessing(size=16, channels=3, mean=[0.5, 0.5, 0.5], std=[0.25, 0.5, 1.0])
+    x = to_model_input(imgs, prep)
+    assert x.shape == (2, 3, 16, 16)
+    assert torch.allclose(x[:, 0], torch.full((2, 16, 16), 2.0))
+    assert torch.allclose(x[:, 1], torch.full((2, 16, 16), 1.0))
+    assert torch.allclose(x[:, 2], torch.full((2, 16, 16), 0.5))
+
+
+def test_rgb_to_gray_uses_luma():
+    imgs = np.zeros((1, 4, 4, 3), dtype=np.uint8)
+    imgs[..., 1] = 255  # pure green
+    x = to_model_input(imgs, Preprocessing(size=4, channels=1, mean=[0.0], std=[1.0]))
+    assert x.shape == (1, 1, 4, 4)
+    assert torch.allclose(x, torch.full_like(x, 0.587), atol=1e-6)
+
+
+def test_chunking_gives_identical_results():
+    imgs = np.random.default_rng(0).integers(0, 256, (10, 20, 20), dtype=np.uint8)
+    prep = Preprocessing(size=12, channels=1, mean=[0.5], std=[0.5])
+    assert torch.equal(to_model_input(imgs, prep, chunk=3), to_model_input(imgs, prep, chunk=100))
+
+
+def test_bad_shapes_and_schema():
+    with pytest.raises(ValueError, match="expected"):
+        to_model_input(np.zeros((4,), dtype=np.uint8), Preprocessing(size=4, channels=1, mean=[0], std=[1]))
+    with pytest.raises(ValueError, match="one per channel"):
+        Preprocessing(size=4, channels=3, mean=[0], std=[1])
+    with pytest.raises(ValueError, match="> 0"):
+        Preprocessing(size=4, channels=1, mean=[0], std=[0])

@@ -1,0 +1,104 @@
+"""`vitmerge bench accuracy` on the `test` zoo: table structure and orderings that must hold."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.cli import main
+from server.eval.bench import (
+    STATIC_METHODS,
+    AccuracyBenchConfig,
+    render_markdown,
+    run_accuracy_bench,
+    update_section,
+)
+
+pytestmark = pytest.mark.slow  # every method's accuracy on the test zoo
+
+SMALL = ["--gate-epochs", "1", "--gate-size", "32", "--gate-max-images", "200", "--limit", "100", "--m", "0,2,5", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bench(test_zoo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    md = out / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nhand-written text stays\n")
+    assert main(["bench", "accuracy", "--zoo", str(test_zoo_dir), "--out", str(out / "results"), "--benchmarks-md", str(md), *SMALL]) == 0
+    return json.loads((out / "results" / "accuracy-test.json").read_text()), out
+
+
+def _avg(row: dict) -> float:
+    return sum(row["accuracy"].values()) / len(row["accuracy"])
+
+
+def test_table_has_every_row_and_column(bench):
+    result, out = bench
+    names = [r["name"] for r in result["rows"]]
+    tasks = result["tasks"]
+    assert names[0] == "Individual" and len(tasks) == 4
+    assert all(label in names for label, _, _ in STATIC_METHODS)
+    assert sum("Task Arithmetic" in n for n in names) == 4
+    assert {"EMR (task given)", "routed EMR (efficientnet_lite0 gate)", "routed EMR (mobilenetv2_100 gate)"} <= set(names)
+    assert result["m_values"] == [0, 2]  # m = 5 is above the depth (2) and skipped
+    for base in ("AvgMean", "RegMean"):
+        for m in (0, 2):
+            for suffix in ("task given", "efficientnet_lite0 gate", "mobilenetv2_100 gate"):
+                assert f"gating+{base} m={m} ({suffix})" in names
+    for r in result["rows"]:
+        assert set(r["accuracy"]) == set(tasks) and r["stored_M"] > 0 and r["gflops"] > 0
+    from model_store.data.builtin import load_split
+
+    assert result["test_images"] == {t: min(100, len(load_split(t, "test").images)) for t in tasks}
+    # scaling: N = 2..4, normalised accuracy of each method
+    assert [s["n"] for s in result["scaling"]] == [2, 3, 4]
+    assert set(result["scaling"][0]["normalised"]) == {"EMR", "routed EMR", "TIES", "AvgMean", "gating+RegMean m=2"}
+    md = (out / "results" / "accuracy-test.md").read_text()
+    assert "| method | mnist | animals | solar | digits | avg | norm. avg | stored params (M) | GFLOPs/img |" in md
+    assert "Claims of the papers" in md and "vitmerge bench accuracy" in md
+    for stem in ("normalised", "vs-m", "params", "vs-n"):
+        assert (out / "results" / f"accuracy-test-{stem}.png").stat().st_size > 1000
+
+
+def test_orderings_that_must_hold(bench):
+    result, _ = bench
+    rows = {r["name"]: r for r in result["rows"]}
+    ind = rows["Individual"]
+    stored = {n: r["stored_M"] for n, r in rows.items()}
+    # every block gated + the true task's one-hot p == that task's fine-tuned model, exactly
+    for base in ("AvgMean", "RegMean"):
+        assert rows[f"gating+{base} m=2 (task given)"]["accuracy"] == ind["accuracy"]
+        assert stored[f"gating+{base} m=2 (task given)"] > stored[f"gating+{base} m=0 (task given)"] > stored["AvgMean"]
+    # routed EMR loses at most the images the gate misroutes (an image routed right is scored by the
+    # same model as with the task given), and never gains (it must also route right)
+    for t in result["tasks"]:
+        given = rows["EMR (task given)"]["accuracy"][t]
+        for arch in ("efficientnet_lite0", "mobilenetv2_100"):
+            routed, gate = rows[f"routed EMR ({arch} gate)"]["accuracy"][t], result["gates"][arch]["accuracy"][t]
+            # eps: one image of 100 (batch composition can flip a near-tie)
+            assert given - (1 - gate) - 0.011 <= routed <= given + 1e-9, (t, arch, routed, given, gate)
+    assert _avg(rows["EMR (task given)"]) > _avg(rows["AvgMean"]) + 0.05
+    assert stored["Individual"] > stored["EMR (task given)"] > stored["AvgMean"]
+    for s in result["scaling"]:
+        assert 0 < s["normalised"]["routed EMR"] <= s["normalised"]["EMR"] + 1e-9
+
+
+def test_section_is_replaced_in_place_and_rerun_reproduces(bench, test_zoo_dir):
+    from model_store.zoo import Zoo
+
+    result, out = bench
+    md_path = out / "BENCHMARKS.md"
+    text = md_path.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written text stays\n") and text.count("<!-- bench accuracy: test -->") == 1
+    update_section(md_path, "test", "replaced body")
+    text = md_path.read_text()
+    assert text.count("<!-- bench accuracy: test -->") == 1 and "replaced body" in text and "| Individual |" not in text
+    assert text.startswith("# Benchmarks\n\nhand-written text stays\n")
+    # same seed, CPU: the same accuracies (a reduced grid re-run)
+    cfg = AccuracyBenchConfig(m_values=(0,), gate_archs=("efficientnet_lite0",), gate_epochs=1, gate_size=32, gate_max_images=200, limit=100,
+                              scaling=False, static_methods=STATIC_METHODS[:2])
+    again = run_accuracy_bench(Zoo.load(test_zoo_dir), cfg, progress=False)
+    first = {r["name"]: r["accuracy"] for r in result["rows"]}
+    for r in again["rows"]:
+        assert r["accuracy"] == first[r["name"]], r["name"]
+    assert "| Individual |" in render_markdown(again, "cmd")

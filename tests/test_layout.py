@@ -1,0 +1,108 @@
+"""The house rules of the code base (issue 16), read from the source with ``ast``.
+
+Data and imports flow one way: model_store <- merging <- server.runtime <- server.http / server.eval
+<- server.cli; serving never imports merging (the HTTP app only reaches ``merging.pipeline``, which
+admin merge jobs run); no import cycles; no module imports another's ``_private`` name.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("model_store", "merging", "server")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported module, names) for every import of a project module, anywhere in the file."""
+    out: list[tuple[str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] in PACKAGES:
+                names = [a.name for a in node.names]
+                # ``from pkg import module`` imports the submodule
+                subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in MODULES]
+                out.append((node.module, [n for n in names if f"{node.module}.{n}" not in MODULES]))
+                out.extend((s, []) for s in subs)
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, []) for a in node.names if a.name.split(".")[0] in PACKAGES)
+    return out
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_the_scan_sees_the_whole_code_base():
+    assert {"server.runtime.engine", "server.http.app", "merging.pipeline", "model_store.schema"} <= set(MODULES)
+    assert any(dep == "model_store.schema" for dep, _ in GRAPH["server.runtime.bundle_reader"])
+
+
+@pytest.mark.parametrize(("layer", "forbidden"), [
+    ("model_store", ("merging", "server")),
+    ("merging", ("server",)),
+    ("server.runtime", ("merging", "server.http", "server.eval", "server.cli")),
+    ("server.http", ("server.eval", "server.cli")),
+    ("server.eval", ("server.http", "server.cli")),
+])
+def test_imports_flow_one_way(layer, forbidden):
+    bad = [(mod, dep) for mod, deps in GRAPH.items() if _within(mod, layer)
+           for dep, _ in deps if any(_within(dep, f) for f in forbidden)]
+    assert not bad, f"{layer} must not import {forbidden}: {bad}"
+
+
+def test_the_http_server_reaches_merging_only_through_the_pipeline():
+    bad = [(mod, dep) for mod, deps in GRAPH.items() if _within(mod, "server.http")
+           for dep, _ in deps if _within(dep, "merging") and dep != "merging.pipeline"]
+    assert not bad, bad
+
+
+def test_no_module_imports_a_private_name_of_another():
+    bad = [(mod, dep, n) for mod, deps in GRAPH.items() for dep, names in deps
+           for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    """Depth-first search over module -> imported module (package ``__init__`` edges excluded)."""
+    edges = {m: sorted({d for d, _ in deps if d in MODULES and d != m and not MODULES[d].name == "__init__.py"})
+             for m, deps in GRAPH.items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in edges[node]:
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt):], nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_every_package_says_what_lives_there_and_what_it_may_import():
+    inits = [p for p in MODULES.values() if p.name == "__init__.py"]
+    missing = [str(p.relative_to(REPO)) for p in inits if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, missing
