@@ -245,8 +245,8 @@ def memory_rows(engine: Engine, batches: list[dict], label: str) -> dict:
 def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
     """An EMR + gate bundle of ViT-B/16 size (random weights; speed and memory only, not accuracy)."""
     from merging.methods.emr import emr_merge
-    from merging.pipeline import BUNDLE_FORMAT
     from model_store.architecture import build_gate, gate_state
+    from model_store.schema import BUNDLE_FORMAT
 
     store = BundleStore(StoreLayout(root))
     if store.current_version() is not None:

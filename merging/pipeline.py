@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -36,10 +36,8 @@ from model_store.data.attach import calibration_set, test_set
 from model_store.data.sources import ImageSet
 from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
-from model_store.schema import Preprocessing
+from model_store.schema import BundleSpec, BundleTask, EMRSpec, GateSpec, GatingSpec, Preprocessing
 from model_store.zoo import Zoo
-
-BUNDLE_FORMAT = 1
 
 
 class _Ticking(Mapping[str, torch.Tensor]):
@@ -183,7 +181,7 @@ def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, d
     return out
 
 
-def bundle_kind(result: MergeResult) -> str:
+def bundle_kind(result: MergeResult) -> Literal["static", "emr", "gated"]:
     if result.emr is not None:
         return "emr"
     if result.experts is not None:
@@ -196,39 +194,35 @@ def bundle_kind(result: MergeResult) -> str:
 def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: MergeResult, gate_accuracy: dict[str, float | None] | None = None) -> None:
     """Write a merge result and the task heads into ``draft``."""
     base_meta = zoo.metas[zoo.base]
-    kind = bundle_kind(result)
-    spec: dict[str, Any] = {
-        "bundle_format": BUNDLE_FORMAT,
-        "kind": kind,
-        "architecture": base_meta.architecture.model_dump(mode="json"),
-        "preprocessing": base_meta.preprocessing.model_dump(mode="json"),
-        "tasks": [{"name": t, "class_names": zoo.metas[t].class_names, "individual_test_accuracy": zoo.metas[t].provenance.test_accuracy} for t in tasks],
-    }
     heads = dict(zip(tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in tasks}
     draft.add_tensors("heads", {f"{t}/{k}": v for t in tasks for k, v in heads[t].items()})
+    emr = gating = gate = None
     if result.emr is not None:
-        emr = result.emr
         draft.add_tensors("base", dict(zoo.backbone(zoo.base)))
-        draft.add_tensors("tau_unified", emr.tau_unified)
-        draft.add_tensors("masks", {f"{t}/{k}": v for t, packed in zip(tasks, emr.packed_masks) for k, v in packed.items()})
-        spec["emr"] = {"rescalers": dict(zip(tasks, emr.rescalers)), "mask_bit_order": "numpy.packbits big-endian"}
+        draft.add_tensors("tau_unified", result.emr.tau_unified)
+        draft.add_tensors("masks", {f"{t}/{k}": v for t, packed in zip(tasks, result.emr.packed_masks) for k, v in packed.items()})
+        emr = EMRSpec(rescalers=dict(zip(tasks, result.emr.rescalers)))
     if result.backbone is not None:
         draft.add_tensors("backbone", result.backbone)
     if result.experts is not None:
         assert result.plan is not None
         draft.add_tensors("experts", result.experts)
-        spec["gating"] = {"gated_keys": list(result.plan.gated_keys), "attn_blocks": list(result.plan.attn_blocks), "mlp_blocks": list(result.plan.mlp_blocks)}
+        gating = GatingSpec(gated_keys=list(result.plan.gated_keys), attn_blocks=list(result.plan.attn_blocks),
+                            mlp_blocks=list(result.plan.mlp_blocks))
     if result.gate is not None:
-        gate = result.gate
-        draft.add_tensors("gate", gate.state)
-        spec["gate"] = {
-            "arch": gate.arch,
-            "preprocessing": gate.preprocessing.model_dump(mode="json"),
-            "holdout_accuracy": gate.holdout_accuracy,
-            "epochs_run": gate.epochs_run,
-            "test_accuracy": gate_accuracy or {},
-        }
-    draft.add_json("model", spec)
+        art = result.gate
+        draft.add_tensors("gate", art.state)
+        gate = GateSpec(arch=art.arch, preprocessing=art.preprocessing, holdout_accuracy=art.holdout_accuracy,
+                        epochs_run=art.epochs_run, test_accuracy=gate_accuracy or {})
+    spec = BundleSpec(
+        kind=bundle_kind(result),
+        architecture=base_meta.architecture,
+        preprocessing=base_meta.preprocessing,
+        tasks=[BundleTask(name=t, class_names=zoo.metas[t].class_names,
+                          individual_test_accuracy=zoo.metas[t].provenance.test_accuracy) for t in tasks],
+        emr=emr, gating=gating, gate=gate,
+    )
+    draft.add_json("model", spec.model_dump(mode="json"))
 
 
 def merge_and_publish(

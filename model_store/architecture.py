@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal, get_args
+from typing import get_args
 
 import timm
 import torch
 from torch import nn
 
-from model_store.schema import Architecture
+from model_store.schema import Architecture, GateArch
 
 StateDict = dict[str, torch.Tensor]
 
-#: The gate (router) networks: timm names, the default first.
-GateArch = Literal["efficientnet_lite0", "mobilenetv2_100"]
 GATE_ARCHS: tuple[str, ...] = get_args(GateArch)
 
 

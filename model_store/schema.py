@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 FORMAT_VERSION = 1  # the `format_version` of every schema below (a Literal[1] field)
 
+#: The gate (router) networks a zoo or bundle may hold: timm names, the default first.
+GateArch = Literal["efficientnet_lite0", "mobilenetv2_100"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -119,7 +122,7 @@ class ModelMeta(_Strict):
 class GateInit(_Strict):
     """A user's pretrained weights for the gate network, copied into the zoo."""
 
-    arch: Literal["mobilenetv2_100", "efficientnet_lite0"]
+    arch: GateArch
     file: str | None = Field(default=None, description="safetensors file inside the zoo (timm naming); None: the default init")
     source: str | None = Field(default=None, description="where the weights were imported from")
 
@@ -163,3 +166,72 @@ class BundleManifest(_Strict):
     created_at: str
     files: dict[str, FileEntry]
     extra: dict[str, Any] = Field(default_factory=dict)
+
+
+#: ``bundle_format`` of the ``model.json`` this code writes; readers accept exactly this one.
+BUNDLE_FORMAT: Literal[1] = 1
+
+
+class BundleTask(_Strict):
+    """One task of a bundle: its classes and its individual model's accuracy (when known)."""
+
+    name: str = Field(min_length=1)
+    class_names: list[str] = Field(min_length=2)
+    individual_test_accuracy: float | None = None
+
+
+class EMRSpec(_Strict):
+    """EMR modulators: one rescaler per task (the masks are tensors of the bundle)."""
+
+    rescalers: dict[str, float]
+    mask_bit_order: Literal["numpy.packbits big-endian"] = "numpy.packbits big-endian"
+
+
+class GatingSpec(_Strict):
+    """Which tensors of a gated bundle are per-task expert stacks."""
+
+    gated_keys: list[str]
+    attn_blocks: list[int] = Field(default_factory=list)
+    mlp_blocks: list[int] = Field(default_factory=list)
+
+
+class GateSpec(_Strict):
+    """The bundle's gate (router) network and how well it routed."""
+
+    arch: GateArch
+    preprocessing: Preprocessing
+    holdout_accuracy: float | None = None
+    epochs_run: int | None = None
+    test_accuracy: dict[str, float | None] = Field(default_factory=dict)
+
+
+class BundleSpec(_Strict):
+    """``model.json``: the contract between the merge pipeline (writer) and the serving runtime (reader).
+
+    ``kind`` says how task weights are made: ``static`` (one backbone), ``emr`` (``theta_0 +
+    lam_t M_t tau_uni``) or ``gated`` (per-image mixing of expert stacks).
+    """
+
+    bundle_format: Literal[1] = BUNDLE_FORMAT
+    kind: Literal["static", "emr", "gated"]
+    architecture: Architecture
+    preprocessing: Preprocessing
+    tasks: list[BundleTask] = Field(min_length=1)
+    emr: EMRSpec | None = None
+    gating: GatingSpec | None = None
+    gate: GateSpec | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> BundleSpec:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("task names must be unique")
+        if self.kind == "emr" and (self.emr is None or set(self.emr.rescalers) != set(names)):
+            raise ValueError("an emr bundle needs emr.rescalers for every task")
+        if self.kind == "gated" and self.gating is None:
+            raise ValueError("a gated bundle needs gating.gated_keys")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]

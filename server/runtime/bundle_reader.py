@@ -7,13 +7,25 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from pydantic import ValidationError
 from torch import nn
 
 from model_store.architecture import StateDict, build_gate, build_model, load_into
 from model_store.bitpack import unpack_mask
 from model_store.bundle import Bundle
 from model_store.errors import BundleIntegrityError
-from model_store.schema import Architecture, Preprocessing
+from model_store.schema import Architecture, BundleSpec, GateSpec, Preprocessing
+
+
+def read_spec(bundle: Bundle) -> BundleSpec:
+    """The bundle's typed ``model.json`` (:class:`~model_store.schema.BundleSpec`); a clear error when it is not one."""
+    raw = bundle.json("model")
+    try:
+        return BundleSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'model.json'}: {err['msg']}" for err in e.errors()[:3])
+        raise BundleIntegrityError(f"bundle {bundle.version}: unsupported model.json (format {raw.get('bundle_format')}, "
+                                   f"kind {raw.get('kind')}): {problems}") from e
 
 
 class BundleModels:
@@ -21,14 +33,12 @@ class BundleModels:
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        self.spec = bundle.json("model")
-        if self.spec.get("bundle_format") != 1 or self.spec.get("kind") not in ("static", "emr", "gated"):
-            raise BundleIntegrityError(f"bundle {bundle.version}: unsupported model.json (format {self.spec.get('bundle_format')}, kind {self.spec.get('kind')})")
-        self.kind: str = self.spec["kind"]
-        self.architecture = Architecture.model_validate(self.spec["architecture"])
-        self.preprocessing = Preprocessing.model_validate(self.spec["preprocessing"])
-        self.tasks: list[str] = [t["name"] for t in self.spec["tasks"]]
-        self.class_names: dict[str, list[str]] = {t["name"]: t["class_names"] for t in self.spec["tasks"]}
+        self.spec = read_spec(bundle)
+        self.kind = self.spec.kind
+        self.architecture: Architecture = self.spec.architecture
+        self.preprocessing: Preprocessing = self.spec.preprocessing
+        self.tasks: list[str] = self.spec.task_names
+        self.class_names: dict[str, list[str]] = {t.name: t.class_names for t in self.spec.tasks}
 
     @cached_property
     def _heads(self) -> dict[str, StateDict]:
@@ -43,7 +53,9 @@ class BundleModels:
         return self._heads[task]
 
     def rescaler(self, task: str) -> float:
-        return float(self.spec["emr"]["rescalers"][task])
+        if self.spec.emr is None:
+            raise KeyError(f"bundle {self.bundle.version} is not an EMR bundle")
+        return float(self.spec.emr.rescalers[task])
 
     def task_backbone(self, task: str) -> StateDict:
         """The backbone tensors task ``task`` runs with."""
@@ -61,21 +73,21 @@ class BundleModels:
 
     @property
     def has_gate(self) -> bool:
-        return "gate" in self.spec
+        return self.spec.gate is not None
 
     @cached_property
     def gate_preprocessing(self) -> Preprocessing:
-        return Preprocessing.model_validate(self._gate_spec["preprocessing"])
+        return self._gate_spec.preprocessing
 
     @property
-    def _gate_spec(self) -> dict:
-        if not self.has_gate:
+    def _gate_spec(self) -> GateSpec:
+        if self.spec.gate is None:
             raise KeyError(f"bundle {self.bundle.version} has no gate")
-        return self.spec["gate"]
+        return self.spec.gate
 
     def gate_model(self) -> nn.Module:
         """The bundle's gate network in eval mode."""
-        model = build_gate(self._gate_spec["arch"], len(self.tasks))
+        model = build_gate(self._gate_spec.arch, len(self.tasks))
         model.load_state_dict(self.bundle.tensors("gate"))
         return model.eval()
 

@@ -150,3 +150,38 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_format_1_bundle_written_before_the_typed_spec_loads_and_answers_the_same(emr_engine, tmp_path):
+    """``model.json`` as the first format-1 bundles wrote it (no mask bit order, no per-task individual
+    accuracy, no gate test accuracy) is read by the typed :class:`BundleSpec` and serves identically;
+    a model.json of another format or kind is refused with a clear error."""
+    import json
+
+    from model_store.errors import BundleIntegrityError
+
+    src = emr_engine.bundle
+    old = json.loads((src.path / "model.json").read_text())
+    old["tasks"] = [{"name": t["name"], "class_names": t["class_names"]} for t in old["tasks"]]
+    old["emr"].pop("mask_bit_order")
+    for key in ("test_accuracy", "holdout_accuracy", "epochs_run"):
+        old["gate"].pop(key)
+    store = BundleStore(StoreLayout(tmp_path / "old"))
+
+    def publish(spec: dict) -> str:
+        draft = store.draft()
+        for name in ("base", "tau_unified", "masks", "heads", "gate"):
+            draft.add_tensors(name, src.tensors(name))
+        draft.add_json("model", spec)
+        return store.publish(draft, "emr_routed", tasks=list(emr_engine.tasks))
+
+    publish(old)
+    engine = Engine(store.load(), "cpu")
+    x, g, truth = _mixed_batch(engine)
+    for a, b in zip(engine.predict(x, [None] * len(x), g), emr_engine.predict(x, [None] * len(x), g)):
+        assert a.task == b.task
+        torch.testing.assert_close(a.probabilities, b.probabilities)
+    for bad in ({**old, "bundle_format": 2}, {**old, "kind": "lowrank"}, {k: v for k, v in old.items() if k != "emr"}):
+        version = publish(bad)
+        with pytest.raises(BundleIntegrityError, match="unsupported model.json"):
+            Engine(store.load(version), "cpu")

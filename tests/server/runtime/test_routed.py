@@ -34,7 +34,7 @@ def test_gate_accuracy_is_recorded_and_high(routed_bundle):
     # measured: >= 0.975 per task with EfficientNet-Lite0 (ImageNet init), 64 px, 10 epochs (the default);
     # 3 epochs on 500 images: min 0.932 / mean 0.977
     assert sum(acc.values()) / len(acc) > 0.95 and min(acc.values()) > 0.9, acc
-    assert routed_bundle.spec["gate"]["test_accuracy"] == acc
+    assert routed_bundle.spec.gate is not None and routed_bundle.spec.gate.test_accuracy == acc
 
 
 def test_routed_emr_is_close_to_task_given_emr(routed_bundle):
