@@ -17,11 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model_store.bundle import BundleStore  # noqa: E402
-from model_store.settings import StoreLayout  # noqa: E402
-from server.runtime.engine import Engine  # noqa: E402
+from model_store.bundle import BundleStore
+from model_store.settings import StoreLayout
+from server.runtime.engine import Engine
 
 
 def _batch(engine: Engine, pool: Path, n: int = 64):

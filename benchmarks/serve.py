@@ -34,13 +34,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from model_store.architecture import build_model
+from model_store.bundle import BundleStore
+from model_store.settings import StoreLayout
+from server.runtime.engine import Engine
+from server.runtime.strategies import EMRStrategy
 
-from model_store.architecture import build_model  # noqa: E402
-from model_store.bundle import BundleStore  # noqa: E402
-from model_store.settings import StoreLayout  # noqa: E402
-from server.runtime.engine import Engine  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RESULTS = REPO / "benchmarks" / "results"
 BENCH_STORE = REPO / "benchmarks" / ".serve-store"
@@ -183,7 +183,7 @@ def plain_vit(engine: Engine) -> torch.nn.Module:
     """One ordinary timm ViT (task 0's materialised weights + head) -- what a user would deploy per task."""
     task = engine.tasks[0]
     model = build_model(engine.models.architecture, len(engine.class_names[task]))
-    weights = engine._materialise(0) if engine.kind == "emr" else engine.models.task_backbone(task)
+    weights = engine.kind_strategy.materialise(0) if isinstance(engine.kind_strategy, EMRStrategy) else engine.models.task_backbone(task)
     model.load_state_dict({**{k: v.cpu() for k, v in weights.items()}, **engine.models.head(task)})
     return model.to(engine.device).eval()
 

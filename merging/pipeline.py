@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,7 @@ from model_store.data.attach import calibration_set, test_set
 from model_store.data.sources import ImageSet
 from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
-from model_store.schema import BundleSpec, BundleTask, EMRSpec, GateSpec, GatingSpec, Preprocessing
+from model_store.schema import BundleKind, BundleSpec, BundleTask, EMRSpec, GateSpec, GatingSpec, Preprocessing
 from model_store.zoo import Zoo
 
 
@@ -181,7 +181,7 @@ def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, d
     return out
 
 
-def bundle_kind(result: MergeResult) -> Literal["static", "emr", "gated"]:
+def bundle_kind(result: MergeResult) -> BundleKind:
     if result.emr is not None:
         return "emr"
     if result.experts is not None:

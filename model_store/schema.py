@@ -168,6 +168,9 @@ class BundleManifest(_Strict):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+#: How a bundle makes task weights (``model.json``'s ``kind``).
+BundleKind = Literal["static", "emr", "gated"]
+
 #: ``bundle_format`` of the ``model.json`` this code writes; readers accept exactly this one.
 BUNDLE_FORMAT: Literal[1] = 1
 
@@ -213,7 +216,7 @@ class BundleSpec(_Strict):
     """
 
     bundle_format: Literal[1] = BUNDLE_FORMAT
-    kind: Literal["static", "emr", "gated"]
+    kind: BundleKind
     architecture: Architecture
     preprocessing: Preprocessing
     tasks: list[BundleTask] = Field(min_length=1)

@@ -215,25 +215,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from model_store.bundle import BundleStore
-    from server.eval.accuracy import evaluate_bundle, evaluate_individual, format_table, source_zoo
-    from server.runtime.bundle_reader import BundleModels
+    from server.eval.accuracy import evaluate_bundle, evaluate_individual, evaluate_routed, format_table, source_zoo
+    from server.runtime.engine import Engine
 
     bundle = BundleStore(_store(args)).load(args.bundle)
-    models = BundleModels(bundle)
+    engine = Engine(bundle, "cpu", strategy=args.strategy)
+    models = engine.models
     label = f"{bundle.manifest.method} ({bundle.version})"
     if args.routed:
-        from server.eval.accuracy import evaluate_routed
-        from server.routed import RoutedModel
-
-        if not models.has_gate:
-            raise ValueError(f"bundle {bundle.version} has no gate; merge with emr_routed or gating_* for routed evaluation")
-        routed = evaluate_routed(RoutedModel(models, strategy=args.strategy), limit=args.limit)
+        routed = evaluate_routed(engine, limit=args.limit)
         rows = {"gate (task id)": {t: r["gate"] if r else None for t, r in routed.items()},
                 f"{bundle.manifest.method} routed ({bundle.version})": {t: r["routed"] if r else None for t, r in routed.items()}}
         print(format_table(rows, models.tasks))
         _no_test_note(routed)
         return 0
-    accs = evaluate_bundle(models, limit=args.limit, progress=not args.quiet)
+    accs = evaluate_bundle(engine, limit=args.limit, progress=not args.quiet)
     zoo = source_zoo(models)
     reference = evaluate_individual(models, zoo, limit=args.limit, progress=not args.quiet) if zoo is not None else None
     rows = {"individual": reference, label: accs} if reference is not None else {label: accs}

@@ -1,4 +1,5 @@
-"""Per-task test accuracy of a bundle: task given, or routed by its gate, on the zoo's test sources.
+"""Per-task test accuracy of a bundle THROUGH the serving :class:`~server.runtime.engine.Engine`:
+task given, or routed by its gate, on the zoo's test sources.
 
 The test images of each task come from the data source the bundle's manifest records
 (``extra.data[task].test``; bundles made before data sources: the task's built-in
@@ -7,7 +8,6 @@ split). A task without test images is reported as such (``None``), never as 0.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -18,15 +18,13 @@ from model_store.errors import ZooFormatError
 from model_store.schema import DataSource
 from model_store.zoo import Zoo
 from model_store.zoo_build.training import accuracy
-from server.runtime.bundle_reader import BundleModels
-
-if TYPE_CHECKING:
-    from server.routed import RoutedModel
+from server.runtime.bundle_reader import BundleReader
+from server.runtime.engine import Engine
 
 Accuracies = dict[str, float | None]
 
 
-def bundle_test_sets(models: BundleModels) -> dict[str, ImageSet | None]:
+def bundle_test_sets(models: BundleReader) -> dict[str, ImageSet | None]:
     """Each task's labeled test images, from the sources the bundle was made with."""
     records = models.bundle.manifest.extra.get("data")
     out: dict[str, ImageSet | None] = {}
@@ -40,7 +38,7 @@ def bundle_test_sets(models: BundleModels) -> dict[str, ImageSet | None]:
     return out
 
 
-def source_zoo(models: BundleModels) -> Zoo | None:
+def source_zoo(models: BundleReader) -> Zoo | None:
     """The zoo a bundle was merged from, when it is still where the manifest says."""
     path = models.bundle.manifest.zoo.get("path")
     if not path or not (Path(path) / "zoo.json").exists():
@@ -51,20 +49,36 @@ def source_zoo(models: BundleModels) -> Zoo | None:
         return None
 
 
-def evaluate_bundle(models: BundleModels, limit: int | None = None, progress: bool = False) -> Accuracies:
-    """Accuracy on every task's TEST images (first ``limit`` of each); None without test data."""
-    sets = bundle_test_sets(models)
+def predict_classes(engine: Engine, x: torch.Tensor, given: list[int | None], x_gate: torch.Tensor | None = None,
+                    batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task, class) per image, through ``engine.predict`` in batches; ``given[i]`` None: the gate routes."""
+    tasks, classes = [], []
+    for start in range(0, len(x), batch_size):
+        sl = slice(start, start + batch_size)
+        routed = [i for i, g in enumerate(given[sl]) if g is None]
+        g = x_gate[sl][routed] if x_gate is not None and routed else None
+        outs = engine.predict(x[sl], given[sl], g)
+        tasks += [o.task for o in outs]
+        classes += [int(o.probabilities.argmax()) for o in outs]
+    return torch.tensor(tasks, dtype=torch.long), torch.tensor(classes, dtype=torch.long)
+
+
+def evaluate_bundle(engine: Engine, limit: int | None = None, progress: bool = False) -> Accuracies:
+    """Accuracy with the task given on every task's TEST images (first ``limit`` of each); None without test data."""
+    sets = bundle_test_sets(engine.models)
     out: Accuracies = {}
-    for task in tqdm(models.tasks, desc=f"eval {models.bundle.version}", disable=not progress):
+    for i, task in enumerate(tqdm(engine.tasks, desc=f"eval {engine.version}", disable=not progress)):
         images = sets[task]
         if images is None:
             out[task] = None
             continue
-        out[task] = accuracy(models.build(task), images.tensors(models.preprocessing, limit), images.label_tensor(limit))
+        x, y = images.tensors(engine.preprocessing, limit), images.label_tensor(limit)
+        _, pred = predict_classes(engine, x, [i] * len(x))
+        out[task] = float((pred == y).float().mean())
     return out
 
 
-def evaluate_individual(models: BundleModels, zoo: Zoo, limit: int | None = None, progress: bool = False) -> Accuracies:
+def evaluate_individual(models: BundleReader, zoo: Zoo, limit: int | None = None, progress: bool = False) -> Accuracies:
     """The zoo's individual fine-tuned models on exactly the images :func:`evaluate_bundle` uses."""
     sets = bundle_test_sets(models)
     out: Accuracies = {}
@@ -100,38 +114,34 @@ def format_table(rows: dict[str, Accuracies], tasks: list[str], reference: Accur
     return "\n".join(lines)
 
 
-def evaluate_routed(routed: RoutedModel, limit: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float] | None]:
+def evaluate_routed(engine: Engine, limit: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float] | None]:
     """Accuracy with the task NOT given, on MIXED-task batches of every task's test images.
 
     An image counts as correct only when the gate picks its task AND that task's
     head picks its class. Returns per task ``{"routed": acc, "gate": acc}`` (None:
     the task has no test images; the gate still may route other tasks' images to it).
     """
-    models = routed.models
-    sets = bundle_test_sets(models)
+    if engine.gate_preprocessing is None:
+        raise ValueError(f"bundle {engine.version} has no gate; merge with emr_routed or gating_* for routed evaluation")
+    sets = bundle_test_sets(engine.models)
     xs, gs, tasks, labels = [], [], [], []
-    for i, task in enumerate(models.tasks):
+    for i, task in enumerate(engine.tasks):
         images = sets[task]
         if images is None:
             continue
-        x_task, g_task = images.tensors_for([models.preprocessing, models.gate_preprocessing], limit)
+        x_task, g_task = images.tensors_for([engine.preprocessing, engine.gate_preprocessing], limit)
         xs.append(x_task)
         gs.append(g_task)
-        tasks.append(torch.full((len(xs[-1]),), i))
+        tasks.append(torch.full((len(x_task),), i))
         labels.append(images.label_tensor(limit))
     if not xs:
-        return dict.fromkeys(models.tasks)
+        return dict.fromkeys(engine.tasks)
     x, g, t, y = torch.cat(xs), torch.cat(gs), torch.cat(tasks), torch.cat(labels)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    pred_task = torch.empty_like(t)
-    pred_class = torch.empty_like(y)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        out = routed.classify(x[idx], g[idx])
-        pred_task[idx] = out.tasks
-        pred_class[idx] = torch.stack([lg.argmax() for lg in out.logits])
+    pred_task, pred_class = predict_classes(engine, x[order], [None] * len(order), g[order], batch_size)
+    t, y = t[order], y[order]
     result: dict[str, dict[str, float] | None] = {}
-    for i, task in enumerate(models.tasks):
+    for i, task in enumerate(engine.tasks):
         sel = t == i
         if not bool(sel.any()):
             result[task] = None

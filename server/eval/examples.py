@@ -6,7 +6,7 @@ from pathlib import Path
 from PIL import Image
 
 from server.eval.accuracy import bundle_test_sets
-from server.runtime.bundle_reader import BundleModels
+from server.runtime.bundle_reader import BundleReader
 from server.runtime.engine import Engine
 
 
@@ -14,7 +14,7 @@ def write_examples(engine: Engine, directory: Path) -> dict[str, Path]:
     """One held-out TEST image per task that has test images (the bundle's test sources), as PNG files."""
     directory.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
-    sets = bundle_test_sets(BundleModels(engine.bundle))
+    sets = bundle_test_sets(BundleReader(engine.bundle))
     for task in engine.tasks:
         images = sets.get(task)
         if images is None or not len(images):

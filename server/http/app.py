@@ -61,7 +61,7 @@ from server.http.schemas import (
     TasksResponse,
 )
 from server.http.settings import ServerSettings
-from server.runtime.engine import Engine
+from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.server")
 access_log = logging.getLogger("vitmerge.access")
@@ -79,7 +79,7 @@ class ServerState:
         self.batcher: Batcher | None = None
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vitmerge-decode")
         self._tasks: list[asyncio.Task] = []
-        self.on_ready: list[Callable[[Engine], None]] = []
+        self.on_ready: list[Callable[[InferenceEngine], None]] = []
 
     async def start(self) -> None:
         s = self.settings
@@ -113,7 +113,7 @@ class ServerState:
         engine = self.manager.engine
         return engine is not None and engine.alive and self.batcher is not None and self.batcher.alive
 
-    def engine(self) -> Engine:
+    def engine(self) -> InferenceEngine:
         engine = self.manager.engine
         if self.batcher is not None and self.batcher.stopping:
             raise NotReady("server is shutting down (draining queued requests); retry on another replica", code="shutting_down", headers={"Retry-After": "1"})
@@ -300,7 +300,7 @@ def _first_error(e: ValidationError) -> str:
     return f"{loc}: {err.get('msg', 'invalid')}"
 
 
-def _decode_all(blobs: list[bytes], engine: Engine, need_gate: bool, max_pixels: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+def _decode_all(blobs: list[bytes], engine: InferenceEngine, need_gate: bool, max_pixels: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     xs, gs = [], []
     for i, blob in enumerate(blobs):
         arr = decode_image(blob, max_pixels, what=f"image {i}")
@@ -311,7 +311,7 @@ def _decode_all(blobs: list[bytes], engine: Engine, need_gate: bool, max_pixels:
 
 
 # -- encode ----------------------------------------------------------------------------------
-def encode_prediction(engine: Engine, result: ItemResult, top_k: int) -> dict[str, Any]:
+def encode_prediction(engine: InferenceEngine, result: ItemResult, top_k: int) -> dict[str, Any]:
     out = result.output
     name = engine.tasks[out.task]
     labels = engine.class_names[name]

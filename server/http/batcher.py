@@ -24,7 +24,7 @@ import torch
 
 from server.http.errors import QueueFull
 from server.http.metrics import ServerMetrics
-from server.runtime.engine import Engine, ImageOutput
+from server.runtime.protocol import ImageOutput, InferenceEngine
 
 log = logging.getLogger("vitmerge.batcher")
 
@@ -33,7 +33,7 @@ log = logging.getLogger("vitmerge.batcher")
 class WorkItem:
     """One image waiting for inference."""
 
-    engine: Engine
+    engine: InferenceEngine
     x: torch.Tensor
     x_gate: torch.Tensor | None
     task: int | None
@@ -108,7 +108,7 @@ class Batcher:
         finally:
             self._incoming -= 1
 
-    def submit(self, engine: Engine, xs: list[torch.Tensor], gates: list[torch.Tensor | None], tasks: list[int | None]) -> list[asyncio.Future]:
+    def submit(self, engine: InferenceEngine, xs: list[torch.Tensor], gates: list[torch.Tensor | None], tasks: list[int | None]) -> list[asyncio.Future]:
         """Queue a request's images; raises :class:`QueueFull` (429) when over capacity."""
         n = len(xs)
         if self._stopping:

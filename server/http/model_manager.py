@@ -1,6 +1,6 @@
 """Which bundle is served: loading, atomic hot swap, startup bootstrap, watching CURRENT.
 
-The served :class:`~server.engine.Engine` is one reference; a swap replaces it in a
+The served engine (:class:`~server.runtime.protocol.InferenceEngine`) is one reference; a swap replaces it in a
 single assignment after the new engine is fully loaded and warmed up beside the old
 one. Requests pin the engine they started with, so in-flight work finishes on the
 old version and no response mixes versions.
@@ -18,6 +18,7 @@ from model_store.bundle import BundleStore
 from server.http.metrics import ServerMetrics
 from server.http.settings import ServerSettings
 from server.runtime.engine import Engine, resolve_device
+from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.models")
 #: File in the store that serialises merges (admin jobs and startup merges) across replicas.
@@ -32,7 +33,7 @@ class ModelManager:
         self.metrics = metrics
         self.store = BundleStore(settings.layout, keep=settings.keep_versions)
         self.device = resolve_device(settings.device)
-        self.engine: Engine | None = None
+        self.engine: InferenceEngine | None = None
         self.error: str | None = None
         self.state = "starting"
         self._load_lock = threading.Lock()
@@ -42,19 +43,19 @@ class ModelManager:
     def version(self) -> str | None:
         return self.engine.version if self.engine is not None else None
 
-    def build_engine(self, version: str) -> Engine:
+    def build_engine(self, version: str) -> InferenceEngine:
         """Load, verify and warm up ``version`` (does not serve it yet)."""
         s = self.settings
         if s.worker == "process":
             from server.runtime.worker import ProcessEngine
 
-            engine: Engine = ProcessEngine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)  # type: ignore[assignment]
+            engine: InferenceEngine = ProcessEngine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)
         else:
             engine = Engine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)
         engine.warmup()
         return engine
 
-    def swap(self, engine: Engine) -> None:
+    def swap(self, engine: InferenceEngine) -> None:
         """Serve ``engine`` from the next request on (one reference assignment)."""
         old = self.engine
         self.engine = engine
@@ -64,14 +65,14 @@ class ModelManager:
             self.metrics.swaps.inc()
         log.info("serving bundle %s (%s, %s) on %s", engine.version, engine.method, engine.kind, engine.device)
 
-    def load_and_swap(self, version: str) -> Engine:
+    def load_and_swap(self, version: str) -> InferenceEngine:
         with self._load_lock:
             engine = self.build_engine(version)
             self.swap(engine)
             return engine
 
     # -- startup ----------------------------------------------------------------------
-    def bootstrap(self, progress: bool = True) -> Engine:
+    def bootstrap(self, progress: bool = True) -> InferenceEngine:
         """Serve CURRENT; with none, merge the configured zoo with the default method first."""
         try:
             version = self.store.current_version()

@@ -28,7 +28,7 @@ def read_spec(bundle: Bundle) -> BundleSpec:
                                    f"kind {raw.get('kind')}): {problems}") from e
 
 
-class BundleModels:
+class BundleReader:
     """Read-only view of a bundle's tasks, heads and (per task) backbone weights."""
 
     def __init__(self, bundle: Bundle):

@@ -23,7 +23,8 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers tensor reductions with multiprocessing)
 
 from model_store.bundle import Bundle
-from server.runtime.engine import EngineInfo, ImageOutput
+from server.runtime.engine import EngineFrontend
+from server.runtime.protocol import ImageOutput
 
 
 def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None, cuda_graphs: bool) -> None:
@@ -76,7 +77,7 @@ def _shutdown(conn: Any, proc: mp.process.BaseProcess) -> None:
     conn.close()
 
 
-class ProcessEngine(EngineInfo):
+class ProcessEngine(EngineFrontend):
     """The Engine interface with ``predict`` running in a spawned child process."""
 
     def __init__(

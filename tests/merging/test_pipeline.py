@@ -11,7 +11,8 @@ from model_store.bundle import BundleStore
 from model_store.errors import BundleIntegrityError
 from model_store.settings import StoreLayout
 from server.eval.accuracy import evaluate_bundle, format_table
-from server.runtime.bundle_reader import BundleModels
+from server.runtime.bundle_reader import BundleReader
+from server.runtime.engine import Engine
 
 pytestmark = pytest.mark.slow  # eight merges of the demo zoo, each evaluated on the full test splits
 
@@ -23,8 +24,7 @@ def merged_table(tiny_zoo_report, tmp_path_factory):
     rows, versions = {}, {}
     for method in STATIC_AND_EMR:
         outcome = merge_and_publish(zoo, store, method, progress=False)
-        models = BundleModels(store.load(outcome.version))
-        rows[method] = evaluate_bundle(models)
+        rows[method] = evaluate_bundle(Engine(store.load(outcome.version)))
         versions[method] = outcome.version
     individual = {t: zoo.metas[t].provenance.test_accuracy for t in zoo.tasks}
     print("\n" + format_table({"individual": individual, **rows}, zoo.tasks, individual))
@@ -84,7 +84,7 @@ def test_emr_bundle_is_small_and_its_task_models_match_task_state(merged_table, 
 
     zoo = tiny_zoo_report.zoo
     ref = emr_merge(zoo.backbone(zoo.base), [zoo.backbone(t) for t in zoo.tasks])
-    models = BundleModels(bundle)
+    models = BundleReader(bundle)
     for i, task in enumerate(zoo.tasks):
         a, b = models.task_backbone(task), ref.task_state(i)
         assert all(a[k].equal(b[k]) for k in b)

@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 import torch
+from routed_oracle import RoutedModel
 
 from merging.pipeline import merge_and_publish
 from model_store.bundle import BundleStore
 from model_store.data.builtin import load_split
 from model_store.data.preprocessing import to_model_input
 from model_store.settings import StoreLayout
-from server.routed import RoutedModel
-from server.runtime.bundle_reader import BundleModels
+from server.runtime.bundle_reader import BundleReader
 from server.runtime.engine import Engine, resolve_device
 from server.runtime.weight_cache import WeightCache
 
@@ -36,7 +36,7 @@ def emr_engine(server_store_template):
 
 def test_engine_matches_routed_model_gate_and_given(emr_engine):
     x, g, truth = _mixed_batch(emr_engine)
-    routed = RoutedModel(BundleModels(emr_engine.bundle))
+    routed = RoutedModel(BundleReader(emr_engine.bundle))
     out = emr_engine.predict(x, [None] * len(x), g)
     ref = routed.classify(x, g)
     assert [o.task for o in out] == ref.tasks.tolist()
@@ -108,7 +108,7 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
         torch.testing.assert_close(u.probabilities, w.probabilities)
     # resident: base + tau + 1-bit masks (+ cache), never N full models when the cache is off
     parts = cold.resident_bytes()
-    weights = cold._tau_flat.numel()
+    weights = cold.kind_strategy.tau_flat.numel()
     assert parts["masks"] == len(cold.tasks) * -(-weights // 8)  # 1 bit per weight per task, packed
     assert parts["base"] == parts["tau_unified"] == 4 * weights
 
@@ -123,7 +123,7 @@ def test_gated_bundle_per_image_routing(gated_store, strategy):
         alone = engine.predict(x[i : i + 1], [None], g[i : i + 1])[0]
         assert alone.task == batch[i].task
         torch.testing.assert_close(alone.probabilities, batch[i].probabilities, atol=1e-5, rtol=1e-4)
-    routed = RoutedModel(BundleModels(engine.bundle), strategy="exact")
+    routed = RoutedModel(BundleReader(engine.bundle), strategy="exact")
     ref = routed.classify(x, g)
     for o, logits in zip(batch, ref.logits):  # sparse with threshold 0 equals exact
         torch.testing.assert_close(o.probabilities, logits.softmax(-1), atol=1e-5, rtol=1e-4)
@@ -135,7 +135,7 @@ def test_static_bundle_needs_a_task(test_zoo_report, tmp_path):
     engine = Engine(store.load(), "cpu")
     x, _, truth = _mixed_batch(engine, per_task=2)
     out = engine.predict(x, truth)
-    models = BundleModels(engine.bundle)
+    models = BundleReader(engine.bundle)
     for o, t, xi in zip(out, truth, x):
         ref = models.build(engine.tasks[t])(xi[None])[0].softmax(-1)
         torch.testing.assert_close(o.probabilities, ref, atol=1e-5, rtol=1e-4)

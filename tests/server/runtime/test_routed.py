@@ -1,4 +1,4 @@
-"""Routed EMR on the real tiny zoo: the gate picks the task, EMR modulators do the rest."""
+"""Routed EMR on the real tiny zoo through the serving Engine: the gate picks the task, EMR modulators do the rest."""
 import pytest
 import torch
 
@@ -8,8 +8,8 @@ from model_store.data.builtin import load_split
 from model_store.data.preprocessing import to_model_input
 from model_store.settings import StoreLayout
 from server.eval.accuracy import evaluate_bundle, evaluate_routed
-from server.routed import RoutedModel
-from server.runtime.bundle_reader import BundleModels
+from server.runtime.bundle_reader import BundleReader
+from server.runtime.engine import Engine
 
 pytestmark = pytest.mark.slow  # the demo zoo and a real gate training (~35 s)
 
@@ -25,7 +25,7 @@ def routed_bundle(tiny_zoo_report, tmp_path_factory):
     # (4 epochs on 600: 0.978 / 0.992; 32 px for 3 epochs on 400: 0.912 / 0.939)
     params = {"gate_epochs": 3, "gate_max_images": 500, "gate_test_images": LIMIT}
     outcome = merge_and_publish(tiny_zoo_report.zoo, store, "emr_routed", params, progress=False)
-    return BundleModels(store.load(outcome.version))
+    return BundleReader(store.load(outcome.version))
 
 
 def test_gate_accuracy_is_recorded_and_high(routed_bundle):
@@ -38,9 +38,9 @@ def test_gate_accuracy_is_recorded_and_high(routed_bundle):
 
 
 def test_routed_emr_is_close_to_task_given_emr(routed_bundle):
-    routed = RoutedModel(routed_bundle)
-    given = evaluate_bundle(routed_bundle, limit=LIMIT)
-    result = evaluate_routed(routed, limit=LIMIT, batch_size=64)
+    engine = Engine(routed_bundle.bundle)
+    given = evaluate_bundle(engine, limit=LIMIT)
+    result = evaluate_routed(engine, limit=LIMIT, batch_size=64)
     print("\ntask-given EMR:", {k: round(v, 4) for k, v in given.items()})
     print("routed EMR    :", {k: round(v["routed"], 4) for k, v in result.items()}, "gate:", {k: round(v["gate"], 4) for k, v in result.items()})
     for task in routed_bundle.tasks:
@@ -54,18 +54,18 @@ def test_routed_emr_is_close_to_task_given_emr(routed_bundle):
 
 
 def test_named_task_skips_the_gate_and_mixed_batches_route_per_image(routed_bundle):
-    routed = RoutedModel(routed_bundle)
+    engine = Engine(routed_bundle.bundle)
     xs, gs = [], []
     for task in routed_bundle.tasks:
         data = load_split(task, "test", limit=4)
         xs.append(to_model_input(data.images, routed_bundle.preprocessing))
         gs.append(to_model_input(data.images, routed_bundle.gate_preprocessing))
     x, g = torch.cat(xs), torch.cat(gs)
-    batch = routed.classify(x, g)
+    batch = engine.predict(x, [None] * len(x), g)
     for i in range(len(x)):
-        alone = routed.classify(x[i : i + 1], g[i : i + 1])
-        assert int(alone.tasks[0]) == int(batch.tasks[i])
-        assert torch.allclose(alone.logits[0], batch.logits[i], atol=1e-5)
-    given = routed.classify(x[:4], task="animals")
-    assert given.tasks.tolist() == [1, 1, 1, 1] and bool((given.task_probability == 1).all())
-    assert given.logits[0].shape == (10,)
+        alone = engine.predict(x[i : i + 1], [None], g[i : i + 1])[0]
+        assert alone.task == batch[i].task
+        assert torch.allclose(alone.probabilities, batch[i].probabilities, atol=1e-5)
+    given = engine.predict(x[:4], [engine.task_index("animals")] * 4)
+    assert [o.task for o in given] == [1, 1, 1, 1] and all(o.task_probability == 1 and o.source == "given" for o in given)
+    assert given[0].probabilities.shape == (10,)

@@ -1,12 +1,14 @@
-"""Routed inference over a bundle: the gate picks each image's task (SPEC sections 3-4).
+"""A test oracle for the serving Engine: routed inference written the plain way (SPEC sections 3-4).
+
+Not used by the server: tests compare :class:`server.runtime.engine.Engine` with it.
 
 * EMR and static bundles: ``t = argmax p(x)`` per image, images grouped by task,
   each group runs task t's weights (EMR: ``theta_0 + lam_t M_t tau_uni``) and head t.
 * gated bundles: :class:`server.gated_vit.GatedViT` mixes the gated tensors per
   image with ``p(x)`` (``exact`` or ``sparse``) and applies head ``argmax p``.
 
-A request that names its task skips the gate. Per-task models are built once and
-cached (the server's engine adds a byte budget and hot swap on top).
+A request that names its task skips the gate. Per-task models are standalone timm
+models with ``theta_0 + lam_t M_t tau_uni`` loaded (:meth:`BundleReader.build`), built once.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from server.runtime.bundle_reader import BundleModels
+from server.runtime.bundle_reader import BundleReader
 from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD, GatedViT
 
 
@@ -32,7 +34,7 @@ class Routed:
 class RoutedModel:
     """Gate + per-task weights of one bundle, with per-image routing."""
 
-    def __init__(self, models: BundleModels, strategy: Literal["exact", "sparse"] = "sparse", threshold: float = DEFAULT_SPARSE_THRESHOLD):
+    def __init__(self, models: BundleReader, strategy: Literal["exact", "sparse"] = "sparse", threshold: float = DEFAULT_SPARSE_THRESHOLD):
         self.models = models
         self.strategy, self.threshold = strategy, threshold
         self.gate: nn.Module | None = models.gate_model() if models.has_gate else None

@@ -1,0 +1,53 @@
+"""What the HTTP server needs from an inference engine: the in-process :class:`~server.runtime.engine.Engine`
+and the :class:`~server.runtime.worker.ProcessEngine` both satisfy :class:`InferenceEngine`."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from model_store.schema import BundleKind, Preprocessing
+
+Source = Literal["gate", "given"]
+
+
+@dataclass
+class ImageOutput:
+    """One image's prediction: its task, how sure the router is, class probabilities."""
+
+    task: int
+    task_probability: float
+    source: Source
+    probabilities: torch.Tensor  # (num_classes,) on CPU
+
+
+class InferenceEngine(Protocol):
+    """A loaded bundle that classifies batches: metadata and preprocessing here, ``predict`` wherever it runs."""
+
+    version: str
+    method: str
+    kind: BundleKind
+    tasks: list[str]
+    class_names: dict[str, list[str]]
+    preprocessing: Preprocessing
+    gate_preprocessing: Preprocessing | None
+    device: torch.device
+
+    @property
+    def has_gate(self) -> bool: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def task_index(self, name: str) -> int: ...
+
+    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def predict(self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None) -> list[ImageOutput]: ...
+
+    def warmup(self) -> None: ...
+
+    def resident_bytes(self) -> dict[str, int]: ...
