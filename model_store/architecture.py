@@ -23,6 +23,15 @@ def build_model(arch: Architecture, num_classes: int = 0) -> nn.Module:
     return timm.create_model(arch.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
+@torch.inference_mode()
+def pre_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """A timm model's features right before its classifier (eval mode), ``batch_size`` rows at a time."""
+    model.eval()
+    out = [model.forward_head(model.forward_features(x[i : i + batch_size]), pre_logits=True)  # type: ignore[operator]
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, getattr(model, "num_features", 0))
+
+
 def head_prefix(model: nn.Module) -> str:
     """Name of the classifier module (``head`` for timm ViTs)."""
     classifier = model.get_classifier()  # type: ignore[operator]

@@ -15,7 +15,6 @@ verifies every hash and refuses a corrupt or partial bundle.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import shutil
@@ -32,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model_store.errors import BundleIntegrityError
-from model_store.files import atomic_write_text, fsync_path, sha256_file
+from model_store.files import atomic_write_text, fsync_path, sha256_file, utc_timestamp
 from model_store.schema import BundleManifest, FileEntry
 from model_store.settings import StoreLayout
 
@@ -40,10 +39,6 @@ MANIFEST = "manifest.json"
 _VERSION_RE = re.compile(r"^v(\d+)$")
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_SECONDS = 3600.0
-
-
-def _utcnow() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def version_number(version: str) -> int:
@@ -148,7 +143,7 @@ class BundleStore:
                     params=params or {},
                     zoo=zoo or {},
                     tasks=tasks or [],
-                    created_at=_utcnow(),
+                    created_at=utc_timestamp(),
                     files=files,
                     extra=extra or {},
                 )

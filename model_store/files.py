@@ -1,11 +1,26 @@
-"""Small durable-file helpers shared by zoos and bundles."""
+"""Small file helpers shared by zoos and bundles: hashing, durable writes, timestamps, installed packages."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+
+def utc_timestamp() -> str:
+    """Now, UTC, ISO 8601 to the second (``created_at`` of zoos, bundles and merge jobs)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def package_dir(pkg: str) -> Path | None:
+    """Directory of an installed package (its data files live there), without importing it; None if absent."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def sha256_file(path: Path) -> str:

@@ -11,7 +11,6 @@ Everything downstream treats a zoo as read-only.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shutil
 from pathlib import Path
@@ -23,16 +22,12 @@ from torch import nn
 
 from model_store.architecture import StateDict, build_model, load_into
 from model_store.errors import ZooFormatError
-from model_store.files import sha256_file, write_json
+from model_store.files import sha256_file, utc_timestamp, write_json
 from model_store.lazy_tensors import LazySafetensors
 from model_store.schema import DataSource, ModelMeta, TaskData, ZooManifest
 
 BACKBONE_FILE = "backbone.safetensors"
 HEAD_FILE = "head.safetensors"
-
-
-def _utcnow() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _read_schema(path: Path, schema: type[BaseModel]) -> BaseModel:
@@ -227,7 +222,7 @@ class ZooWriter:
 
     def finalize(self, name: str, base: str | None, tasks: list[str], **fields: object) -> Zoo:
         """Write ``zoo.json`` and return the validated zoo."""
-        manifest = ZooManifest.model_validate({"name": name, "base": base, "tasks": tasks, "created_at": _utcnow(), **fields})
+        manifest = ZooManifest.model_validate({"name": name, "base": base, "tasks": tasks, "created_at": utc_timestamp(), **fields})
         write_json(self.root / "zoo.json", manifest.model_dump(mode="json"))
         return Zoo.load(self.root, require_base=base is not None)
 
@@ -238,7 +233,7 @@ class ZooWriter:
             current = _read_schema(path, ZooManifest)
             assert isinstance(current, ZooManifest)
         else:
-            current = ZooManifest(name=self.root.name, created_at=_utcnow())
+            current = ZooManifest(name=self.root.name, created_at=utc_timestamp())
         base, tasks = current.base, [t for t in current.tasks if t != meta.name]
         if meta.role == "base":
             base = meta.name

@@ -20,6 +20,7 @@ from torch import nn
 
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD, GatedViT
+from server.runtime.groups import task_groups
 
 
 @dataclass
@@ -41,8 +42,7 @@ class RoutedModel:
         self._task_models: dict[str, nn.Module] = {}
         self.gated: GatedViT | None = None
         if models.kind == "gated":
-            b = models.bundle
-            self.gated = GatedViT(models.architecture, dict(b.tensors("backbone")), dict(b.tensors("experts")), [models.head(t) for t in models.tasks])
+            self.gated = GatedViT.from_bundle(models)
 
     def task_model(self, task: str) -> nn.Module:
         if task not in self._task_models:
@@ -73,8 +73,7 @@ class RoutedModel:
             out = self.gated.classify(x, p, self.strategy, self.threshold)
             return Routed(out.tasks, p.gather(1, out.tasks[:, None]).squeeze(1), out.logits)
         logits: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
-        for t in tasks.unique().tolist():
-            idx = (tasks == t).nonzero().flatten()
+        for t, idx in task_groups(tasks):
             out = self.task_model(self.models.tasks[t])(x[idx])
             for j, k in enumerate(idx.tolist()):
                 logits[k] = out[j]

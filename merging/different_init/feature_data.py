@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_store.architecture import pre_logits
+from model_store.zoo_build.training import cosine_schedule
+
 
 def augment(images: torch.Tensor, copies: int, generator: torch.Generator) -> torch.Tensor:
     """``copies`` augmented versions of every image (seeded).
@@ -46,14 +49,6 @@ def augment(images: torch.Tensor, copies: int, generator: torch.Generator) -> to
     return torch.where(mix.view(-1, 1, 1, 1), mixed, x)
 
 
-@torch.inference_mode()
-def pre_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """A timm model's features right before its classifier."""
-    model.eval()
-    out = [model.forward_head(model.forward_features(images[i : i + batch_size]), pre_logits=True) for i in range(0, len(images), batch_size)]  # type: ignore[operator]
-    return torch.cat(out) if out else torch.empty(0)
-
-
 @dataclass
 class FeatureSet:
     """Images of every task, their task index and the task's original model's features."""
@@ -76,18 +71,6 @@ def build_feature_set(models: Sequence[nn.Module], images: Sequence[torch.Tensor
         ts.append(torch.full((len(x),), t, dtype=torch.long))
         fs.append(pre_logits(model, x))
     return FeatureSet(torch.cat(xs), torch.cat(ts), torch.cat(fs))
-
-
-def cosine_schedule(total: int, warmup_fraction: float = 0.1):
-    """LambdaLR factor: linear warm-up, then cosine decay to 0 (one cycle)."""
-    warmup = max(1, int(warmup_fraction * total))
-
-    def at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return at
 
 
 @dataclass(frozen=True)

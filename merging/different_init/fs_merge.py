@@ -105,7 +105,7 @@ class _PreLogits(nn.Module):
         self.vit = vit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)  # type: ignore[operator]
+        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
 
 
 def vit_features(template: nn.Module, state: Tensors, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from model_store.data.sources import ImageSet, open_source, parse_source
-from model_store.errors import DataSourceError, ZooFormatError
+from model_store.errors import DataSourceError, MissingDataError, ZooFormatError
 from model_store.schema import DataSource, TaskData
 from model_store.zoo import Zoo, ZooWriter
 
@@ -49,6 +49,15 @@ def calibration_set(zoo: Zoo, task: str) -> ImageSet | None:
     """The task's calibration images (None when it has no calibration source)."""
     src = zoo.task_data(task).calibration
     return None if src is None else open_source(src, "calibration")
+
+
+def require_test_set(zoo: Zoo, task: str, purpose: str = "this") -> ImageSet:
+    """:func:`test_set`, refusing a task without test images with a message that says how to add them."""
+    images = test_set(zoo, task)
+    if images is None:
+        raise MissingDataError(f"{purpose} needs test images for every task; task '{task}' has none (add them with "
+                               f"'test:' in the zoo spec or `vitmerge zoo data --task {task} --test SRC`)")
+    return images
 
 
 def test_set(zoo: Zoo, task: str) -> ImageSet | None:

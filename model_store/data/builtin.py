@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import gzip
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from typing import Literal
 import numpy as np
 
 from model_store.errors import DatasetUnavailableError
+from model_store.files import package_dir
 from model_store.safe_unpickle import load_numpy_pickle
 
 TASKS: tuple[str, ...] = ("fashion", "mnist", "animals", "solar", "digits")
@@ -85,10 +85,10 @@ class DataSplit:
 
 def _package_dir(pkg: str, dist: str) -> Path:
     """Directory of an installed package, without importing it."""
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir(pkg)
+    if root is None:
         raise DatasetUnavailableError(f"package '{dist}' is not installed; install it with: " + _PIP_HINT.format(pkg=dist))
-    return Path(next(iter(spec.submodule_search_locations)))
+    return root
 
 
 def _read_idx(path: Path) -> np.ndarray:

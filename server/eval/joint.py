@@ -13,11 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from model_store.architecture import build_model
-from model_store.data.attach import test_set
-from model_store.errors import MissingDataError
+from model_store.architecture import build_model, pre_logits
+from model_store.data.attach import require_test_set
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
@@ -28,17 +26,9 @@ def load_test_sets(zoo: Zoo, tasks: Sequence[str], prep: Preprocessing, limit: i
     """Every task's TEST images (from the zoo's test sources, preprocessed) and labels."""
     out = {}
     for t in tasks:
-        images = test_set(zoo, t)
-        if images is None:
-            raise MissingDataError(f"task '{t}' has no test images; add them with `vitmerge zoo data --task {t} --test SRC`")
+        images = require_test_set(zoo, t, "joint accuracy")
         out[t] = (images.tensors(prep, limit), images.label_tensor(limit))
     return out
-
-
-@torch.inference_mode()
-def _features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model.forward_head(model.forward_features(x[i : i + batch_size]), pre_logits=True) for i in range(0, len(x), batch_size)])  # type: ignore[operator]
 
 
 def _score(logits: Mapping[str, Mapping[str, torch.Tensor]], data: TestSet) -> dict[str, dict[str, float]]:
@@ -60,7 +50,7 @@ def evaluate_merged(backbone: Mapping[str, torch.Tensor], heads: Mapping[str, Ma
     model.load_state_dict(dict(backbone), strict=True)
     logits = {}
     for t, (x, _) in data.items():
-        f = _features(model, x)
+        f = pre_logits(model, x)
         logits[t] = {h: F.linear(f, head["head.weight"].float(), head["head.bias"].float()) for h, head in heads.items()}
     return _score(logits, data)
 

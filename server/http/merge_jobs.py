@@ -9,7 +9,6 @@ several replicas sharing one store exclusive: the loser answers 409.
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 
 from model_store.errors import ModelStoreError
+from model_store.files import utc_timestamp
 from server.http.errors import Conflict, InvalidRequest, NotFound
 from server.http.metrics import ServerMetrics
 from server.http.model_manager import MERGE_LOCK, ModelManager
@@ -28,10 +28,6 @@ from server.http.zoo_source import resolve_zoo
 log = logging.getLogger("vitmerge.merge")
 State = Literal["queued", "running", "succeeded", "failed"]
 MAX_JOBS_KEPT = 100
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -47,7 +43,7 @@ class MergeJob:
     progress: float = 0.0
     error: str | None = None
     version: str | None = None
-    created_at: str = field(default_factory=_now)
+    created_at: str = field(default_factory=utc_timestamp)
     finished_at: str | None = None
     seconds: float | None = None
     process: Any = field(default=None, repr=False, compare=False)  # the merge child while it runs
@@ -166,7 +162,7 @@ class MergeJobs:
             self.metrics.merge_jobs.labels("failed").inc()
         finally:
             job.seconds = round(time.perf_counter() - start, 3)
-            job.finished_at = _now()
+            job.finished_at = utc_timestamp()
             with self._lock:
                 self._active = None
                 self._file_lock.release()

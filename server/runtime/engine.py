@@ -35,8 +35,9 @@ from model_store.schema import Preprocessing
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.cuda_graphs import GraphRunner
 from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD
+from server.runtime.groups import task_groups
 from server.runtime.protocol import ImageOutput, Source
-from server.runtime.strategies import STRATEGIES, KindStrategy, StrategyContext, task_groups, tensor_bytes
+from server.runtime.strategies import STRATEGIES, KindStrategy, StrategyContext, tensor_bytes
 from server.runtime.weight_cache import WeightCache, weights_nbytes
 
 

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_store.architecture import build_model
+from server.runtime.bundle_reader import BundleReader
+from server.runtime.groups import task_groups
 
 LinearMode = Literal["mix", "experts"]
 #: Measured on the tiny zoo (BENCHMARKS.md): 0.1 keeps exact routing's accuracy
@@ -381,14 +383,20 @@ class GatedViT(nn.Module):
         out[order] = feats
         return out
 
+    @classmethod
+    def from_bundle(cls, models: BundleReader, linear_mode: LinearMode = "mix") -> GatedViT:
+        """The gated model of a ``gated`` bundle: its static tensors, expert stacks and every task's head."""
+        b = models.bundle
+        heads = [models.head(t) for t in models.tasks]
+        return cls(models.architecture, dict(b.tensors("backbone")), dict(b.tensors("experts")), heads, linear_mode)
+
     @torch.inference_mode()
     def classify(self, x: torch.Tensor, p: torch.Tensor, strategy: Literal["exact", "sparse"] = "exact", threshold: float = DEFAULT_SPARSE_THRESHOLD) -> GatedOutput:
         """Route per image, then apply the head of ``argmax p`` to each image."""
         feats = self.features(x, p, strategy, threshold)
         tasks = p.argmax(1)
         logits: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
-        for t in tasks.unique().tolist():
-            idx = (tasks == t).nonzero().flatten()
+        for t, idx in task_groups(tasks):
             out = self.heads[t](feats[idx])
             for j, i in enumerate(idx.tolist()):
                 logits[i] = out[j]

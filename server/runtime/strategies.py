@@ -25,6 +25,7 @@ from model_store.architecture import build_model
 from model_store.bitpack import pack_mask, unpack_mask
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.gated_vit import GatedViT
+from server.runtime.groups import task_groups
 from server.runtime.weight_cache import WeightCache, Weights
 
 Run = Callable[[torch.Tensor], torch.Tensor]
@@ -33,11 +34,6 @@ Run = Callable[[torch.Tensor], torch.Tensor]
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes of a module's state (parameters and buffers)."""
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-def task_groups(tasks: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """CPU task indices -> [(task, image indices)], in task order."""
-    return [(int(t), (tasks == t).nonzero().flatten()) for t in tasks.unique().tolist()]
 
 
 @dataclass
@@ -155,9 +151,7 @@ class GatedStrategy:
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
-        b, models = ctx.models.bundle, ctx.models
-        heads = [models.head(t) for t in models.tasks]
-        self.gated = GatedViT(models.architecture, dict(b.tensors("backbone")), dict(b.tensors("experts")), heads).to(ctx.device)
+        self.gated = GatedViT.from_bundle(ctx.models).to(ctx.device)
 
     def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return self.gated.features(x, p, self.ctx.mixing, self.ctx.threshold)
