@@ -6,6 +6,7 @@ For every store's CURRENT bundle: one mixed-task batch of pool images (``STORE/p
 or the first store's), task given and routed by the gate; gated bundles with both
 strategies. Prints a JSON report; exits 1 on any mismatch.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,7 +24,7 @@ from server.runtime.engine import Engine
 
 
 def _batch(engine: Engine, pool: Path, n: int = 64):
-    files = sorted(pool.glob("*.png"))[:: max(1, len(sorted(pool.glob('*.png'))) // n)][:n]
+    files = sorted(pool.glob("*.png"))[:: max(1, len(sorted(pool.glob("*.png"))) // n)][:n]
     imgs = [np.asarray(Image.open(io.BytesIO(f.read_bytes()))) for f in files]
     tasks = [engine.task_index(f.name.split("_")[0]) for f in files]
     xs, gs = zip(*(engine.preprocess(im, True) for im in imgs))
@@ -51,11 +52,21 @@ def main() -> int:
     reports = []
     for store in stores:
         kind = BundleStore(StoreLayout(store)).load(verify=False)
-        strategies = ["exact", "sparse"] if json.loads((kind.path / "model.json").read_text())["kind"] == "gated" else ["sparse"]
+        strategies = (
+            ["exact", "sparse"] if json.loads((kind.path / "model.json").read_text())["kind"] == "gated" else ["sparse"]
+        )
         reports += [compare(store, pool, s) for s in strategies]
-    print(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "reports": reports}, indent=2))
-    ok = all(r[m]["same_task"] == r[m]["images"] and r[m]["same_class"] >= r[m]["images"] - 1 and r[m]["max_prob_diff"] < 1e-2
-             for r in reports for m in ("given", "routed") if m in r)
+    print(
+        json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "reports": reports}, indent=2)
+    )
+    ok = all(
+        r[m]["same_task"] == r[m]["images"]
+        and r[m]["same_class"] >= r[m]["images"] - 1
+        and r[m]["max_prob_diff"] < 1e-2
+        for r in reports
+        for m in ("given", "routed")
+        if m in r
+    )
     return 0 if ok else 1
 
 

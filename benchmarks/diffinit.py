@@ -18,6 +18,7 @@ No gate is trained here (joint accuracy is the routing-free measure).
 
 Writes benchmarks/results/diffinit.{md,json,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,17 @@ def run_group(zoo, group: tuple[str, ...], args: argparse.Namespace, data) -> di
         heads = dict(zip(group, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in group}
         scores = evaluate_merged(result.backbone, heads, arch, sub)
         info = {k: v for k, v in result.info.items() if k != "params"}
-        rows[label] = {"scores": scores, "mean": summary(scores), "optimised_parameters": info.get("optimised_parameters", 0),
-                       "seconds": round(seconds, 2), "params": params, "info": info}
-        tqdm.write(f"{'+'.join(group)} {label}: per-task {100 * rows[label]['mean']['per_task']:.1f} joint {100 * rows[label]['mean']['joint']:.1f} ({seconds:.0f} s)")
+        rows[label] = {
+            "scores": scores,
+            "mean": summary(scores),
+            "optimised_parameters": info.get("optimised_parameters", 0),
+            "seconds": round(seconds, 2),
+            "params": params,
+            "info": info,
+        }
+        tqdm.write(
+            f"{'+'.join(group)} {label}: per-task {100 * rows[label]['mean']['per_task']:.1f} joint {100 * rows[label]['mean']['joint']:.1f} ({seconds:.0f} s)"
+        )
     return rows
 
 
@@ -89,15 +98,24 @@ def fmt_params(n: int) -> str:
 def render(result: dict) -> str:
     """Markdown tables in FS-Merge Table 3/4 style."""
     a = result["args"]
-    intro = (f"Seed {a['seed']}; {a['images']} original + {a['images'] * a['augment']} augmented images per task; "
-             f"{a['epochs']} epochs for distillation and FS-Merge. Accuracy in %, test splits.")
+    intro = (
+        f"Seed {a['seed']}; {a['images']} original + {a['images'] * a['augment']} augmented images per task; "
+        f"{a['epochs']} epochs for distillation and FS-Merge. Accuracy in %, test splits."
+    )
     lines = [intro, ""]
-    for title, groups in (("Pairs", [g for g in result["groups"] if len(g["tasks"]) == 2]), ("Group of four", [g for g in result["groups"] if len(g["tasks"]) == 4])):
+    for title, groups in (
+        ("Pairs", [g for g in result["groups"] if len(g["tasks"]) == 2]),
+        ("Group of four", [g for g in result["groups"] if len(g["tasks"]) == 4]),
+    ):
         if not groups:
             continue
         lines.append(f"### {title}")
         lines.append("")
-        head = "| method | " + " | ".join(f"{'+'.join(g['tasks'])} per-task | joint" for g in groups) + " | #params optimised | merge time |"
+        head = (
+            "| method | "
+            + " | ".join(f"{'+'.join(g['tasks'])} per-task | joint" for g in groups)
+            + " | #params optimised | merge time |"
+        )
         lines += [head, "|---" * (2 * len(groups) + 3) + "|"]
         for label in ORDER:
             if label not in groups[0]["rows"]:
@@ -106,7 +124,9 @@ def render(result: dict) -> str:
             for g in groups:
                 row = g["rows"][label]
                 joint = row["mean"].get("joint")
-                cells.append(f"{100 * row['mean']['per_task']:.1f} | " + ("-" if joint is None else f"{100 * joint:.1f}"))
+                cells.append(
+                    f"{100 * row['mean']['per_task']:.1f} | " + ("-" if joint is None else f"{100 * joint:.1f}")
+                )
             rows = [g["rows"][label] for g in groups]
             n_params = max(r.get("optimised_parameters", 0) or 0 for r in rows)
             secs = sum(r.get("seconds", 0.0) for r in rows) / len(rows)
@@ -159,16 +179,28 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16, help="original calibration images per task (FS-Merge / distillation)")
+    parser.add_argument(
+        "--images", type=int, default=16, help="original calibration images per task (FS-Merge / distillation)"
+    )
     parser.add_argument("--augment", type=int, default=25, help="augmented copies per original image")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--rank", type=int, default=8, help="FS-Merge low rank for pairs and seq. (x2 for fs_merge on four)")
+    parser.add_argument(
+        "--rank", type=int, default=8, help="FS-Merge low rank for pairs and seq. (x2 for fs_merge on four)"
+    )
     parser.add_argument("--fs-lr", type=float, default=1e-3)
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--groups", default=",".join("+".join(g) for g in [*PAIRS, FOUR]), help="comma-separated task groups, tasks joined by +")
-    parser.add_argument("--zoo", default=None, help="zoo directory (default: build/reuse the tiny-diffinit preset in ./store)")
-    parser.add_argument("--render-only", action="store_true", help="re-render results/diffinit.md from results/diffinit.json")
+    parser.add_argument(
+        "--groups",
+        default=",".join("+".join(g) for g in [*PAIRS, FOUR]),
+        help="comma-separated task groups, tasks joined by +",
+    )
+    parser.add_argument(
+        "--zoo", default=None, help="zoo directory (default: build/reuse the tiny-diffinit preset in ./store)"
+    )
+    parser.add_argument(
+        "--render-only", action="store_true", help="re-render results/diffinit.md from results/diffinit.json"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if args.render_only:
@@ -180,9 +212,13 @@ def main() -> None:
     zoo = Zoo.load(args.zoo) if args.zoo else build_zoo("tiny-diffinit", REPO / "store" / "zoos" / "tiny-diffinit").zoo
     groups = [tuple(g.split("+")) for g in args.groups.split(",")]
     data = load_test_sets(zoo, sorted({t for g in groups for t in g}), zoo.metas[zoo.tasks[0]].preprocessing)
-    result: dict = {"args": vars(args), "zoo_config_hash": zoo.manifest.config_hash,
-                    "init_seeds": {t: zoo.metas[t].provenance.init_seed for t in zoo.tasks},
-                    "torch_threads": torch.get_num_threads(), "groups": []}
+    result: dict = {
+        "args": vars(args),
+        "zoo_config_hash": zoo.manifest.config_hash,
+        "init_seeds": {t: zoo.metas[t].provenance.init_seed for t in zoo.tasks},
+        "torch_threads": torch.get_num_threads(),
+        "groups": [],
+    }
     for group in groups:
         result["groups"].append({"tasks": list(group), "rows": run_group(zoo, group, args, data)})
         (RESULTS / "diffinit.json").write_text(json.dumps(result, indent=2))

@@ -10,6 +10,7 @@ given (gate + routed EMR), with the bundle's gate in each format. Writes
 
     .venv/bin/python benchmarks/gate_memory_format.py [--sizes 32,64] [--repeats 3] [--engine]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,7 +89,9 @@ def engine_ms(repeats: int, batches: int = 8) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="gate-engine-"))
     zoo = build_zoo("tiny", work / "zoo", progress=False).zoo
     store = BundleStore(StoreLayout(work / "store"))
-    merge_and_publish(zoo, store, "emr_routed", {"gate_epochs": 1, "gate_max_images": 50, "gate_test_images": 0}, progress=False)
+    merge_and_publish(
+        zoo, store, "emr_routed", {"gate_epochs": 1, "gate_max_images": 50, "gate_test_images": 0}, progress=False
+    )
     engine = Engine(store.load(), "cpu")
     images = [img for t in zoo.tasks for img in load_split(t, "test", limit=64).images]
     pairs = [engine.preprocess(img, True) for img in images[: 32 * batches]]
@@ -128,14 +131,25 @@ def main() -> None:
         rows.append({"arch": arch, "size": size, **measure(arch, size, args.repeats)})
     engine = engine_ms(args.repeats) if args.engine else None
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gate_memory_format.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows, "engine_ms_per_batch32": engine}, indent=2))
-    lines = ["| gate | px | train NCHW | train channels_last | speed-up | infer NCHW | infer channels_last | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    (RESULTS / "gate_memory_format.json").write_text(
+        json.dumps({"threads": torch.get_num_threads(), "rows": rows, "engine_ms_per_batch32": engine}, indent=2)
+    )
+    lines = [
+        "| gate | px | train NCHW | train channels_last | speed-up | infer NCHW | infer channels_last | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['size']} | {r['train_nchw']:.2f} | {r['train_channels_last']:.2f} | {r['train_nchw'] / r['train_channels_last']:.2f}× "
-                     f"| {r['infer_nchw']:.2f} | {r['infer_channels_last']:.2f} | {r['infer_nchw'] / r['infer_channels_last']:.2f}× |")
+        lines.append(
+            f"| {r['arch']} | {r['size']} | {r['train_nchw']:.2f} | {r['train_channels_last']:.2f} | {r['train_nchw'] / r['train_channels_last']:.2f}× "
+            f"| {r['infer_nchw']:.2f} | {r['infer_channels_last']:.2f} | {r['infer_nchw'] / r['infer_channels_last']:.2f}× |"
+        )
     if engine is not None:
-        lines += ["", "| engine, routed batch of 32 (tiny zoo, gate 64 px) | NCHW gate | channels_last gate | speed-up |", "|---|---|---|---|",
-                  f"| ms per batch | {engine['nchw']:.1f} | {engine['channels_last']:.1f} | {engine['nchw'] / engine['channels_last']:.2f}× |"]
+        lines += [
+            "",
+            "| engine, routed batch of 32 (tiny zoo, gate 64 px) | NCHW gate | channels_last gate | speed-up |",
+            "|---|---|---|---|",
+            f"| ms per batch | {engine['nchw']:.1f} | {engine['channels_last']:.1f} | {engine['nchw'] / engine['channels_last']:.2f}× |",
+        ]
     table = "\n".join(lines)
     (RESULTS / "gate_memory_format.md").write_text(table + "\n")
     print(table)

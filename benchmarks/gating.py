@@ -11,6 +11,7 @@ plain single ViT on the same mixed-task batches of 32 (ratios from one run).
 
 Writes benchmarks/results/gating.{md,json} and gating_vs_m.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,7 +77,12 @@ def throughput(fns: dict, batches: list, rounds: int = 7) -> dict[str, dict[str,
     out = {}
     for name, r in rates.items():
         ratios = sorted(a / b for a, b in zip(r, ref))
-        out[name] = {"img_s": max(r), "ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+        out[name] = {
+            "img_s": max(r),
+            "ratio": statistics.median(ratios),
+            "ratio_min": ratios[0],
+            "ratio_max": ratios[-1],
+        }
     return out
 
 
@@ -92,8 +98,14 @@ def main() -> None:
     parser.add_argument("--gate-epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved throughput rounds (median ratio reported)")
-    parser.add_argument("--render-only", action="store_true", help="re-render results/gating.md from results/gating.json")
-    parser.add_argument("--throughput-zoo", metavar="PRESET", help="only time plain vs exact vs sparse on this (built) zoo, e.g. dinov2-s14")
+    parser.add_argument(
+        "--render-only", action="store_true", help="re-render results/gating.md from results/gating.json"
+    )
+    parser.add_argument(
+        "--throughput-zoo",
+        metavar="PRESET",
+        help="only time plain vs exact vs sparse on this (built) zoo, e.g. dinov2-s14",
+    )
     args = parser.parse_args()
     if args.render_only:
         rerender()
@@ -138,8 +150,16 @@ def main() -> None:
         p = gate_probabilities(model, g)
         gates[gate_arch], probs[gate_arch] = (model, g), p
         per_task = {t: float((p[tid == i].argmax(1) == i).float().mean()) for i, t in enumerate(tasks)}
-        gate_rows.append({"arch": gate_arch, "init": "ImageNet" if gate_arch == "efficientnet_lite0" else "scratch", "train_s": secs,
-                          "params_M": sum(v.numel() for v in model.parameters()) / 1e6, "gflops": flops(model, g[:1]) / 1e9, "test_accuracy": per_task})
+        gate_rows.append(
+            {
+                "arch": gate_arch,
+                "init": "ImageNet" if gate_arch == "efficientnet_lite0" else "scratch",
+                "train_s": secs,
+                "params_M": sum(v.numel() for v in model.parameters()) / 1e6,
+                "gflops": flops(model, g[:1]) / 1e9,
+                "test_accuracy": per_task,
+            }
+        )
 
     def routed_acc(features_fn, p: torch.Tensor) -> dict[str, float]:
         chosen = p.argmax(1)
@@ -169,9 +189,13 @@ def main() -> None:
         static = {k: v for k, v in statics[b].items() if k not in experts}
         gated = GatedViT(arch, static, experts, heads)
         gated_params = sum(v[0].numel() for v in experts.values())
-        row = {"base": b, "m": m, "given": routed_acc(gated.features, one_hot),
-               "stored_M": (backbone_params - gated_params + n * gated_params + head_params) / 1e6,
-               "mix_gflops": 2 * n * gated_params / 1e9}
+        row = {
+            "base": b,
+            "m": m,
+            "given": routed_acc(gated.features, one_hot),
+            "stored_M": (backbone_params - gated_params + n * gated_params + head_params) / 1e6,
+            "mix_gflops": 2 * n * gated_params / 1e9,
+        }
         for gate_arch, p in probs.items():
             row[f"routed_{gate_arch}"] = routed_acc(gated.features, p)
         rows.append(row)
@@ -194,8 +218,11 @@ def main() -> None:
         return out
 
     mask_params = n * backbone_params / 32
-    emr_row = {"given": routed_acc(emr_features, one_hot), **{f"routed_{a}": routed_acc(emr_features, p) for a, p in probs.items()},
-               "stored_M": (2 * backbone_params + mask_params + head_params) / 1e6}
+    emr_row = {
+        "given": routed_acc(emr_features, one_hot),
+        **{f"routed_{a}": routed_acc(emr_features, p) for a, p in probs.items()},
+        "stored_M": (2 * backbone_params + mask_params + head_params) / 1e6,
+    }
     individual = {t: zoo.metas[t].provenance.test_accuracy for t in tasks}
 
     # throughput on mixed batches (m = depth / 2, regmean base), p from the default gate
@@ -215,17 +242,43 @@ def main() -> None:
     def sparse_fn(thr: float):
         return lambda xb, pb: g_mix.features(xb, pb, "sparse", thr)
 
-    speed = throughput({"plain ViT": plain_fn, "routed EMR": torch.inference_mode()(emr_features),
-                        "exact (mix)": lambda xb, pb: g_mix.features(xb, pb, "exact"),
-                        "exact (experts)": lambda xb, pb: g_exp.features(xb, pb, "exact"),
-                        **{f"sparse (t={thr})": sparse_fn(thr) for thr in thresholds}}, batches, args.rounds)
-    sparse_rows = [{"threshold": thr, **speed[f"sparse (t={thr})"], "routed": routed_acc(sparse_fn(thr), p),
-                    "one_expert": float(((p >= thr).sum(1) <= 1).float().mean())} for thr in thresholds]
+    speed = throughput(
+        {
+            "plain ViT": plain_fn,
+            "routed EMR": torch.inference_mode()(emr_features),
+            "exact (mix)": lambda xb, pb: g_mix.features(xb, pb, "exact"),
+            "exact (experts)": lambda xb, pb: g_exp.features(xb, pb, "exact"),
+            **{f"sparse (t={thr})": sparse_fn(thr) for thr in thresholds},
+        },
+        batches,
+        args.rounds,
+    )
+    sparse_rows = [
+        {
+            "threshold": thr,
+            **speed[f"sparse (t={thr})"],
+            "routed": routed_acc(sparse_fn(thr), p),
+            "one_expert": float(((p >= thr).sum(1) <= 1).float().mean()),
+        }
+        for thr in thresholds
+    ]
     exact_acc = routed_acc(lambda xb, pb: g_mix.features(xb, pb, "exact"), p)
 
-    result = {"tasks": tasks, "individual": individual, "gates": gate_rows, "rows": rows, "emr": emr_row, "speed": speed,
-              "sparse": sparse_rows, "exact_acc_m_half": exact_acc, "m_half": m_half, "vit_gflops": vit_gflops,
-              "backbone_M": backbone_params / 1e6, "batch": args.batch, "rounds": args.rounds}
+    result = {
+        "tasks": tasks,
+        "individual": individual,
+        "gates": gate_rows,
+        "rows": rows,
+        "emr": emr_row,
+        "speed": speed,
+        "sparse": sparse_rows,
+        "exact_acc_m_half": exact_acc,
+        "m_half": m_half,
+        "vit_gflops": vit_gflops,
+        "backbone_M": backbone_params / 1e6,
+        "batch": args.batch,
+        "rounds": args.rounds,
+    }
     (RESULTS / "gating.json").write_text(json.dumps(result, indent=2))
     md = render(result)
     (RESULTS / "gating.md").write_text(md)
@@ -260,18 +313,33 @@ def real_size_throughput(preset: str, batch: int, rounds: int, n_batches: int = 
 
     plain_fn = plain_features(plain)
 
-    speed = throughput({"plain ViT": plain_fn, "exact (mix)": lambda xb, pb: gated.features(xb, pb, "exact"),
-                        "sparse (t=0.1)": lambda xb, pb: gated.features(xb, pb, "sparse", 0.1)}, batches, rounds)
+    speed = throughput(
+        {
+            "plain ViT": plain_fn,
+            "exact (mix)": lambda xb, pb: gated.features(xb, pb, "exact"),
+            "sparse (t=0.1)": lambda xb, pb: gated.features(xb, pb, "sparse", 0.1),
+        },
+        batches,
+        rounds,
+    )
     params = sum(v.numel() for v in zoo.backbone(zoo.base).values()) / 1e6
-    lines = [f"### Throughput at real size: {preset} zoo ({params:.1f} M params, depth {depth}, m = {depth // 2}, "
-             f"{len(tasks)} tasks)", "",
-             f"Command: `.venv/bin/python benchmarks/gating.py --throughput-zoo {preset}`; mixed-task batches of {batch} ({n_batches} per round), "
-             f"{rounds} interleaved rounds, p = one-hot true task.", "", "| strategy | img/s | vs plain ViT |", "|---|---|---|"]
+    lines = [
+        f"### Throughput at real size: {preset} zoo ({params:.1f} M params, depth {depth}, m = {depth // 2}, "
+        f"{len(tasks)} tasks)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/gating.py --throughput-zoo {preset}`; mixed-task batches of {batch} ({n_batches} per round), "
+        f"{rounds} interleaved rounds, p = one-hot true task.",
+        "",
+        "| strategy | img/s | vs plain ViT |",
+        "|---|---|---|",
+    ]
     for name, v in speed.items():
         lines.append(f"| {name} | {v['img_s']:.1f} | {v['ratio']:.2f}x ({v['ratio_min']:.2f}–{v['ratio_max']:.2f}) |")
     md = "\n".join(lines) + "\n"
     (RESULTS / f"gating-throughput-{preset}.md").write_text(md)
-    (RESULTS / f"gating-throughput-{preset}.json").write_text(json.dumps({"preset": preset, "batch": batch, "rounds": rounds, "speed": speed}, indent=2))
+    (RESULTS / f"gating-throughput-{preset}.json").write_text(
+        json.dumps({"preset": preset, "batch": batch, "rounds": rounds, "speed": speed}, indent=2)
+    )
     print(md)
 
 
@@ -281,33 +349,64 @@ def _avg(d: dict[str, float]) -> float:
 
 def render(r: dict) -> str:
     tasks, ind = r["tasks"], r["individual"]
-    lines = ["### Gates (task-id accuracy on every task's test split)", "",
-             "| gate | init | params (M) | GFLOPs/img | train (s) | " + " | ".join(tasks) + " | avg |", "|---" * (6 + len(tasks)) + "|"]
+    lines = [
+        "### Gates (task-id accuracy on every task's test split)",
+        "",
+        "| gate | init | params (M) | GFLOPs/img | train (s) | " + " | ".join(tasks) + " | avg |",
+        "|---" * (6 + len(tasks)) + "|",
+    ]
     for g in r["gates"]:
         acc = g["test_accuracy"]
-        lines.append(f"| {g['arch']} | {g['init']} | {g['params_M']:.2f} | {g['gflops']:.3f} | {g['train_s']:.0f} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks) + f" | {_avg(acc):.1f} |")
-    lines += ["", "### Accuracy vs m (avg over tasks, %; routed = task not given, mixed-task batches, exact routing)", "",
-              f"Individual fine-tuned models: {_avg(ind):.1f}. ViT forward: {r['vit_gflops']:.4f} GFLOPs/img; backbone {r['backbone_M']:.2f} M params.", "",
-              "Stored parameters and FLOPs include the default EfficientNet-Lite0 gate; FLOPs of gated rows are for exact routing",
-              "(ViT forward + gate + per-image weight mixing); EMR counts masks at 1/32 parameter per bit.", "",
-              "| base | m | task given | routed (EfficientNet-Lite0 gate) | routed (MobileNetV2 gate) | stored params (M) | GFLOPs/img |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {g['arch']} | {g['init']} | {g['params_M']:.2f} | {g['gflops']:.3f} | {g['train_s']:.0f} | "
+            + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks)
+            + f" | {_avg(acc):.1f} |"
+        )
+    lines += [
+        "",
+        "### Accuracy vs m (avg over tasks, %; routed = task not given, mixed-task batches, exact routing)",
+        "",
+        f"Individual fine-tuned models: {_avg(ind):.1f}. ViT forward: {r['vit_gflops']:.4f} GFLOPs/img; backbone {r['backbone_M']:.2f} M params.",
+        "",
+        "Stored parameters and FLOPs include the default EfficientNet-Lite0 gate; FLOPs of gated rows are for exact routing",
+        "(ViT forward + gate + per-image weight mixing); EMR counts masks at 1/32 parameter per bit.",
+        "",
+        "| base | m | task given | routed (EfficientNet-Lite0 gate) | routed (MobileNetV2 gate) | stored params (M) | GFLOPs/img |",
+        "|---|---|---|---|---|---|---|",
+    ]
     gate = next(g for g in r["gates"] if g["arch"] == "efficientnet_lite0")
     for row in r["rows"]:
-        lines.append(f"| {row['base']} | {row['m']} | {_avg(row['given']):.1f} | {_avg(row['routed_efficientnet_lite0']):.1f} | {_avg(row['routed_mobilenetv2_100']):.1f} | "
-                     f"{row['stored_M'] + gate['params_M']:.2f} | {r['vit_gflops'] + gate['gflops'] + row['mix_gflops']:.4f} |")
+        lines.append(
+            f"| {row['base']} | {row['m']} | {_avg(row['given']):.1f} | {_avg(row['routed_efficientnet_lite0']):.1f} | {_avg(row['routed_mobilenetv2_100']):.1f} | "
+            f"{row['stored_M'] + gate['params_M']:.2f} | {r['vit_gflops'] + gate['gflops'] + row['mix_gflops']:.4f} |"
+        )
     e = r["emr"]
-    lines.append(f"| EMR (routed) | – | {_avg(e['given']):.1f} | {_avg(e['routed_efficientnet_lite0']):.1f} | {_avg(e['routed_mobilenetv2_100']):.1f} | "
-                 f"{e['stored_M'] + gate['params_M']:.2f} | {r['vit_gflops'] + gate['gflops']:.4f} |")
-    lines.append(f"| individual models (N separate ViTs, task given) | – | {_avg(ind):.1f} | – | – | {len(tasks) * r['backbone_M']:.2f} + heads | {r['vit_gflops']:.4f} |")
-    lines += ["", f"### Throughput on mixed-task batches of {r['batch']} (gated: RegMean base, m = {r['m_half']}; gate excluded)", "",
-              f"{r.get('rounds', 1)} interleaved rounds over the same batches; img/s = best round, ratio = median of the per-round",
-              "ratios to the plain ViT (min–max in brackets). Process allocator as `vitmerge serve` sets it (1 MiB mmap threshold).", "",
-              "| strategy | img/s | vs plain ViT |", "|---|---|---|"]
+    lines.append(
+        f"| EMR (routed) | – | {_avg(e['given']):.1f} | {_avg(e['routed_efficientnet_lite0']):.1f} | {_avg(e['routed_mobilenetv2_100']):.1f} | "
+        f"{e['stored_M'] + gate['params_M']:.2f} | {r['vit_gflops'] + gate['gflops']:.4f} |"
+    )
+    lines.append(
+        f"| individual models (N separate ViTs, task given) | – | {_avg(ind):.1f} | – | – | {len(tasks) * r['backbone_M']:.2f} + heads | {r['vit_gflops']:.4f} |"
+    )
+    lines += [
+        "",
+        f"### Throughput on mixed-task batches of {r['batch']} (gated: RegMean base, m = {r['m_half']}; gate excluded)",
+        "",
+        f"{r.get('rounds', 1)} interleaved rounds over the same batches; img/s = best round, ratio = median of the per-round",
+        "ratios to the plain ViT (min–max in brackets). Process allocator as `vitmerge serve` sets it (1 MiB mmap threshold).",
+        "",
+        "| strategy | img/s | vs plain ViT |",
+        "|---|---|---|",
+    ]
     for name, v in r["speed"].items():
         lines.append(f"| {name} | {v['img_s']:.0f} | {v['ratio']:.2f}x ({v['ratio_min']:.2f}–{v['ratio_max']:.2f}) |")
-    lines += ["", "Sparse threshold sweep (same batches): routed accuracy vs exact " + f"{_avg(r['exact_acc_m_half']):.2f}%", "",
-              "| threshold | images keeping one expert (%) | img/s | vs plain | routed acc (%) |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Sparse threshold sweep (same batches): routed accuracy vs exact " + f"{_avg(r['exact_acc_m_half']):.2f}%",
+        "",
+        "| threshold | images keeping one expert (%) | img/s | vs plain | routed acc (%) |",
+        "|---|---|---|---|---|",
+    ]
     for s in r["sparse"]:
         one = f"{100 * s['one_expert']:.1f}" if "one_expert" in s else "–"
         lines.append(f"| {s['threshold']} | {one} | {s['img_s']:.0f} | {s['ratio']:.2f}x | {_avg(s['routed']):.2f} |")
@@ -324,11 +423,27 @@ def plot(r: dict, path: Path) -> None:
     for base, style in (("avg", "-"), ("regmean", "--")):
         rows = [row for row in r["rows"] if row["base"] == base]
         ms = [row["m"] for row in rows]
-        ax.plot(ms, [_avg(row["routed_efficientnet_lite0"]) for row in rows], style, marker="o", label=f"gating+{base}, EffNet-Lite0 gate")
-        ax.plot(ms, [_avg(row["routed_mobilenetv2_100"]) for row in rows], style, marker="x", label=f"gating+{base}, MobileNetV2 gate")
+        ax.plot(
+            ms,
+            [_avg(row["routed_efficientnet_lite0"]) for row in rows],
+            style,
+            marker="o",
+            label=f"gating+{base}, EffNet-Lite0 gate",
+        )
+        ax.plot(
+            ms,
+            [_avg(row["routed_mobilenetv2_100"]) for row in rows],
+            style,
+            marker="x",
+            label=f"gating+{base}, MobileNetV2 gate",
+        )
     ax.axhline(_avg(r["individual"]), color="black", lw=1, label="individual models")
     ax.axhline(_avg(r["emr"]["routed_efficientnet_lite0"]), color="green", lw=1, ls=":", label="routed EMR")
-    ax.set(xlabel="m (gated attention + MLP blocks)", ylabel="routed accuracy (%)", title="Tiny zoo: accuracy vs m (task not given)")
+    ax.set(
+        xlabel="m (gated attention + MLP blocks)",
+        ylabel="routed accuracy (%)",
+        title="Tiny zoo: accuracy vs m (task not given)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

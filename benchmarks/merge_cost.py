@@ -11,6 +11,7 @@ of one model and with an import-only baseline process.
 Writes a Markdown table (stdout and benchmarks/results/merge_cost.md) and a plot
 (benchmarks/results/merge_cost.png).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,14 +74,19 @@ def make_zoo(root: Path, n: int, seed: int = 0) -> int:
     save_file(base, root / "base.safetensors")
     for i in tqdm(range(n), desc="synthetic zoo", unit="model"):
         g = torch.Generator().manual_seed(seed + 1 + i)
-        save_file({k: (v + 1e-3 * torch.randn(v.shape, generator=g)).contiguous() for k, v in base.items()}, root / f"task{i}.safetensors")
+        save_file(
+            {k: (v + 1e-3 * torch.randn(v.shape, generator=g)).contiguous() for k, v in base.items()},
+            root / f"task{i}.safetensors",
+        )
     return sum(v.numel() * v.element_size() for v in base.values())
 
 
 def run_child(root: Path, method: str, n: int) -> tuple[float, int]:
     """(merge seconds, peak RSS bytes) of one merge in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), method, str(n)], capture_output=True, env=env, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), method, str(n)], capture_output=True, env=env, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{method} N={n} failed with {proc.returncode}: {proc.stderr[-2000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -100,7 +106,9 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].plot([r["n"] for r in rs], [r["rss_over_model"] for r in rs], marker="o", label=method)
     axes[0].set(xlabel="N task models", ylabel="merge time (s)", title="Merge time, ViT-B/16 size")
     axes[1].axhline(3.0, color="gray", ls="--", lw=1, label="target 3x")
-    axes[1].set(xlabel="N task models", ylabel="(peak RSS - baseline) / one model", title="Peak memory above the interpreter")
+    axes[1].set(
+        xlabel="N task models", ylabel="(peak RSS - baseline) / one model", title="Peak memory above the interpreter"
+    )
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
@@ -124,7 +132,15 @@ def main() -> None:
         for n in tqdm(ns, desc="N"):
             for method in tqdm(methods, desc=f"N={n}", leave=False):
                 seconds, rss = run_child(root, method, n)
-                rows.append({"method": method, "n": n, "seconds": seconds, "peak_rss": rss, "rss_over_model": (rss - baseline) / model_bytes})
+                rows.append(
+                    {
+                        "method": method,
+                        "n": n,
+                        "seconds": seconds,
+                        "peak_rss": rss,
+                        "rss_over_model": (rss - baseline) / model_bytes,
+                    }
+                )
     lines = [
         f"One model (ViT-B/16 backbone, fp32): {model_bytes / 2**20:.0f} MiB; import-only baseline process peak RSS: {baseline / 2**20:.0f} MiB.",
         "",
@@ -132,11 +148,15 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['peak_rss'] / 2**20:.0f} | {r['rss_over_model']:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['peak_rss'] / 2**20:.0f} | {r['rss_over_model']:.2f} |"
+        )
     table = "\n".join(lines)
     print(table)
     (RESULTS / "merge_cost.md").write_text(table + "\n")
-    (RESULTS / "merge_cost.json").write_text(json.dumps({"model_bytes": model_bytes, "baseline_rss": baseline, "rows": rows}, indent=2))
+    (RESULTS / "merge_cost.json").write_text(
+        json.dumps({"model_bytes": model_bytes, "baseline_rss": baseline, "rows": rows}, indent=2)
+    )
     plot(rows, RESULTS / "merge_cost.png")
 
 

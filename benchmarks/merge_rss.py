@@ -9,6 +9,7 @@ Writes ``benchmarks/results/merge_rss.{json,md}``.
 
     .venv/bin/python benchmarks/merge_rss.py [--zoo tiny] [--merges 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,25 @@ def _rss_mib(pid: int) -> float:
 
 def _serve(store: Path, zoo: str, log: Path) -> tuple[subprocess.Popen, str]:
     port = _port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--zoo", zoo, "--port", str(port), "--quiet",
-           "--watch-interval", "0", "--admin-token", "bench", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--store",
+        str(store),
+        "--zoo",
+        zoo,
+        "--port",
+        str(port),
+        "--quiet",
+        "--watch-interval",
+        "0",
+        "--admin-token",
+        "bench",
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 900
@@ -85,7 +103,11 @@ def main() -> int:
     shutil.rmtree(WORK, ignore_errors=True)
     store = WORK / "store"
     store.mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "server.cli", "zoo", "build", "--preset", args.zoo, "--store", str(store), "--quiet"], cwd=REPO, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "server.cli", "zoo", "build", "--preset", args.zoo, "--store", str(store), "--quiet"],
+        cwd=REPO,
+        check=True,
+    )
     rows = []
     with tqdm(total=args.merges + 2, desc="merge RSS", unit="step") as bar:
         proc, url = _serve(store, args.zoo, WORK / "server.log")
@@ -94,7 +116,12 @@ def main() -> int:
             bar.update(1)
             for i in range(args.merges):
                 job = _merge(url, {"gate_epochs": args.gate_epochs})
-                rows.append({"step": f"after admin merge {i + 1} ({job['version']}, {job['seconds']:.0f} s)", "rss_mib": round(_rss_mib(proc.pid), 1)})
+                rows.append(
+                    {
+                        "step": f"after admin merge {i + 1} ({job['version']}, {job['seconds']:.0f} s)",
+                        "rss_mib": round(_rss_mib(proc.pid), 1),
+                    }
+                )
                 bar.update(1)
         finally:
             proc.terminate()
@@ -109,12 +136,23 @@ def main() -> int:
             fresh.wait(30)
     fresh_rss = rows[-1]["rss_mib"]
     after = rows[-2]["rss_mib"]
-    result = {"zoo": args.zoo, "merges": args.merges, "gate_epochs": args.gate_epochs, "rows": rows,
-              "ratio_after_merges_vs_fresh": round(after / fresh_rss, 3), "cpu_count": os.cpu_count()}
+    result = {
+        "zoo": args.zoo,
+        "merges": args.merges,
+        "gate_epochs": args.gate_epochs,
+        "rows": rows,
+        "ratio_after_merges_vs_fresh": round(after / fresh_rss, 3),
+        "cpu_count": os.cpu_count(),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "merge_rss.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| server | RSS (MiB) |", "|---|---|", *(f"| {r['step']} | {r['rss_mib']} |" for r in rows),
-             "", f"RSS after {args.merges} admin merges / fresh server: **{result['ratio_after_merges_vs_fresh']}x**"]
+    lines = [
+        "| server | RSS (MiB) |",
+        "|---|---|",
+        *(f"| {r['step']} | {r['rss_mib']} |" for r in rows),
+        "",
+        f"RSS after {args.merges} admin merges / fresh server: **{result['ratio_after_merges_vs_fresh']}x**",
+    ]
     (RESULTS / "merge_rss.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     shutil.rmtree(WORK, ignore_errors=True)

@@ -5,6 +5,7 @@ counts, rows = tokens x images), so the only difference is the weighting of the 
 
     .venv/bin/python benchmarks/regmean_grams.py
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,6 +14,7 @@ tensor bytes the engine holds vs N separate models (backbone + head each).
 
 Writes benchmarks/results/serve[-<device>].{json,md} and serve[-<device>].png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,9 +85,28 @@ class Server:
     def __init__(self, store: Path, device: str, max_batch: int, max_wait_ms: float = 5.0):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(self.port), "--device", device,
-               "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--watch-interval", "0", "--quiet"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VITMERGE_ZOO": "tiny"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--store",
+            str(store),
+            "--port",
+            str(self.port),
+            "--device",
+            device,
+            "--max-batch-size",
+            str(max_batch),
+            "--max-wait-ms",
+            str(max_wait_ms),
+            "--watch-interval",
+            "0",
+            "--quiet",
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VITMERGE_ZOO": "tiny"}
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,7 +136,9 @@ class Server:
             self.proc.kill()
 
 
-async def _load(url: str, pool: list[tuple[str, bytes]], concurrency: int, total: int) -> tuple[list[float], int, float, dict]:
+async def _load(
+    url: str, pool: list[tuple[str, bytes]], concurrency: int, total: int
+) -> tuple[list[float], int, float, dict]:
     latencies: list[float] = []
     timing: dict[str, list[float]] = {"decode_ms": [], "queue_ms": [], "inference_ms": [], "total_ms": []}
     errors = 0
@@ -137,7 +159,12 @@ async def _load(url: str, pool: list[tuple[str, bytes]], concurrency: int, total
 
     start = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(concurrency)))
-    return latencies, errors, time.perf_counter() - start, {k: float(np.mean(v)) if v else 0.0 for k, v in timing.items()}
+    return (
+        latencies,
+        errors,
+        time.perf_counter() - start,
+        {k: float(np.mean(v)) if v else 0.0 for k, v in timing.items()},
+    )
 
 
 def http_rows(store: Path, device: str, pool, requests: dict[int, int], max_wait_ms: float = 5.0) -> list[dict]:
@@ -151,9 +178,19 @@ def http_rows(store: Path, device: str, pool, requests: dict[int, int], max_wait
                 lat, errors, seconds, timing = asyncio.run(_load(server.url, pool, conc, requests[conc]))
                 c1, s1 = server.batches()
                 lat_ms = np.array(lat) * 1000
-                rows.append({"server": name, "concurrency": conc, "requests": len(lat), "errors": errors, "rps": len(lat) / seconds,
-                             "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99)),
-                             "mean_batch": (s1 - s0) / max(c1 - c0, 1), "server_timing_ms": timing})
+                rows.append(
+                    {
+                        "server": name,
+                        "concurrency": conc,
+                        "requests": len(lat),
+                        "errors": errors,
+                        "rps": len(lat) / seconds,
+                        "p50_ms": float(np.percentile(lat_ms, 50)),
+                        "p99_ms": float(np.percentile(lat_ms, 99)),
+                        "mean_batch": (s1 - s0) / max(c1 - c0, 1),
+                        "server_timing_ms": timing,
+                    }
+                )
         finally:
             server.stop()
     return rows
@@ -183,7 +220,11 @@ def plain_vit(engine: Engine) -> torch.nn.Module:
     """One ordinary timm ViT (task 0's materialised weights + head) -- what a user would deploy per task."""
     task = engine.tasks[0]
     model = build_model(engine.models.architecture, len(engine.class_names[task]))
-    weights = engine.kind_strategy.materialise(0) if isinstance(engine.kind_strategy, EMRStrategy) else engine.models.task_backbone(task)
+    weights = (
+        engine.kind_strategy.materialise(0)
+        if isinstance(engine.kind_strategy, EMRStrategy)
+        else engine.models.task_backbone(task)
+    )
     model.load_state_dict({**{k: v.cpu() for k, v in weights.items()}, **engine.models.head(task)})
     return model.to(engine.device).eval()
 
@@ -218,11 +259,25 @@ def engine_rows(engine: Engine, batches: list[dict], label: str) -> list[dict]:
 
         eager = Engine(engine.bundle, dev, 1 << 40, cuda_graphs=False)
         graphed_vit = GraphRunner(vit, torch.cuda.graph_pool_handle())
-        extra = [("engine, routed, all cached, WITHOUT CUDA graphs", rate(lambda b: eager.predict(b["x"], [None] * b["n"], b["g"]), moved, dev)),
-                 ("plain single ViT replayed as a CUDA graph", rate(lambda b: graphed_vit(b["x"]).softmax(-1).cpu(), moved, dev))]
+        extra = [
+            (
+                "engine, routed, all cached, WITHOUT CUDA graphs",
+                rate(lambda b: eager.predict(b["x"], [None] * b["n"], b["g"]), moved, dev),
+            ),
+            (
+                "plain single ViT replayed as a CUDA graph",
+                rate(lambda b: graphed_vit(b["x"]).softmax(-1).cpu(), moved, dev),
+            ),
+        ]
         del eager
-    rows = [("plain single ViT (one task's model)", plain), ("engine, task given (EMR, grouped by task), all tasks cached", given),
-            ("engine, routed (gate + EMR), all tasks cached", routed), ("engine, routed, weight cache off (materialise per batch)", cold), ("gate alone", gate_only), *extra]
+    rows = [
+        ("plain single ViT (one task's model)", plain),
+        ("engine, task given (EMR, grouped by task), all tasks cached", given),
+        ("engine, routed (gate + EMR), all tasks cached", routed),
+        ("engine, routed, weight cache off (materialise per batch)", cold),
+        ("gate alone", gate_only),
+        *extra,
+    ]
     return [{"model": label, "config": name, "img_s": r, "vs_plain": r / plain} for name, r in rows]
 
 
@@ -236,10 +291,19 @@ def memory_rows(engine: Engine, batches: list[dict], label: str) -> dict:
     cached = parts.get("weight_cache", 0)
     no_cache = sum(parts.values()) - cached
     n = len(engine.tasks)
-    return {"model": label, "tasks": n, "one_model_mb": model_bytes / 2**20, "n_models_mb": n * model_bytes / 2**20,
-            "engine_no_cache_mb": no_cache / 2**20, "engine_with_cache_mb": (no_cache + cached) / 2**20, "cached_tasks": len(engine.cache.keys()),
-            "engine_all_cached_mb": (no_cache + n * model_bytes) / 2**20, "cache_budget_mb": engine.cache.budget / 2**20,
-            "gate_mb": parts.get("gate", 0) / 2**20, "parts_mb": {k: v / 2**20 for k, v in parts.items()}}
+    return {
+        "model": label,
+        "tasks": n,
+        "one_model_mb": model_bytes / 2**20,
+        "n_models_mb": n * model_bytes / 2**20,
+        "engine_no_cache_mb": no_cache / 2**20,
+        "engine_with_cache_mb": (no_cache + cached) / 2**20,
+        "cached_tasks": len(engine.cache.keys()),
+        "engine_all_cached_mb": (no_cache + n * model_bytes) / 2**20,
+        "cache_budget_mb": engine.cache.budget / 2**20,
+        "gate_mb": parts.get("gate", 0) / 2**20,
+        "parts_mb": {k: v / 2**20 for k, v in parts.items()},
+    }
 
 
 def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
@@ -253,7 +317,9 @@ def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
         return root
     torch.manual_seed(seed)
     arch = {"timm_name": "vit_base_patch16_224", "kwargs": {}}
-    base = build_model(__import__("model_store.schema", fromlist=["Architecture"]).Architecture.model_validate(arch), 0).state_dict()
+    base = build_model(
+        __import__("model_store.schema", fromlist=["Architecture"]).Architecture.model_validate(arch), 0
+    ).state_dict()
     tuned = [{k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()} for _ in range(n_tasks)]
     merged = emr_merge(base, tuned)
     del tuned
@@ -261,16 +327,31 @@ def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
     draft = store.draft()
     draft.add_tensors("base", base)
     draft.add_tensors("tau_unified", merged.tau_unified)
-    draft.add_tensors("masks", {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()})
-    draft.add_tensors("heads", {f"{t}/head.{p}": torch.randn(10, 768) * 0.02 if p == "weight" else torch.zeros(10) for t in tasks for p in ("weight", "bias")})
+    draft.add_tensors(
+        "masks", {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()}
+    )
+    draft.add_tensors(
+        "heads",
+        {
+            f"{t}/head.{p}": torch.randn(10, 768) * 0.02 if p == "weight" else torch.zeros(10)
+            for t in tasks
+            for p in ("weight", "bias")
+        },
+    )
     draft.add_tensors("gate", gate_state(build_gate("efficientnet_lite0", n_tasks)))
     rgb = {"size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
-    draft.add_json("model", {
-        "bundle_format": BUNDLE_FORMAT, "kind": "emr", "architecture": arch, "preprocessing": rgb,
-        "tasks": [{"name": t, "class_names": [str(c) for c in range(10)]} for t in tasks],
-        "emr": {"rescalers": dict(zip(tasks, merged.rescalers))},
-        "gate": {"arch": "efficientnet_lite0", "preprocessing": {**rgb, "size": 64}},
-    })
+    draft.add_json(
+        "model",
+        {
+            "bundle_format": BUNDLE_FORMAT,
+            "kind": "emr",
+            "architecture": arch,
+            "preprocessing": rgb,
+            "tasks": [{"name": t, "class_names": [str(c) for c in range(10)]} for t in tasks],
+            "emr": {"rescalers": dict(zip(tasks, merged.rescalers))},
+            "gate": {"arch": "efficientnet_lite0", "preprocessing": {**rgb, "size": 64}},
+        },
+    )
     store.publish(draft, "emr_routed", tasks=tasks, extra={"synthetic": True})
     return root
 
@@ -278,23 +359,48 @@ def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
 # -- report ------------------------------------------------------------------------------------
 def render(res: dict) -> str:
     lines = [f"Command: `{res['command']}`  ", f"Machine: {res['machine']}; device {res['device']}; {res['date']}.", ""]
-    lines += ["HTTP, single-image requests, task not given (gate -> routed EMR), tiny zoo:", "",
-              "| server | concurrency | req/s | p50 ms | p99 ms | mean batch | errors | server-side mean ms: decode / queue / inference / total |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "HTTP, single-image requests, task not given (gate -> routed EMR), tiny zoo:",
+        "",
+        "| server | concurrency | req/s | p50 ms | p99 ms | mean batch | errors | server-side mean ms: decode / queue / inference / total |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["http"]:
         t = r["server_timing_ms"]
-        lines.append(f"| {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['errors']} | "
-                     f"{t['decode_ms']:.1f} / {t['queue_ms']:.1f} / {t['inference_ms']:.1f} / {t['total_ms']:.1f} |")
-    lines += ["", "| concurrency | (a) batching req/s | (b) no batching req/s | (a)/(b) | (c) plain ViT in-process img/s at (a)'s batch | (a)/(c) |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['errors']} | "
+            f"{t['decode_ms']:.1f} / {t['queue_ms']:.1f} / {t['inference_ms']:.1f} / {t['total_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        "| concurrency | (a) batching req/s | (b) no batching req/s | (a)/(b) | (c) plain ViT in-process img/s at (a)'s batch | (a)/(c) |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in res["limit"]:
-        lines.append(f"| {c['concurrency']} | {c['a']:.0f} | {c['b']:.0f} | {c['a'] / c['b']:.2f}× | {c['c']:.0f} (batch {c['batch']}) | {c['a'] / c['c']:.2f}× |")
-    lines += ["", "Engine on mixed-task batches of 32 (in-process, same batches, one run):", "", "| model | configuration | img/s | vs plain ViT |", "|---|---|---|---|"]
+        lines.append(
+            f"| {c['concurrency']} | {c['a']:.0f} | {c['b']:.0f} | {c['a'] / c['b']:.2f}× | {c['c']:.0f} (batch {c['batch']}) | {c['a'] / c['c']:.2f}× |"
+        )
+    lines += [
+        "",
+        "Engine on mixed-task batches of 32 (in-process, same batches, one run):",
+        "",
+        "| model | configuration | img/s | vs plain ViT |",
+        "|---|---|---|---|",
+    ]
     for r in res["engine"]:
         lines.append(f"| {r['model']} | {r['config']} | {r['img_s']:.1f} | {r['vs_plain']:.2f}× |")
-    lines += ["", "Memory (tensor bytes held by the engine vs N separate models, each backbone + head):", "",
-              "| model | N | one model MB | N models MB | engine, cache off MB | engine after mixed traffic, default budget MB (tasks cached) | engine, all tasks cached MB | of which gate MB |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Memory (tensor bytes held by the engine vs N separate models, each backbone + head):",
+        "",
+        "| model | N | one model MB | N models MB | engine, cache off MB | engine after mixed traffic, default budget MB (tasks cached) | engine, all tasks cached MB | of which gate MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in res["memory"]:
-        lines.append(f"| {m['model']} | {m['tasks']} | {m['one_model_mb']:.1f} | {m['n_models_mb']:.1f} | {m['engine_no_cache_mb']:.1f} ({m['engine_no_cache_mb'] / m['n_models_mb']:.2f}×) | "
-                     f"{m['engine_with_cache_mb']:.1f} ({m['cached_tasks']}) | {m['engine_all_cached_mb']:.1f} ({m['engine_all_cached_mb'] / m['n_models_mb']:.2f}×) | {m['gate_mb']:.1f} |")
+        lines.append(
+            f"| {m['model']} | {m['tasks']} | {m['one_model_mb']:.1f} | {m['n_models_mb']:.1f} | {m['engine_no_cache_mb']:.1f} ({m['engine_no_cache_mb'] / m['n_models_mb']:.2f}×) | "
+            f"{m['engine_with_cache_mb']:.1f} ({m['cached_tasks']}) | {m['engine_all_cached_mb']:.1f} ({m['engine_all_cached_mb'] / m['n_models_mb']:.2f}×) | {m['gate_mb']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -309,8 +415,16 @@ def plot(res: dict, path: Path) -> None:
         rows = [r for r in res["http"] if r["server"] == name]
         ax[0].plot([r["concurrency"] for r in rows], [r["rps"] for r in rows], marker="o", label=f"server, {name}")
         ax[1].plot([r["concurrency"] for r in rows], [r["p99_ms"] for r in rows], marker="o", label=f"server, {name}")
-    ax[0].plot([c["concurrency"] for c in res["limit"]], [c["c"] for c in res["limit"]], marker="s", ls="--", label="plain ViT in-process (limit)")
-    ax[0].set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests (images) / s", title="throughput")
+    ax[0].plot(
+        [c["concurrency"] for c in res["limit"]],
+        [c["c"] for c in res["limit"]],
+        marker="s",
+        ls="--",
+        label="plain ViT in-process (limit)",
+    )
+    ax[0].set(
+        xscale="log", yscale="log", xlabel="concurrent clients", ylabel="requests (images) / s", title="throughput"
+    )
     ax[1].set(xscale="log", xlabel="concurrent clients", ylabel="p99 latency (ms)", title="tail latency")
     for a in ax:
         a.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
@@ -326,9 +440,13 @@ def main() -> None:
     ap.add_argument("--store", type=Path, default=BENCH_STORE)
     ap.add_argument("--prepared", action="store_true", help="use the existing bench store (no datasets needed)")
     ap.add_argument("--requests", type=int, default=400, help="requests per concurrency level (x2 at 16)")
-    ap.add_argument("--vit-b-batches", type=int, default=2, help="batches of 32 for the ViT-B/16-size engine rows (0 = skip)")
+    ap.add_argument(
+        "--vit-b-batches", type=int, default=2, help="batches of 32 for the ViT-B/16-size engine rows (0 = skip)"
+    )
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="the batching server's max wait")
-    ap.add_argument("--http-only", action="store_true", help="only the HTTP rows (server variants via VITMERGE_* env vars)")
+    ap.add_argument(
+        "--http-only", action="store_true", help="only the HTTP rows (server variants via VITMERGE_* env vars)"
+    )
     ap.add_argument("--tag", default="", help="suffix of the result files")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -337,8 +455,14 @@ def main() -> None:
     device = torch.device(args.device)
     pool = load_pool(args.store)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    res: dict = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
-                 "device": str(device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    res: dict = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
+        + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
     requests = {1: args.requests // 2, 4: args.requests, 16: 2 * args.requests}
     res["http"] = http_rows(args.store, args.device, pool, requests, args.max_wait_ms)
     res["env"] = {k: v for k, v in os.environ.items() if k.startswith("VITMERGE_")}
@@ -368,7 +492,10 @@ def main() -> None:
         root = synthetic_vit_b_bundle(args.store.parent / ".serve-store-vitb")
         big = Engine(BundleStore(StoreLayout(root)).load(), device, cache_bytes=512 * 2**20)
         rng = np.random.default_rng(0)
-        fake = [(int(rng.integers(0, len(big.tasks))), rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(32 * args.vit_b_batches)]
+        fake = [
+            (int(rng.integers(0, len(big.tasks))), rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
+            for _ in range(32 * args.vit_b_batches)
+        ]
         big_batches = engine_batches(big, fake, 32)
         res["engine"] += engine_rows(big, big_batches, "ViT-B/16 size (synthetic, 5 tasks)")
         res["memory"].append(memory_rows(big, big_batches, "ViT-B/16 size (synthetic)"))

@@ -14,6 +14,7 @@ routes to the user's task names. Writes ``benchmarks/results/user_zoo.{json,md}`
 
     .venv/bin/python benchmarks/user_zoo.py
 """
+
 from __future__ import annotations
 
 import csv
@@ -61,8 +62,14 @@ def export_user_world() -> Path:
         cal, test = calibration_set(zoo, task), test_set(zoo, task)
         assert cal is not None and test is not None
         data = WORK / "data" / user_name
-        entry = {"name": user_name, "format": "timm", "model_name": arch.timm_name, "model_kwargs": arch.kwargs,
-                 "path": f"ckpt/{user_name}.safetensors", "classes": classes}
+        entry = {
+            "name": user_name,
+            "format": "timm",
+            "model_name": arch.timm_name,
+            "model_kwargs": arch.kwargs,
+            "path": f"ckpt/{user_name}.safetensors",
+            "classes": classes,
+        }
         if task == "mnist":  # folders
             (data / "unlabeled").mkdir(parents=True)
             for i in range(len(cal)):
@@ -84,8 +91,17 @@ def export_user_world() -> Path:
                         w.writerow([name, classes[int(images.labels[i])] if part == "test" else ""])  # type: ignore[index]
             entry.update(calibration=f"data/{user_name}/calib.csv", test=f"data/{user_name}/test.csv")
         tasks.append(entry)
-    spec = {"name": "user-bench", "base": {"format": "timm", "model_name": arch.timm_name, "model_kwargs": arch.kwargs, "path": "ckpt/base.safetensors",
-            "preprocessing": zoo.metas[zoo.base].preprocessing.model_dump(exclude={"size", "channels"})}, "tasks": tasks}
+    spec = {
+        "name": "user-bench",
+        "base": {
+            "format": "timm",
+            "model_name": arch.timm_name,
+            "model_kwargs": arch.kwargs,
+            "path": "ckpt/base.safetensors",
+            "preprocessing": zoo.metas[zoo.base].preprocessing.model_dump(exclude={"size", "channels"}),
+        },
+        "tasks": tasks,
+    }
     for t in tasks:
         t["preprocessing"] = spec["base"]["preprocessing"]
     path = WORK / "spec.yaml"
@@ -107,8 +123,25 @@ def main() -> None:
     t_create = time.perf_counter() - t0
     port = _port()
     log = (WORK / "serve.log").open("w")
-    proc = subprocess.Popen([*_vitmerge(), "serve", "--zoo", str(spec), "--store", str(store), "--port", str(port), "--quiet", "--watch-interval", "0"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            *_vitmerge(),
+            "serve",
+            "--zoo",
+            str(spec),
+            "--store",
+            str(store),
+            "--port",
+            str(port),
+            "--quiet",
+            "--watch-interval",
+            "0",
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         with tqdm(desc="serve: merge (routed EMR) + load", unit="s", bar_format="{desc}: {elapsed}") as bar:
@@ -126,7 +159,11 @@ def main() -> None:
         answers = {}
         for user_name in TASKS.values():
             folder = WORK / "data" / user_name
-            img = next(iter(sorted((folder / "test").rglob("*.png")))) if (folder / "test").exists() else sorted((folder / "images").glob("test-*.png"))[0]
+            img = (
+                next(iter(sorted((folder / "test").rglob("*.png"))))
+                if (folder / "test").exists()
+                else sorted((folder / "images").glob("test-*.png"))[0]
+            )
             r = httpx.post(f"{url}/v1/classify", files={"image": (img.name, img.read_bytes())}, timeout=30).json()
             answers[user_name] = r["predictions"][0]["task"]["name"]
         manifest = json.loads(next((store / "bundles").glob("v*/manifest.json")).read_text())
@@ -134,17 +171,28 @@ def main() -> None:
         proc.terminate()
         proc.wait(30)
     counts = {t: {k: (v or {}).get("images") for k, v in d.items()} for t, d in manifest["extra"]["data"].items()}
-    result = {"zoo_create_s": round(t_create, 1), "create_to_ready_s": round(t_ready, 1), "serve_to_ready_s": round(t_ready - t_create, 1),
-              "method": manifest["method"], "params": manifest["params"], "images": counts, "gate_test_accuracy": manifest["extra"]["gate_test_accuracy"],
-              "routed_answers": answers, "cpu_count": os.cpu_count(), "command": ".venv/bin/python benchmarks/user_zoo.py"}
+    result = {
+        "zoo_create_s": round(t_create, 1),
+        "create_to_ready_s": round(t_ready, 1),
+        "serve_to_ready_s": round(t_ready - t_create, 1),
+        "method": manifest["method"],
+        "params": manifest["params"],
+        "images": counts,
+        "gate_test_accuracy": manifest["extra"]["gate_test_accuracy"],
+        "routed_answers": answers,
+        "cpu_count": os.cpu_count(),
+        "command": ".venv/bin/python benchmarks/user_zoo.py",
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "user_zoo.json").write_text(json.dumps(result, indent=2))
     gate = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["gate_test_accuracy"].items())
-    md = (f"| step | seconds |\n|---|---|\n| `vitmerge zoo create spec.yaml` | {result['zoo_create_s']} |\n"
-          f"| `vitmerge serve --zoo spec.yaml` until /readyz (merge {result['method']} + gate training + load) | {result['serve_to_ready_s']} |\n"
-          f"| **zoo create -> served routed model** | **{result['create_to_ready_s']}** |\n\n"
-          f"Images read (calibration / test): {json.dumps(counts)}; gate routing on the test images: {gate}; "
-          f"one classify per task answered {answers}.\n")
+    md = (
+        f"| step | seconds |\n|---|---|\n| `vitmerge zoo create spec.yaml` | {result['zoo_create_s']} |\n"
+        f"| `vitmerge serve --zoo spec.yaml` until /readyz (merge {result['method']} + gate training + load) | {result['serve_to_ready_s']} |\n"
+        f"| **zoo create -> served routed model** | **{result['create_to_ready_s']}** |\n\n"
+        f"Images read (calibration / test): {json.dumps(counts)}; gate routing on the test images: {gate}; "
+        f"one classify per task answered {answers}.\n"
+    )
     (RESULTS / "user_zoo.md").write_text(md)
     print(md)
 

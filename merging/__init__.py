@@ -4,6 +4,7 @@ Every function accepts any ``Mapping[str, Tensor]``; passing lazy mappings (e.g.
 ``model_store.lazy_tensors.LazySafetensors``) makes the data-free merges stream
 tensor by tensor. Definitions follow shared/SPEC.md sections 1-3.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,8 +19,14 @@ from merging.methods.similarity import layer_similarity, rank_blocks
 from merging.methods.ties import ties_merge
 
 # The method index (and through it gate training) loads on first use (PEP 562).
-_LAZY = {"REGISTRY": "merging.catalog", "get_method": "merging.catalog", "parse_params": "merging.catalog",
-         "run_merge": "merging.catalog", "MergeContext": "merging.registry", "MergeResult": "merging.registry"}
+_LAZY = {
+    "REGISTRY": "merging.catalog",
+    "get_method": "merging.catalog",
+    "parse_params": "merging.catalog",
+    "run_merge": "merging.catalog",
+    "MergeContext": "merging.registry",
+    "MergeResult": "merging.registry",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -29,7 +36,25 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "REGISTRY", "EMRMerged", "MergeContext", "MergeResult", "collect_grams", "dare", "dare_views", "emr_merge",
-    "estimate_fisher", "fisher_merge", "get_method", "layer_similarity", "pack_mask", "parse_params", "rank_blocks",
-    "regmean", "run_merge", "task_arithmetic", "ties_merge", "unpack_mask", "weight_average",
+    "REGISTRY",
+    "EMRMerged",
+    "MergeContext",
+    "MergeResult",
+    "collect_grams",
+    "dare",
+    "dare_views",
+    "emr_merge",
+    "estimate_fisher",
+    "fisher_merge",
+    "get_method",
+    "layer_similarity",
+    "pack_mask",
+    "parse_params",
+    "rank_blocks",
+    "regmean",
+    "run_merge",
+    "task_arithmetic",
+    "ties_merge",
+    "unpack_mask",
+    "weight_average",
 ]

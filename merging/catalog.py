@@ -3,6 +3,7 @@
 ``REGISTRY`` maps names to :class:`~merging.registry.MethodSpec`; the functions below are
 its methods, for callers that only need one.
 """
+
 from __future__ import annotations
 
 from merging.different_init.catalog import CATALOG as DIFFERENT_INIT

@@ -17,6 +17,7 @@ Bundle files (format 1):
   (``(N, ...)`` stacks of the gated tensors)
 * with a gate: ``gate.safetensors``
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
@@ -126,12 +127,23 @@ def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progr
         if i not in sets:
             images = calibration_set(zoo, tasks[i])
             if images is None:
-                raise MissingDataError(f"task '{tasks[i]}' has no calibration images (`vitmerge zoo data --task {tasks[i]} --calibration SRC`)")
+                raise MissingDataError(
+                    f"task '{tasks[i]}' has no calibration images (`vitmerge zoo data --task {tasks[i]} --calibration SRC`)"
+                )
             sets[i] = images
         return sets[i].tensors(prep or zoo.metas[tasks[i]].preprocessing, limit)
 
-    return MergeContext(zoo.backbone_lazy(zoo.base), finetuned, list(tasks), build, calibration, lambda arch: gate_init(arch, zoo), progress,
-                        heads=[zoo.head(t) for t in tasks], shared_init=shares_init(zoo, tasks))
+    return MergeContext(
+        zoo.backbone_lazy(zoo.base),
+        finetuned,
+        list(tasks),
+        build,
+        calibration,
+        lambda arch: gate_init(arch, zoo),
+        progress,
+        heads=[zoo.head(t) for t in tasks],
+        shared_init=shares_init(zoo, tasks),
+    )
 
 
 def gate_init(arch: str, zoo: Zoo | None = None) -> dict[str, torch.Tensor] | None:
@@ -155,7 +167,9 @@ def with_zoo_defaults(zoo: Zoo, method: str, params: dict[str, Any] | None) -> d
 
 
 @torch.inference_mode()
-def gate_test_accuracy(gate: GateArtifact, zoo: Zoo, tasks: Sequence[str], limit: int | None = None) -> dict[str, float | None]:
+def gate_test_accuracy(
+    gate: GateArtifact, zoo: Zoo, tasks: Sequence[str], limit: int | None = None
+) -> dict[str, float | None]:
     """Share of each task's TEST images (the first ``limit``) the gate routes to that task
     (None: the task has no test images)."""
     model = build_gate(gate.arch, len(tasks))
@@ -177,7 +191,10 @@ def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, d
     for task in tasks:
         cal = calibration_set(zoo, task) if calibrated else None
         test = test_set(zoo, task)
-        out[task] = {"calibration": cal.record() if cal is not None else None, "test": test.record() if test is not None else None}
+        out[task] = {
+            "calibration": cal.record() if cal is not None else None,
+            "test": test.record() if test is not None else None,
+        }
     return out
 
 
@@ -191,7 +208,13 @@ def bundle_kind(result: MergeResult) -> BundleKind:
     raise ValueError("merge produced neither a backbone, EMR modulators nor experts")
 
 
-def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: MergeResult, gate_accuracy: dict[str, float | None] | None = None) -> None:
+def write_bundle(
+    draft: BundleDraft,
+    zoo: Zoo,
+    tasks: Sequence[str],
+    result: MergeResult,
+    gate_accuracy: dict[str, float | None] | None = None,
+) -> None:
     """Write a merge result and the task heads into ``draft``."""
     base_meta = zoo.metas[zoo.base]
     heads = dict(zip(tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in tasks}
@@ -200,27 +223,45 @@ def write_bundle(draft: BundleDraft, zoo: Zoo, tasks: Sequence[str], result: Mer
     if result.emr is not None:
         draft.add_tensors("base", dict(zoo.backbone(zoo.base)))
         draft.add_tensors("tau_unified", result.emr.tau_unified)
-        draft.add_tensors("masks", {f"{t}/{k}": v for t, packed in zip(tasks, result.emr.packed_masks) for k, v in packed.items()})
+        draft.add_tensors(
+            "masks", {f"{t}/{k}": v for t, packed in zip(tasks, result.emr.packed_masks) for k, v in packed.items()}
+        )
         emr = EMRSpec(rescalers=dict(zip(tasks, result.emr.rescalers)))
     if result.backbone is not None:
         draft.add_tensors("backbone", result.backbone)
     if result.experts is not None:
         assert result.plan is not None
         draft.add_tensors("experts", result.experts)
-        gating = GatingSpec(gated_keys=list(result.plan.gated_keys), attn_blocks=list(result.plan.attn_blocks),
-                            mlp_blocks=list(result.plan.mlp_blocks))
+        gating = GatingSpec(
+            gated_keys=list(result.plan.gated_keys),
+            attn_blocks=list(result.plan.attn_blocks),
+            mlp_blocks=list(result.plan.mlp_blocks),
+        )
     if result.gate is not None:
         art = result.gate
         draft.add_tensors("gate", art.state)
-        gate = GateSpec(arch=art.arch, preprocessing=art.preprocessing, holdout_accuracy=art.holdout_accuracy,
-                        epochs_run=art.epochs_run, test_accuracy=gate_accuracy or {})
+        gate = GateSpec(
+            arch=art.arch,
+            preprocessing=art.preprocessing,
+            holdout_accuracy=art.holdout_accuracy,
+            epochs_run=art.epochs_run,
+            test_accuracy=gate_accuracy or {},
+        )
     spec = BundleSpec(
         kind=bundle_kind(result),
         architecture=base_meta.architecture,
         preprocessing=base_meta.preprocessing,
-        tasks=[BundleTask(name=t, class_names=zoo.metas[t].class_names,
-                          individual_test_accuracy=zoo.metas[t].provenance.test_accuracy) for t in tasks],
-        emr=emr, gating=gating, gate=gate,
+        tasks=[
+            BundleTask(
+                name=t,
+                class_names=zoo.metas[t].class_names,
+                individual_test_accuracy=zoo.metas[t].provenance.test_accuracy,
+            )
+            for t in tasks
+        ],
+        emr=emr,
+        gating=gating,
+        gate=gate,
     )
     draft.add_json("model", spec.model_dump(mode="json"))
 
@@ -250,7 +291,11 @@ def merge_and_publish(
         with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
             result = run_merge(spec.name, merge_context(zoo, chosen, bar=tbar, progress=progress), parsed)
     test_images = getattr(parsed, "gate_test_images", None)
-    gate_acc = gate_test_accuracy(result.gate, zoo, chosen, test_images) if result.gate is not None and test_images != 0 else None
+    gate_acc = (
+        gate_test_accuracy(result.gate, zoo, chosen, test_images)
+        if result.gate is not None and test_images != 0
+        else None
+    )
     data = data_record(zoo, chosen, spec.needs_calibration)
     draft = store.draft()
     try:
@@ -263,5 +308,7 @@ def merge_and_publish(
     if gate_acc is not None:
         extra["gate_test_accuracy"] = gate_acc
     extra["data"] = data
-    version = store.publish(draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current)
+    version = store.publish(
+        draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current
+    )
     return MergeOutcome(version, result, chosen)

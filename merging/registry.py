@@ -6,6 +6,7 @@ A method is one pure function ``(MergeContext, params) -> MergeResult`` register
 fill their catalogs; :mod:`merging.catalog` is the one index callers look methods up in.
 This module holds no methods and no global state.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -102,8 +103,14 @@ class Catalog:
     def __init__(self) -> None:
         self.methods: dict[str, MethodSpec] = {}
 
-    def register(self, name: str, params: type[Params], needs_calibration: bool, description: str,
-                 needs_shared_base: bool = False) -> Callable[[MergeFn], MergeFn]:
+    def register(
+        self,
+        name: str,
+        params: type[Params],
+        needs_calibration: bool,
+        description: str,
+        needs_shared_base: bool = False,
+    ) -> Callable[[MergeFn], MergeFn]:
         """Decorator adding method ``name``.
 
         ``needs_shared_base``: the method uses task vectors (or per-task copies of blocks
@@ -169,6 +176,8 @@ class Registry(Mapping[str, MethodSpec]):
     def refusal(self, name: str) -> str:
         """Why ``name`` cannot merge models that share no pretrained base."""
         usable = ", ".join(sorted(n for n, s in self._methods.items() if not s.needs_shared_base))
-        return (f"merge method '{name}' needs task models fine-tuned from one shared pretrained base, but this zoo's "
-                f"models were initialised differently (shared_init=false / different init seeds), so task vectors are "
-                f"meaningless; use a method for differently-initialised models: {usable}")
+        return (
+            f"merge method '{name}' needs task models fine-tuned from one shared pretrained base, but this zoo's "
+            f"models were initialised differently (shared_init=false / different init seeds), so task vectors are "
+            f"meaningless; use a method for differently-initialised models: {usable}"
+        )

@@ -1,4 +1,5 @@
 """Shared type aliases of the merging library."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

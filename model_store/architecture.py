@@ -1,4 +1,5 @@
 """Every network a bundle holds, built from metadata: the ViT (timm) and the gate CNN; backbone/head splits."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -27,8 +28,10 @@ def build_model(arch: Architecture, num_classes: int = 0) -> nn.Module:
 def pre_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """A timm model's features right before its classifier (eval mode), ``batch_size`` rows at a time."""
     model.eval()
-    out = [model.forward_head(model.forward_features(x[i : i + batch_size]), pre_logits=True)  # type: ignore[operator]
-           for i in range(0, len(x), batch_size)]
+    out = [
+        model.forward_head(model.forward_features(x[i : i + batch_size]), pre_logits=True)  # type: ignore[operator]
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, getattr(model, "num_features", 0))
 
 
@@ -73,7 +76,9 @@ def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -
         body, _ = split_head(init_state, prefix)  # the ImageNet classifier is replaced
         missing, unexpected = model.load_state_dict(body, strict=False)
         if unexpected or set(missing) - head_keys:
-            raise ValueError(f"gate init does not fit {arch}: missing={sorted(set(missing) - head_keys)[:5]} unexpected={unexpected[:5]}")
+            raise ValueError(
+                f"gate init does not fit {arch}: missing={sorted(set(missing) - head_keys)[:5]} unexpected={unexpected[:5]}"
+            )
     return model.to(memory_format=torch.channels_last)
 
 

@@ -1,4 +1,5 @@
 """1-bit masks stored as bytes (EMR's per-task masks): numpy.packbits' big-endian bit order, on any device."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -13,6 +13,7 @@ A bundle is a directory ``store/bundles/v<N>/`` holding safetensors files and a
 A crash before step 4 leaves the old ``CURRENT`` and its bundle untouched. Loading
 verifies every hash and refuses a corrupt or partial bundle.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,7 +94,9 @@ class Bundle:
         """All tensors of ``<name>.safetensors`` (memory-mapped)."""
         if name not in self._cache:
             if not self.has(name):
-                raise KeyError(f"bundle {self.version} has no '{name}.safetensors' (files: {sorted(self.manifest.files)})")
+                raise KeyError(
+                    f"bundle {self.version} has no '{name}.safetensors' (files: {sorted(self.manifest.files)})"
+                )
             with safe_open(self.path / f"{name}.safetensors", framework="pt") as f:
                 self._cache[name] = {k: f.get_tensor(k) for k in f.keys()}
         return self._cache[name]
@@ -218,14 +221,18 @@ class BundleStore:
         if version is None:
             version = self.current_version()
             if version is None:
-                raise BundleIntegrityError(f"store {self.layout.root} has no CURRENT bundle (run `vitmerge merge` first)")
+                raise BundleIntegrityError(
+                    f"store {self.layout.root} has no CURRENT bundle (run `vitmerge merge` first)"
+                )
         try:
             version_number(version)
         except ValueError as e:
             raise BundleIntegrityError(str(e)) from e
         path = self.layout.bundles / version
         if not path.is_dir():
-            raise BundleIntegrityError(f"bundle {version} does not exist in {self.layout.bundles} (versions: {', '.join(self.versions()) or 'none'})")
+            raise BundleIntegrityError(
+                f"bundle {version} does not exist in {self.layout.bundles} (versions: {', '.join(self.versions()) or 'none'})"
+            )
         return load_bundle_dir(path, verify=verify)
 
 
@@ -237,7 +244,9 @@ def load_bundle_dir(path: Path, verify: bool = True) -> Bundle:
     try:
         manifest = BundleManifest.model_validate_json(manifest_path.read_text())
     except ValidationError as e:
-        raise BundleIntegrityError(f"bundle {path.name}: invalid {MANIFEST}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from e
+        raise BundleIntegrityError(
+            f"bundle {path.name}: invalid {MANIFEST}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}"
+        ) from e
     if manifest.version != path.name:
         raise BundleIntegrityError(f"bundle {path.name}: manifest says version {manifest.version}")
     for name, entry in manifest.files.items():
@@ -247,8 +256,12 @@ def load_bundle_dir(path: Path, verify: bool = True) -> Bundle:
         if verify:
             size = file.stat().st_size
             if size != entry.bytes:
-                raise BundleIntegrityError(f"bundle {path.name}: file {name} has {size} bytes, manifest says {entry.bytes}")
+                raise BundleIntegrityError(
+                    f"bundle {path.name}: file {name} has {size} bytes, manifest says {entry.bytes}"
+                )
             digest = sha256_file(file)
             if digest != entry.sha256:
-                raise BundleIntegrityError(f"bundle {path.name}: file {name} sha256 mismatch (manifest {entry.sha256[:12]}..., file {digest[:12]}...)")
+                raise BundleIntegrityError(
+                    f"bundle {path.name}: file {name} sha256 mismatch (manifest {entry.sha256[:12]}..., file {digest[:12]}...)"
+                )
     return Bundle(path, manifest)

@@ -1,4 +1,5 @@
 """Small file helpers shared by zoos and bundles: hashing, durable writes, timestamps, installed packages."""
+
 from __future__ import annotations
 
 import datetime as dt

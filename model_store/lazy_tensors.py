@@ -4,6 +4,7 @@ Each access memory-maps the file, copies out one tensor and unmaps it again, so 
 merge that walks N of these key by key holds about one tensor per model at a time
 (instead of N whole models) -- the basis of the streaming data-free merges.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping

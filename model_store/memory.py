@@ -1,4 +1,5 @@
 """Process memory hygiene for long merges and servers (glibc only; a no-op elsewhere)."""
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@
 Used for animal-mnist's gzip pickles: plain `pickle.load` would execute any
 callable the file names; this one refuses everything but array reconstruction.
 """
+
 from __future__ import annotations
 
 import io

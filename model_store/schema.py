@@ -1,4 +1,5 @@
 """Pydantic schemas of the on-disk metadata (zoo models and merged bundles)."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -123,7 +124,9 @@ class GateInit(_Strict):
     """A user's pretrained weights for the gate network, copied into the zoo."""
 
     arch: GateArch
-    file: str | None = Field(default=None, description="safetensors file inside the zoo (timm naming); None: the default init")
+    file: str | None = Field(
+        default=None, description="safetensors file inside the zoo (timm naming); None: the default init"
+    )
     source: str | None = Field(default=None, description="where the weights were imported from")
 
 

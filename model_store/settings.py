@@ -1,4 +1,5 @@
 """Where the store lives and how it is laid out on disk."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ Layout of a zoo directory::
 
 Everything downstream treats a zoo as read-only.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,11 +63,15 @@ class Zoo:
         """Read and validate ``zoo.json`` and every model's ``meta.json`` and files."""
         root = Path(root)
         if not root.is_dir():
-            raise ZooFormatError(f"zoo directory {root} does not exist (build one with `vitmerge zoo build --preset tiny`)")
+            raise ZooFormatError(
+                f"zoo directory {root} does not exist (build one with `vitmerge zoo build --preset tiny`)"
+            )
         manifest = _read_schema(root / "zoo.json", ZooManifest)
         assert isinstance(manifest, ZooManifest)
         if require_base and manifest.base is None:
-            raise ZooFormatError(f"{root / 'zoo.json'}: base: the zoo has no base model (import one with `vitmerge import ... --role base`)")
+            raise ZooFormatError(
+                f"{root / 'zoo.json'}: base: the zoo has no base model (import one with `vitmerge import ... --role base`)"
+            )
         names = ([manifest.base] if manifest.base else []) + list(manifest.tasks)
         metas: dict[str, ModelMeta] = {}
         for name in names:
@@ -100,14 +105,18 @@ class Zoo:
         for task in self.manifest.tasks:
             meta = self.metas[task]
             if meta.architecture != base.architecture:
-                raise ZooFormatError(f"{self.root / 'models' / task / 'meta.json'}: architecture: task '{task}' is "
-                                     f"{meta.architecture.timm_name} {meta.architecture.kwargs}, the base is "
-                                     f"{base.architecture.timm_name} {base.architecture.kwargs}; every task model must be "
-                                     "fine-tuned from the base's architecture")
+                raise ZooFormatError(
+                    f"{self.root / 'models' / task / 'meta.json'}: architecture: task '{task}' is "
+                    f"{meta.architecture.timm_name} {meta.architecture.kwargs}, the base is "
+                    f"{base.architecture.timm_name} {base.architecture.kwargs}; every task model must be "
+                    "fine-tuned from the base's architecture"
+                )
             shapes = self.backbone_shapes(task)
             if shapes != base_shapes:
                 diff = sorted(set(shapes.items()) ^ set(base_shapes.items()))[:3]
-                raise ZooFormatError(f"{self.root / 'models' / task / BACKBONE_FILE}: backbone tensors differ from the base's (e.g. {diff})")
+                raise ZooFormatError(
+                    f"{self.root / 'models' / task / BACKBONE_FILE}: backbone tensors differ from the base's (e.g. {diff})"
+                )
 
     # -- reading --------------------------------------------------------------------
     @property
@@ -159,7 +168,11 @@ class Zoo:
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every file of the zoo, keyed by path relative to the zoo root."""
-        return {str(p.relative_to(self.root)): sha256_file(p) for p in sorted(self.root.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+        return {
+            str(p.relative_to(self.root)): sha256_file(p)
+            for p in sorted(self.root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        }
 
 
 def task_data(meta: ModelMeta) -> TaskData:
@@ -168,7 +181,11 @@ def task_data(meta: ModelMeta) -> TaskData:
         return meta.data
     from model_store.data.builtin import TASKS
 
-    if meta.provenance.source.startswith("vitmerge zoo build") and meta.provenance.dataset == meta.task and meta.task in TASKS:
+    if (
+        meta.provenance.source.startswith("vitmerge zoo build")
+        and meta.provenance.dataset == meta.task
+        and meta.task in TASKS
+    ):
         src = DataSource(kind="builtin", location=meta.task, seed=meta.provenance.split_seed or 0)
         return TaskData(calibration=src, test=src)
     return meta.data
@@ -222,7 +239,9 @@ class ZooWriter:
 
     def finalize(self, name: str, base: str | None, tasks: list[str], **fields: object) -> Zoo:
         """Write ``zoo.json`` and return the validated zoo."""
-        manifest = ZooManifest.model_validate({"name": name, "base": base, "tasks": tasks, "created_at": utc_timestamp(), **fields})
+        manifest = ZooManifest.model_validate(
+            {"name": name, "base": base, "tasks": tasks, "created_at": utc_timestamp(), **fields}
+        )
         write_json(self.root / "zoo.json", manifest.model_dump(mode="json"))
         return Zoo.load(self.root, require_base=base is not None)
 

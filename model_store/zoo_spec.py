@@ -19,6 +19,7 @@ overridden field by field by an explicit ``preprocessing:`` block. A zoo is crea
 a temporary folder and renamed into place only when every model imported and every
 data source checked out: a failed create leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -171,11 +172,17 @@ def _import_one(m: ModelSpec, spec_dir: Path, zoo_dir: Path, name: str, role: st
         from model_store.schema import Architecture
 
         assert m.model_name is not None
-        prep = m.preprocessing.apply(default_preprocessing(Architecture(timm_name=m.model_name, kwargs=m.model_kwargs))) if m.preprocessing else None
+        prep = (
+            m.preprocessing.apply(default_preprocessing(Architecture(timm_name=m.model_name, kwargs=m.model_kwargs)))
+            if m.preprocessing
+            else None
+        )
         import_timm(path, m.model_name, zoo_dir, name, role, m.model_kwargs, None, classes, prep, **data)  # type: ignore[arg-type]
 
 
-def create_zoo(spec_path: str | Path, zoos_dir: str | Path, name: str | None = None, force: bool = False, progress: bool = True) -> Zoo:
+def create_zoo(
+    spec_path: str | Path, zoos_dir: str | Path, name: str | None = None, force: bool = False, progress: bool = True
+) -> Zoo:
     """Create the zoo a spec file describes in ``zoos_dir/<name>`` (atomically: all or nothing)."""
     spec_path = Path(spec_path).resolve()
     spec = load_spec(spec_path)
@@ -184,7 +191,9 @@ def create_zoo(spec_path: str | Path, zoos_dir: str | Path, name: str | None = N
     zoos_dir = Path(zoos_dir)
     target = zoos_dir / name
     if target.exists() and not force:
-        raise ZooFormatError(f"zoo '{name}' already exists at {target} (use --force to replace it, or --name for another name)")
+        raise ZooFormatError(
+            f"zoo '{name}' already exists at {target} (use --force to replace it, or --name for another name)"
+        )
     zoos_dir.mkdir(parents=True, exist_ok=True)
     tmp = zoos_dir / f".{name}.creating-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -202,8 +211,15 @@ def create_zoo(spec_path: str | Path, zoos_dir: str | Path, name: str | None = N
                 bar.update(1)
         gate = _gate(spec, spec_dir, tmp)
         zoo = Zoo.load(tmp)  # architectures and tensor shapes of every task against the base
-        manifest = zoo.manifest.model_copy(update={"name": name, "gate": gate, "spec": str(spec_path), "config_hash": spec_hash(spec, spec_dir),
-                                                   "tasks": [t.name for t in spec.tasks]})
+        manifest = zoo.manifest.model_copy(
+            update={
+                "name": name,
+                "gate": gate,
+                "spec": str(spec_path),
+                "config_hash": spec_hash(spec, spec_dir),
+                "tasks": [t.name for t in spec.tasks],
+            }
+        )
         write_json(tmp / "zoo.json", manifest.model_dump(mode="json"))
         Zoo.load(tmp)
         old = zoos_dir / f".{name}.replaced-{os.getpid()}"

@@ -1,4 +1,5 @@
 """The vitmerge inference server and command line."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

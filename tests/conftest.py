@@ -1,4 +1,5 @@
 """Shared fixtures: a real (small) zoo built once per test session."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,7 +77,9 @@ def gated_store(test_zoo_report: BuildReport, tmp_path_factory: pytest.TempPathF
     from model_store.settings import StoreLayout
 
     root = tmp_path_factory.mktemp("gated-store")
-    merge_and_publish(test_zoo_report.zoo, BundleStore(StoreLayout(root)), "gating_avg", {"m": 1, **SMALL_GATE}, progress=False)
+    merge_and_publish(
+        test_zoo_report.zoo, BundleStore(StoreLayout(root)), "gating_avg", {"m": 1, **SMALL_GATE}, progress=False
+    )
     return root
 
 

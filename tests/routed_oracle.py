@@ -10,6 +10,7 @@ Not used by the server: tests compare :class:`server.runtime.engine.Engine` with
 A request that names its task skips the gate. Per-task models are standalone timm
 models with ``theta_0 + lam_t M_t tau_uni`` loaded (:meth:`BundleReader.build`), built once.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,12 @@ class Routed:
 class RoutedModel:
     """Gate + per-task weights of one bundle, with per-image routing."""
 
-    def __init__(self, models: BundleReader, strategy: Literal["exact", "sparse"] = "sparse", threshold: float = DEFAULT_SPARSE_THRESHOLD):
+    def __init__(
+        self,
+        models: BundleReader,
+        strategy: Literal["exact", "sparse"] = "sparse",
+        threshold: float = DEFAULT_SPARSE_THRESHOLD,
+    ):
         self.models = models
         self.strategy, self.threshold = strategy, threshold
         self.gate: nn.Module | None = models.gate_model() if models.has_gate else None

@@ -1,4 +1,5 @@
 """Helpers for the server tests: crafted images, an in-process ASGI harness, a real uvicorn."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,7 +44,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def huge_png_header(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG signature + IHDR claiming ``width x height`` pixels, with a tiny IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def gif_bomb(width: int = 65_535, height: int = 65_535) -> bytes:
@@ -70,7 +76,9 @@ class AsgiHarness:
         self.state = self.app.state.vitmerge
         self._lifespan = self.app.router.lifespan_context(self.app)
         self.call(self._lifespan.__aenter__())
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://testserver", timeout=60)
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://testserver", timeout=60
+        )
         if wait_ready:
             self.wait_ready()
 
@@ -104,14 +112,33 @@ class AsgiHarness:
 class LiveServer:
     """``vitmerge serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, store: Path, zoo: Path, extra: list[str] | None = None, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(
+        self,
+        store: Path,
+        zoo: Path,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = store / f"serve-{self.port}.log"
         script = Path(sys.executable).parent / "vitmerge"  # the console script: exactly the Dockerfile's entrypoint
         launcher = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
-        cmd = [*launcher, "serve", "--store", str(store), "--zoo", str(zoo), "--port", str(self.port),
-               "--admin-token", "s3cret", "--quiet", *(extra or [])]
+        cmd = [
+            *launcher,
+            "serve",
+            "--store",
+            str(store),
+            "--zoo",
+            str(zoo),
+            "--port",
+            str(self.port),
+            "--admin-token",
+            "s3cret",
+            "--quiet",
+            *(extra or []),
+        ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=full_env)
 

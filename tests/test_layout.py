@@ -4,6 +4,7 @@ Data and imports flow one way: model_store <- merging <- server.runtime <- serve
 <- server.cli; serving never imports merging (the HTTP app only reaches ``merging.pipeline``, which
 admin merge jobs run); no import cycles; no module imports another's ``_private`` name.
 """
+
 from __future__ import annotations
 
 import ast
@@ -55,35 +56,55 @@ def test_the_scan_sees_the_whole_code_base():
     assert any(dep == "model_store.schema" for dep, _ in GRAPH["server.runtime.bundle_reader"])
 
 
-@pytest.mark.parametrize(("layer", "forbidden"), [
-    ("model_store", ("merging", "server")),
-    ("merging", ("server",)),
-    ("server.runtime", ("merging", "server.http", "server.eval", "server.cli")),
-    ("server.http", ("server.eval", "server.cli")),
-    ("server.eval", ("server.http", "server.cli")),
-])
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        ("model_store", ("merging", "server")),
+        ("merging", ("server",)),
+        ("server.runtime", ("merging", "server.http", "server.eval", "server.cli")),
+        ("server.http", ("server.eval", "server.cli")),
+        ("server.eval", ("server.http", "server.cli")),
+    ],
+)
 def test_imports_flow_one_way(layer, forbidden):
-    bad = [(mod, dep) for mod, deps in GRAPH.items() if _within(mod, layer)
-           for dep, _ in deps if any(_within(dep, f) for f in forbidden)]
+    bad = [
+        (mod, dep)
+        for mod, deps in GRAPH.items()
+        if _within(mod, layer)
+        for dep, _ in deps
+        if any(_within(dep, f) for f in forbidden)
+    ]
     assert not bad, f"{layer} must not import {forbidden}: {bad}"
 
 
 def test_the_http_server_reaches_merging_only_through_the_pipeline():
-    bad = [(mod, dep) for mod, deps in GRAPH.items() if _within(mod, "server.http")
-           for dep, _ in deps if _within(dep, "merging") and dep != "merging.pipeline"]
+    bad = [
+        (mod, dep)
+        for mod, deps in GRAPH.items()
+        if _within(mod, "server.http")
+        for dep, _ in deps
+        if _within(dep, "merging") and dep != "merging.pipeline"
+    ]
     assert not bad, bad
 
 
 def test_no_module_imports_a_private_name_of_another():
-    bad = [(mod, dep, n) for mod, deps in GRAPH.items() for dep, names in deps
-           for n in names if n.startswith("_") and not n.startswith("__")]
+    bad = [
+        (mod, dep, n)
+        for mod, deps in GRAPH.items()
+        for dep, names in deps
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not bad, bad
 
 
 def test_no_import_cycles():
     """Depth-first search over module -> imported module (package ``__init__`` edges excluded)."""
-    edges = {m: sorted({d for d, _ in deps if d in MODULES and d != m and not MODULES[d].name == "__init__.py"})
-             for m, deps in GRAPH.items()}
+    edges = {
+        m: sorted({d for d, _ in deps if d in MODULES and d != m and not MODULES[d].name == "__init__.py"})
+        for m, deps in GRAPH.items()
+    }
     state: dict[str, int] = {}
     cycles: list[list[str]] = []
 
@@ -91,7 +112,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in edges[node]:
             if state.get(nxt) == 1:
-                cycles.append([*stack[stack.index(nxt):], nxt])
+                cycles.append([*stack[stack.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt, [*stack, nxt])
         state[node] = 2

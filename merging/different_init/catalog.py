@@ -7,6 +7,7 @@ the original width plus every task's classifier adapted to the merged features,
 and (``gate=true``, the default) a task gate, so the bundle is an ordinary static
 bundle the server routes with the gate.
 """
+
 from __future__ import annotations
 
 import time
@@ -31,8 +32,12 @@ class GatedParams(GateParams):
 
 
 class MuDSCParams(GatedParams):
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the weight-space similarity (1 - alpha: activations)")
-    max_sweeps: int = Field(10, ge=0, le=100, description="Alg. 1 sweeps over all groups at most (stops when no matching changes)")
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="weight of the weight-space similarity (1 - alpha: activations)"
+    )
+    max_sweeps: int = Field(
+        10, ge=0, le=100, description="Alg. 1 sweeps over all groups at most (stops when no matching changes)"
+    )
     max_images: int = Field(64, gt=0, description="calibration images per task for the activations")
     seed: int = Field(0, description="order of the groups in every sweep")
 
@@ -64,10 +69,15 @@ def _heads(ctx: MergeContext, states: list[StateDict]) -> list[StateDict]:
     if ctx.heads is not None:
         return [dict(h) for h in ctx.heads]
     assert ctx.build_model is not None
-    return [{k: v for k, v in ctx.build_model(i, s).state_dict().items() if k.startswith("head.")} for i, s in enumerate(states)]
+    return [
+        {k: v for k, v in ctx.build_model(i, s).state_dict().items() if k.startswith("head.")}
+        for i, s in enumerate(states)
+    ]
 
 
-def _result(ctx: MergeContext, p: GatedParams, backbone: StateDict, heads: list[StateDict], info: dict[str, Any]) -> MergeResult:
+def _result(
+    ctx: MergeContext, p: GatedParams, backbone: StateDict, heads: list[StateDict], info: dict[str, Any]
+) -> MergeResult:
     gate = train_gate_for(ctx, p) if p.gate else None
     return MergeResult(backbone=backbone, heads=heads, gate=gate, info=info)
 
@@ -81,16 +91,31 @@ def _mudsc(ctx: MergeContext, p: MuDSCParams, mode: Mode) -> MergeResult:
     images = torch.cat([ctx.calibration(i, None, p.max_images) for i in range(len(states))])
     acts = [collect_activations(m, images, shape) for m in models]
     res = mudsc_merge(states, acts, shape, _heads(ctx, states), p.alpha, mode, p.max_sweeps, p.seed)
-    info = {"sweeps": res.sweeps, "converged": res.converged, "merge_seconds": round(time.perf_counter() - start, 3), "optimised_parameters": 0}
+    info = {
+        "sweeps": res.sweeps,
+        "converged": res.converged,
+        "merge_seconds": round(time.perf_counter() - start, 3),
+        "optimised_parameters": 0,
+    }
     return _result(ctx, p, res.merged, res.heads, info)
 
 
-@CATALOG.register("mudsc_align", MuDSCParams, True, "MuDSC Align: dual-space unit matching onto the first model, then averaging (different inits)")
+@CATALOG.register(
+    "mudsc_align",
+    MuDSCParams,
+    True,
+    "MuDSC Align: dual-space unit matching onto the first model, then averaging (different inits)",
+)
 def _mudsc_align(ctx: MergeContext, p: MuDSCParams) -> MergeResult:
     return _mudsc(ctx, p, "align")
 
 
-@CATALOG.register("mudsc_zip", MuDSCParams, True, "MuDSC Zip: dual-space matching, models zipped pairwise with greedy matching (different inits)")
+@CATALOG.register(
+    "mudsc_zip",
+    MuDSCParams,
+    True,
+    "MuDSC Zip: dual-space matching, models zipped pairwise with greedy matching (different inits)",
+)
 def _mudsc_zip(ctx: MergeContext, p: MuDSCParams) -> MergeResult:
     return _mudsc(ctx, p, "zip")
 
@@ -110,21 +135,37 @@ def _trained(ctx: MergeContext, p: TrainedParams, run) -> MergeResult:
     cfg = FitConfig(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, weight_decay=p.weight_decay, seed=p.seed)
     out: FoldedMerge = run(states, ctx.build_model(0, states[0]), data, cfg)
     heads = [fold_head(h, a) for h, a in zip(_heads(ctx, states), out.adapters)]
-    info = {"merge_seconds": round(time.perf_counter() - start, 3), "optimised_parameters": out.optimised_parameters,
-            "training_images": len(data), "final_loss": out.history[-1] if out.history else None}
+    info = {
+        "merge_seconds": round(time.perf_counter() - start, 3),
+        "optimised_parameters": out.optimised_parameters,
+        "training_images": len(data),
+        "final_loss": out.history[-1] if out.history else None,
+    }
     return _result(ctx, p, out.backbone, heads, info)
 
 
-@CATALOG.register("fs_merge", FSMergeParams, True, "FS-Merge: Foldable SuperNet trained on a few unlabeled images, folded (different inits)")
+@CATALOG.register(
+    "fs_merge",
+    FSMergeParams,
+    True,
+    "FS-Merge: Foldable SuperNet trained on a few unlabeled images, folded (different inits)",
+)
 def _fs_merge(ctx: MergeContext, p: FSMergeParams) -> MergeResult:
     return _trained(ctx, p, lambda s, t, d, c: fs_merge(s, t, d, p.rank, c, ctx.progress))
 
 
-@CATALOG.register("fs_merge_seq", FSMergeParams, True, "FS-Merge seq.: merges the models one at a time (less memory; different inits)")
+@CATALOG.register(
+    "fs_merge_seq", FSMergeParams, True, "FS-Merge seq.: merges the models one at a time (less memory; different inits)"
+)
 def _fs_merge_seq(ctx: MergeContext, p: FSMergeParams) -> MergeResult:
     return _trained(ctx, p, lambda s, t, d, c: fs_merge_seq(s, t, d, p.rank, c, ctx.progress))
 
 
-@CATALOG.register("distill", DistillParams, True, "Distillation into the first model's weights, same data/budget as FS-Merge (baseline)")
+@CATALOG.register(
+    "distill",
+    DistillParams,
+    True,
+    "Distillation into the first model's weights, same data/budget as FS-Merge (baseline)",
+)
 def _distill(ctx: MergeContext, p: DistillParams) -> MergeResult:
     return _trained(ctx, p, lambda s, t, d, c: distill(s[0], t, d, len(s), c, ctx.progress))

@@ -5,6 +5,7 @@ FS-Merge (appendix E.2) expands a few unlabeled images per task with augmentatio
 final features on its OWN task's images; both FS-Merge and the distillation
 baseline train on exactly this set.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,9 @@ class FeatureSet:
         return len(self.task)
 
 
-def build_feature_set(models: Sequence[nn.Module], images: Sequence[torch.Tensor], copies: int, seed: int) -> FeatureSet:
+def build_feature_set(
+    models: Sequence[nn.Module], images: Sequence[torch.Tensor], copies: int, seed: int
+) -> FeatureSet:
     """Originals + ``copies`` augmentations per image of every task, with model t's features on task t's images."""
     gen = torch.Generator().manual_seed(seed)
     xs, ts, fs = [], [], []
@@ -84,7 +87,9 @@ class FitConfig:
     seed: int = 0
 
 
-def fit(params: Sequence[torch.Tensor], predict, data: FeatureSet, cfg: FitConfig, desc: str = "fit", progress: bool = False) -> list[float]:
+def fit(
+    params: Sequence[torch.Tensor], predict, data: FeatureSet, cfg: FitConfig, desc: str = "fit", progress: bool = False
+) -> list[float]:
     """Minimise the global feature-reconstruction loss ``|predict(x, task) - target|^2``.
 
     ``predict(images, task_index)`` returns the reconstruction of each image's own

@@ -27,6 +27,7 @@ SuperNet through its fold (one ViT forward instead of N);
 previous merged model (initialised "first") with model k, with the features of
 all original models 0..k as targets.
 """
+
 from __future__ import annotations
 
 import time
@@ -61,7 +62,7 @@ class FoldMap(nn.Module):
         else:
             diag[:] = 1.0  # every model's features start as the merged ones
         self.diag = nn.Parameter(diag)
-        scale = d ** -0.5
+        scale = d**-0.5
         if kind == "merge":
             self.lo = nn.Parameter(torch.zeros(d, rank))
             self.hi = nn.Parameter(torch.randn(rank, n * d, generator=generator) * scale)
@@ -124,7 +125,9 @@ class TaskSource:
 class FoldableSuperNet(nn.Module):
     """The global Foldable SuperNet over ``N`` source ViTs (frozen) of one architecture."""
 
-    def __init__(self, sources: Sequence[Tensors], template: nn.Module, tasks: Sequence[TaskSource], rank: int = 8, seed: int = 0):
+    def __init__(
+        self, sources: Sequence[Tensors], template: nn.Module, tasks: Sequence[TaskSource], rank: int = 8, seed: int = 0
+    ):
         super().__init__()
         self.sources = [{k: v.detach().float() for k, v in s.items()} for s in sources]
         self.template = template.eval()
@@ -142,13 +145,28 @@ class FoldableSuperNet(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         maps = {"emb": FoldMap("merge", n, d, rank, gen), "final": FoldMap("unmerge", n, d, rank, gen)}
         for b in range(self.depth):
-            for name, kind, width in (("ln1", "unmerge", d), ("q", "merge", d), ("k", "merge", d), ("v", "merge", d), ("o", "unmerge", d),
-                                      ("proj", "merge", d), ("ln2", "unmerge", d), ("fc1", "merge", hidden), ("act", "unmerge", hidden),
-                                      ("fc2", "merge", d)):
+            for name, kind, width in (
+                ("ln1", "unmerge", d),
+                ("q", "merge", d),
+                ("k", "merge", d),
+                ("v", "merge", d),
+                ("o", "unmerge", d),
+                ("proj", "merge", d),
+                ("ln2", "unmerge", d),
+                ("fc1", "merge", hidden),
+                ("act", "unmerge", hidden),
+                ("fc2", "merge", d),
+            ):
                 maps[f"{b}_{name}"] = FoldMap(kind, n, width, rank, gen)
         self.maps = nn.ModuleDict(maps)
         norms = [f"blocks.{b}.norm{j}" for b in range(self.depth) for j in (1, 2)] + ["norm"]
-        self.norms = nn.ParameterDict({f"{k.replace('.', '_')}_{w}": nn.Parameter(s0[f"{k}.{w}"].clone()) for k in norms for w in ("weight", "bias")})
+        self.norms = nn.ParameterDict(
+            {
+                f"{k.replace('.', '_')}_{w}": nn.Parameter(s0[f"{k}.{w}"].clone())
+                for k in norms
+                for w in ("weight", "bias")
+            }
+        )
 
     def _norm(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         k = key.replace(".", "_")
@@ -158,7 +176,9 @@ class FoldableSuperNet(nn.Module):
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("template."))
 
     # -- folding ------------------------------------------------------------------
-    def _fold_linear(self, w_key: str, b_key: str, m: str, u: str, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fold_linear(
+        self, w_key: str, b_key: str, m: str, u: str, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         mm, uu = self.maps[m], self.maps[u]
         w_out, b_out = 0.0, 0.0
         for i, s in enumerate(self.sources):
@@ -174,7 +194,9 @@ class FoldableSuperNet(nn.Module):
         emb = self.maps["emb"]
         out: StateDict = {}
         d = self.dim
-        out["patch_embed.proj.weight"] = sum(emb.left(i, s["patch_embed.proj.weight"]) for i, s in enumerate(self.sources))  # type: ignore[assignment]
+        out["patch_embed.proj.weight"] = sum(
+            emb.left(i, s["patch_embed.proj.weight"]) for i, s in enumerate(self.sources)
+        )  # type: ignore[assignment]
         out["patch_embed.proj.bias"] = sum(emb.left(i, s["patch_embed.proj.bias"]) for i, s in enumerate(self.sources))  # type: ignore[assignment]
         out["cls_token"] = sum(s["cls_token"] @ emb.block(i).T for i, s in enumerate(self.sources))  # type: ignore[assignment]
         out["pos_embed"] = sum(s["pos_embed"] @ emb.block(i).T for i, s in enumerate(self.sources))  # type: ignore[assignment]
@@ -182,13 +204,21 @@ class FoldableSuperNet(nn.Module):
             p = f"blocks.{b}."
             ws, bs = [], []
             for j, name in enumerate(("q", "k", "v")):
-                w, bias = self._fold_linear(p + "attn.qkv.weight", p + "attn.qkv.bias", f"{b}_{name}", f"{b}_ln1", slice(j * d, (j + 1) * d))
+                w, bias = self._fold_linear(
+                    p + "attn.qkv.weight", p + "attn.qkv.bias", f"{b}_{name}", f"{b}_ln1", slice(j * d, (j + 1) * d)
+                )
                 ws.append(w)
                 bs.append(bias)
             out[p + "attn.qkv.weight"], out[p + "attn.qkv.bias"] = torch.cat(ws), torch.cat(bs)
-            out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = self._fold_linear(p + "attn.proj.weight", p + "attn.proj.bias", f"{b}_proj", f"{b}_o")
-            out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = self._fold_linear(p + "mlp.fc1.weight", p + "mlp.fc1.bias", f"{b}_fc1", f"{b}_ln2")
-            out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = self._fold_linear(p + "mlp.fc2.weight", p + "mlp.fc2.bias", f"{b}_fc2", f"{b}_act")
+            out[p + "attn.proj.weight"], out[p + "attn.proj.bias"] = self._fold_linear(
+                p + "attn.proj.weight", p + "attn.proj.bias", f"{b}_proj", f"{b}_o"
+            )
+            out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = self._fold_linear(
+                p + "mlp.fc1.weight", p + "mlp.fc1.bias", f"{b}_fc1", f"{b}_ln2"
+            )
+            out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = self._fold_linear(
+                p + "mlp.fc2.weight", p + "mlp.fc2.bias", f"{b}_fc2", f"{b}_act"
+            )
             for j in (1, 2):
                 out[f"{p}norm{j}.weight"], out[f"{p}norm{j}.bias"] = self._norm(f"{p}norm{j}")
         out["norm.weight"], out["norm.bias"] = self._norm("norm")
@@ -214,7 +244,11 @@ class FoldableSuperNet(nn.Module):
         m = self.maps
         toks = []
         for s in self.sources:
-            pe = F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=self.patch).flatten(2).transpose(1, 2)
+            pe = (
+                F.conv2d(x, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=self.patch)
+                .flatten(2)
+                .transpose(1, 2)
+            )
             toks.append(torch.cat([s["cls_token"].expand(len(x), -1, -1), pe], 1) + s["pos_embed"])
         h = m["emb"].merge(toks)
         d, nh = self.dim, self.heads
@@ -224,16 +258,29 @@ class FoldableSuperNet(nn.Module):
             qkv = []
             for j, name in enumerate(("q", "k", "v")):
                 rows = slice(j * d, (j + 1) * d)
-                qkv.append(m[f"{b}_{name}"].merge([F.linear(xi, s[p + "attn.qkv.weight"][rows], s[p + "attn.qkv.bias"][rows]) for xi, s in zip(xs, self.sources)]))
+                qkv.append(
+                    m[f"{b}_{name}"].merge(
+                        [
+                            F.linear(xi, s[p + "attn.qkv.weight"][rows], s[p + "attn.qkv.bias"][rows])
+                            for xi, s in zip(xs, self.sources)
+                        ]
+                    )
+                )
             q, k, v = (t.reshape(len(x), -1, nh, d // nh).transpose(1, 2) for t in qkv)
             att = ((q @ k.transpose(-2, -1)) * (d // nh) ** -0.5).softmax(-1)
             o = (att @ v).transpose(1, 2).reshape(len(x), -1, d)
             os_ = m[f"{b}_o"].unmerge(o)
-            h = h + m[f"{b}_proj"].merge([F.linear(oi, s[p + "attn.proj.weight"], s[p + "attn.proj.bias"]) for oi, s in zip(os_, self.sources)])
+            h = h + m[f"{b}_proj"].merge(
+                [F.linear(oi, s[p + "attn.proj.weight"], s[p + "attn.proj.bias"]) for oi, s in zip(os_, self.sources)]
+            )
             xs = m[f"{b}_ln2"].unmerge(F.layer_norm(h, (d,), *self._norm(p + "norm2"), eps=self.eps))
-            a = m[f"{b}_fc1"].merge([F.linear(xi, s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"]) for xi, s in zip(xs, self.sources)])
+            a = m[f"{b}_fc1"].merge(
+                [F.linear(xi, s[p + "mlp.fc1.weight"], s[p + "mlp.fc1.bias"]) for xi, s in zip(xs, self.sources)]
+            )
             gs = m[f"{b}_act"].unmerge(F.gelu(a))
-            h = h + m[f"{b}_fc2"].merge([F.linear(gi, s[p + "mlp.fc2.weight"], s[p + "mlp.fc2.bias"]) for gi, s in zip(gs, self.sources)])
+            h = h + m[f"{b}_fc2"].merge(
+                [F.linear(gi, s[p + "mlp.fc2.weight"], s[p + "mlp.fc2.bias"]) for gi, s in zip(gs, self.sources)]
+            )
         return F.layer_norm(h, (d,), *self._norm("norm"), eps=self.eps)[:, 0]
 
 
@@ -250,7 +297,9 @@ class FoldedMerge:
 
 def fold_head(head: Tensors, adapter: torch.Tensor) -> StateDict:
     """Classifier reading merged features: ``W_t @ G_t`` (bias unchanged)."""
-    return {k: (v.float() @ adapter if k.endswith("weight") else v.float()).detach().contiguous() for k, v in head.items()}
+    return {
+        k: (v.float() @ adapter if k.endswith("weight") else v.float()).detach().contiguous() for k, v in head.items()
+    }
 
 
 def _train_supernet(net: FoldableSuperNet, data: FeatureSet, cfg: FitConfig, desc: str, progress: bool) -> FoldedMerge:
@@ -263,14 +312,28 @@ def _train_supernet(net: FoldableSuperNet, data: FeatureSet, cfg: FitConfig, des
     return FoldedMerge(backbone, adapters, net.optimised_parameters(), history, time.perf_counter() - start)
 
 
-def fs_merge(sources: Sequence[Tensors], template: nn.Module, data: FeatureSet, rank: int = 8, cfg: FitConfig | None = None, progress: bool = False) -> FoldedMerge:
+def fs_merge(
+    sources: Sequence[Tensors],
+    template: nn.Module,
+    data: FeatureSet,
+    rank: int = 8,
+    cfg: FitConfig | None = None,
+    progress: bool = False,
+) -> FoldedMerge:
     """Global FS-Merge of all ``sources`` at once (task t = source t), folded."""
     cfg = cfg or FitConfig()
     net = FoldableSuperNet(sources, template, [TaskSource(t) for t in range(len(sources))], rank, cfg.seed)
     return _train_supernet(net, data, cfg, "fs_merge", progress)
 
 
-def fs_merge_seq(sources: Sequence[Tensors], template: nn.Module, data: FeatureSet, rank: int = 8, cfg: FitConfig | None = None, progress: bool = False) -> FoldedMerge:
+def fs_merge_seq(
+    sources: Sequence[Tensors],
+    template: nn.Module,
+    data: FeatureSet,
+    rank: int = 8,
+    cfg: FitConfig | None = None,
+    progress: bool = False,
+) -> FoldedMerge:
     """FS-Merge seq.: merge the running merged model with one new model per stage."""
     cfg = cfg or FitConfig()
     start = time.perf_counter()
@@ -290,7 +353,14 @@ def fs_merge_seq(sources: Sequence[Tensors], template: nn.Module, data: FeatureS
     return FoldedMerge(dict(merged), adapters, most, history, time.perf_counter() - start)
 
 
-def distill(student: Tensors, template: nn.Module, data: FeatureSet, n_tasks: int, cfg: FitConfig | None = None, progress: bool = False) -> FoldedMerge:
+def distill(
+    student: Tensors,
+    template: nn.Module,
+    data: FeatureSet,
+    n_tasks: int,
+    cfg: FitConfig | None = None,
+    progress: bool = False,
+) -> FoldedMerge:
     """Knowledge distillation baseline: train ALL weights of ``student`` (the first model, "first"
     initialisation) plus one linear map per task (identity-initialised, folded into the task's
     classifier) on the same features and budget as FS-Merge."""
@@ -308,4 +378,10 @@ def distill(student: Tensors, template: nn.Module, data: FeatureSet, n_tasks: in
     params = [*weights.values(), maps]
     history = fit(params, predict, data, cfg, desc="distill", progress=progress)
     backbone = {k: v.detach().clone() for k, v in weights.items()}
-    return FoldedMerge(backbone, [m.detach().clone() for m in maps], sum(p.numel() for p in params), history, time.perf_counter() - start)
+    return FoldedMerge(
+        backbone,
+        [m.detach().clone() for m in maps],
+        sum(p.numel() for p in params),
+        history,
+        time.perf_counter() - start,
+    )

@@ -27,6 +27,7 @@ their mean matched similarity (group alignment).
 Classifier heads are not merged: each task's head is permuted like its model's
 residual stream, so it reads the merged features in the right order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -52,7 +53,9 @@ Mode = Literal["align", "zip"]
 
 
 @torch.inference_mode()
-def collect_activations(model: nn.Module, images: torch.Tensor, shape: ViTShape, batch_size: int = 128) -> dict[str, torch.Tensor]:
+def collect_activations(
+    model: nn.Module, images: torch.Tensor, shape: ViTShape, batch_size: int = 128
+) -> dict[str, torch.Tensor]:
     """Unit activations of a timm ViT on ``images`` (rows: samples, columns: units).
 
     ``residual``: the stream at the input of every norm (all blocks + final), all
@@ -122,7 +125,9 @@ def match(sim: torch.Tensor, solver: Mode) -> torch.Tensor:
     return torch.as_tensor(out, dtype=torch.long)
 
 
-def match_heads(sim_qk: torch.Tensor, sim_v: torch.Tensor, heads: int, solver: Mode) -> tuple[torch.Tensor, torch.Tensor]:
+def match_heads(
+    sim_qk: torch.Tensor, sim_v: torch.Tensor, heads: int, solver: Mode
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group alignment: units inside every head pair, then heads by mean matched similarity."""
     hd = sim_qk.shape[0] // heads
     inner_qk = torch.empty(heads, heads, hd, dtype=torch.long)
@@ -151,13 +156,17 @@ def _target(sim: torch.Tensor, k: int, n: int, perms: Sequence[torch.Tensor], mo
     return torch.stack([_block(sim, j, k, n)[perms[j]] for j in range(k)]).mean(0)
 
 
-def solve_group(sims: dict[str, torch.Tensor], group: str, shape: ViTShape, n_models: int, mode: Mode) -> list[tuple[torch.Tensor, ...]]:
+def solve_group(
+    sims: dict[str, torch.Tensor], group: str, shape: ViTShape, n_models: int, mode: Mode
+) -> list[tuple[torch.Tensor, ...]]:
     """Every model's permutation(s) of ``group`` from its similarity matrices (model 0: identity)."""
     if group.startswith("attn"):
         n = shape.dim
         qk, v = [torch.arange(n)], [torch.arange(n)]
         for k in range(1, n_models):
-            pq, pv = match_heads(_target(sims["qk"], k, n, qk, mode), _target(sims["v"], k, n, v, mode), shape.heads, mode)
+            pq, pv = match_heads(
+                _target(sims["qk"], k, n, qk, mode), _target(sims["v"], k, n, v, mode), shape.heads, mode
+            )
             qk.append(pq)
             v.append(pv)
         return list(zip(qk, v))
@@ -184,7 +193,9 @@ def _activation_sims(acts: Sequence[dict[str, torch.Tensor]], group: str) -> dic
     return {group: correlation([a[group] for a in acts])}
 
 
-def _weight_sims(states: Sequence[Tensors], perms: Sequence[ViTPerm], shape: ViTShape, group: str) -> dict[str, torch.Tensor]:
+def _weight_sims(
+    states: Sequence[Tensors], perms: Sequence[ViTPerm], shape: ViTShape, group: str
+) -> dict[str, torch.Tensor]:
     reps = [unit_weights(apply_perm(s, p.without(group, shape), shape), shape, group) for s, p in zip(states, perms)]
     return {u: cosine([r[u] for r in reps]) for u in reps[0]}
 

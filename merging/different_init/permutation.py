@@ -17,6 +17,7 @@ described once (:func:`unit_slots`) and that description drives both applying
 permutations and extracting each unit's weights (MuDSC's weight-space
 representation).
 """
+
 from __future__ import annotations
 
 import re
@@ -59,13 +60,30 @@ class ViTShape:
 
 
 _RESIDUAL_BLOCK = (
-    ("norm1.weight", 0), ("norm1.bias", 0), ("attn.qkv.weight", 1), ("attn.proj.weight", 0), ("attn.proj.bias", 0),
-    ("norm2.weight", 0), ("norm2.bias", 0), ("mlp.fc1.weight", 1), ("mlp.fc2.weight", 0), ("mlp.fc2.bias", 0),
-    ("ls1.gamma", 0), ("ls2.gamma", 0),
+    ("norm1.weight", 0),
+    ("norm1.bias", 0),
+    ("attn.qkv.weight", 1),
+    ("attn.proj.weight", 0),
+    ("attn.proj.bias", 0),
+    ("norm2.weight", 0),
+    ("norm2.bias", 0),
+    ("mlp.fc1.weight", 1),
+    ("mlp.fc2.weight", 0),
+    ("mlp.fc2.bias", 0),
+    ("ls1.gamma", 0),
+    ("ls2.gamma", 0),
 )
 _RESIDUAL_TOP = (
-    ("cls_token", 2), ("reg_token", 2), ("pos_embed", 2), ("patch_embed.proj.weight", 0), ("patch_embed.proj.bias", 0),
-    ("norm.weight", 0), ("norm.bias", 0), ("fc_norm.weight", 0), ("fc_norm.bias", 0), ("head.weight", 1),
+    ("cls_token", 2),
+    ("reg_token", 2),
+    ("pos_embed", 2),
+    ("patch_embed.proj.weight", 0),
+    ("patch_embed.proj.bias", 0),
+    ("norm.weight", 0),
+    ("norm.bias", 0),
+    ("fc_norm.weight", 0),
+    ("fc_norm.bias", 0),
+    ("head.weight", 1),
 )
 
 
@@ -87,8 +105,10 @@ def unit_slots(shape: ViTShape, group: str, keys: set[str] | None = None) -> dic
     kind, b = group.split(".")
     p = f"blocks.{b}."
     if kind == "mlp":
-        return {"in": present([(p + "mlp.fc1.weight", 0, 0, shape.hidden), (p + "mlp.fc1.bias", 0, 0, shape.hidden)]),
-                "out": present([(p + "mlp.fc2.weight", 1, 0, shape.hidden)])}
+        return {
+            "in": present([(p + "mlp.fc1.weight", 0, 0, shape.hidden), (p + "mlp.fc1.bias", 0, 0, shape.hidden)]),
+            "out": present([(p + "mlp.fc2.weight", 1, 0, shape.hidden)]),
+        }
     if kind == "attn":
         qkv = [p + "attn.qkv.weight", p + "attn.qkv.bias"]
         return {
@@ -115,11 +135,20 @@ class ViTPerm:
     @classmethod
     def identity(cls, shape: ViTShape) -> ViTPerm:
         ar = torch.arange
-        return cls(ar(shape.dim), [ar(shape.dim) for _ in range(shape.depth)], [ar(shape.dim) for _ in range(shape.depth)],
-                   [ar(shape.hidden) for _ in range(shape.depth)])
+        return cls(
+            ar(shape.dim),
+            [ar(shape.dim) for _ in range(shape.depth)],
+            [ar(shape.dim) for _ in range(shape.depth)],
+            [ar(shape.hidden) for _ in range(shape.depth)],
+        )
 
     def copy(self) -> ViTPerm:
-        return ViTPerm(self.residual.clone(), [p.clone() for p in self.qk], [p.clone() for p in self.v], [p.clone() for p in self.mlp])
+        return ViTPerm(
+            self.residual.clone(),
+            [p.clone() for p in self.qk],
+            [p.clone() for p in self.v],
+            [p.clone() for p in self.mlp],
+        )
 
     def get(self, group: str) -> tuple[torch.Tensor, ...]:
         if group == "residual":
@@ -145,7 +174,12 @@ class ViTPerm:
         return out
 
     def equals(self, other: ViTPerm) -> bool:
-        pairs = [(self.residual, other.residual), *zip(self.qk, other.qk), *zip(self.v, other.v), *zip(self.mlp, other.mlp)]
+        pairs = [
+            (self.residual, other.residual),
+            *zip(self.qk, other.qk),
+            *zip(self.v, other.v),
+            *zip(self.mlp, other.mlp),
+        ]
         return all(torch.equal(a, b) for a, b in pairs)
 
 
@@ -224,7 +258,9 @@ def random_perm(shape: ViTShape, generator: torch.Generator) -> ViTPerm:
         return qk, v
 
     attn = [heads() for _ in range(shape.depth)]
-    return ViTPerm(rp(shape.dim), [a[0] for a in attn], [a[1] for a in attn], [rp(shape.hidden) for _ in range(shape.depth)])
+    return ViTPerm(
+        rp(shape.dim), [a[0] for a in attn], [a[1] for a in attn], [rp(shape.hidden) for _ in range(shape.depth)]
+    )
 
 
 def invert(p: torch.Tensor) -> torch.Tensor:

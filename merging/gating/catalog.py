@@ -1,4 +1,5 @@
 """Catalog of the methods that route with a gate: routed EMR and gated whole-ViT merging (SPEC sections 3-4)."""
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -23,7 +24,13 @@ class GatingRegMeanParams(GatingAvgParams):
     max_images: int = Field(256, gt=0)
 
 
-@CATALOG.register("emr_routed", GateParams, True, "EMR + a gate that picks the task (routed EMR, the server default)", needs_shared_base=True)
+@CATALOG.register(
+    "emr_routed",
+    GateParams,
+    True,
+    "EMR + a gate that picks the task (routed EMR, the server default)",
+    needs_shared_base=True,
+)
 def _emr_routed(ctx: MergeContext, p: GateParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
     gate = train_gate_for(ctx, p)
@@ -35,17 +42,36 @@ def _gated(ctx: MergeContext, p: GatingAvgParams, static: StateDict) -> MergeRes
     experts = expert_stacks(ctx.finetuned, plan.gated_keys)
     backbone = {k: v for k, v in static.items() if k not in experts}
     gate = train_gate_for(ctx, p)
-    info = {"gated_attn_blocks": list(plan.attn_blocks), "gated_mlp_blocks": list(plan.mlp_blocks), "similarity": plan.similarity}
+    info = {
+        "gated_attn_blocks": list(plan.attn_blocks),
+        "gated_mlp_blocks": list(plan.mlp_blocks),
+        "similarity": plan.similarity,
+    }
     return MergeResult(backbone=backbone, experts=experts, plan=plan, gate=gate, info=info)
 
 
-@CATALOG.register("gating_avg", GatingAvgParams, True, "Gated whole-ViT merging, AvgMean for the non-gated blocks", needs_shared_base=True)
+@CATALOG.register(
+    "gating_avg",
+    GatingAvgParams,
+    True,
+    "Gated whole-ViT merging, AvgMean for the non-gated blocks",
+    needs_shared_base=True,
+)
 def _gating_avg(ctx: MergeContext, p: GatingAvgParams) -> MergeResult:
     return _gated(ctx, p, weight_average(ctx.finetuned))
 
 
-@CATALOG.register("gating_regmean", GatingRegMeanParams, True, "Gated whole-ViT merging, RegMean for the non-gated blocks", needs_shared_base=True)
+@CATALOG.register(
+    "gating_regmean",
+    GatingRegMeanParams,
+    True,
+    "Gated whole-ViT merging, RegMean for the non-gated blocks",
+    needs_shared_base=True,
+)
 def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
+    grams = [
+        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
+        for i, m in enumerate(ctx.finetuned)
+    ]
     return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))

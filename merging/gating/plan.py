@@ -10,6 +10,7 @@ Gated (each stores N expert copies, mixed per image by the gate's ``p(x)``):
 
 Everything else is merged by a static base method (AvgMean or RegMean).
 """
+
 from __future__ import annotations
 
 import re

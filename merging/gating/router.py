@@ -9,6 +9,7 @@ weights passed in as ``init_state`` (the classifier is replaced). Training: Adam
 class-balanced cross-entropy, a seeded held-out part of the calibration images for
 early stopping (the best held-out epoch is kept).
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,7 +60,12 @@ def _split(n: int, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor,
 
 
 @training_allocations()
-def train_gate(images: Sequence[torch.Tensor], cfg: GateConfig = GateConfig(), init_state: StateDict | None = None, progress: bool = True) -> GateTraining:
+def train_gate(
+    images: Sequence[torch.Tensor],
+    cfg: GateConfig = GateConfig(),
+    init_state: StateDict | None = None,
+    progress: bool = True,
+) -> GateTraining:
     """Train a gate on ``images[i]`` = task i's preprocessed calibration images."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -137,7 +143,11 @@ class GateParams(Params):
     gate_lr: float | None = Field(None, gt=0.0, description="default: 2e-3 pretrained, 1e-2 from scratch")
     gate_seed: int = 0
     gate_max_images: int = Field(1000, gt=0, description="calibration images per task for the gate")
-    gate_test_images: int = Field(1000, ge=0, description="test images per task the routing accuracy is measured on after the merge (0: not measured)")
+    gate_test_images: int = Field(
+        1000,
+        ge=0,
+        description="test images per task the routing accuracy is measured on after the merge (0: not measured)",
+    )
 
 
 #: Gate input normalisation (the offline EfficientNet-Lite0 weights expect mean = std = 0.5;

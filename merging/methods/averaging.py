@@ -1,4 +1,5 @@
 """Weight averaging (AvgMean) and Task Arithmetic (SPEC section 1)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

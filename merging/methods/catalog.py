@@ -2,6 +2,7 @@
 
 AvgMean, Task Arithmetic, TIES, DARE (+TA / +TIES), RegMean, Fisher and EMR.
 """
+
 from __future__ import annotations
 
 from pydantic import Field
@@ -53,7 +54,9 @@ def _avg(ctx: MergeContext, p: NoParams) -> MergeResult:
     return MergeResult(backbone=weight_average(ctx.finetuned))
 
 
-@CATALOG.register("task_arithmetic", TaskArithmeticParams, False, "theta_0 + lam * sum of task vectors", needs_shared_base=True)
+@CATALOG.register(
+    "task_arithmetic", TaskArithmeticParams, False, "theta_0 + lam * sum of task vectors", needs_shared_base=True
+)
 def _ta(ctx: MergeContext, p: TaskArithmeticParams) -> MergeResult:
     return MergeResult(backbone=task_arithmetic(ctx.pretrained, ctx.finetuned, p.lam))
 
@@ -78,18 +81,28 @@ def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
 @CATALOG.register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
 def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    grams = [collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
+    grams = [
+        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
+        for i, m in enumerate(ctx.finetuned)
+    ]
     return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
 
 
-@CATALOG.register("fisher", FisherParams, True, "Fisher merging with a diagonal Fisher from the models' own predictions")
+@CATALOG.register(
+    "fisher", FisherParams, True, "Fisher merging with a diagonal Fisher from the models' own predictions"
+)
 def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
     assert ctx.build_model and ctx.calibration
-    fishers = [estimate_fisher(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images)) for i, m in enumerate(ctx.finetuned)]
+    fishers = [
+        estimate_fisher(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
+        for i, m in enumerate(ctx.finetuned)
+    ]
     return MergeResult(backbone=fisher_merge(ctx.finetuned, fishers, p.floor))
 
 
-@CATALOG.register("emr", NoParams, False, "EMR-Merging: unified task vector + 1-bit masks + rescalers", needs_shared_base=True)
+@CATALOG.register(
+    "emr", NoParams, False, "EMR-Merging: unified task vector + 1-bit masks + rescalers", needs_shared_base=True
+)
 def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
     return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})

@@ -1,4 +1,5 @@
 """DARE: drop and rescale task vectors (a pre-processing step for TA / TIES)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence

@@ -13,6 +13,7 @@ Tuning-free and data-free. For every element:
 Task i at inference: ``theta_0 + lam_i * M_i * tau_uni``. Masks are kept bit-packed
 (1 bit per element, ``numpy.packbits`` order) from the moment they are computed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

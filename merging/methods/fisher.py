@@ -6,6 +6,7 @@ image is the model's own prediction ``argmax p(y|x)``, and
 (``torch.func.vmap`` over ``grad``). Merged: ``sum_i F_i theta_i / sum_i F_i``
 per element, falling back to the plain mean where every ``F_i`` is below ``floor``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -18,7 +19,9 @@ from merging.methods.task_vectors import merge_keys
 from merging.types import StateDict, Tensors
 
 
-def estimate_fisher(model: nn.Module, images: torch.Tensor, keys: Sequence[str] | None = None, batch_size: int = 32) -> StateDict:
+def estimate_fisher(
+    model: nn.Module, images: torch.Tensor, keys: Sequence[str] | None = None, batch_size: int = 32
+) -> StateDict:
     """Diagonal empirical Fisher of ``model``'s parameters named in ``keys`` (default: all but the head)."""
     model.eval()
     params = dict(model.named_parameters())

@@ -9,6 +9,7 @@ task i, off-diagonals scaled by ``alpha``::
 solved with ``torch.linalg.solve`` (a ridge of 1e-6 * mean diagonal is added when the
 system is singular). Biases, norms, embeddings and linears without Grams: AvgMean.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,7 +24,9 @@ from merging.types import StateDict, Tensors
 def backbone_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` of the model except its classifier, by weight key."""
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None  # type: ignore[operator]
-    return {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not classifier}
+    return {
+        f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not classifier
+    }
 
 
 @torch.inference_mode()
@@ -36,7 +39,9 @@ def collect_grams(model: nn.Module, images: torch.Tensor, batch_size: int = 64) 
     """
     model.eval()
     linears = backbone_linears(model)
-    grams: dict[str, torch.Tensor] = {k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in linears.items()}
+    grams: dict[str, torch.Tensor] = {
+        k: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for k, m in linears.items()
+    }
     rows = dict.fromkeys(linears, 0)
 
     def hook(key: str):
@@ -65,7 +70,9 @@ def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * gram + (1.0 - alpha) * diag
 
 
-def regmean(pretrained: Tensors, finetuned: Sequence[Tensors], grams: Sequence[dict[str, torch.Tensor]], alpha: float = 0.9) -> StateDict:
+def regmean(
+    pretrained: Tensors, finetuned: Sequence[Tensors], grams: Sequence[dict[str, torch.Tensor]], alpha: float = 0.9
+) -> StateDict:
     """RegMean merge; ``grams[i]`` maps weight keys to model i's Gram matrices."""
     if len(grams) != len(finetuned):
         raise ValueError(f"need one Gram dict per model ({len(finetuned)}), got {len(grams)}")

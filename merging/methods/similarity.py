@@ -1,4 +1,5 @@
 """Weight similarity of layer groups (Ye et al. Eq. 4) and block ranking."""
+
 from __future__ import annotations
 
 import re
@@ -47,6 +48,8 @@ def rank_blocks(finetuned: Sequence[Tensors]) -> dict[str, list[BlockSimilarity]
     blocks = block_indices(list(finetuned[0].keys()))
     out: dict[str, list[BlockSimilarity]] = {}
     for kind, suffixes in (("attn", ATTN_KEYS), ("mlp", MLP_KEYS)):
-        sims = [BlockSimilarity(b, kind, layer_similarity(finetuned, [f"blocks.{b}.{s}" for s in suffixes])) for b in blocks]
+        sims = [
+            BlockSimilarity(b, kind, layer_similarity(finetuned, [f"blocks.{b}.{s}" for s in suffixes])) for b in blocks
+        ]
         out[kind] = sorted(sims, key=lambda s: (s.similarity, s.block))
     return out

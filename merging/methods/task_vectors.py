@@ -1,4 +1,5 @@
 """Task vectors and the checks every merge shares."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,7 +30,9 @@ def task_vector(pretrained: Tensors, finetuned: Tensors) -> StateDict:
     return {k: finetuned[k].float() - pretrained[k].float() for k in pretrained}
 
 
-def stacked_task_vectors(pretrained: Tensors, finetuned: Sequence[Tensors], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked_task_vectors(
+    pretrained: Tensors, finetuned: Sequence[Tensors], key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(theta_0[key], stack_i tau_i[key])`` in fp32; reads one tensor per model.
 
     The stack is preallocated and filled model by model, so the peak is one stack

@@ -6,6 +6,7 @@ histogram pass locates the bin holding the k-th largest magnitude, a second pass
 collects only that bin's values. Elements equal to the threshold are kept, so ties
 can keep a few more than ``k``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

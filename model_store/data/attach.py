@@ -1,4 +1,5 @@
 """Attaching data sources to a zoo's task models (``vitmerge zoo data``, import flags, zoo specs)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,7 +21,13 @@ def checked_source(value: str | None, base_dir: Path, role: str, class_names: Se
     return source
 
 
-def task_data_from(calibration: str | None, test: str | None, base_dir: Path, class_names: Sequence[str], current: TaskData | None = None) -> TaskData:
+def task_data_from(
+    calibration: str | None,
+    test: str | None,
+    base_dir: Path,
+    class_names: Sequence[str],
+    current: TaskData | None = None,
+) -> TaskData:
     """New data sources for a task (None keeps the current one)."""
     current = current or TaskData()
     return TaskData(
@@ -29,7 +36,13 @@ def task_data_from(calibration: str | None, test: str | None, base_dir: Path, cl
     )
 
 
-def attach_data(zoo_dir: str | Path, task: str, calibration: str | None = None, test: str | None = None, base_dir: Path | None = None) -> Zoo:
+def attach_data(
+    zoo_dir: str | Path,
+    task: str,
+    calibration: str | None = None,
+    test: str | None = None,
+    base_dir: Path | None = None,
+) -> Zoo:
     """Set a task model's calibration and/or test source (validated first; nothing written on error)."""
     zoo = Zoo.load(zoo_dir, require_base=False)
     if task not in zoo.tasks:
@@ -55,8 +68,10 @@ def require_test_set(zoo: Zoo, task: str, purpose: str = "this") -> ImageSet:
     """:func:`test_set`, refusing a task without test images with a message that says how to add them."""
     images = test_set(zoo, task)
     if images is None:
-        raise MissingDataError(f"{purpose} needs test images for every task; task '{task}' has none (add them with "
-                               f"'test:' in the zoo spec or `vitmerge zoo data --task {task} --test SRC`)")
+        raise MissingDataError(
+            f"{purpose} needs test images for every task; task '{task}' has none (add them with "
+            f"'test:' in the zoo spec or `vitmerge zoo data --task {task} --test SRC`)"
+        )
     return images
 
 

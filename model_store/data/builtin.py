@@ -16,6 +16,7 @@ unpickler), solar (PyPI ``elpv-dataset``, CC BY-NC-SA 4.0), digits (scikit-learn
 Solar is binarised: ``defective`` when the ELPV defect probability is >= 0.5
 (levels 2/3 and 1), else ``functional`` (levels 0 and 1/3).
 """
+
 from __future__ import annotations
 
 import csv
@@ -87,7 +88,9 @@ def _package_dir(pkg: str, dist: str) -> Path:
     """Directory of an installed package, without importing it."""
     root = package_dir(pkg)
     if root is None:
-        raise DatasetUnavailableError(f"package '{dist}' is not installed; install it with: " + _PIP_HINT.format(pkg=dist))
+        raise DatasetUnavailableError(
+            f"package '{dist}' is not installed; install it with: " + _PIP_HINT.format(pkg=dist)
+        )
     return root
 
 
@@ -106,7 +109,10 @@ def _load_fashion() -> TaskDataset:
             f"Fashion-MNIST not found in {FASHION_DIR}; install it with: "
             "sudo apt-get install -y dataset-fashion-mnist   (or run `make setup` as root)"
         )
-    parts = [(_read_idx(FASHION_DIR / f"{p}-images-idx3-ubyte.gz"), _read_idx(FASHION_DIR / f"{p}-labels-idx1-ubyte.gz")) for p in ("train", "t10k")]
+    parts = [
+        (_read_idx(FASHION_DIR / f"{p}-images-idx3-ubyte.gz"), _read_idx(FASHION_DIR / f"{p}-labels-idx1-ubyte.gz"))
+        for p in ("train", "t10k")
+    ]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
     return TaskDataset("fashion", FASHION_CLASSES, images, labels, "debian:dataset-fashion-mnist", "MIT")
@@ -141,7 +147,14 @@ def _load_solar() -> TaskDataset:
             with Image.open(root / name) as im:
                 images.append(np.asarray(im.convert("L"), dtype=np.uint8))
             labels.append(1 if prob >= 0.5 else 0)
-    return TaskDataset("solar", SOLAR_CLASSES, np.stack(images), np.asarray(labels, dtype=np.int64), "pypi:elpv-dataset", "CC-BY-NC-SA-4.0")
+    return TaskDataset(
+        "solar",
+        SOLAR_CLASSES,
+        np.stack(images),
+        np.asarray(labels, dtype=np.int64),
+        "pypi:elpv-dataset",
+        "CC-BY-NC-SA-4.0",
+    )
 
 
 def _load_digits() -> TaskDataset:
@@ -149,10 +162,18 @@ def _load_digits() -> TaskDataset:
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    return TaskDataset("digits", DIGIT_CLASSES, images, d.target.astype(np.int64), "sklearn:load_digits", "BSD-3-Clause")
+    return TaskDataset(
+        "digits", DIGIT_CLASSES, images, d.target.astype(np.int64), "sklearn:load_digits", "BSD-3-Clause"
+    )
 
 
-_LOADERS = {"fashion": _load_fashion, "mnist": _load_mnist, "animals": _load_animals, "solar": _load_solar, "digits": _load_digits}
+_LOADERS = {
+    "fashion": _load_fashion,
+    "mnist": _load_mnist,
+    "animals": _load_animals,
+    "solar": _load_solar,
+    "digits": _load_digits,
+}
 
 
 #: where decoded pools are kept between processes (``VITMERGE_DATA_CACHE``; ``off`` disables it)
@@ -170,7 +191,11 @@ def _cache_root() -> Path | None:
 def _source_key(name: str) -> str:
     """What a decoded pool depends on: the installed package version (fashion: the Debian files)."""
     if name == "fashion":
-        stats = [(FASHION_DIR / f).stat() for f in sorted(os.listdir(FASHION_DIR)) if f.endswith(".gz")] if FASHION_DIR.exists() else []
+        stats = (
+            [(FASHION_DIR / f).stat() for f in sorted(os.listdir(FASHION_DIR)) if f.endswith(".gz")]
+            if FASHION_DIR.exists()
+            else []
+        )
         return "debian-" + "-".join(f"{st.st_size}.{int(st.st_mtime)}" for st in stats)
     try:
         return f"{_DISTS[name]}-{importlib.metadata.version(_DISTS[name])}"
@@ -203,7 +228,9 @@ def _cached_pool(name: str) -> TaskDataset:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         np.save(tmp / "images.npy", np.ascontiguousarray(data.images))
         np.save(tmp / "labels.npy", data.labels)
-        (tmp / "meta.json").write_text(json.dumps({"class_names": list(data.class_names), "source": data.source, "license": data.license}))
+        (tmp / "meta.json").write_text(
+            json.dumps({"class_names": list(data.class_names), "source": data.source, "license": data.license})
+        )
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except OSError:

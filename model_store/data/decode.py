@@ -5,6 +5,7 @@ header claiming 100k x 100k pixels) are refused before any pixel is decoded.
 :func:`configure_pillow` sets ``Image.MAX_IMAGE_PIXELS`` and turns Pillow's
 ``DecompressionBombWarning`` into an error, process-wide.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,9 @@ def configure_pillow(max_pixels: int) -> None:
     warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image", header_only: bool = False) -> np.ndarray:
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, what: str = "image", header_only: bool = False
+) -> np.ndarray:
     """Bytes of one PNG/JPEG/GIF/BMP/WEBP/TIFF -> ``(H, W)`` or ``(H, W, 3)`` uint8.
 
     ``header_only`` checks format and size without decoding pixels (returns an empty array).

@@ -1,4 +1,5 @@
 """Turning raw pixels into model input tensors, as a model's metadata describes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,9 @@ def to_model_input(images: np.ndarray | torch.Tensor, prep: Preprocessing, chunk
         x = torch.from_numpy(np.array(arr[start : start + chunk])).permute(0, 3, 1, 2).float().div_(255.0)
         x = _convert_channels(x, prep.channels)
         if x.shape[-2:] != (prep.size, prep.size):
-            x = F.interpolate(x, size=(prep.size, prep.size), mode=prep.interpolation, antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(prep.size, prep.size), mode=prep.interpolation, antialias=True, align_corners=False
+            )
         out.append((x - mean) / std)
     if not out:
         return torch.empty(0, prep.channels, prep.size, prep.size)

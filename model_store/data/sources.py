@@ -16,6 +16,7 @@ without an image extension and hidden files are skipped. File sources are read i
 seeded shuffle of their sorted list, so a prefix of ``limit`` images samples every
 class and is the same on every run. Only ``limit`` images are ever decoded.
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,7 +51,9 @@ def parse_source(value: str, base_dir: Path, role: Role, seed: int = 0) -> DataS
     if value.startswith(BUILTIN_PREFIX):
         name = value[len(BUILTIN_PREFIX) :]
         if name not in TASKS:
-            raise DataSourceError(f"{role} source '{value}': unknown built-in dataset '{name}'; built-in datasets: {', '.join(TASKS)}")
+            raise DataSourceError(
+                f"{role} source '{value}': unknown built-in dataset '{name}'; built-in datasets: {', '.join(TASKS)}"
+            )
         return DataSource(kind="builtin", location=name, seed=seed)
     path = Path(value).expanduser()
     path = (path if path.is_absolute() else base_dir / path).resolve()
@@ -58,7 +61,9 @@ def parse_source(value: str, base_dir: Path, role: Role, seed: int = 0) -> DataS
         raise DataSourceError(f"{role} source {path} does not exist")
     if path.is_file():
         if path.suffix.lower() != ".csv":
-            raise DataSourceError(f"{role} source {path} is a file but not a .csv manifest (give a folder of images or a CSV with columns path,label)")
+            raise DataSourceError(
+                f"{role} source {path} is a file but not a .csv manifest (give a folder of images or a CSV with columns path,label)"
+            )
         return DataSource(kind="csv", location=str(path), seed=seed)
     return DataSource(kind="folder" if role == "calibration" else "imagefolder", location=str(path), seed=seed)
 
@@ -153,7 +158,9 @@ class ImageSet:
             root = root.parent if root.is_file() else root
             for i, p in enumerate(self.paths):
                 label = "" if self.labels is None else str(int(self.labels[i]))
-                h.update(f"{p.relative_to(root) if p.is_relative_to(root) else p}\t{p.stat().st_size}\t{label}\n".encode())
+                h.update(
+                    f"{p.relative_to(root) if p.is_relative_to(root) else p}\t{p.stat().st_size}\t{label}\n".encode()
+                )
         else:
             h.update(f"{self.source.location}:{self.source.seed}".encode())
             h.update(np.ascontiguousarray(self.arrays[:, :4]).tobytes() if self.arrays is not None else b"")
@@ -186,7 +193,9 @@ def _read_csv(path: Path, role: Role, class_names: Sequence[str] | None) -> tupl
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataSourceError(f"{role} manifest {path} cannot be read: {e}") from e
     if not rows:
-        raise DataSourceError(f"{role} manifest {path} has no rows (expected a header 'path,label' and one row per image)")
+        raise DataSourceError(
+            f"{role} manifest {path} has no rows (expected a header 'path,label' and one row per image)"
+        )
     if "path" not in fields:
         raise DataSourceError(f"{role} manifest {path}: no 'path' column (columns: {', '.join(fields)})")
     paths: list[Path] = []
@@ -214,10 +223,14 @@ def _read_csv(path: Path, role: Role, class_names: Sequence[str] | None) -> tupl
 def _read_imagefolder(root: Path, class_names: Sequence[str]) -> tuple[list[Path], list[int]]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise DataSourceError(f"test folder {root} has no class sub-folders (expected one folder per class: {', '.join(class_names)})")
+        raise DataSourceError(
+            f"test folder {root} has no class sub-folders (expected one folder per class: {', '.join(class_names)})"
+        )
     unknown = [p.name for p in folders if p.name not in class_names]
     if unknown:
-        raise DataSourceError(f"test folder {root}: sub-folder(s) {', '.join(unknown)} are not classes of the task (classes: {', '.join(class_names)})")
+        raise DataSourceError(
+            f"test folder {root}: sub-folder(s) {', '.join(unknown)} are not classes of the task (classes: {', '.join(class_names)})"
+        )
     paths: list[Path] = []
     labels: list[int] = []
     for folder in folders:
@@ -229,14 +242,18 @@ def _read_imagefolder(root: Path, class_names: Sequence[str]) -> tuple[list[Path
     return paths, labels
 
 
-def open_source(source: DataSource, role: Role, class_names: Sequence[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageSet:
+def open_source(
+    source: DataSource, role: Role, class_names: Sequence[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageSet:
     """List a source's images (and labels for test); refuses empty or mislabeled sources."""
     if role == "test" and not class_names:
         raise DataSourceError("test images need the task's class names")
     if source.kind == "builtin":
         data = load_split(source.location, role, SplitSpec(seed=source.seed))
         if role == "test" and class_names is not None and len(class_names) != len(data.class_names):
-            raise DataSourceError(f"builtin:{source.location} has {len(data.class_names)} classes, the task has {len(class_names)}")
+            raise DataSourceError(
+                f"builtin:{source.location} has {len(data.class_names)} classes, the task has {len(class_names)}"
+            )
         return ImageSet(source, role, None, data.images, data.labels, max_pixels)
     root = Path(source.location)
     if not root.exists():
@@ -250,7 +267,9 @@ def open_source(source: DataSource, role: Role, class_names: Sequence[str] | Non
     else:
         paths = _image_files(root)
     if not paths:
-        raise DataSourceError(f"{role} source {root} has no images (extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise DataSourceError(
+            f"{role} source {root} has no images (extensions read: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     pairs = _shuffled(list(zip(paths, labels if labels is not None else [None] * len(paths))), source.seed)
     ordered = [p for p, _ in pairs]
     arr = None if labels is None else np.asarray([lab for _, lab in pairs], dtype=np.int64)

@@ -1,4 +1,5 @@
 """Importers that turn real checkpoints (timm, Hugging Face ViT, DINOv2 ONNX) into zoo models."""
+
 from model_store.importers.dinov2_onnx import import_dinov2
 from model_store.importers.hf_vit import import_hf_vit
 from model_store.importers.timm_checkpoint import import_timm

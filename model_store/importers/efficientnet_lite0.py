@@ -5,6 +5,7 @@ as timm's ``efficientnet_lite0`` (296 entries); keys are paired in order, and ev
 shape is checked. Used to initialise the pretrained gate (Ye et al. Table 8).
 Preprocessing of these weights: mean = std = 0.5.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,6 +41,8 @@ def efficientnet_lite0_state(path: str | Path | None = None) -> StateDict:
     out: StateDict = {}
     for (skey, sval), (tkey, tval) in zip(src.items(), target.items()):
         if tuple(sval.shape) != tuple(tval.shape):
-            raise CheckpointImportError(f"shape mismatch pairing {skey} {tuple(sval.shape)} with {tkey} {tuple(tval.shape)}")
+            raise CheckpointImportError(
+                f"shape mismatch pairing {skey} {tuple(sval.shape)} with {tkey} {tuple(tval.shape)}"
+            )
         out[tkey] = sval.to(tval.dtype)
     return out

@@ -6,6 +6,7 @@ tensors come in the same order and shapes as timm's -- torchvision's ``mobilenet
 of that kind -- paired key by key in order, every shape checked. The classifier is
 kept when it fits timm's 1000-class head and dropped otherwise (the gate replaces it).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,24 +36,32 @@ def load_gate_weights(path: str | Path, arch: str) -> StateDict:
         out = _pair_in_order(src, target, body_t, head_t, str(path), arch)
     missing = set(body_t) - set(out)
     if missing:
-        raise CheckpointImportError(f"{path}: no weights for {len(missing)} tensors of timm {arch} (e.g. {sorted(missing)[:3]})")
+        raise CheckpointImportError(
+            f"{path}: no weights for {len(missing)} tensors of timm {arch} (e.g. {sorted(missing)[:3]})"
+        )
     if set(head_t) - set(out):
         out = {k: v for k, v in out.items() if k not in head_t}
     return {k: v.to(target[k].dtype).contiguous() for k, v in out.items()}
 
 
-def _pair_in_order(src: StateDict, target: StateDict, body_t: StateDict, head_t: StateDict, where: str, arch: str) -> StateDict:
+def _pair_in_order(
+    src: StateDict, target: StateDict, body_t: StateDict, head_t: StateDict, where: str, arch: str
+) -> StateDict:
     """Pair ``src`` with timm's tensors in order; the trailing classifier may differ or be absent."""
     src_items = list(src.items())
     tgt_items = list(target.items())
     if len(src_items) not in (len(target), len(body_t)):
-        raise CheckpointImportError(f"{where}: {len(src_items)} tensors, timm {arch} has {len(target)} ({len(body_t)} without its classifier): "
-                                    "not a checkpoint of this architecture")
+        raise CheckpointImportError(
+            f"{where}: {len(src_items)} tensors, timm {arch} has {len(target)} ({len(body_t)} without its classifier): "
+            "not a checkpoint of this architecture"
+        )
     out: StateDict = {}
     for (skey, sval), (tkey, tval) in zip(src_items, tgt_items):
         if tuple(sval.shape) != tuple(tval.shape):
             if tkey in head_t:
                 continue  # another number of classes: the gate replaces the classifier anyway
-            raise CheckpointImportError(f"{where}: shape mismatch pairing {skey} {tuple(sval.shape)} with timm {arch} {tkey} {tuple(tval.shape)}")
+            raise CheckpointImportError(
+                f"{where}: shape mismatch pairing {skey} {tuple(sval.shape)} with timm {arch} {tkey} {tuple(tval.shape)}"
+            )
         out[tkey] = sval
     return out

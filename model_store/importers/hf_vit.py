@@ -7,6 +7,7 @@ Query/key/value projections are concatenated into timm's fused ``qkv``. Both the
 classic names (``encoder.layer.N.attention.attention.query``) and transformers 5
 in-memory names (``layers.N.attention.q_proj``) are understood.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,9 @@ def hf_vit_architecture(config: dict) -> Architecture:
     if config.get("model_type", "vit") != "vit":
         raise CheckpointImportError(f"model_type '{config.get('model_type')}' is not a ViT")
     if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointImportError(f"hidden_act '{config.get('hidden_act')}' has no timm equivalent (only exact 'gelu')")
+        raise CheckpointImportError(
+            f"hidden_act '{config.get('hidden_act')}' has no timm equivalent (only exact 'gelu')"
+        )
     hidden = int(config.get("hidden_size", 768))
     kwargs = {
         "img_size": int(config.get("image_size", 224)),
@@ -69,7 +72,9 @@ def hf_vit_architecture(config: dict) -> Architecture:
         "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
         "qkv_bias": bool(config.get("qkv_bias", True)),
     }
-    return Architecture(timm_name="vit_base_patch16_224", kwargs=kwargs, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)))
+    return Architecture(
+        timm_name="vit_base_patch16_224", kwargs=kwargs, layer_norm_eps=float(config.get("layer_norm_eps", 1e-12))
+    )
 
 
 def convert_hf_vit_state(hf: StateDict) -> StateDict:
@@ -127,7 +132,9 @@ def hf_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
     mean = [float(v) for v in cfg.get("image_mean", [0.5] * channels)]
     std = [float(v) for v in cfg.get("image_std", [0.5] * channels)]
     interpolation = _RESAMPLE.get(int(cfg.get("resample", 2)), "bilinear")
-    return Preprocessing(size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation=interpolation)
+    return Preprocessing(
+        size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation=interpolation
+    )
 
 
 def _read_config(ckpt_dir: Path) -> dict:
@@ -171,4 +178,17 @@ def import_hf_vit(
     if classes is not None and len(classes) != state["head.weight"].shape[0]:
         classes = None
     prep = preprocessing or hf_preprocessing(ckpt_dir, arch)
-    return save_imported(zoo_dir, name, role, state, arch, prep, f"import:hf:{ckpt_dir.name}", task, class_names or classes, calibration, test, data_dir)
+    return save_imported(
+        zoo_dir,
+        name,
+        role,
+        state,
+        arch,
+        prep,
+        f"import:hf:{ckpt_dir.name}",
+        task,
+        class_names or classes,
+        calibration,
+        test,
+        data_dir,
+    )

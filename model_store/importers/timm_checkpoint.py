@@ -1,4 +1,5 @@
 """Import a timm checkpoint (state dict file + model name + kwargs)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,13 @@ def default_preprocessing(arch: Architecture) -> Preprocessing:
     mean = list(cfg.get("mean", (0.5,) * channels))[:channels]
     std = list(cfg.get("std", (0.5,) * channels))[:channels]
     interp = cfg.get("interpolation", "bicubic")
-    return Preprocessing(size=int(size), channels=channels, mean=mean, std=std, interpolation="bicubic" if interp == "bicubic" else "bilinear")
+    return Preprocessing(
+        size=int(size),
+        channels=channels,
+        mean=mean,
+        std=std,
+        interpolation="bicubic" if interp == "bicubic" else "bilinear",
+    )
 
 
 def import_timm(
@@ -41,4 +48,17 @@ def import_timm(
     arch = Architecture(timm_name=model_name, kwargs=model_kwargs or {})
     state = read_state_dict(checkpoint)
     prep = preprocessing or default_preprocessing(arch)
-    return save_imported(zoo_dir, name, role, state, arch, prep, f"import:timm:{Path(checkpoint).name}", task, class_names, calibration, test, data_dir)
+    return save_imported(
+        zoo_dir,
+        name,
+        role,
+        state,
+        arch,
+        prep,
+        f"import:timm:{Path(checkpoint).name}",
+        task,
+        class_names,
+        calibration,
+        test,
+        data_dir,
+    )

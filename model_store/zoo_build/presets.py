@@ -17,6 +17,7 @@ Builds are deterministic by seed, resumable per model (each finished model is
 kept and reused when its config hash matches) and cached: a complete zoo whose
 ``zoo.json`` carries the same config hash is returned at once.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,8 +96,9 @@ _OPTIONAL_FIELDS: dict[str, object] = {"head_lr": None, "base_import": None, "in
 def _prune_unset(value: object) -> object:
     """``value`` without the :data:`_OPTIONAL_FIELDS` at their default (recursively)."""
     if isinstance(value, dict):
-        return {k: _prune_unset(v) for k, v in value.items()
-                if not (k in _OPTIONAL_FIELDS and v == _OPTIONAL_FIELDS[k])}
+        return {
+            k: _prune_unset(v) for k, v in value.items() if not (k in _OPTIONAL_FIELDS and v == _OPTIONAL_FIELDS[k])
+        }
     if isinstance(value, (list, tuple)):
         return [_prune_unset(v) for v in value]
     return value
@@ -106,10 +108,14 @@ _GRAY = {"channels": 1, "mean": [0.5], "std": [0.5]}
 #: DINOv2 ViT-S/14 input size for the ``dinov2-s14`` zoo (4x4 patches; BENCHMARKS.md).
 DINOV2_SIZE = 56
 _DINOV2_FT: dict = {"lr": 2e-5, "head_lr": 1e-3, "batch_size": 32, "warmup_fraction": 0.1}
-_TINY_ARCH = {"timm_name": "vit_tiny_patch16_224",
-              "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 128, "depth": 4, "num_heads": 4, "in_chans": 1}}
-_TEST_ARCH = {"timm_name": "vit_tiny_patch16_224",
-              "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2, "in_chans": 1}}
+_TINY_ARCH = {
+    "timm_name": "vit_tiny_patch16_224",
+    "kwargs": {"img_size": 28, "patch_size": 7, "embed_dim": 128, "depth": 4, "num_heads": 4, "in_chans": 1},
+}
+_TEST_ARCH = {
+    "timm_name": "vit_tiny_patch16_224",
+    "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2, "in_chans": 1},
+}
 _TINY_TASKS = (
     TaskRecipe("mnist", TrainConfig(epochs=10, lr=5e-4, batch_size=64)),
     TaskRecipe("animals", TrainConfig(epochs=5, lr=5e-4, batch_size=64)),
@@ -141,7 +147,13 @@ PRESETS: dict[str, ZooPreset] = {
     "dinov2-s14": ZooPreset(
         name="dinov2-s14",
         architecture={"timm_name": "vit_small_patch14_dinov2", "kwargs": {"img_size": DINOV2_SIZE}},
-        preprocessing={"size": DINOV2_SIZE, "channels": 3, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic"},
+        preprocessing={
+            "size": DINOV2_SIZE,
+            "channels": 3,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "interpolation": "bicubic",
+        },
         pretrain=None,
         base_import="dinov2",
         tasks=(
@@ -215,7 +227,9 @@ def _train_one(
     if init is not None:
         missing, unexpected = model.load_state_dict(init, strict=False)
         if unexpected or any(not k.startswith(head_prefix(model)) for k in missing):
-            raise RuntimeError(f"base checkpoint does not fit the architecture: missing={missing} unexpected={unexpected}")
+            raise RuntimeError(
+                f"base checkpoint does not fit the architecture: missing={missing} unexpected={unexpected}"
+            )
     model.to(device)
     seconds = train_classifier(model, x_tr, y_tr, recipe.train, desc=f"{preset.name}:{recipe.task}", progress=progress)
     acc = accuracy(model, x_te, y_te)
@@ -281,7 +295,12 @@ def _copy_zoo(src: Path, dst: Path) -> None:
 
 
 def build_zoo(
-    preset_name: str, root: str | Path, force: bool = False, progress: bool = True, device: str = "cpu", use_embedded: bool = True
+    preset_name: str,
+    root: str | Path,
+    force: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    use_embedded: bool = True,
 ) -> BuildReport:
     """Build (or return the cached) zoo of ``preset_name`` in directory ``root``.
 
@@ -308,7 +327,9 @@ def build_zoo(
     reused: list[str] = []
     accs: dict[str, float] = {}
     bases = list(dict.fromkeys(preset.base_for(i) for i in range(len(preset.tasks))))
-    with tqdm(total=len(bases) + len(preset.tasks), desc=f"zoo {preset.name}", unit="model", disable=not progress) as bar:
+    with tqdm(
+        total=len(bases) + len(preset.tasks), desc=f"zoo {preset.name}", unit="model", disable=not progress
+    ) as bar:
         for name in bases:
             i = next(j for j in range(len(preset.tasks)) if preset.base_for(j) == name)
             if not force and writer.has_model(name, chash):
@@ -332,33 +353,57 @@ def build_zoo(
                 init = load_file(writer.root / "models" / preset.base_for(i) / BACKBONE_FILE)
                 model, acc, secs, classes = _train_one(preset, recipe, init, progress, device)
                 backbone, head = split_head(model.state_dict(), head_prefix(model))
-                writer.add_model(_meta(preset, recipe.task, recipe.task, list(classes), acc, secs, recipe, i), backbone, head)
+                writer.add_model(
+                    _meta(preset, recipe.task, recipe.task, list(classes), acc, secs, recipe, i), backbone, head
+                )
                 trained.append(recipe.task)
                 accs[recipe.task] = acc
             bar.update(1)
     tasks = [r.task for r in preset.tasks]
-    zoo = writer.finalize(preset.name, preset.base_for(0), tasks, shared_init=preset.init == "shared",
-                          preset=preset.name, config_hash=chash)
+    zoo = writer.finalize(
+        preset.name,
+        preset.base_for(0),
+        tasks,
+        shared_init=preset.init == "shared",
+        preset=preset.name,
+        config_hash=chash,
+    )
     return BuildReport(zoo, trained, reused, time.perf_counter() - start, accs)
 
 
 def _check_init(preset: ZooPreset) -> None:
-    if preset.init == "own" and (len(preset.pretrain_seeds) != len(preset.tasks)
-                                 or len(set(preset.pretrain_seeds)) != len(preset.tasks)):
+    if preset.init == "own" and (
+        len(preset.pretrain_seeds) != len(preset.tasks) or len(set(preset.pretrain_seeds)) != len(preset.tasks)
+    ):
         raise ValueError(f"preset '{preset.name}' needs one distinct pretraining seed per task")
 
 
-def _meta(preset: ZooPreset, name: str, task: str | None, classes: list[str], acc: float, secs: float,
-          recipe: TaskRecipe, i: int) -> ModelMeta:
+def _meta(
+    preset: ZooPreset,
+    name: str,
+    task: str | None,
+    classes: list[str],
+    acc: float,
+    secs: float,
+    recipe: TaskRecipe,
+    i: int,
+) -> ModelMeta:
     """``meta.json`` of a trained model of ``preset`` (task ``i``'s or, ``task`` None, its base)."""
     if preset.init == "own":
         seed = preset.pretrain_seeds[i]
-        notes = (f"own pretraining on the fashion train split (seed {seed}: init and data order); head dropped"
-                 if task is None else f"fine-tuned on {task} from {preset.base_for(i)} (pretraining seed {seed}); "
-                 "shares no initialisation with the other task models")
+        notes = (
+            f"own pretraining on the fashion train split (seed {seed}: init and data order); head dropped"
+            if task is None
+            else f"fine-tuned on {task} from {preset.base_for(i)} (pretraining seed {seed}); "
+            "shares no initialisation with the other task models"
+        )
     else:
         seed = preset.seed
-        notes = "pretraining on the fashion train split; head dropped" if task is None else f"fine-tuned from base on {task}"
+        notes = (
+            "pretraining on the fashion train split; head dropped"
+            if task is None
+            else f"fine-tuned from base on {task}"
+        )
     return ModelMeta(
         name=name,
         role="base" if task is None else "task",

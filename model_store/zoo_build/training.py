@@ -3,6 +3,7 @@
 Used to build source zoos (pretraining the base, fine-tuning task models). Not on
 any serving path.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 @training_allocations()
-def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, desc: str = "train", progress: bool = True) -> float:
+def train_classifier(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, desc: str = "train", progress: bool = True
+) -> float:
     """Train ``model`` in place on ``(x, y)`` (batches go to the model's device); returns seconds."""
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device

@@ -15,6 +15,7 @@ serving path never imports training code.
     vitmerge store list | store verify      inspect merged bundles
     vitmerge serve                          the HTTP server (merges or loads the model)
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``python -m server.cli``: the vitmerge command line."""
+
 import sys
 
 from server.cli import main

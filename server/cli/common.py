@@ -1,4 +1,5 @@
 """What every ``vitmerge`` command shares: the store, zoo lookups, the common flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,18 @@ def parent_parsers() -> Parsers:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", default=None, help="store directory (default: $VITMERGE_STORE or ./store)")
     data_flags = argparse.ArgumentParser(add_help=False)
-    data_flags.add_argument("--calibration", default=None, metavar="SRC", help="unlabeled images: a folder, a CSV (path[,label]) or builtin:NAME")
-    data_flags.add_argument("--test", default=None, metavar="SRC", help="labeled images: an ImageFolder (one folder per class), a CSV (path,label) or builtin:NAME")
+    data_flags.add_argument(
+        "--calibration",
+        default=None,
+        metavar="SRC",
+        help="unlabeled images: a folder, a CSV (path[,label]) or builtin:NAME",
+    )
+    data_flags.add_argument(
+        "--test",
+        default=None,
+        metavar="SRC",
+        help="labeled images: an ImageFolder (one folder per class), a CSV (path,label) or builtin:NAME",
+    )
     return Parsers(common, data_flags)
 
 

@@ -1,4 +1,5 @@
 """``vitmerge eval`` and ``vitmerge bench accuracy``: a bundle's accuracy through the serving Engine; every method's table."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     label = f"{bundle.manifest.method} ({bundle.version})"
     if args.routed:
         routed = evaluate_routed(engine, limit=args.limit)
-        rows = {"gate (task id)": {t: r["gate"] if r else None for t, r in routed.items()},
-                f"{bundle.manifest.method} routed ({bundle.version})": {t: r["routed"] if r else None for t, r in routed.items()}}
+        rows = {
+            "gate (task id)": {t: r["gate"] if r else None for t, r in routed.items()},
+            f"{bundle.manifest.method} routed ({bundle.version})": {
+                t: r["routed"] if r else None for t, r in routed.items()
+            },
+        }
         print(format_table(rows, models.tasks))
         _no_test_note(routed)
         return 0
@@ -40,7 +45,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _no_test_note(accs: dict) -> None:
     missing = [t for t, a in accs.items() if a is None]
     if missing:
-        print(f"no test data for: {', '.join(missing)} (add it with `vitmerge zoo data --task T --test SRC`; merging still works)")
+        print(
+            f"no test data for: {', '.join(missing)} (add it with `vitmerge zoo data --task T --test SRC`; merging still works)"
+        )
 
 
 def cmd_bench_accuracy(args: argparse.Namespace) -> int:
@@ -63,12 +70,24 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     else:
         zoo = Zoo.load(zoo_dir(args, args.zoo))
     cfg = AccuracyBenchConfig(
-        m_values=tuple(int(m) for m in args.m.split(",") if m), gate_archs=tuple(a for a in args.gate_archs.split(",") if a),
-        gate_epochs=args.gate_epochs, gate_size=args.gate_size, gate_max_images=args.gate_max_images, limit=args.limit, seed=args.seed, scaling=not args.no_scaling,
+        m_values=tuple(int(m) for m in args.m.split(",") if m),
+        gate_archs=tuple(a for a in args.gate_archs.split(",") if a),
+        gate_epochs=args.gate_epochs,
+        gate_size=args.gate_size,
+        gate_max_images=args.gate_max_images,
+        limit=args.limit,
+        seed=args.seed,
+        scaling=not args.no_scaling,
     )
     result = run_accuracy_bench(zoo, cfg, progress=not args.quiet)
-    command = "vitmerge bench accuracy " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "accuracy"] else f"vitmerge bench accuracy --zoo {args.zoo}"
-    files = write_report(result, Path(args.out), command.strip(), Path(args.benchmarks_md) if args.benchmarks_md else None)
+    command = (
+        "vitmerge bench accuracy " + " ".join(sys.argv[3:])
+        if sys.argv[1:3] == ["bench", "accuracy"]
+        else f"vitmerge bench accuracy --zoo {args.zoo}"
+    )
+    files = write_report(
+        result, Path(args.out), command.strip(), Path(args.benchmarks_md) if args.benchmarks_md else None
+    )
     print(render_markdown(result, command))
     print("wrote " + ", ".join(str(f) for f in files))
     return 0
@@ -86,16 +105,26 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
     p.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("accuracy", parents=[common], help="accuracy of every merge method on a zoo (tables + plots)")
-    p.add_argument("--zoo", default="tiny", help="preset (built if missing: tiny, test, dinov2-s14), zoo spec YAML, zoo name in the store, or directory")
+    p.add_argument(
+        "--zoo",
+        default="tiny",
+        help="preset (built if missing: tiny, test, dinov2-s14), zoo spec YAML, zoo name in the store, or directory",
+    )
     p.add_argument("--limit", type=int, default=None, help="test images per task (default: all)")
-    p.add_argument("--m", default="0,1,3,5", help="comma-separated m values for the gated rows (those above the depth are skipped)")
+    p.add_argument(
+        "--m", default="0,1,3,5", help="comma-separated m values for the gated rows (those above the depth are skipped)"
+    )
     p.add_argument("--gate-epochs", type=int, default=10)
     p.add_argument("--gate-size", type=int, default=64)
     p.add_argument("--gate-max-images", type=int, default=1000, help="calibration images per task for each gate")
-    p.add_argument("--gate-archs", default=",".join(GATE_ARCHS), help="comma-separated; the first is used for routed EMR scaling")
+    p.add_argument(
+        "--gate-archs", default=",".join(GATE_ARCHS), help="comma-separated; the first is used for routed EMR scaling"
+    )
     p.add_argument("--no-scaling", action="store_true", help="skip the accuracy-vs-N rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, markdown and PNG files")
-    p.add_argument("--benchmarks-md", default="BENCHMARKS.md", help="file whose section for this zoo is replaced ('' = none)")
+    p.add_argument(
+        "--benchmarks-md", default="BENCHMARKS.md", help="file whose section for this zoo is replaced ('' = none)"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench_accuracy)

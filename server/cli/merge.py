@@ -1,4 +1,5 @@
 """``vitmerge merge`` and ``vitmerge methods``: merge a zoo into a published bundle; list the methods."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     zoo = any_zoo(args, args.zoo)
     store = BundleStore(store_layout(args), keep=StoreSettings().keep_versions)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    outcome = merge_and_publish(zoo, store, args.method, params, tasks, progress=not args.quiet, make_current=not args.no_current)
-    print(f"published bundle {outcome.version} ({args.method}, tasks {','.join(outcome.tasks)}) in {store.layout.bundles / outcome.version}")
+    outcome = merge_and_publish(
+        zoo, store, args.method, params, tasks, progress=not args.quiet, make_current=not args.no_current
+    )
+    print(
+        f"published bundle {outcome.version} ({args.method}, tasks {','.join(outcome.tasks)}) in {store.layout.bundles / outcome.version}"
+    )
     return 0
 
 

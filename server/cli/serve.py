@@ -1,4 +1,5 @@
 """``vitmerge serve``: the HTTP server."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,18 @@ def serve_settings(args: argparse.Namespace):
     from server.http.settings import ServerSettings
 
     flags = {
-        "host": args.host, "port": args.port, "store": args.store, "zoo": args.zoo, "admin_token": args.admin_token,
-        "device": args.device, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-        "strategy": args.strategy, "cache_bytes": args.cache_bytes, "watch_interval_s": args.watch_interval, "worker": args.worker,
+        "host": args.host,
+        "port": args.port,
+        "store": args.store,
+        "zoo": args.zoo,
+        "admin_token": args.admin_token,
+        "device": args.device,
+        "max_batch_size": args.max_batch_size,
+        "max_wait_ms": args.max_wait_ms,
+        "strategy": args.strategy,
+        "cache_bytes": args.cache_bytes,
+        "watch_interval_s": args.watch_interval,
+        "worker": args.worker,
     }
     return ServerSettings(**{k: v for k, v in flags.items() if v is not None})
 
@@ -28,7 +38,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = serve_settings(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("vitmerge.access").setLevel(logging.WARNING if args.quiet else logging.INFO)  # one line per request
+    logging.getLogger("vitmerge.access").setLevel(
+        logging.WARNING if args.quiet else logging.INFO
+    )  # one line per request
     app = create_app(settings, progress=not args.quiet)
     state = app.state.vitmerge
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -42,26 +54,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(ready_message(engine, base_url, examples), flush=True)
 
     state.on_ready.append(announce)
-    print(f"vitmerge: starting on {base_url} (store {settings.layout.root}, zoo {settings.zoo}); /healthz is up now, /readyz once the model is loaded", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning" if args.quiet else "info",
-                access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s))
+    print(
+        f"vitmerge: starting on {base_url} (store {settings.layout.root}, zoo {settings.zoo}); /healthz is up now, /readyz once the model is loaded",
+        flush=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning" if args.quiet else "info",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )
     return 0
 
 
 def register(sub: SubParsers, parsers: Parsers) -> None:
     """Add this group's commands to the ``vitmerge`` parser."""
     common = parsers.common
-    p = sub.add_parser("serve", parents=[common], help="serve the store's CURRENT bundle over HTTP (merges the zoo first if there is none)")
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve the store's CURRENT bundle over HTTP (merges the zoo first if there is none)",
+    )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1; env VITMERGE_HOST)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000; env VITMERGE_PORT)")
-    p.add_argument("--zoo", default=None, help="source zoo: a zoo spec YAML (created in the store on first start), preset name, zoo name in the store, or directory (default tiny)")
+    p.add_argument(
+        "--zoo",
+        default=None,
+        help="source zoo: a zoo spec YAML (created in the store on first start), preset name, zoo name in the store, or directory (default tiny)",
+    )
     p.add_argument("--admin-token", default=None, help="bearer token for /v1/merge (env VITMERGE_ADMIN_TOKEN)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--max-batch-size", type=int, default=None, help="dynamic batching: images per batch (1 = off; default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=None, help="dynamic batching: max wait for a batch to fill (default 5)")
-    p.add_argument("--strategy", choices=["exact", "sparse"], default=None, help="gated bundles: routing strategy (default sparse)")
-    p.add_argument("--cache-bytes", type=int, default=None, help="LRU budget for materialised task weights (default 512 MiB)")
-    p.add_argument("--watch-interval", type=float, default=None, help="seconds between CURRENT polls (0 = off; default 2)")
-    p.add_argument("--worker", choices=["thread", "process"], default=None, help="engine in the server process or its own (default thread)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=None, help="dynamic batching: images per batch (1 = off; default 32)"
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, default=None, help="dynamic batching: max wait for a batch to fill (default 5)"
+    )
+    p.add_argument(
+        "--strategy", choices=["exact", "sparse"], default=None, help="gated bundles: routing strategy (default sparse)"
+    )
+    p.add_argument(
+        "--cache-bytes", type=int, default=None, help="LRU budget for materialised task weights (default 512 MiB)"
+    )
+    p.add_argument(
+        "--watch-interval", type=float, default=None, help="seconds between CURRENT polls (0 = off; default 2)"
+    )
+    p.add_argument(
+        "--worker",
+        choices=["thread", "process"],
+        default=None,
+        help="engine in the server process or its own (default thread)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_serve)

@@ -1,4 +1,5 @@
 """``vitmerge store``: list and verify published bundles."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,9 @@ def cmd_store_list(args: argparse.Namespace) -> int:
     for v in versions:
         bundle = store.load(v, verify=False)
         mark = "*" if v == current else " "
-        print(f"{mark} {v}  {bundle.manifest.method:<16} tasks={','.join(bundle.manifest.tasks)}  {bundle.manifest.created_at}")
+        print(
+            f"{mark} {v}  {bundle.manifest.method:<16} tasks={','.join(bundle.manifest.tasks)}  {bundle.manifest.created_at}"
+        )
     return 0
 
 

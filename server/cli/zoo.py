@@ -1,4 +1,5 @@
 """``vitmerge zoo``: build a preset zoo, create one from a spec, attach data, list and show zoos."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,22 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     target = Path(args.out) if args.out else store_layout(args).zoo(args.preset)
     report = build_zoo(args.preset, target, force=args.force, progress=not args.quiet, device=args.device)
     zoo = report.zoo
-    state = ("copied the zoo shipped in the package; --force retrains it" if report.embedded
-             else "cached, nothing to do" if report.cached else f"trained {', '.join(report.trained) or 'nothing'}")
+    state = (
+        "copied the zoo shipped in the package; --force retrains it"
+        if report.embedded
+        else "cached, nothing to do"
+        if report.cached
+        else f"trained {', '.join(report.trained) or 'nothing'}"
+    )
     if report.reused and not report.cached:
         state += f"; reused {', '.join(report.reused)}"
     print(f"zoo '{zoo.name}' at {zoo.root} ({state}; {report.seconds:.1f} s)")
     base = zoo.metas[zoo.base]
-    origin = (f"pretrained on {base.provenance.dataset} (test acc {base.provenance.test_accuracy:.3f})"
-              if base.provenance.test_accuracy is not None else f"from {base.provenance.source}")
+    origin = (
+        f"pretrained on {base.provenance.dataset} (test acc {base.provenance.test_accuracy:.3f})"
+        if base.provenance.test_accuracy is not None
+        else f"from {base.provenance.source}"
+    )
     print(f"  base: {base.architecture.timm_name} {base.architecture.kwargs}, {origin}")
     for task in zoo.tasks:
         meta = zoo.metas[task]
@@ -40,7 +49,9 @@ def cmd_zoo_create(args: argparse.Namespace) -> int:
 
 def _print_zoo_data(zoo) -> None:
     base = zoo.metas[zoo.base]
-    print(f"  base: {base.architecture.timm_name} {base.architecture.kwargs}  input {base.preprocessing.size} px, {base.preprocessing.channels} channel(s)")
+    print(
+        f"  base: {base.architecture.timm_name} {base.architecture.kwargs}  input {base.preprocessing.size} px, {base.preprocessing.channels} channel(s)"
+    )
     for task in zoo.tasks:
         meta, data = zoo.metas[task], zoo.task_data(task)
         cal = data.calibration.describe() if data.calibration else "none"
@@ -76,7 +87,10 @@ def cmd_zoo_show(args: argparse.Namespace) -> int:
     from model_store.zoo import Zoo
 
     zoo = Zoo.load(zoo_dir(args, args.zoo), require_base=False)
-    out = {"manifest": zoo.manifest.model_dump(mode="json"), "models": {n: m.model_dump(mode="json") for n, m in zoo.metas.items()}}
+    out = {
+        "manifest": zoo.manifest.model_dump(mode="json"),
+        "models": {n: m.model_dump(mode="json") for n, m in zoo.metas.items()},
+    }
     print(json.dumps(out, indent=2))
     return 0
 

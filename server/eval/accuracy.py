@@ -5,6 +5,7 @@ The test images of each task come from the data source the bundle's manifest rec
 (``extra.data[task].test``; bundles made before data sources: the task's built-in
 split). A task without test images is reported as such (``None``), never as 0.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +50,9 @@ def source_zoo(models: BundleReader) -> Zoo | None:
         return None
 
 
-def predict_classes(engine: Engine, x: torch.Tensor, given: list[int | None], x_gate: torch.Tensor | None = None,
-                    batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_classes(
+    engine: Engine, x: torch.Tensor, given: list[int | None], x_gate: torch.Tensor | None = None, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(task, class) per image, through ``engine.predict`` in batches; ``given[i]`` None: the gate routes."""
     tasks, classes = [], []
     for start in range(0, len(x), batch_size):
@@ -114,7 +116,9 @@ def format_table(rows: dict[str, Accuracies], tasks: list[str], reference: Accur
     return "\n".join(lines)
 
 
-def evaluate_routed(engine: Engine, limit: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, dict[str, float] | None]:
+def evaluate_routed(
+    engine: Engine, limit: int | None = None, batch_size: int = 64, seed: int = 0
+) -> dict[str, dict[str, float] | None]:
     """Accuracy with the task NOT given, on MIXED-task batches of every task's test images.
 
     An image counts as correct only when the gate picks its task AND that task's
@@ -122,7 +126,9 @@ def evaluate_routed(engine: Engine, limit: int | None = None, batch_size: int = 
     the task has no test images; the gate still may route other tasks' images to it).
     """
     if engine.gate_preprocessing is None:
-        raise ValueError(f"bundle {engine.version} has no gate; merge with emr_routed or gating_* for routed evaluation")
+        raise ValueError(
+            f"bundle {engine.version} has no gate; merge with emr_routed or gating_* for routed evaluation"
+        )
     sets = bundle_test_sets(engine.models)
     xs, gs, tasks, labels = [], [], [], []
     for i, task in enumerate(engine.tasks):
@@ -147,5 +153,8 @@ def evaluate_routed(engine: Engine, limit: int | None = None, batch_size: int = 
             result[task] = None
             continue
         gate_ok = pred_task[sel] == i
-        result[task] = {"gate": float(gate_ok.float().mean()), "routed": float((gate_ok & (pred_class[sel] == y[sel])).float().mean())}
+        result[task] = {
+            "gate": float(gate_ok.float().mean()),
+            "routed": float((gate_ok & (pred_class[sel] == y[sel])).float().mean()),
+        }
     return result

@@ -15,6 +15,7 @@ picks its class. Deterministic on CPU: the same seed gives the same numbers.
 
 Not on any serving path (it trains gates and runs every merge method).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -113,11 +114,15 @@ def build_pool(zoo: Zoo, tasks: Sequence[str], limit: int | None, seed: int) -> 
         tids.append(torch.full((len(xs[-1]),), i))
         ys.append(images.label_tensor(limit))
     order = torch.randperm(sum(len(x) for x in xs), generator=torch.Generator().manual_seed(seed))
-    return Pool(list(tasks), torch.cat(xs)[order], torch.cat(tids)[order], torch.cat(ys)[order], raw, order, limit=limit)
+    return Pool(
+        list(tasks), torch.cat(xs)[order], torch.cat(tids)[order], torch.cat(ys)[order], raw, order, limit=limit
+    )
 
 
 @torch.inference_mode()
-def evaluate(pool: Pool, heads: Sequence[dict[str, torch.Tensor]], features: FeatureFn, p: torch.Tensor, batch_size: int) -> dict[str, float]:
+def evaluate(
+    pool: Pool, heads: Sequence[dict[str, torch.Tensor]], features: FeatureFn, p: torch.Tensor, batch_size: int
+) -> dict[str, float]:
     """Per-task accuracy on mixed batches; image correct iff argmax p is its task and that head is right."""
     chosen = p.argmax(1)
     correct = torch.zeros(len(pool.x), dtype=torch.bool)
@@ -178,7 +183,11 @@ def _setup(zoo: Zoo, tasks: list[str], grams: list | None = None) -> _Setup:
     ctx = merge_context(zoo, tasks)
     finetuned = [zoo.backbone(t) for t in tasks]
     s = _Setup(zoo, tasks, ctx, zoo.backbone(zoo.base), finetuned, [zoo.head(t) for t in tasks])
-    s.grams = grams if grams is not None else [collect_grams(ctx.build_model(i, finetuned[i]), ctx.calibration(i, None, 256)) for i in range(len(tasks))]
+    s.grams = (
+        grams
+        if grams is not None
+        else [collect_grams(ctx.build_model(i, finetuned[i]), ctx.calibration(i, None, 256)) for i in range(len(tasks))]
+    )
     return s
 
 
@@ -190,22 +199,37 @@ def _gates(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, archs: Sequence[str]
     out = {}
     for arch in archs:
         t0 = time.perf_counter()
-        art = train_gate_for(s.ctx, GateParams(gate_arch=arch, gate_epochs=cfg.gate_epochs, gate_size=cfg.gate_size, gate_seed=cfg.seed,
-                                                  gate_max_images=cfg.gate_max_images))
+        art = train_gate_for(
+            s.ctx,
+            GateParams(
+                gate_arch=arch,
+                gate_epochs=cfg.gate_epochs,
+                gate_size=cfg.gate_size,
+                gate_seed=cfg.seed,
+                gate_max_images=cfg.gate_max_images,
+            ),
+        )
         secs = time.perf_counter() - t0
         model = build_gate(arch, len(s.tasks))
         model.load_state_dict(art.state)
         g = pool.gate_input(art.preprocessing)
         p = gate_probabilities(model, g)
-        out[arch] = {"p": p, "params": sum(v.numel() for v in model.parameters()), "flops": flops(model, g[:1]), "train_s": secs,
-                     "accuracy": {t: float((p[pool.task == i].argmax(1) == i).float().mean()) for i, t in enumerate(s.tasks)}}
+        out[arch] = {
+            "p": p,
+            "params": sum(v.numel() for v in model.parameters()),
+            "flops": flops(model, g[:1]),
+            "train_s": secs,
+            "accuracy": {t: float((p[pool.task == i].argmax(1) == i).float().mean()) for i, t in enumerate(s.tasks)},
+        }
     return out
 
 
 def _gated(s: _Setup, static: dict[str, torch.Tensor], m: int) -> tuple[GatedViT, int]:
     plan = gating_plan(s.finetuned, m)
     experts = expert_stacks(s.finetuned, plan.gated_keys)
-    model = GatedViT(s.zoo.metas[s.zoo.base].architecture, {k: v for k, v in static.items() if k not in experts}, experts, s.heads)
+    model = GatedViT(
+        s.zoo.metas[s.zoo.base].architecture, {k: v for k, v in static.items() if k not in experts}, experts, s.heads
+    )
     return model, numel({k: v[0] for k, v in experts.items()})
 
 
@@ -243,7 +267,16 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
         merged = run_merge(method, s.ctx, params).backbone
         assert merged is not None
         secs = time.perf_counter() - t0
-        rows.append(_row(name, method, evaluate(pool, s.heads, static_features(_model(s, merged)), one_hot, bs), backbone_n + head_n, vit_flops, merge_s=secs))
+        rows.append(
+            _row(
+                name,
+                method,
+                evaluate(pool, s.heads, static_features(_model(s, merged)), one_hot, bs),
+                backbone_n + head_n,
+                vit_flops,
+                merge_s=secs,
+            )
+        )
         bar.update(1)
 
     gates = _gates(s, pool, cfg, cfg.gate_archs)
@@ -251,10 +284,27 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
     emr_models = [load_into(zoo.build_model(t), emr.task_state(i), s.heads[i]).eval() for i, t in enumerate(tasks)]
     emr_stored = 2 * backbone_n + n * backbone_n / 32 + head_n  # theta_0 + tau_uni + 1-bit masks + heads
     emr_fn = per_task_features(emr_models)
-    rows.append(_row("EMR (task given)", "emr", evaluate(pool, s.heads, emr_fn, one_hot, bs), emr_stored, vit_flops, rescalers=emr.rescalers))
+    rows.append(
+        _row(
+            "EMR (task given)",
+            "emr",
+            evaluate(pool, s.heads, emr_fn, one_hot, bs),
+            emr_stored,
+            vit_flops,
+            rescalers=emr.rescalers,
+        )
+    )
     for arch, g in gates.items():
-        rows.append(_row(f"routed EMR ({arch} gate)", "emr_routed", evaluate(pool, s.heads, emr_fn, g["p"], bs),
-                         emr_stored + g["params"], vit_flops + g["flops"], gate=arch))
+        rows.append(
+            _row(
+                f"routed EMR ({arch} gate)",
+                "emr_routed",
+                evaluate(pool, s.heads, emr_fn, g["p"], bs),
+                emr_stored + g["params"],
+                vit_flops + g["flops"],
+                gate=arch,
+            )
+        )
     del emr_models, emr_fn
     bar.update(1)
 
@@ -264,25 +314,56 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
             gated, gated_n = _gated(s, static, m)
             stored = backbone_n - gated_n + n * gated_n + head_n
             mix = 2 * n * gated_n  # per-image weight mixing (exact routing)
+
             def feat(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor, g: GatedViT = gated) -> torch.Tensor:
                 return g.features(x, p, "exact")
 
             given = evaluate(pool, s.heads, feat, one_hot, bs)
             label = "AvgMean" if base_name == "avg" else "RegMean"
-            rows.append(_row(f"gating+{label} m={m} (task given)", f"gating_{base_name}", given, stored, vit_flops + mix, m=m, base=base_name))
+            rows.append(
+                _row(
+                    f"gating+{label} m={m} (task given)",
+                    f"gating_{base_name}",
+                    given,
+                    stored,
+                    vit_flops + mix,
+                    m=m,
+                    base=base_name,
+                )
+            )
             for arch, g in gates.items():
-                rows.append(_row(f"gating+{label} m={m} ({arch} gate)", f"gating_{base_name}", evaluate(pool, s.heads, feat, g["p"], bs),
-                                 stored + g["params"], vit_flops + mix + g["flops"], m=m, base=base_name, gate=arch))
+                rows.append(
+                    _row(
+                        f"gating+{label} m={m} ({arch} gate)",
+                        f"gating_{base_name}",
+                        evaluate(pool, s.heads, feat, g["p"], bs),
+                        stored + g["params"],
+                        vit_flops + mix + g["flops"],
+                        m=m,
+                        base=base_name,
+                        gate=arch,
+                    )
+                )
             bar.update(1)
 
     scaling = _scaling(s, pool, cfg, gates, bar) if cfg.scaling and n > 2 else []
     bar.close()
     return {
-        "zoo": zoo.name, "preset": zoo.manifest.preset, "tasks": tasks, "config": asdict(cfg), "depth": depth, "m_values": m_values,
+        "zoo": zoo.name,
+        "preset": zoo.manifest.preset,
+        "tasks": tasks,
+        "config": asdict(cfg),
+        "depth": depth,
+        "m_values": m_values,
         "test_images": {t: int((pool.task == i).sum()) for i, t in enumerate(tasks)},
-        "backbone_M": backbone_n / 1e6, "vit_gflops": vit_flops / 1e9,
-        "gates": {a: {k: v for k, v in g.items() if k != "p"} | {"init": GATE_INIT.get(a, "?")} for a, g in gates.items()},
-        "rows": rows, "scaling": scaling, "seconds": time.perf_counter() - start,
+        "backbone_M": backbone_n / 1e6,
+        "vit_gflops": vit_flops / 1e9,
+        "gates": {
+            a: {k: v for k, v in g.items() if k != "p"} | {"init": GATE_INIT.get(a, "?")} for a, g in gates.items()
+        },
+        "rows": rows,
+        "scaling": scaling,
+        "seconds": time.perf_counter() - start,
     }
 
 
@@ -296,20 +377,42 @@ def _scaling(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, gates_full: dict, 
         ss = s if n == n_all else _setup(s.zoo, s.tasks[:n], s.grams[:n])
         one_hot = F.one_hot(sub.task, n).float()
         gate_p = gates_full[arch]["p"] if n == n_all else _gates(ss, sub, cfg, [arch])[arch]["p"]
-        ind_models = [load_into(s.zoo.build_model(t), ss.finetuned[i], ss.heads[i]).eval() for i, t in enumerate(ss.tasks)]
+        ind_models = [
+            load_into(s.zoo.build_model(t), ss.finetuned[i], ss.heads[i]).eval() for i, t in enumerate(ss.tasks)
+        ]
         individual = evaluate(sub, ss.heads, per_task_features(ind_models), one_hot, cfg.batch_size)
         emr = emr_merge(ss.base, ss.finetuned)
-        emr_fn = per_task_features([load_into(s.zoo.build_model(t), emr.task_state(i), ss.heads[i]).eval() for i, t in enumerate(ss.tasks)])
+        emr_fn = per_task_features(
+            [load_into(s.zoo.build_model(t), emr.task_state(i), ss.heads[i]).eval() for i, t in enumerate(ss.tasks)]
+        )
         m = min(cfg.scaling_m, len(s.zoo.build_model(s.tasks[0]).blocks))
         gated, _ = _gated(ss, regmean(ss.base, ss.finetuned, ss.grams, 0.9), m)
         accs = {
             "EMR": evaluate(sub, ss.heads, emr_fn, one_hot, cfg.batch_size),
             "routed EMR": evaluate(sub, ss.heads, emr_fn, gate_p, cfg.batch_size),
-            "TIES": evaluate(sub, ss.heads, static_features(_model(ss, run_merge("ties", ss.ctx, {"k": 0.2, "lam": 1.0}).backbone)), one_hot, cfg.batch_size),
-            "AvgMean": evaluate(sub, ss.heads, static_features(_model(ss, weight_average(ss.finetuned))), one_hot, cfg.batch_size),
-            f"gating+RegMean m={m}": evaluate(sub, ss.heads, lambda x, p, c, g=gated: g.features(x, p, "exact"), gate_p, cfg.batch_size),
+            "TIES": evaluate(
+                sub,
+                ss.heads,
+                static_features(_model(ss, run_merge("ties", ss.ctx, {"k": 0.2, "lam": 1.0}).backbone)),
+                one_hot,
+                cfg.batch_size,
+            ),
+            "AvgMean": evaluate(
+                sub, ss.heads, static_features(_model(ss, weight_average(ss.finetuned))), one_hot, cfg.batch_size
+            ),
+            f"gating+RegMean m={m}": evaluate(
+                sub, ss.heads, lambda x, p, c, g=gated: g.features(x, p, "exact"), gate_p, cfg.batch_size
+            ),
         }
-        out.append({"n": n, "tasks": ss.tasks, "individual": individual, "accuracy": accs, "normalised": {k: normalised(v, individual) for k, v in accs.items()}})
+        out.append(
+            {
+                "n": n,
+                "tasks": ss.tasks,
+                "individual": individual,
+                "accuracy": accs,
+                "normalised": {k: normalised(v, individual) for k, v in accs.items()},
+            }
+        )
         if n < n_all:
             bar.update(3)
     return out
@@ -338,24 +441,60 @@ def claims(result: dict) -> list[tuple[str, bool, str]]:
     tas = [r for r in result["rows"] if r["kind"] == "task_arithmetic"]
     ta = avg[best_task_arithmetic(result["rows"])] if tas else None
     if None not in (emr, ta, avgmean):
-        out.append(("EMR ≫ Task Arithmetic ≥ AvgMean (EMR Table 1)", emr > ta >= avgmean, f"EMR {emr:.1f} vs best TA {ta:.1f} vs AvgMean {avgmean:.1f}"))
+        out.append(
+            (
+                "EMR ≫ Task Arithmetic ≥ AvgMean (EMR Table 1)",
+                emr > ta >= avgmean,
+                f"EMR {emr:.1f} vs best TA {ta:.1f} vs AvgMean {avgmean:.1f}",
+            )
+        )
     if None not in (reg, ta):
-        out.append(("RegMean > Task Arithmetic (Ye Tables 3-4, EMR Table 1)", reg > ta, f"RegMean {reg:.1f} vs best TA {ta:.1f}"))
+        out.append(
+            (
+                "RegMean > Task Arithmetic (Ye Tables 3-4, EMR Table 1)",
+                reg > ta,
+                f"RegMean {reg:.1f} vs best TA {ta:.1f}",
+            )
+        )
     for label, static in (("AvgMean", avgmean), ("RegMean", reg)):
         seq = [avg.get(f"gating+{label} m={m} ({arch} gate)") for m in result["m_values"]]
         if static is None or not seq or None in seq:
             continue
-        out.append((f"gating improves {label} (Ye Tables 3-4)", seq[0] > static, f"gating+{label} m={result['m_values'][0]} {seq[0]:.1f} vs {label} {static:.1f}"))
+        out.append(
+            (
+                f"gating improves {label} (Ye Tables 3-4)",
+                seq[0] > static,
+                f"gating+{label} m={result['m_values'][0]} {seq[0]:.1f} vs {label} {static:.1f}",
+            )
+        )
         if len(seq) > 1:
             grows = all(b >= a - 0.05 for a, b in itertools.pairwise(seq)) and seq[-1] > seq[0]
-            out.append((f"gating+{label} grows with m (Ye Tables 3-4)", grows, "m " + ", ".join(f"{m}: {v:.1f}" for m, v in zip(result["m_values"], seq))))
+            out.append(
+                (
+                    f"gating+{label} grows with m (Ye Tables 3-4)",
+                    grows,
+                    "m " + ", ".join(f"{m}: {v:.1f}" for m, v in zip(result["m_values"], seq)),
+                )
+            )
     inits = {v["init"]: (a, _avg(v["accuracy"])) for a, v in result["gates"].items()}
     if "scratch" in inits and len(inits) > 1:
         (pre_arch, pre), (scr_arch, scr) = next(v for k, v in inits.items() if k != "scratch"), inits["scratch"]
-        out.append(("pretrained gate init beats scratch (Ye Table 8)", pre > scr, f"{pre_arch} {pre:.2f}% vs {scr_arch} {scr:.2f}% task-id accuracy"))
+        out.append(
+            (
+                "pretrained gate init beats scratch (Ye Table 8)",
+                pre > scr,
+                f"{pre_arch} {pre:.2f}% vs {scr_arch} {scr:.2f}% task-id accuracy",
+            )
+        )
     routed = avg.get(f"routed EMR ({arch} gate)")
     if None not in (emr, routed):
-        out.append(("routed EMR within 1 point of EMR with the task given (our target)", emr - routed <= 1.0, f"{routed:.1f} vs {emr:.1f}"))
+        out.append(
+            (
+                "routed EMR within 1 point of EMR with the task given (our target)",
+                emr - routed <= 1.0,
+                f"{routed:.1f} vs {emr:.1f}",
+            )
+        )
     return out
 
 
@@ -365,31 +504,62 @@ def render_markdown(result: dict, command: str) -> str:
     ind = _find(rows, "Individual")["accuracy"]
     ta = best_task_arithmetic(rows)
     imgs = ", ".join(f"{t} {k}" for t, k in result["test_images"].items())
-    lines = [(f"Command: `{command}` (seed {result['config']['seed']}, CPU, {result['seconds'] / 60:.1f} min). "
-             f"Test images per task (never seen by training or merging): {imgs}. Mixed-task batches of {result['config']['batch_size']}, "
-             f"per-image routing. ViT forward {result['vit_gflops']:.3f} GFLOPs/img, backbone {result['backbone_M']:.2f} M parameters. "
-             "Stored parameters count heads and gates; EMR stores θ0 + τ_uni + one 1-bit mask per task (1/32 parameter per bit); "
-             "gated rows store N copies of the gated tensors and their FLOPs include exact per-image weight mixing and the gate. "
-             f"**Bold**: best Task Arithmetic λ (chosen on the test split, as the papers do)."), "",
-             "| method | " + " | ".join(tasks) + " | avg | norm. avg | stored params (M) | GFLOPs/img |",
-             "|---" * (len(tasks) + 5) + "|"]
+    lines = [
+        (
+            f"Command: `{command}` (seed {result['config']['seed']}, CPU, {result['seconds'] / 60:.1f} min). "
+            f"Test images per task (never seen by training or merging): {imgs}. Mixed-task batches of {result['config']['batch_size']}, "
+            f"per-image routing. ViT forward {result['vit_gflops']:.3f} GFLOPs/img, backbone {result['backbone_M']:.2f} M parameters. "
+            "Stored parameters count heads and gates; EMR stores θ0 + τ_uni + one 1-bit mask per task (1/32 parameter per bit); "
+            "gated rows store N copies of the gated tensors and their FLOPs include exact per-image weight mixing and the gate. "
+            f"**Bold**: best Task Arithmetic λ (chosen on the test split, as the papers do)."
+        ),
+        "",
+        "| method | " + " | ".join(tasks) + " | avg | norm. avg | stored params (M) | GFLOPs/img |",
+        "|---" * (len(tasks) + 5) + "|",
+    ]
     for r in rows:
         name = f"**{r['name']}**" if r["name"] == ta else r["name"]
         accs = r["accuracy"]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * accs[t]:.1f}" for t in tasks)
-                     + f" | {_avg(accs):.1f} | {100 * normalised(accs, ind):.1f} | {r['stored_M']:.2f} | {r['gflops']:.3f} |")
-    lines += ["", "Gates (share of each task's test images routed to that task):", "",
-              "| gate | init | params (M) | GFLOPs/img | train (s) | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 6) + "|"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * accs[t]:.1f}" for t in tasks)
+            + f" | {_avg(accs):.1f} | {100 * normalised(accs, ind):.1f} | {r['stored_M']:.2f} | {r['gflops']:.3f} |"
+        )
+    lines += [
+        "",
+        "Gates (share of each task's test images routed to that task):",
+        "",
+        "| gate | init | params (M) | GFLOPs/img | train (s) | " + " | ".join(tasks) + " | avg |",
+        "|---" * (len(tasks) + 6) + "|",
+    ]
     for arch, g in result["gates"].items():
-        lines.append(f"| {arch} | {g['init']} | {g['params'] / 1e6:.2f} | {g['flops'] / 1e9:.3f} | {g['train_s']:.0f} | "
-                     + " | ".join(f"{100 * g['accuracy'][t]:.1f}" for t in tasks) + f" | {_avg(g['accuracy']):.2f} |")
+        lines.append(
+            f"| {arch} | {g['init']} | {g['params'] / 1e6:.2f} | {g['flops'] / 1e9:.3f} | {g['train_s']:.0f} | "
+            + " | ".join(f"{100 * g['accuracy'][t]:.1f}" for t in tasks)
+            + f" | {_avg(g['accuracy']):.2f} |"
+        )
     if result["scaling"]:
         methods = list(result["scaling"][0]["normalised"])
-        lines += ["", "Normalised accuracy (%) vs number of tasks N (the first N tasks; routed rows use a gate trained on those N):", "",
-                  "| N | tasks | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+        lines += [
+            "",
+            "Normalised accuracy (%) vs number of tasks N (the first N tasks; routed rows use a gate trained on those N):",
+            "",
+            "| N | tasks | " + " | ".join(methods) + " |",
+            "|---" * (len(methods) + 2) + "|",
+        ]
         for sc in result["scaling"]:
-            lines.append(f"| {sc['n']} | {', '.join(sc['tasks'])} | " + " | ".join(f"{100 * sc['normalised'][k]:.1f}" for k in methods) + " |")
-    lines += ["", "Claims of the papers, checked on these numbers:", "", "| claim | holds here | evidence |", "|---|---|---|"]
+            lines.append(
+                f"| {sc['n']} | {', '.join(sc['tasks'])} | "
+                + " | ".join(f"{100 * sc['normalised'][k]:.1f}" for k in methods)
+                + " |"
+            )
+    lines += [
+        "",
+        "Claims of the papers, checked on these numbers:",
+        "",
+        "| claim | holds here | evidence |",
+        "|---|---|---|",
+    ]
     for claim, ok, evidence in claims(result):
         lines.append(f"| {claim} | {'yes' if ok else '**no**'} | {evidence} |")
     return "\n".join(lines) + "\n"
@@ -435,16 +605,28 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
             ax.plot(result["m_values"], ys, style, marker=marker, label=f"gating+{label}, {gate}")
     ax.axhline(_avg(ind), color="black", lw=1, label="individual")
     ax.axhline(_avg(_find(rows, f"routed EMR ({arch} gate)")["accuracy"]), color="green", ls=":", label="routed EMR")
-    ax.set(xlabel="m (gated attention + MLP blocks)", ylabel="avg accuracy (%)", title=f"{result['zoo']}: accuracy vs m")
+    ax.set(
+        xlabel="m (gated attention + MLP blocks)", ylabel="avg accuracy (%)", title=f"{result['zoo']}: accuracy vs m"
+    )
     paths.append(_save(fig, ax, out_dir / f"{stem}-vs-m.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    colors = {"individual": "black", "emr": "green", "emr_routed": "limegreen", "gating_avg": "tab:orange", "gating_regmean": "tab:red"}
+    colors = {
+        "individual": "black",
+        "emr": "green",
+        "emr_routed": "limegreen",
+        "gating_avg": "tab:orange",
+        "gating_regmean": "tab:red",
+    }
     for r in rows:
         ax.scatter(r["stored_M"], 100 * normalised(r["accuracy"], ind), color=colors.get(r["kind"], "tab:blue"), s=18)
     for kind, c in [("static merges", "tab:blue"), *colors.items()]:
         ax.scatter([], [], color=c, label=kind)
-    ax.set(xlabel="parameters stored (M)", ylabel="normalised accuracy (%)", title=f"{result['zoo']}: stored parameters vs accuracy")
+    ax.set(
+        xlabel="parameters stored (M)",
+        ylabel="normalised accuracy (%)",
+        title=f"{result['zoo']}: stored parameters vs accuracy",
+    )
     paths.append(_save(fig, ax, out_dir / f"{stem}-params.png"))
 
     if result["scaling"]:
@@ -452,7 +634,12 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
         ns = [sc["n"] for sc in result["scaling"]]
         for k in result["scaling"][0]["normalised"]:
             ax.plot(ns, [100 * sc["normalised"][k] for sc in result["scaling"]], marker="o", label=k)
-        ax.set(xlabel="number of tasks N", ylabel="normalised accuracy (%)", title=f"{result['zoo']}: scaling with N", xticks=ns)
+        ax.set(
+            xlabel="number of tasks N",
+            ylabel="normalised accuracy (%)",
+            title=f"{result['zoo']}: scaling with N",
+            xticks=ns,
+        )
         paths.append(_save(fig, ax, out_dir / f"{stem}-vs-n.png"))
     return paths
 
@@ -474,7 +661,10 @@ def write_report(result: dict, out_dir: Path, command: str, benchmarks_md: Path 
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = render_markdown(result, command)
     pngs = plot(result, out_dir, stem)
-    rel = [p.relative_to(benchmarks_md.parent) if benchmarks_md and p.is_relative_to(benchmarks_md.parent) else p for p in pngs]
+    rel = [
+        p.relative_to(benchmarks_md.parent) if benchmarks_md and p.is_relative_to(benchmarks_md.parent) else p
+        for p in pngs
+    ]
     md_full = md + "\n" + "\n".join(f"![{p.stem}]({p})" for p in rel) + "\n"
     (out_dir / f"{stem}.md").write_text(md_full)
     if benchmarks_md is not None:

@@ -1,4 +1,5 @@
 """Ready-to-paste examples printed when ``vitmerge serve`` is up."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,9 @@ def write_examples(engine: Engine, directory: Path) -> dict[str, Path]:
 
 
 def ready_message(engine: Engine, base_url: str, examples: dict[str, Path]) -> str:
-    lines = [f"vitmerge: serving bundle {engine.version} ({engine.method}, tasks {', '.join(engine.tasks)}) on {engine.device} at {base_url}  (API docs: {base_url}/docs)"]
+    lines = [
+        f"vitmerge: serving bundle {engine.version} ({engine.method}, tasks {', '.join(engine.tasks)}) on {engine.device} at {base_url}  (API docs: {base_url}/docs)"
+    ]
     if examples:
         task, path = next(iter(examples.items()))
         lines.append("  try it (the gate picks the task):")

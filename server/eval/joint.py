@@ -7,6 +7,7 @@
 The output ensemble (evaluation-only reference) runs every original model with its
 own head and takes the same arg-max over all of them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,9 @@ from model_store.zoo import Zoo
 TestSet = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def load_test_sets(zoo: Zoo, tasks: Sequence[str], prep: Preprocessing, limit: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_test_sets(
+    zoo: Zoo, tasks: Sequence[str], prep: Preprocessing, limit: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every task's TEST images (from the zoo's test sources, preprocessed) and labels."""
     out = {}
     for t in tasks:
@@ -40,18 +43,28 @@ def _score(logits: Mapping[str, Mapping[str, torch.Tensor]], data: TestSet) -> d
         own = logits[t][t].argmax(-1)
         cat = torch.cat([logits[t][h] for h in tasks], 1)
         offset = sum(logits[t][h].shape[1] for h in tasks[: tasks.index(t)])
-        out[t] = {"per_task": float((own == y).float().mean()), "joint": float((cat.argmax(-1) == y + offset).float().mean())}
+        out[t] = {
+            "per_task": float((own == y).float().mean()),
+            "joint": float((cat.argmax(-1) == y + offset).float().mean()),
+        }
     return out
 
 
-def evaluate_merged(backbone: Mapping[str, torch.Tensor], heads: Mapping[str, Mapping[str, torch.Tensor]], arch: Architecture, data: TestSet) -> dict[str, dict[str, float]]:
+def evaluate_merged(
+    backbone: Mapping[str, torch.Tensor],
+    heads: Mapping[str, Mapping[str, torch.Tensor]],
+    arch: Architecture,
+    data: TestSet,
+) -> dict[str, dict[str, float]]:
     """Per-task and joint accuracy of one merged backbone with every task's (adapted) head."""
     model = build_model(arch, 0)
     model.load_state_dict(dict(backbone), strict=True)
     logits = {}
     for t, (x, _) in data.items():
         f = pre_logits(model, x)
-        logits[t] = {h: F.linear(f, head["head.weight"].float(), head["head.bias"].float()) for h, head in heads.items()}
+        logits[t] = {
+            h: F.linear(f, head["head.weight"].float(), head["head.bias"].float()) for h, head in heads.items()
+        }
     return _score(logits, data)
 
 
@@ -68,4 +81,7 @@ def evaluate_ensemble(zoo: Zoo, tasks: Sequence[str], data: TestSet) -> dict[str
 def summary(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Mean per-task and joint accuracy over tasks."""
     n = len(scores)
-    return {"per_task": sum(s["per_task"] for s in scores.values()) / n, "joint": sum(s["joint"] for s in scores.values()) / n}
+    return {
+        "per_task": sum(s["per_task"] for s in scores.values()) / n,
+        "joint": sum(s["joint"] for s in scores.values()) / n,
+    }

@@ -5,6 +5,7 @@ decode and preprocess images in a thread pool) -> **batch** (the dynamic batcher
 queues images for the single inference worker) -> **predict** (the engine routes,
 groups by task and classifies) -> **encode** (top-k, labels, version, timings).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -116,9 +117,16 @@ class ServerState:
     def engine(self) -> InferenceEngine:
         engine = self.manager.engine
         if self.batcher is not None and self.batcher.stopping:
-            raise NotReady("server is shutting down (draining queued requests); retry on another replica", code="shutting_down", headers={"Retry-After": "1"})
+            raise NotReady(
+                "server is shutting down (draining queued requests); retry on another replica",
+                code="shutting_down",
+                headers={"Retry-After": "1"},
+            )
         if engine is None or not engine.alive or self.batcher is None or not self.batcher.alive:
-            raise NotReady(f"model not loaded (state: {self.manager.state}{'; ' + self.manager.error if self.manager.error else ''})", headers={"Retry-After": "5"})
+            raise NotReady(
+                f"model not loaded (state: {self.manager.state}{'; ' + self.manager.error if self.manager.error else ''})",
+                headers={"Retry-After": "5"},
+            )
         return engine
 
 
@@ -163,8 +171,16 @@ class ServingMiddleware:
         try:
             length = request_headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
-                err = PayloadTooLarge(f"request body of {length.decode(errors='replace')} bytes is above the limit of {limit} bytes") if length.isdigit() else InvalidRequest("invalid Content-Length header", status=400)
-                await JSONResponse(error_body(err.code, err.message, rid), status_code=err.status)(scope, receive, send_wrapper)
+                err = (
+                    PayloadTooLarge(
+                        f"request body of {length.decode(errors='replace')} bytes is above the limit of {limit} bytes"
+                    )
+                    if length.isdigit()
+                    else InvalidRequest("invalid Content-Length header", status=400)
+                )
+                await JSONResponse(error_body(err.code, err.message, rid), status_code=err.status)(
+                    scope, receive, send_wrapper
+                )
                 return
             received = 0
 
@@ -184,8 +200,15 @@ class ServingMiddleware:
             m = self.state.metrics
             m.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()
             m.latency.labels(route).observe(elapsed)
-            access_log.info('%s "%s %s" %d %.1f ms request_id=%s', (scope.get("client") or ("-",))[0], scope.get("method", ""),
-                            scope.get("path", ""), status["code"], 1000 * elapsed, rid)
+            access_log.info(
+                '%s "%s %s" %d %.1f ms request_id=%s',
+                (scope.get("client") or ("-",))[0],
+                scope.get("method", ""),
+                scope.get("path", ""),
+                status["code"],
+                1000 * elapsed,
+                rid,
+            )
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")
@@ -216,7 +239,11 @@ def require_admin(request: Request, settings: ServerSettings) -> None:
     if token is None:
         raise Unauthorized("admin route: send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
     if not _matches(token, settings.admin_token):
-        raise Unauthorized("admin route: invalid token", code="invalid_token", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        raise Unauthorized(
+            "admin route: invalid token",
+            code="invalid_token",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
 
 
 def require_api_key(request: Request, settings: ServerSettings) -> None:
@@ -224,7 +251,10 @@ def require_api_key(request: Request, settings: ServerSettings) -> None:
         return
     given = _bearer(request) or request.headers.get("x-api-key")
     if not _matches(given, settings.api_key):
-        raise Unauthorized("classify needs an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "classify needs an API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 # -- decode ----------------------------------------------------------------------------------
@@ -241,10 +271,12 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
             raise InvalidRequest("request body is empty", code="empty_body")
         data = decode_json(body)
         if not isinstance(data, dict):
-            raise InvalidRequest("JSON body must be an object like {\"images\": [\"<base64>\", ...]}")
+            raise InvalidRequest('JSON body must be an object like {"images": ["<base64>", ...]}')
         images = data.get("images")
         if isinstance(images, list) and len(images) > settings.max_images:
-            raise PayloadTooLarge(f"{len(images)} images in one request; the limit is {settings.max_images}", code="too_many_images")
+            raise PayloadTooLarge(
+                f"{len(images)} images in one request; the limit is {settings.max_images}", code="too_many_images"
+            )
         try:
             req = ClassifyJSON.model_validate({**query, **data})
         except ValidationError as e:
@@ -252,17 +284,25 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
         return ClassifyOptions(task=req.task, top_k=req.top_k), [decode_base64(s, i) for i, s in enumerate(req.images)]
     if media == "multipart/form-data":
         try:
-            form = await request.form(max_files=settings.max_images + 1, max_fields=32, max_part_size=settings.max_body_bytes)
+            form = await request.form(
+                max_files=settings.max_images + 1, max_fields=32, max_part_size=settings.max_body_bytes
+            )
         except StarletteHTTPException as e:
             if "Too many files" in str(e.detail):
-                raise PayloadTooLarge(f"more than {settings.max_images} images in one request", code="too_many_images") from e
+                raise PayloadTooLarge(
+                    f"more than {settings.max_images} images in one request", code="too_many_images"
+                ) from e
             raise InvalidRequest(f"malformed multipart body: {e.detail}", status=400, code="invalid_multipart") from e
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         if len(files) > settings.max_images:
-            raise PayloadTooLarge(f"{len(files)} images in one request; the limit is {settings.max_images}", code="too_many_images")
+            raise PayloadTooLarge(
+                f"{len(files)} images in one request; the limit is {settings.max_images}", code="too_many_images"
+            )
         if not files:
-            raise InvalidRequest("multipart body has no image files (send them as file parts, e.g. -F image=@cat.png)", code="no_images")
+            raise InvalidRequest(
+                "multipart body has no image files (send them as file parts, e.g. -F image=@cat.png)", code="no_images"
+            )
         try:
             opts = ClassifyOptions.model_validate({**query, **fields})
         except ValidationError as e:
@@ -276,7 +316,9 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
             raise InvalidRequest(_first_error(e)) from e
         return opts, [body]
     shown = media or "none"
-    raise UnsupportedMediaType(f"Content-Type {shown} is not supported: use application/json, multipart/form-data or image/*")
+    raise UnsupportedMediaType(
+        f"Content-Type {shown} is not supported: use application/json, multipart/form-data or image/*"
+    )
 
 
 async def read_merge_request(request: Request) -> MergeRequest:
@@ -300,7 +342,9 @@ def _first_error(e: ValidationError) -> str:
     return f"{loc}: {err.get('msg', 'invalid')}"
 
 
-def _decode_all(blobs: list[bytes], engine: InferenceEngine, need_gate: bool, max_pixels: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+def _decode_all(
+    blobs: list[bytes], engine: InferenceEngine, need_gate: bool, max_pixels: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     xs, gs = [], []
     for i, blob in enumerate(blobs):
         arr = decode_image(blob, max_pixels, what=f"image {i}")
@@ -317,7 +361,11 @@ def encode_prediction(engine: InferenceEngine, result: ItemResult, top_k: int) -
     labels = engine.class_names[name]
     values, indices = out.probabilities.topk(min(top_k, out.probabilities.numel()))
     top = [{"index": int(i), "label": labels[int(i)], "probability": float(v)} for v, i in zip(values, indices)]
-    return {"task": {"name": name, "index": out.task, "probability": out.task_probability, "source": out.source}, "class": top[0], "top_k": top}
+    return {
+        "task": {"name": name, "index": out.task, "probability": out.task_probability, "source": out.source},
+        "class": top[0],
+        "top_k": top,
+    }
 
 
 # -- the app ---------------------------------------------------------------------------------
@@ -345,7 +393,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 #: Statuses the serving middleware can answer on any route (draining; body over the limit).
 _ANY = (413, 503)
 
-_MERGE_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": MergeRequest.model_json_schema()}}}}
+_MERGE_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": MergeRequest.model_json_schema()}}}
+}
 
 _CLASSIFY_BODY = {
     "requestBody": {
@@ -357,8 +407,12 @@ _CLASSIFY_BODY = {
                     "type": "object",
                     "required": ["images"],
                     "properties": {
-                        "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-                                   "description": "image files (a single part named `image` is accepted too)"},
+                        "images": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "image files (a single part named `image` is accepted too)",
+                        },
                         "task": {"type": "string", "minLength": 1},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
                     },
@@ -400,8 +454,13 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="readiness: 200 while a model is loaded and the worker is alive", response_model=ReadyResponse,
-             responses=_errors(*_ANY))
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="readiness: 200 while a model is loaded and the worker is alive",
+        response_model=ReadyResponse,
+        responses=_errors(*_ANY),
+    )
     async def readyz(request: Request) -> JSONResponse:
         ready = state.ready
         state.metrics.ready.set(1 if ready else 0)
@@ -410,19 +469,42 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
             return JSONResponse(error_body("not_ready", msg, request_id_of(request)), status_code=503)
         return JSONResponse({"status": "ready", "model_version": state.manager.version})
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=PlainTextResponse,
-             responses={200: {"description": "Prometheus text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}, **_errors(*_ANY)})
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **_errors(*_ANY),
+        },
+    )
     async def metrics() -> PlainTextResponse:
         state.metrics.ready.set(1 if state.ready else 0)
         return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/tasks", tags=["models"], response_model=TasksResponse, summary="tasks and classes of the served bundle", responses=_errors(*_ANY))
+    @app.get(
+        "/v1/tasks",
+        tags=["models"],
+        response_model=TasksResponse,
+        summary="tasks and classes of the served bundle",
+        responses=_errors(*_ANY),
+    )
     async def tasks() -> TasksResponse:
         engine = state.engine()
         infos = [TaskInfo(name=t, index=i, classes=engine.class_names[t]) for i, t in enumerate(engine.tasks)]
         return TasksResponse(model_version=engine.version, gate=engine.has_gate, tasks=infos)
 
-    @app.get("/v1/models", tags=["models"], response_model=ModelsResponse, summary="bundle versions in the store", responses=_errors(*_ANY))
+    @app.get(
+        "/v1/models",
+        tags=["models"],
+        response_model=ModelsResponse,
+        summary="bundle versions in the store",
+        responses=_errors(*_ANY),
+    )
     async def models() -> ModelsResponse:
         store = state.manager.store
 
@@ -435,13 +517,28 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
                     m = store.load(v, verify=False).manifest
                 except Exception:
                     continue
-                versions.append(ModelVersion(version=v, method=m.method, tasks=m.tasks, created_at=m.created_at, current=v == current, serving=v == serving))
+                versions.append(
+                    ModelVersion(
+                        version=v,
+                        method=m.method,
+                        tasks=m.tasks,
+                        created_at=m.created_at,
+                        current=v == current,
+                        serving=v == serving,
+                    )
+                )
             return ModelsResponse(current=current, serving=serving, versions=versions)
 
         return await asyncio.to_thread(listing)
 
-    @app.post("/v1/classify", tags=["inference"], response_model=ClassifyResponse, openapi_extra=_CLASSIFY_BODY,
-              summary="classify images (task from the gate, or given)", responses=_errors(400, 401, 413, 415, 422, 429, 500, 503, 504))
+    @app.post(
+        "/v1/classify",
+        tags=["inference"],
+        response_model=ClassifyResponse,
+        openapi_extra=_CLASSIFY_BODY,
+        summary="classify images (task from the gate, or given)",
+        responses=_errors(400, 401, 413, 415, 422, 429, 500, 503, 504),
+    )
     async def classify(request: Request, response: Response) -> dict[str, Any]:
         start = time.perf_counter()
         require_api_key(request, settings)
@@ -453,11 +550,16 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
                 raise UnknownTask(f"unknown task '{opts.task}'; this model serves: {', '.join(engine.tasks)}")
             task = engine.task_index(opts.task)
         elif not engine.has_gate:
-            raise InvalidRequest(f"bundle {engine.version} has no gate: name the task (one of {', '.join(engine.tasks)})", code="task_required")
+            raise InvalidRequest(
+                f"bundle {engine.version} has no gate: name the task (one of {', '.join(engine.tasks)})",
+                code="task_required",
+            )
         loop = asyncio.get_running_loop()
         assert state.batcher is not None
         with state.batcher.incoming():
-            xs, gates = await loop.run_in_executor(state.decode_pool, _decode_all, blobs, engine, task is None, settings.max_image_pixels)
+            xs, gates = await loop.run_in_executor(
+                state.decode_pool, _decode_all, blobs, engine, task is None, settings.max_image_pixels
+            )
             decoded = time.perf_counter()
             futures = state.batcher.submit(engine, xs, gates, [task] * len(xs))
         try:
@@ -485,20 +587,38 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
     def admin(request: Request) -> None:
         require_admin(request, settings)
 
-    @app.post("/v1/merge", tags=["admin"], status_code=202, response_model=MergeJobView, summary="start a merge job (admin)",
-              openapi_extra=_MERGE_BODY, responses=_errors(400, 401, 403, 409, 413, 415, 422, 503), dependencies=[Depends(admin)])
+    @app.post(
+        "/v1/merge",
+        tags=["admin"],
+        status_code=202,
+        response_model=MergeJobView,
+        summary="start a merge job (admin)",
+        openapi_extra=_MERGE_BODY,
+        responses=_errors(400, 401, 403, 409, 413, 415, 422, 503),
+        dependencies=[Depends(admin)],
+    )
     async def merge(request: Request) -> dict[str, Any]:
         body = await read_merge_request(request)
         job = await asyncio.to_thread(state.jobs.submit, body.method, body.params, body.tasks)
         return job.as_dict()
 
-    @app.get("/v1/merge/{job_id}", tags=["admin"], response_model=MergeJobView, summary="a merge job's state (admin)", dependencies=[Depends(admin)],
-             responses=_errors(401, 403, 404, *_ANY))
+    @app.get(
+        "/v1/merge/{job_id}",
+        tags=["admin"],
+        response_model=MergeJobView,
+        summary="a merge job's state (admin)",
+        dependencies=[Depends(admin)],
+        responses=_errors(401, 403, 404, *_ANY),
+    )
     async def merge_job(job_id: str) -> dict[str, Any]:
         return state.jobs.get(job_id).as_dict()
 
-    app.add_api_route("/merge", merge, methods=["POST"], status_code=202, include_in_schema=False, dependencies=[Depends(admin)])
-    app.add_api_route("/merge/{job_id}", merge_job, methods=["GET"], include_in_schema=False, dependencies=[Depends(admin)])
+    app.add_api_route(
+        "/merge", merge, methods=["POST"], status_code=202, include_in_schema=False, dependencies=[Depends(admin)]
+    )
+    app.add_api_route(
+        "/merge/{job_id}", merge_job, methods=["GET"], include_in_schema=False, dependencies=[Depends(admin)]
+    )
     return app
 
 

@@ -10,6 +10,7 @@ engine it was preprocessed for (pinned when its request arrived), so a hot swap
 never mixes versions inside a response: images queued before the swap finish on
 the old engine, new requests use the new one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -108,13 +109,17 @@ class Batcher:
         finally:
             self._incoming -= 1
 
-    def submit(self, engine: InferenceEngine, xs: list[torch.Tensor], gates: list[torch.Tensor | None], tasks: list[int | None]) -> list[asyncio.Future]:
+    def submit(
+        self, engine: InferenceEngine, xs: list[torch.Tensor], gates: list[torch.Tensor | None], tasks: list[int | None]
+    ) -> list[asyncio.Future]:
         """Queue a request's images; raises :class:`QueueFull` (429) when over capacity."""
         n = len(xs)
         if self._stopping:
             raise QueueFull("server is shutting down", status=503, code="shutting_down")
         if self._pending + n > self.max_queue:
-            raise QueueFull(f"queue is full ({self._pending} images waiting, limit {self.max_queue})", headers={"Retry-After": "1"})
+            raise QueueFull(
+                f"queue is full ({self._pending} images waiting, limit {self.max_queue})", headers={"Retry-After": "1"}
+            )
         loop = asyncio.get_running_loop()
         futures = []
         for x, g, t in zip(xs, gates, tasks):

@@ -3,6 +3,7 @@
 The decoder itself is :mod:`model_store.data.decode` (shared with the data sources);
 this module maps its errors onto HTTP errors (400 ``invalid_image``, 413 ``image_too_large``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,7 +18,15 @@ from model_store.data.decode import decode_image as _decode
 from model_store.errors import ImageDecodeError, ImageTooLargeError
 from server.http.errors import InvalidImage, InvalidRequest, PayloadTooLarge
 
-__all__ = ["FORMATS", "MAX_JSON_DEPTH", "MAX_JSON_NUMBER_CHARS", "configure_pillow", "decode_base64", "decode_image", "decode_json"]
+__all__ = [
+    "FORMATS",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_NUMBER_CHARS",
+    "configure_pillow",
+    "decode_base64",
+    "decode_image",
+    "decode_json",
+]
 
 #: bounds on a JSON request body (ours nest 3 levels; numbers are small): deeper or longer is a 400
 MAX_JSON_DEPTH = 32
@@ -27,8 +36,11 @@ MAX_JSON_NUMBER_CHARS = 64
 def _number(parse: type) -> Any:
     def parse_bounded(text: str) -> Any:
         if len(text) > MAX_JSON_NUMBER_CHARS:
-            raise InvalidRequest(f"body is not acceptable JSON: a number of {len(text)} characters (the limit is {MAX_JSON_NUMBER_CHARS})",
-                                 status=400, code="invalid_json")
+            raise InvalidRequest(
+                f"body is not acceptable JSON: a number of {len(text)} characters (the limit is {MAX_JSON_NUMBER_CHARS})",
+                status=400,
+                code="invalid_json",
+            )
         return parse(text)
 
     return parse_bounded
@@ -58,9 +70,13 @@ def decode_json(body: bytes) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"body is not valid JSON: {e}", status=400, code="invalid_json") from e
     except RecursionError:
-        raise InvalidRequest(f"body is not acceptable JSON: nested deeper than {MAX_JSON_DEPTH} levels", status=400, code="invalid_json") from None
+        raise InvalidRequest(
+            f"body is not acceptable JSON: nested deeper than {MAX_JSON_DEPTH} levels", status=400, code="invalid_json"
+        ) from None
     if _depth(data) > MAX_JSON_DEPTH:
-        raise InvalidRequest(f"body is not acceptable JSON: nested deeper than {MAX_JSON_DEPTH} levels", status=400, code="invalid_json")
+        raise InvalidRequest(
+            f"body is not acceptable JSON: nested deeper than {MAX_JSON_DEPTH} levels", status=400, code="invalid_json"
+        )
     return data
 
 
@@ -80,10 +96,12 @@ def decode_base64(value: str, index: int) -> bytes:
         head, sep, value = value.partition(",")
         if not sep or ";base64" not in head:
             raise InvalidRequest(f"images[{index}]: data URL must be base64-encoded", code="invalid_base64")
-        media = head[len("data:"):].split(";")[0].strip().lower()
+        media = head[len("data:") :].split(";")[0].strip().lower()
         if not media.startswith("image/"):
-            raise InvalidRequest(f"images[{index}]: data URL media type '{media or 'none'}' is not an image (use data:image/png;base64,...)",
-                                 code="invalid_data_url")
+            raise InvalidRequest(
+                f"images[{index}]: data URL media type '{media or 'none'}' is not an image (use data:image/png;base64,...)",
+                code="invalid_data_url",
+            )
     try:
         return base64.b64decode(value.strip(), validate=True)
     except (binascii.Error, ValueError) as e:

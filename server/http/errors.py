@@ -1,4 +1,5 @@
 """API errors: every failure is JSON ``{"error": {"code", "message"}}`` with the right status."""
+
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
@@ -13,7 +14,9 @@ class APIError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self, message: str, *, status: int | None = None, code: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.status = status or type(self).status
@@ -94,20 +97,33 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message, request_id_of(request)), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(
+            error_body(exc.code, exc.message, request_id_of(request)), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", _validation_message(exc), request_id_of(request)), status_code=422)
+        return JSONResponse(
+            error_body("invalid_request", _validation_message(exc), request_id_of(request)), status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail), request_id_of(request)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(codes.get(exc.status_code, "http_error"), str(exc.detail), request_id_of(request)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         import logging
 
-        logging.getLogger("vitmerge.server").exception("unhandled error on %s (request_id=%s)", request.url.path, request_id_of(request))
-        return JSONResponse(error_body("internal_error", f"internal error ({type(exc).__name__})", request_id_of(request)), status_code=500)
+        logging.getLogger("vitmerge.server").exception(
+            "unhandled error on %s (request_id=%s)", request.url.path, request_id_of(request)
+        )
+        return JSONResponse(
+            error_body("internal_error", f"internal error ({type(exc).__name__})", request_id_of(request)),
+            status_code=500,
+        )

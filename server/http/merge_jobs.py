@@ -7,6 +7,7 @@ failure before that point removes the new version: the store and the served mode
 stay as they were. A file lock in the store (``.merge.lock``) makes merges from
 several replicas sharing one store exclusive: the loser answers 409.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,23 @@ class MergeJob:
     process: Any = field(default=None, repr=False, compare=False)  # the merge child while it runs
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("id", "method", "params", "tasks", "state", "phase", "progress", "error", "version", "created_at", "finished_at", "seconds")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "id",
+                "method",
+                "params",
+                "tasks",
+                "state",
+                "phase",
+                "progress",
+                "error",
+                "version",
+                "created_at",
+                "finished_at",
+                "seconds",
+            )
+        }
 
 
 class MergeJobs:
@@ -61,7 +78,9 @@ class MergeJobs:
         self.jobs: dict[str, MergeJob] = {}
         self._lock = threading.Lock()
         self._active: MergeJob | None = None
-        self._file_lock = FileLock(str(manager.store.layout.root / MERGE_LOCK), thread_local=False)  # released by the job thread
+        self._file_lock = FileLock(
+            str(manager.store.layout.root / MERGE_LOCK), thread_local=False
+        )  # released by the job thread
 
     @property
     def busy(self) -> bool:
@@ -75,13 +94,18 @@ class MergeJobs:
             name = get_method(method).name
             parsed = parse_params(name, params).model_dump()
         except (KeyError, ValueError) as e:
-            raise InvalidRequest(e.args[0] if isinstance(e, KeyError) and e.args else str(e), code="invalid_merge_request") from e
+            raise InvalidRequest(
+                e.args[0] if isinstance(e, KeyError) and e.args else str(e), code="invalid_merge_request"
+            ) from e
         if tasks is not None and len(set(tasks)) != len(tasks):
             raise InvalidRequest("tasks must be unique", code="invalid_merge_request")
         self._check_zoo(name, tasks)
         with self._lock:
             if self._active is not None:
-                raise Conflict(f"merge job {self._active.id} is {self._active.state}; one merge at a time", code="merge_in_progress")
+                raise Conflict(
+                    f"merge job {self._active.id} is {self._active.state}; one merge at a time",
+                    code="merge_in_progress",
+                )
             self.manager.store.layout.root.mkdir(parents=True, exist_ok=True)
             try:
                 self._file_lock.acquire(timeout=0)

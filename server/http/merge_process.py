@@ -8,6 +8,7 @@ that of a serving process (the zoo, the Grams, the training graph live and die i
 child). The fork server preloads the merge pipeline once, so later merges start in
 milliseconds instead of re-importing torch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,9 @@ def _child(req: MergeRequestSpec, conn: Connection) -> None:
         conn.send(("phase", "merging"))
         store = BundleStore(req.settings.layout, keep=req.settings.keep_versions)
         bar = None if req.progress else _PipeProgress(conn, len(zoo.backbone_lazy(zoo.base)))
-        outcome = merge_and_publish(zoo, store, req.method, req.params, req.tasks, progress=req.progress,
-                                    make_current=req.make_current, bar=bar)
+        outcome = merge_and_publish(
+            zoo, store, req.method, req.params, req.tasks, progress=req.progress, make_current=req.make_current, bar=bar
+        )
         conn.send(("done", outcome.version))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -112,8 +114,12 @@ def cleanup_leftovers(store: BundleStore, before: set[str]) -> list[str]:
     return removed
 
 
-def run_merge_process(req: MergeRequestSpec, on_progress: Callable[[float], None] | None = None,
-                      on_phase: Callable[[str], None] | None = None, on_start: Callable[[Any], None] | None = None) -> str:
+def run_merge_process(
+    req: MergeRequestSpec,
+    on_progress: Callable[[float], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    on_start: Callable[[Any], None] | None = None,
+) -> str:
     """Run one merge in a child process; returns the published version or raises :class:`MergeFailed`.
 
     The caller holds the store's merge lock (no one else publishes meanwhile).

@@ -5,6 +5,7 @@ single assignment after the new engine is fully loaded and warmed up beside the 
 one. Requests pin the engine they started with, so in-flight work finishes on the
 old version and no response mixes versions.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,9 +50,25 @@ class ModelManager:
         if s.worker == "process":
             from server.runtime.worker import ProcessEngine
 
-            engine: InferenceEngine = ProcessEngine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)
+            engine: InferenceEngine = ProcessEngine(
+                self.store.load(version),
+                self.device,
+                s.cache_bytes,
+                s.strategy,
+                s.sparse_threshold,
+                self.metrics.cache_lookup,
+                s.cuda_graphs,
+            )
         else:
-            engine = Engine(self.store.load(version), self.device, s.cache_bytes, s.strategy, s.sparse_threshold, self.metrics.cache_lookup, s.cuda_graphs)
+            engine = Engine(
+                self.store.load(version),
+                self.device,
+                s.cache_bytes,
+                s.strategy,
+                s.sparse_threshold,
+                self.metrics.cache_lookup,
+                s.cuda_graphs,
+            )
         engine.warmup()
         return engine
 
@@ -60,7 +77,15 @@ class ModelManager:
         old = self.engine
         self.engine = engine
         self.state, self.error = "ready", None
-        self.metrics.model_info.info({"version": engine.version, "method": engine.method, "kind": engine.kind, "tasks": ",".join(engine.tasks), "device": str(engine.device)})
+        self.metrics.model_info.info(
+            {
+                "version": engine.version,
+                "method": engine.method,
+                "kind": engine.kind,
+                "tasks": ",".join(engine.tasks),
+                "device": str(engine.device),
+            }
+        )
         if old is not None and old.version != engine.version:
             self.metrics.swaps.inc()
         log.info("serving bundle %s (%s, %s) on %s", engine.version, engine.method, engine.kind, engine.device)
@@ -83,12 +108,22 @@ class ModelManager:
                     version = self.store.current_version()
                     if version is None:
                         self.state = "merging"
-                        log.info("store %s has no CURRENT bundle: merging zoo '%s' with %s", self.store.layout.root, self.settings.zoo, self.settings.default_method)
+                        log.info(
+                            "store %s has no CURRENT bundle: merging zoo '%s' with %s",
+                            self.store.layout.root,
+                            self.settings.zoo,
+                            self.settings.default_method,
+                        )
                         from server.http.merge_process import MergeRequestSpec, cleanup_leftovers, run_merge_process
 
                         before = set(self.store.versions())
-                        req = MergeRequestSpec(self.settings, self.settings.default_method, self.settings.default_params,
-                                               make_current=True, progress=progress)
+                        req = MergeRequestSpec(
+                            self.settings,
+                            self.settings.default_method,
+                            self.settings.default_params,
+                            make_current=True,
+                            progress=progress,
+                        )
                         try:  # in a child process: the zoo build and the merge cannot take this server down
                             version = run_merge_process(req)
                         except Exception:

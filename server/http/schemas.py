@@ -1,4 +1,5 @@
 """Request and response bodies of the HTTP API (pydantic; they make the OpenAPI docs)."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -21,7 +22,9 @@ class ClassifyJSON(ClassifyOptions):
     """``application/json`` body: base64 images (plain or ``data:image/...;base64,`` URLs)."""
 
     images: list[Annotated[str, Field(min_length=1)]] = Field(
-        ..., min_length=1, description="base64-encoded PNG/JPEG/GIF/BMP/WEBP/TIFF images (plain or `data:image/...;base64,` URLs)"
+        ...,
+        min_length=1,
+        description="base64-encoded PNG/JPEG/GIF/BMP/WEBP/TIFF images (plain or `data:image/...;base64,` URLs)",
     )
 
 

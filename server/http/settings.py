@@ -1,4 +1,5 @@
 """Server configuration: environment variables ``VITMERGE_*`` and ``vitmerge serve`` flags."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +19,14 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     store: Path = Path("store")
-    zoo: str = Field("tiny", description="source zoo for startup/admin merges: a preset name, a zoo name in the store, or a directory")
+    zoo: str = Field(
+        "tiny",
+        description="source zoo for startup/admin merges: a preset name, a zoo name in the store, or a directory",
+    )
     keep_versions: int = Field(5, ge=1)
-    admin_token: SecretStr | None = Field(None, description="bearer token of the admin routes; unset = admin routes answer 403")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of the admin routes; unset = admin routes answer 403"
+    )
     api_key: SecretStr | None = Field(None, description="optional bearer token / X-API-Key required by /v1/classify")
 
     # startup merge when the store has no CURRENT bundle
@@ -28,12 +34,18 @@ class ServerSettings(BaseSettings):
     default_params: dict = Field(default_factory=dict)
 
     # engine
-    worker: Literal["thread", "process"] = Field("thread", description="run the engine in the server process (thread) or in its own process (no shared GIL)")
+    worker: Literal["thread", "process"] = Field(
+        "thread", description="run the engine in the server process (thread) or in its own process (no shared GIL)"
+    )
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     strategy: Literal["exact", "sparse"] = "sparse"
     sparse_threshold: float | None = Field(None, ge=0.0, le=1.0, description="default: the gating benchmark's choice")
-    cuda_graphs: bool = Field(True, description="on CUDA, replay CUDA graphs of fixed-weight modules (gate, cached task models)")
-    cache_bytes: int = Field(512 * 2**20, ge=0, description="LRU budget for materialised per-task weights; 0 = rebuild every batch")
+    cuda_graphs: bool = Field(
+        True, description="on CUDA, replay CUDA graphs of fixed-weight modules (gate, cached task models)"
+    )
+    cache_bytes: int = Field(
+        512 * 2**20, ge=0, description="LRU budget for materialised per-task weights; 0 = rebuild every batch"
+    )
 
     # batcher
     max_batch_size: int = Field(32, ge=1, le=4096, description="1 disables batching")

@@ -1,4 +1,5 @@
 """The zoo a server merges from, as its settings name it (spec file, directory, store entry or preset)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,4 +37,6 @@ def resolve_zoo(settings: ServerSettings, build_missing: bool = True, progress: 
         return build_zoo(value, in_store, progress=progress).zoo
     if (in_store / "zoo.json").exists():
         return Zoo.load(in_store)
-    raise FileNotFoundError(f"zoo '{value}' not found (not a directory with zoo.json, not in {settings.layout.zoos}, not a preset: {', '.join(PRESETS)})")
+    raise FileNotFoundError(
+        f"zoo '{value}' not found (not a directory with zoo.json, not in {settings.layout.zoos}, not a preset: {', '.join(PRESETS)})"
+    )

@@ -3,6 +3,7 @@
 Static bundles share one backbone; EMR bundles materialise task t's backbone as
 ``theta_0 + lam_t * M_t * tau_uni`` (masks unpacked from their bit-packed form).
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -23,9 +24,13 @@ def read_spec(bundle: Bundle) -> BundleSpec:
     try:
         return BundleSpec.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'model.json'}: {err['msg']}" for err in e.errors()[:3])
-        raise BundleIntegrityError(f"bundle {bundle.version}: unsupported model.json (format {raw.get('bundle_format')}, "
-                                   f"kind {raw.get('kind')}): {problems}") from e
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'model.json'}: {err['msg']}" for err in e.errors()[:3]
+        )
+        raise BundleIntegrityError(
+            f"bundle {bundle.version}: unsupported model.json (format {raw.get('bundle_format')}, "
+            f"kind {raw.get('kind')}): {problems}"
+        ) from e
 
 
 class BundleReader:

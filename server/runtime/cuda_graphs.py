@@ -1,4 +1,5 @@
 """CUDA graphs of modules with fixed weights, one per batch-size bucket (the engine's GPU fast path)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +9,14 @@ from torch import nn
 
 #: Batch-size buckets for CUDA graphs (a batch is padded up to the next one). Fine-grained:
 #: padding a ViT-B group of 9 to 16 cost more than the graph saved (measured on an H100).
-GRAPH_BUCKETS = (*range(1, 9), *range(10, 17, 2), *range(20, 33, 4), *range(40, 65, 8), *range(80, 129, 16), *range(160, 257, 32))
+GRAPH_BUCKETS = (
+    *range(1, 9),
+    *range(10, 17, 2),
+    *range(20, 33, 4),
+    *range(40, 65, 8),
+    *range(80, 129, 16),
+    *range(160, 257, 32),
+)
 
 
 class GraphRunner:

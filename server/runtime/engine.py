@@ -19,6 +19,7 @@ Strategies by bundle kind (one engine, small strategies):
 
 The engine never writes to the bundle's tensors; a hot swap builds a new engine.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -41,7 +42,9 @@ from server.runtime.strategies import STRATEGIES, KindStrategy, StrategyContext,
 from server.runtime.weight_cache import WeightCache, weights_nbytes
 
 
-def preprocess_image(image: np.ndarray, prep: Preprocessing, gate_prep: Preprocessing | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def preprocess_image(
+    image: np.ndarray, prep: Preprocessing, gate_prep: Preprocessing | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One uint8 image -> the ViT's input ``(C, S, S)`` and, when ``gate_prep`` is given, the gate's."""
     batch = image[None]
     x = to_model_input(batch, prep)[0]
@@ -140,7 +143,9 @@ class Engine(EngineFrontend):
             if x_gate is None or x_gate.shape[0] != len(routed):
                 raise ValueError(f"expected gate input for {len(routed)} images")
             assert self._gate_run is not None
-            p[routed] = self._gate_run(x_gate.to(self.device).contiguous(memory_format=torch.channels_last)).float().softmax(-1)
+            p[routed] = (
+                self._gate_run(x_gate.to(self.device).contiguous(memory_format=torch.channels_last)).float().softmax(-1)
+            )
         return p, sources
 
     @torch.inference_mode()
@@ -149,7 +154,9 @@ class Engine(EngineFrontend):
         return self.kind_strategy.features(x, p)
 
     @torch.inference_mode()
-    def predict(self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None) -> list[ImageOutput]:
+    def predict(
+        self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None
+    ) -> list[ImageOutput]:
         """Classify a batch ``x`` ``(B, C, S, S)``; ``given[i]`` is image i's task or None (gate)."""
         if x.shape[0] != len(given):
             raise ValueError(f"{x.shape[0]} images but {len(given)} task entries")

@@ -22,6 +22,7 @@ Strategies (one interface, :meth:`GatedViT.classify`):
   batch, each gated linear layer runs once per group (a plain dense layer with that
   expert's weights for a one-expert group, exact mixing otherwise).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -75,7 +76,13 @@ class Routing:
         if torch.is_grad_enabled():
             return None
         buf, inference = self._scratch, torch.is_inference_mode_enabled()
-        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device or buf.is_inference() != inference:
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+            or buf.is_inference() != inference
+        ):
             buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel]
 
@@ -145,7 +152,9 @@ class GatedLinear(nn.Module):
         """Expert ``i``'s ``(W_i^T, b_i)`` as views, cached while the weights stay put (``.to()`` moves them)."""
         key = (self.weight.data_ptr(), self.weight.dtype)
         if self._views_key != key:
-            self._views = [(w.t(), None if self.bias is None else self.bias[j]) for j, w in enumerate(self.weight.detach())]
+            self._views = [
+                (w.t(), None if self.bias is None else self.bias[j]) for j, w in enumerate(self.weight.detach())
+            ]
             self._views_key = key
         return self._views[i]
 
@@ -184,7 +193,10 @@ class GatedLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
-        w, b = self.routing.mix(self.weight, self.slots.get("weight")), self.routing.mix(self.bias, self.slots.get("bias"))
+        w, b = (
+            self.routing.mix(self.weight, self.slots.get("weight")),
+            self.routing.mix(self.bias, self.slots.get("bias")),
+        )
         if self.routing.expert is None:
             shape = (w.shape[0],) + (1,) * (x.ndim - 2) + (w.shape[-1],)
             w, b = w.view(shape), b.view(shape)
@@ -219,7 +231,9 @@ class GatedConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         if r.expert is not None:
-            return F.conv2d(x, self.weight[r.expert], None if self.bias is None else self.bias[r.expert], self.stride, self.padding)
+            return F.conv2d(
+                x, self.weight[r.expert], None if self.bias is None else self.bias[r.expert], self.stride, self.padding
+            )
         assert r.p is not None
         n, d = self.weight.shape[:2]
         kernel = tuple(self.weight.shape[-2:])
@@ -231,7 +245,9 @@ class GatedConv2d(nn.Module):
             if self.bias is not None:
                 y = y.add_(r.mix(self.bias, self.slots.get("bias")).unsqueeze(-1))
             return y.view(x.shape[0], d, x.shape[-2] // kernel[0], x.shape[-1] // kernel[1])
-        y = F.conv2d(x, self.weight.flatten(0, 1), None if self.bias is None else self.bias.flatten(), self.stride, self.padding)
+        y = F.conv2d(
+            x, self.weight.flatten(0, 1), None if self.bias is None else self.bias.flatten(), self.stride, self.padding
+        )
         y = y.view(y.shape[0], n, d, *y.shape[2:])
         return torch.einsum("bn,bnd...->bd...", r.p, y)
 
@@ -252,8 +268,15 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 class GatedViT(nn.Module):
     """A timm ViT whose gated tensors are mixed per image."""
 
-    def __init__(self, architecture, static: dict[str, torch.Tensor], experts: dict[str, torch.Tensor], heads: Sequence[dict[str, torch.Tensor]], linear_mode: LinearMode = "mix",
-                 keep_scratch_bytes: int = KEEP_SCRATCH_BYTES):
+    def __init__(
+        self,
+        architecture,
+        static: dict[str, torch.Tensor],
+        experts: dict[str, torch.Tensor],
+        heads: Sequence[dict[str, torch.Tensor]],
+        linear_mode: LinearMode = "mix",
+        keep_scratch_bytes: int = KEEP_SCRATCH_BYTES,
+    ):
         super().__init__()
         self.keep_scratch_bytes = keep_scratch_bytes
         self.vit = build_model(architecture, 0)
@@ -298,7 +321,10 @@ class GatedViT(nn.Module):
         patch-embedding weights) side by side, each module told its slot; one matmul
         per pass mixes them all. Large linear weights stay out (mixed in their layer).
         A copy taken at construction: the gated weights are fixed for a GatedViT's life."""
-        owners: list[tuple[nn.Module, str, torch.Tensor]] = [(self, "cls", self.cls_stack), (self, "pos", self.pos_stack)]
+        owners: list[tuple[nn.Module, str, torch.Tensor]] = [
+            (self, "cls", self.cls_stack),
+            (self, "pos", self.pos_stack),
+        ]
         for mod in self.vit.modules():
             if isinstance(mod, GatedLinear):
                 owners.append((mod, "bias", mod.bias))
@@ -336,7 +362,13 @@ class GatedViT(nn.Module):
     def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit.forward_head(self.forward_features(x), pre_logits=True)
 
-    def _run(self, x: torch.Tensor, p: torch.Tensor | None = None, expert: int | None = None, groups: list[Group] | None = None) -> torch.Tensor:
+    def _run(
+        self,
+        x: torch.Tensor,
+        p: torch.Tensor | None = None,
+        expert: int | None = None,
+        groups: list[Group] | None = None,
+    ) -> torch.Tensor:
         r = self.routing
         r.p, r.expert, r.groups = p, expert, groups
         r.table = p @ self.small_stack if p is not None else None
@@ -348,7 +380,13 @@ class GatedViT(nn.Module):
                 r.release()
 
     @torch.inference_mode()
-    def features(self, x: torch.Tensor, p: torch.Tensor, strategy: Literal["exact", "sparse"] = "exact", threshold: float = DEFAULT_SPARSE_THRESHOLD) -> torch.Tensor:
+    def features(
+        self,
+        x: torch.Tensor,
+        p: torch.Tensor,
+        strategy: Literal["exact", "sparse"] = "exact",
+        threshold: float = DEFAULT_SPARSE_THRESHOLD,
+    ) -> torch.Tensor:
         """Pre-logit features ``(B, D)`` with per-image routing ``p`` ``(B, N)``."""
         if p.shape != (x.shape[0], self.num_experts):
             raise ValueError(f"p must have shape ({x.shape[0]}, {self.num_experts}), got {tuple(p.shape)}")
@@ -391,7 +429,13 @@ class GatedViT(nn.Module):
         return cls(models.architecture, dict(b.tensors("backbone")), dict(b.tensors("experts")), heads, linear_mode)
 
     @torch.inference_mode()
-    def classify(self, x: torch.Tensor, p: torch.Tensor, strategy: Literal["exact", "sparse"] = "exact", threshold: float = DEFAULT_SPARSE_THRESHOLD) -> GatedOutput:
+    def classify(
+        self,
+        x: torch.Tensor,
+        p: torch.Tensor,
+        strategy: Literal["exact", "sparse"] = "exact",
+        threshold: float = DEFAULT_SPARSE_THRESHOLD,
+    ) -> GatedOutput:
         """Route per image, then apply the head of ``argmax p`` to each image."""
         feats = self.features(x, p, strategy, threshold)
         tasks = p.argmax(1)

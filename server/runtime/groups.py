@@ -1,4 +1,5 @@
 """Grouping a mixed-task batch by task: the one place images are split per task."""
+
 from __future__ import annotations
 
 import torch

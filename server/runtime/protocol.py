@@ -1,5 +1,6 @@
 """What the HTTP server needs from an inference engine: the in-process :class:`~server.runtime.engine.Engine`
 and the :class:`~server.runtime.worker.ProcessEngine` both satisfy :class:`InferenceEngine`."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,7 +47,9 @@ class InferenceEngine(Protocol):
 
     def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
-    def predict(self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None) -> list[ImageOutput]: ...
+    def predict(
+        self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None
+    ) -> list[ImageOutput]: ...
 
     def warmup(self) -> None: ...
 

@@ -11,6 +11,7 @@
 
 A strategy never writes to the bundle's tensors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,7 +68,9 @@ class StaticStrategy:
     """One backbone for every task: the whole batch in one forward."""
 
     def __init__(self, ctx: StrategyContext):
-        self.template = template_module(ctx, {k: v.to(ctx.device) for k, v in ctx.models.bundle.tensors("backbone").items()})
+        self.template = template_module(
+            ctx, {k: v.to(ctx.device) for k, v in ctx.models.bundle.tensors("backbone").items()}
+        )
         self._run = ctx.graphed(self.template)
 
     def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -90,8 +93,12 @@ class EMRStrategy:
         # ONE flat tensor each, so materialising a task is a handful of kernels, not a few per tensor
         self.base_flat = torch.cat([base[k].float().reshape(-1) for k in self.keys]).to(dev)
         self.tau_flat = torch.cat([tau[k].float().reshape(-1) for k in self.keys]).to(dev)
-        self.masks_flat = [pack_mask(torch.cat([unpack_mask(masks[f"{t}/{k}"], s).reshape(-1)
-                                                for k, s in zip(self.keys, self.shapes)])).to(dev) for t in tasks]
+        self.masks_flat = [
+            pack_mask(
+                torch.cat([unpack_mask(masks[f"{t}/{k}"], s).reshape(-1) for k, s in zip(self.keys, self.shapes)])
+            ).to(dev)
+            for t in tasks
+        ]
         self.lams = [ctx.models.rescaler(t) for t in tasks]
         with torch.device("meta"):
             self.meta_model = build_model(ctx.models.architecture, 0).eval().requires_grad_(False)
@@ -142,8 +149,12 @@ class EMRStrategy:
         return out
 
     def resident_bytes(self) -> dict[str, int]:
-        return {"base": self.base_flat.numel() * 4, "tau_unified": self.tau_flat.numel() * 4,
-                "masks": sum(m.numel() for m in self.masks_flat), "weight_cache": self.ctx.cache.nbytes}
+        return {
+            "base": self.base_flat.numel() * 4,
+            "tau_unified": self.tau_flat.numel() * 4,
+            "masks": sum(m.numel() for m in self.masks_flat),
+            "weight_cache": self.ctx.cache.nbytes,
+        }
 
 
 class GatedStrategy:
@@ -162,5 +173,7 @@ class GatedStrategy:
 
 #: Bundle kind (``model.json``'s ``kind``) -> its strategy.
 STRATEGIES: dict[str, Callable[[StrategyContext], KindStrategy]] = {
-    "static": StaticStrategy, "emr": EMRStrategy, "gated": GatedStrategy,
+    "static": StaticStrategy,
+    "emr": EMRStrategy,
+    "gated": GatedStrategy,
 }

@@ -1,4 +1,5 @@
 """An LRU cache of materialised per-task weights under a byte budget."""
+
 from __future__ import annotations
 
 import threading

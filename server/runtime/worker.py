@@ -9,6 +9,7 @@ reductions: one file descriptor per tensor, no copy of the pixels through the pi
 outputs come back as small numpy arrays. One child per loaded bundle version; it exits
 when its engine is dropped after a hot swap (or when the server exits).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -27,7 +28,9 @@ from server.runtime.engine import EngineFrontend
 from server.runtime.protocol import ImageOutput
 
 
-def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None, cuda_graphs: bool) -> None:
+def _child(
+    conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None, cuda_graphs: bool
+) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
     from server.runtime.engine import Engine
@@ -35,7 +38,15 @@ def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: 
     lookups: list[bool] = []
     try:
         torch.set_grad_enabled(False)
-        engine = Engine(load_bundle_dir(Path(bundle_dir), verify=False), device, cache_bytes, strategy, threshold, lookups.append, cuda_graphs)  # type: ignore[arg-type]
+        engine = Engine(
+            load_bundle_dir(Path(bundle_dir), verify=False),
+            device,
+            cache_bytes,
+            strategy,
+            threshold,
+            lookups.append,
+            cuda_graphs,
+        )  # type: ignore[arg-type]
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -48,7 +59,10 @@ def _child(conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: 
         try:
             if op == "predict":
                 outs = engine.predict(*args)
-                result: Any = ([(o.task, o.task_probability, o.source, o.probabilities.numpy()) for o in outs], list(lookups))
+                result: Any = (
+                    [(o.task, o.task_probability, o.source, o.probabilities.numpy()) for o in outs],
+                    list(lookups),
+                )
                 lookups.clear()
             elif op == "warmup":
                 engine.warmup()
@@ -95,8 +109,12 @@ class ProcessEngine(EngineFrontend):
         self._lock = threading.Lock()
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=_child, args=(child, str(bundle.path), str(self.device), cache_bytes, strategy, threshold, cuda_graphs),
-                                 name=f"vitmerge-engine-{bundle.version}", daemon=True)
+        self._proc = ctx.Process(
+            target=_child,
+            args=(child, str(bundle.path), str(self.device), cache_bytes, strategy, threshold, cuda_graphs),
+            name=f"vitmerge-engine-{bundle.version}",
+            daemon=True,
+        )
         self._proc.start()
         child.close()
         self._finalizer = weakref.finalize(self, _shutdown, self._conn, self._proc)
@@ -113,7 +131,9 @@ class ProcessEngine(EngineFrontend):
                     self._conn.send((op, args))
                 status, payload = self._conn.recv()
             except (EOFError, OSError, BrokenPipeError) as e:
-                raise RuntimeError(f"inference process of bundle {self.version} died (exit code {self._proc.exitcode})") from e
+                raise RuntimeError(
+                    f"inference process of bundle {self.version} died (exit code {self._proc.exitcode})"
+                ) from e
         if status != "ok":
             raise RuntimeError(f"inference process of bundle {self.version}: {payload}")
         return payload
@@ -123,7 +143,9 @@ class ProcessEngine(EngineFrontend):
             for hit in lookups:
                 self._on_cache_lookup(hit)
 
-    def predict(self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None) -> list[ImageOutput]:
+    def predict(
+        self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None
+    ) -> list[ImageOutput]:
         outs, lookups = self._call_raw("predict", x, list(given), x_gate)
         self._report(lookups)
         return [ImageOutput(t, p, s, torch.from_numpy(probs)) for t, p, s, probs in outs]

@@ -4,6 +4,7 @@ No container engine runs here, so images are not built; what can be checked offl
 hadolint on the Dockerfile, YAML parsing and cross-checks of every manifest against the
 server's settings and routes, and `kubectl kustomize` (client-side render).
 """
+
 import json
 import re
 import shutil
@@ -61,7 +62,11 @@ def test_dockerfile_matches_the_server():
 
 def test_hadolint_passes():
     binary = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
-    result = subprocess.run([binary, "--failure-threshold", "warning", "--ignore", "DL3008", str(REPO / "Dockerfile")], capture_output=True, text=True)
+    result = subprocess.run(
+        [binary, "--failure-threshold", "warning", "--ignore", "DL3008", str(REPO / "Dockerfile")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -107,7 +112,15 @@ def _k8s() -> dict[str, dict]:
 
 def test_kubernetes_manifests_validate():
     docs = _k8s()
-    assert {"Deployment", "Service", "PersistentVolumeClaim", "ConfigMap", "Secret", "HorizontalPodAutoscaler", "Kustomization"} <= set(docs)
+    assert {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "Secret",
+        "HorizontalPodAutoscaler",
+        "Kustomization",
+    } <= set(docs)
     for kind, doc in docs.items():
         assert doc.get("apiVersion") and (kind == "Kustomization" or doc["metadata"]["name"])
     dep = docs["Deployment"]["spec"]
@@ -123,7 +136,9 @@ def test_kubernetes_manifests_validate():
     assert c["ports"][0]["containerPort"] == ServerSettings().port
     assert {"requests", "limits"} <= set(c["resources"])
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
-    env_names = {e["name"] for e in c.get("env", [])} | set(docs["ConfigMap"]["data"]) | set(docs["Secret"]["stringData"])
+    env_names = (
+        {e["name"] for e in c.get("env", [])} | set(docs["ConfigMap"]["data"]) | set(docs["Secret"]["stringData"])
+    )
     assert env_names <= SETTINGS, env_names - SETTINGS
     assert {"configMapRef": {"name": docs["ConfigMap"]["metadata"]["name"]}} in c["envFrom"]
     assert {"secretRef": {"name": docs["Secret"]["metadata"]["name"]}} in c["envFrom"]

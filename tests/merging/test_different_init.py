@@ -2,6 +2,7 @@
 
 Uses the `test-diffinit` preset (two tiny ViTs, each with its own pretraining; ~20 s).
 """
+
 import time
 
 import pytest
@@ -16,7 +17,16 @@ from model_store.zoo_build.presets import build_zoo
 from server.eval.joint import evaluate_merged, load_test_sets, summary
 from server.http.settings import ServerSettings
 
-TASK_VECTOR_METHODS = ["task_arithmetic", "ties", "dare_ta", "dare_ties", "emr", "emr_routed", "gating_avg", "gating_regmean"]
+TASK_VECTOR_METHODS = [
+    "task_arithmetic",
+    "ties",
+    "dare_ta",
+    "dare_ties",
+    "emr",
+    "emr_routed",
+    "gating_avg",
+    "gating_regmean",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +45,12 @@ def accuracies(zoo):
     meta = zoo.metas[zoo.tasks[0]]
     data = load_test_sets(zoo, zoo.tasks, meta.preprocessing, limit=300)
     out = {}
-    for name, params in [("avg", {}), ("mudsc_align", {"gate": False, "max_images": 32}), ("mudsc_zip", {"gate": False, "max_images": 32}),
-                         ("fs_merge", {"gate": False, "epochs": 4, "augment": 20})]:
+    for name, params in [
+        ("avg", {}),
+        ("mudsc_align", {"gate": False, "max_images": 32}),
+        ("mudsc_zip", {"gate": False, "max_images": 32}),
+        ("fs_merge", {"gate": False, "epochs": 4, "augment": 20}),
+    ]:
         result = run_merge(name, merge_context(zoo, zoo.tasks), params)
         heads = dict(zip(zoo.tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in zoo.tasks}
         out[name] = summary(evaluate_merged(result.backbone, heads, meta.architecture, data))
@@ -88,8 +102,16 @@ def _wait(h, job_id, auth, timeout=120):
 
 def test_server_merges_and_serves_a_diffinit_zoo(zoo, tmp_path):
     """Startup merge with MuDSC + gate, routed classify, 422 for task vectors, an admin FS-Merge hot swap."""
-    settings = ServerSettings(store=tmp_path / "store", zoo=str(zoo.root), admin_token="s3cret", watch_interval_s=0, device="cpu",
-                              default_method="mudsc_align", default_params={"gate_epochs": 1, "gate_size": 32, "max_images": 16}, max_wait_ms=2)
+    settings = ServerSettings(
+        store=tmp_path / "store",
+        zoo=str(zoo.root),
+        admin_token="s3cret",
+        watch_interval_s=0,
+        device="cpu",
+        default_method="mudsc_align",
+        default_params={"gate_epochs": 1, "gate_size": 32, "max_images": 16},
+        max_wait_ms=2,
+    )
     from model_store.data.builtin import load_split
 
     img = load_split("digits", "test", limit=1).images[0]
@@ -118,7 +140,20 @@ def test_cli_merges_with_a_new_method_and_refuses_task_vectors(zoo, tmp_path, ca
     store = str(tmp_path / "store")
     assert main(["merge", "--method", "emr", "--zoo", str(zoo.root), "--store", store, "--quiet"]) == 2
     assert "shared pretrained base" in capsys.readouterr().err
-    args = ["merge", "--method", "mudsc_zip", "--zoo", str(zoo.root), "--store", store, "--quiet", "--param", "gate=false", "--param", "max_images=16"]
+    args = [
+        "merge",
+        "--method",
+        "mudsc_zip",
+        "--zoo",
+        str(zoo.root),
+        "--store",
+        store,
+        "--quiet",
+        "--param",
+        "gate=false",
+        "--param",
+        "max_images=16",
+    ]
     assert main(args) == 0
     assert "published bundle v1 (mudsc_zip" in capsys.readouterr().out
     assert main(["eval", "--store", store, "--limit", "50"]) == 0

@@ -1,4 +1,5 @@
 """Gated whole-ViT merging: exactness of per-image routing, block choice, the gate."""
+
 import pytest
 import torch
 
@@ -72,12 +73,16 @@ def test_mixed_batch_equals_one_image_at_a_time(zoo, inputs, mode):
     p = torch.softmax(3 * torch.randn(len(inputs), len(zoo.tasks), generator=torch.Generator().manual_seed(0)), -1)
     for strategy, threshold in (("exact", 0.0), ("sparse", 0.2), ("sparse", 0.0)):
         batch = gated.features(inputs, p, strategy, threshold)
-        single = torch.cat([gated.features(inputs[i : i + 1], p[i : i + 1], strategy, threshold) for i in range(len(inputs))])
+        single = torch.cat(
+            [gated.features(inputs[i : i + 1], p[i : i + 1], strategy, threshold) for i in range(len(inputs))]
+        )
         assert torch.allclose(batch, single, atol=1e-5), strategy
     exact = gated.features(inputs, p, "exact")
     assert torch.allclose(gated.features(inputs, p, "sparse", 0.0), exact, atol=1e-5)  # threshold 0 == exact
     one_hot = torch.nn.functional.one_hot(p.argmax(1), len(zoo.tasks)).float()
-    assert torch.allclose(gated.features(inputs, p, "sparse", 0.99), gated.features(inputs, one_hot, "exact"), atol=1e-5)
+    assert torch.allclose(
+        gated.features(inputs, p, "sparse", 0.99), gated.features(inputs, one_hot, "exact"), atol=1e-5
+    )
 
 
 def test_similarity_ranking_matches_layer_similarity(zoo):
@@ -124,7 +129,9 @@ def test_mixing_scratch_is_reused_bounded_and_safe_across_modes(zoo, inputs):
             assert torch.allclose(gated._pre_logits(inputs), first, atol=1e-6)
         finally:
             gated.routing.p = None
-    assert torch.allclose(gated.double().features(inputs.double(), p.double()).float(), first, atol=1e-5)  # dtype change
+    assert torch.allclose(
+        gated.double().features(inputs.double(), p.double()).float(), first, atol=1e-5
+    )  # dtype change
     gated.float()
     gated.keep_scratch_bytes = 0
     assert torch.allclose(gated.features(inputs, p), first, atol=1e-6) and gated.routing.scratch_bytes == 0

@@ -1,4 +1,5 @@
 """Each merge method against values computed by hand, and SPEC invariants."""
+
 import numpy as np
 import pytest
 import torch
@@ -120,9 +121,11 @@ def test_emr_invariants():
         lhs = sum(float((m.rescalers[i] * masks[k] * m.tau_unified[k]).abs().sum()) for k in pre)
         rhs = sum(float(tau[k].abs().sum()) for k in pre)
         assert lhs == pytest.approx(rhs, rel=1e-5)
+
         # distance to theta_i is no larger than without mask or without rescaler
         def dist(est, model=model):
             return sum(float((est[k] - model[k]).pow(2).sum()) for k in pre) ** 0.5
+
         full = dist(m.task_state(i))
         no_mask = dist({k: pre[k] + m.rescalers[i] * m.tau_unified[k] for k in pre})
         no_rescale = dist({k: pre[k] + masks[k] * m.tau_unified[k] for k in pre})
@@ -169,9 +172,16 @@ def test_regmean_alpha_scales_only_off_diagonals():
 def test_collect_grams_sees_every_backbone_linear_but_not_the_head():
     import timm
 
-    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3, in_chans=1)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3, in_chans=1
+    )
     grams = collect_grams(model, torch.randn(5, 1, 16, 16))
-    assert set(grams) == {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"}
+    assert set(grams) == {
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc2.weight",
+    }
     assert grams["blocks.0.mlp.fc2.weight"].shape == (64, 64)
     g = grams["blocks.0.attn.qkv.weight"]
     assert torch.allclose(g, g.T) and bool((torch.linalg.eigvalsh(g) > -1e-6).all())
@@ -185,10 +195,16 @@ def test_fisher_merge_by_hand():
 
 
 def test_layer_similarity_and_rank_blocks():
-    a = {"blocks.0.attn.qkv.weight": T([1.0, 0.0]), "blocks.0.attn.proj.weight": T([0.0]),
-         "blocks.0.mlp.fc1.weight": T([1.0]), "blocks.0.mlp.fc2.weight": T([1.0]),
-         "blocks.1.attn.qkv.weight": T([1.0, 1.0]), "blocks.1.attn.proj.weight": T([1.0]),
-         "blocks.1.mlp.fc1.weight": T([1.0]), "blocks.1.mlp.fc2.weight": T([-1.0])}
+    a = {
+        "blocks.0.attn.qkv.weight": T([1.0, 0.0]),
+        "blocks.0.attn.proj.weight": T([0.0]),
+        "blocks.0.mlp.fc1.weight": T([1.0]),
+        "blocks.0.mlp.fc2.weight": T([1.0]),
+        "blocks.1.attn.qkv.weight": T([1.0, 1.0]),
+        "blocks.1.attn.proj.weight": T([1.0]),
+        "blocks.1.mlp.fc1.weight": T([1.0]),
+        "blocks.1.mlp.fc2.weight": T([-1.0]),
+    }
     b = {k: v.clone() for k, v in a.items()}
     b["blocks.0.attn.qkv.weight"] = T([0.0, 1.0])  # orthogonal -> cos 0
     c = {k: v.clone() for k, v in a.items()}
@@ -207,7 +223,11 @@ def test_streaming_over_lazy_files_equals_in_memory(tmp_path):
         save_file(m, tmp_path / f"{i}.safetensors")
     lazy_pre = LazySafetensors(tmp_path / "pre.safetensors")
     lazy_ft = [LazySafetensors(tmp_path / f"{i}.safetensors") for i in range(3)]
-    for fn in (lambda p, f: task_arithmetic(p, f, 0.4), lambda p, f: ties_merge(p, f, 0.3), lambda p, f: emr_merge(p, f).task_state(1)):
+    for fn in (
+        lambda p, f: task_arithmetic(p, f, 0.4),
+        lambda p, f: ties_merge(p, f, 0.3),
+        lambda p, f: emr_merge(p, f).task_state(1),
+    ):
         a, b = fn(pre, ft), fn(lazy_pre, lazy_ft)
         assert all(torch.equal(a[k], b[k]) for k in pre)
 

@@ -1,4 +1,5 @@
 """Permutation machinery, MuDSC matching and FS-Merge folding on small random ViTs (no zoo)."""
+
 import pytest
 import timm
 import torch
@@ -13,8 +14,17 @@ HEADS = 3
 
 def _vit(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=16, patch_size=4, embed_dim=24,
-                          depth=2, num_heads=HEADS, in_chans=1).eval()
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=5,
+        img_size=16,
+        patch_size=4,
+        embed_dim=24,
+        depth=2,
+        num_heads=HEADS,
+        in_chans=1,
+    ).eval()
     with torch.no_grad():  # larger weights than timm's init so every unit matters
         for name, p in m.named_parameters():
             if "norm" not in name:
@@ -23,7 +33,9 @@ def _vit(seed: int) -> torch.nn.Module:
 
 
 def _split(state):
-    return {k: v for k, v in state.items() if not k.startswith("head.")}, {k: v for k, v in state.items() if k.startswith("head.")}
+    return {k: v for k, v in state.items() if not k.startswith("head.")}, {
+        k: v for k, v in state.items() if k.startswith("head.")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +58,20 @@ def _permuted_copy(model, seed):
 
 def test_random_permutation_leaves_outputs_unchanged(vit, images):
     copy, perm, shape = _permuted_copy(vit, 1)
-    assert not torch.equal(perm.residual, torch.arange(shape.dim)) and not torch.equal(perm.mlp[0], torch.arange(shape.hidden))
+    assert not torch.equal(perm.residual, torch.arange(shape.dim)) and not torch.equal(
+        perm.mlp[0], torch.arange(shape.hidden)
+    )
     heads_moved = perm.qk[0].reshape(HEADS, -1)[:, 0] // shape.head_dim
     assert sorted(heads_moved.tolist()) == list(range(HEADS))  # head-structured
     with torch.no_grad():
         assert (vit(images) - copy(images)).abs().max() < 1e-5
         # undoing it restores the state exactly
-        inverse = ViTPerm(invert(perm.residual), [invert(p) for p in perm.qk], [invert(p) for p in perm.v], [invert(p) for p in perm.mlp])
+        inverse = ViTPerm(
+            invert(perm.residual),
+            [invert(p) for p in perm.qk],
+            [invert(p) for p in perm.v],
+            [invert(p) for p in perm.mlp],
+        )
         back = apply_perm(copy.state_dict(), inverse, shape)
         assert all(torch.equal(back[k], v) for k, v in vit.state_dict().items())
 
@@ -111,25 +130,35 @@ def test_trained_supernet_equals_its_fold(images):
     models = [_vit(1), _vit(2)]
     net = _supernet(models)
     data = build_feature_set(models, [images[:16], images[16:32]], copies=1, seed=0)
-    history = fit([p for n, p in net.named_parameters() if not n.startswith("template.")], net.task_features, data,
-                  FitConfig(epochs=3, lr=1e-2, batch_size=16))
+    history = fit(
+        [p for n, p in net.named_parameters() if not n.startswith("template.")],
+        net.task_features,
+        data,
+        FitConfig(epochs=3, lr=1e-2, batch_size=16),
+    )
     assert history[-1] < history[0]
     with torch.no_grad():
         folded = net.fold()
-        assert (folded["blocks.0.mlp.fc1.weight"] - _split(models[0].state_dict())[0]["blocks.0.mlp.fc1.weight"]).abs().max() > 1e-3
+        assert (
+            folded["blocks.0.mlp.fc1.weight"] - _split(models[0].state_dict())[0]["blocks.0.mlp.fc1.weight"]
+        ).abs().max() > 1e-3
         merged = _vit(11)
         merged.load_state_dict({**folded, **_split(models[0].state_dict())[1]})
         literal = net.literal_features(images)
         assert (pre_logits(merged, images) - literal).abs().max() < 1e-4
         # task features of the SuperNet == the folded heads' inputs
         task = torch.tensor([0, 1]).repeat(24)
-        assert (net.task_features(images, task) - torch.einsum("bjd,bd->bj", net.adapters()[task], literal)).abs().max() < 1e-4
+        assert (
+            net.task_features(images, task) - torch.einsum("bjd,bd->bj", net.adapters()[task], literal)
+        ).abs().max() < 1e-4
 
 
 def test_fs_merge_seq_merges_one_model_at_a_time(images):
     models = [_vit(1), _vit(2), _vit(3)]
     data = build_feature_set(models, [images[:8], images[8:16], images[16:24]], copies=1, seed=0)
-    out = fs_merge_seq([_split(m.state_dict())[0] for m in models], _vit(7), data, rank=2, cfg=FitConfig(epochs=1, batch_size=16))
+    out = fs_merge_seq(
+        [_split(m.state_dict())[0] for m in models], _vit(7), data, rank=2, cfg=FitConfig(epochs=1, batch_size=16)
+    )
     assert len(out.adapters) == 3 and len(out.history) == 2  # two stages, one epoch each
     _vit(8).load_state_dict({**out.backbone, **_split(models[0].state_dict())[1]})  # an ordinary ViT of the same width
     assert isinstance(data, FeatureSet) and len(data) == 48

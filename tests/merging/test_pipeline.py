@@ -3,6 +3,7 @@
 Methods that train a gate (emr_routed, gating_*) are covered by test_routed.py and
 test_gating.py; training a gate per method here would cost minutes.
 """
+
 import pytest
 
 from merging.catalog import REGISTRY, get_method
@@ -52,7 +53,14 @@ def test_every_method_publishes_and_evaluates(merged_table):
 #: TA 0.405, TIES 0.329, DARE+TA 0.407, DARE+TIES 0.348, RegMean 0.440, Fisher 0.448, EMR 0.697.
 #: TIES (k=0.2, lam=1.0, SPEC defaults) stays BELOW AvgMean on this zoo (BENCHMARKS.md: large task
 #: vectors of a weak base), so its bound is looser than the others'.
-AT_LEAST_AVG = {"task_arithmetic": 0.02, "dare_ta": 0.02, "regmean": 0.02, "fisher": 0.02, "ties": 0.08, "dare_ties": 0.08}
+AT_LEAST_AVG = {
+    "task_arithmetic": 0.02,
+    "dare_ta": 0.02,
+    "regmean": 0.02,
+    "fisher": 0.02,
+    "ties": 0.08,
+    "dare_ties": 0.08,
+}
 
 
 def test_static_merges_keep_their_known_order_against_averaging(merged_table):
@@ -61,7 +69,11 @@ def test_static_merges_keep_their_known_order_against_averaging(merged_table):
     for method, slack in AT_LEAST_AVG.items():
         assert _avg(rows[method]) >= avg - slack, (method, _avg(rows[method]), avg)
     # the data-dependent merges beat plain averaging (RegMean: Jin et al.; Fisher: Matena & Raffel)
-    assert _avg(rows["regmean"]) > avg + 0.02 and _avg(rows["fisher"]) > avg + 0.02, (_avg(rows["regmean"]), _avg(rows["fisher"]), avg)
+    assert _avg(rows["regmean"]) > avg + 0.02 and _avg(rows["fisher"]) > avg + 0.02, (
+        _avg(rows["regmean"]),
+        _avg(rows["fisher"]),
+        avg,
+    )
 
 
 def test_emr_beats_task_arithmetic_and_averaging_by_a_clear_margin(merged_table):

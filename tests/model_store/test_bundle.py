@@ -146,7 +146,9 @@ _CRASH = textwrap.dedent(
 @pytest.mark.parametrize("stage", ["fsync", "rename", "pointer"])
 def test_crash_mid_publish_leaves_current_intact(store, stage):
     _publish(store, 1.0)
-    proc = subprocess.run([sys.executable, "-c", _CRASH, str(store.layout.root), stage], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH, str(store.layout.root), stage], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 137, proc.stderr
     assert store.current_version() == "v1"
     bundle = store.load()

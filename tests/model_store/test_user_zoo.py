@@ -5,6 +5,7 @@ here on real images (scikit-learn digits, foolbox's ImageNet/CIFAR samples) writ
 the layouts users have (ImageFolder, flat folder, CSV manifests) at sizes and channel
 counts other than the model's; task names the project has never heard of.
 """
+
 from __future__ import annotations
 
 import csv
@@ -95,17 +96,31 @@ def _write_images(data: Path) -> dict[str, list[tuple[np.ndarray, int]]]:
 
 
 def _hf_config(num_labels: int, id2label: dict[int, str] | None = None, hidden: int = 32):
-    return transformers.ViTConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden, image_size=32,
-                                  patch_size=8, num_channels=3, num_labels=num_labels, id2label=id2label, label2id=None)
+    return transformers.ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id=None,
+    )
 
 
 def _save(model, path: Path) -> Path:
     model.save_pretrained(path)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD, resample=3).save_pretrained(path)
+    transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD, resample=3
+    ).save_pretrained(path)
     return path
 
 
-def _finetune(base, num_labels: int, id2label: dict[int, str] | None, train: list[tuple[np.ndarray, int]], steps: int, seed: int):
+def _finetune(
+    base, num_labels: int, id2label: dict[int, str] | None, train: list[tuple[np.ndarray, int]], steps: int, seed: int
+):
     """A task model: the base's backbone fine-tuned (all layers) with a new head."""
     torch.manual_seed(seed)
     model = transformers.ViTForImageClassification(_hf_config(num_labels, id2label))
@@ -130,9 +145,21 @@ def _spec(world_root: Path, **changes) -> dict:
         "name": "products",
         "base": {"format": "hf", "path": "ckpt/base"},
         "tasks": [
-            {"name": "glyphs", "format": "hf", "path": "ckpt/glyphs", "classes": GLYPHS,
-             "calibration": "data/glyphs/unlabeled", "test": "data/glyphs/test"},
-            {"name": "photos", "format": "hf", "path": "ckpt/photos", "calibration": "data/photos/calib.csv", "test": "data/photos/test.csv"},
+            {
+                "name": "glyphs",
+                "format": "hf",
+                "path": "ckpt/glyphs",
+                "classes": GLYPHS,
+                "calibration": "data/glyphs/unlabeled",
+                "test": "data/glyphs/test",
+            },
+            {
+                "name": "photos",
+                "format": "hf",
+                "path": "ckpt/photos",
+                "calibration": "data/photos/calib.csv",
+                "test": "data/photos/test.csv",
+            },
         ],
     }
     for task, fields in changes.items():
@@ -179,7 +206,9 @@ def _pil(path: Path) -> Image.Image:
 
 def _test_images(world: World, task: str) -> list[tuple[Path, int]]:
     if task == "glyphs":
-        return [(p, GLYPHS.index(p.parent.name)) for p in sorted((world.root / "data" / "glyphs" / "test").rglob("*.png"))]
+        return [
+            (p, GLYPHS.index(p.parent.name)) for p in sorted((world.root / "data" / "glyphs" / "test").rglob("*.png"))
+        ]
     with open(world.root / "data" / "photos" / "test.csv") as f:
         return [(world.root / "data" / "photos" / r["path"], PHOTOS.index(r["label"])) for r in csv.DictReader(f)]
 
@@ -203,9 +232,15 @@ def created(world: World) -> Zoo:
 def test_zoo_create_reads_checkpoints_classes_preprocessing_and_data(world, created, capsys):
     zoo = created
     assert zoo.tasks == ["glyphs", "photos"] and zoo.base == "base"
-    assert zoo.metas["glyphs"].class_names == GLYPHS and zoo.metas["photos"].class_names == PHOTOS  # spec, then id2label
+    assert (
+        zoo.metas["glyphs"].class_names == GLYPHS and zoo.metas["photos"].class_names == PHOTOS
+    )  # spec, then id2label
     prep = zoo.metas["glyphs"].preprocessing
-    assert (prep.size, prep.channels, prep.interpolation) == (32, 3, "bicubic") and prep.mean == pytest.approx(MEAN) and prep.std == pytest.approx(STD)
+    assert (
+        (prep.size, prep.channels, prep.interpolation) == (32, 3, "bicubic")
+        and prep.mean == pytest.approx(MEAN)
+        and prep.std == pytest.approx(STD)
+    )
     data = zoo.task_data("glyphs")
     assert data.calibration.kind == "folder" and data.test.kind == "imagefolder"  # type: ignore[union-attr]
     assert zoo.task_data("photos").calibration.kind == "csv"  # type: ignore[union-attr]
@@ -223,7 +258,9 @@ def test_zoo_create_reads_checkpoints_classes_preprocessing_and_data(world, crea
 def bundles(world: World, created: Zoo) -> dict[str, str]:
     out = {}
     for method in ("emr_routed", "regmean"):  # the default gate (EfficientNet-Lite0, 64 px, 10 epochs): ~8 s here
-        assert main(["merge", "--zoo", str(world.spec), "--store", str(world.store), "--method", method, "--quiet"]) == 0
+        assert (
+            main(["merge", "--zoo", str(world.spec), "--store", str(world.store), "--method", method, "--quiet"]) == 0
+        )
         out[method] = BundleStore(StoreLayout(world.store)).current_version()  # type: ignore[assignment]
     return out
 
@@ -232,8 +269,12 @@ def test_bundle_manifest_records_data_and_gate_routing(world, bundles):
     bundle = BundleStore(StoreLayout(world.store)).load(bundles["emr_routed"])
     data = bundle.manifest.extra["data"]
     assert data["glyphs"]["calibration"]["images"] == 100 and data["glyphs"]["test"]["images"] == 60
-    assert data["glyphs"]["calibration"]["source"]["location"] == str((world.root / "data" / "glyphs" / "unlabeled").resolve())
-    assert data["photos"]["test"]["source"]["kind"] == "csv" and re.fullmatch(r"[0-9a-f]{64}", data["photos"]["test"]["sha256"])
+    assert data["glyphs"]["calibration"]["source"]["location"] == str(
+        (world.root / "data" / "glyphs" / "unlabeled").resolve()
+    )
+    assert data["photos"]["test"]["source"]["kind"] == "csv" and re.fullmatch(
+        r"[0-9a-f]{64}", data["photos"]["test"]["sha256"]
+    )
     gate = bundle.manifest.extra["gate_test_accuracy"]
     # gray digits vs colour photos, the default gate trained on 100 + 19 calibration images (~20 steps):
     # measured glyphs 1.0, photos 0.864 (19 of 22); a gate that always answers one task scores 0 on the other
@@ -267,10 +308,14 @@ def test_eval_compares_like_with_like_on_the_users_test_images(world, bundles, c
     assert min(float(v) for v in routed["gate (task id)"][:2]) >= 75.0, routed  # measured 100.0 / 86.4
     assert main(["eval", "--bundle", bundles["regmean"], *store]) == 0
     reg = _table(capsys.readouterr().out)[f"regmean ({bundles['regmean']})"]
-    assert all(re.fullmatch(r"\d+\.\d", c) for c in reg[:2]), reg  # both tasks evaluated (a static merge of a random base: low)
+    assert all(re.fullmatch(r"\d+\.\d", c) for c in reg[:2]), (
+        reg
+    )  # both tasks evaluated (a static merge of a random base: low)
     manifest = BundleStore(StoreLayout(world.store)).load(bundles["regmean"]).manifest
     rows_in_csv = len((world.root / "data" / "photos" / "calib.csv").read_text().splitlines()) - 1
-    assert manifest.extra["data"]["photos"]["calibration"]["images"] == rows_in_csv  # RegMean read the CSV's calibration images
+    assert (
+        manifest.extra["data"]["photos"]["calibration"]["images"] == rows_in_csv
+    )  # RegMean read the CSV's calibration images
 
 
 def test_serve_a_spec_creates_merges_and_routes_by_the_users_task_names(world):
@@ -308,8 +353,18 @@ def _create_fails(world: World, spec: dict, tmp_path: Path, capsys, *needles: st
     assert not (store / "zoos").exists() or not list((store / "zoos").iterdir())  # no partial zoo, no temp folder
 
 
-@pytest.mark.parametrize("case", ["missing folder", "empty calibration", "unknown class folder", "empty class folder", "corrupt image",
-                                  "csv label", "architecture"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing folder",
+        "empty calibration",
+        "unknown class folder",
+        "empty class folder",
+        "corrupt image",
+        "csv label",
+        "architecture",
+    ],
+)
 def test_bad_data_is_refused_before_anything_is_written(world, tmp_path, capsys, case):
     shutil.copytree(world.root / "data", tmp_path / "data")
     data = tmp_path / "data"
@@ -339,14 +394,19 @@ def test_bad_data_is_refused_before_anything_is_written(world, tmp_path, capsys,
         needles = ("photos", "cifar-100", "not one of the task's classes")
     else:
         torch.manual_seed(3)
-        _save(transformers.ViTForImageClassification(_hf_config(2, dict(enumerate(PHOTOS)), hidden=48)), tmp_path / "ckpt" / "wide")
+        _save(
+            transformers.ViTForImageClassification(_hf_config(2, dict(enumerate(PHOTOS)), hidden=48)),
+            tmp_path / "ckpt" / "wide",
+        )
         spec["tasks"][1]["path"] = "ckpt/wide"
         needles = ("architecture", "photos", "embed_dim")
     _create_fails(world, spec, tmp_path, capsys, *needles)
 
 
 def test_methods_that_need_data_refuse_a_task_without_it_before_any_work(world, created, tmp_path, capsys):
-    spec = _write_spec(world.root, "nodata.yaml", {**_spec(world.root, photos={"calibration": None, "test": None}), "name": "nodata"})
+    spec = _write_spec(
+        world.root, "nodata.yaml", {**_spec(world.root, photos={"calibration": None, "test": None}), "name": "nodata"}
+    )
     store = tmp_path / "store"
     assert main(["zoo", "create", str(spec), "--store", str(store), "--quiet"]) == 0
     for method in ("regmean", "fisher", "emr_routed", "gating_avg"):
@@ -362,30 +422,104 @@ def test_methods_that_need_data_refuse_a_task_without_it_before_any_work(world, 
     # the admin API refuses the same request with 422 at submit time
     from server.http.settings import ServerSettings
 
-    h = AsgiHarness(ServerSettings(store=store, zoo=str(store / "zoos" / "nodata"), admin_token="s3cret", watch_interval_s=0, device="cpu"))
+    h = AsgiHarness(
+        ServerSettings(
+            store=store, zoo=str(store / "zoos" / "nodata"), admin_token="s3cret", watch_interval_s=0, device="cpu"
+        )
+    )
     try:
         r = h.request("POST", "/v1/merge", json={"method": "regmean"}, headers={"authorization": "Bearer s3cret"})
         assert r.status_code == 422 and "task 'photos'" in r.json()["error"]["message"], r.text
     finally:
         h.close()
     # `zoo data` attaches it (validated), and the method then runs
-    assert main(["zoo", "data", "--zoo", "nodata", "--store", str(store), "--task", "photos", "--calibration", str(world.root / "nope")]) == 2
+    assert (
+        main(
+            [
+                "zoo",
+                "data",
+                "--zoo",
+                "nodata",
+                "--store",
+                str(store),
+                "--task",
+                "photos",
+                "--calibration",
+                str(world.root / "nope"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
-    assert main(["zoo", "data", "--zoo", "nodata", "--store", str(store), "--task", "photos",
-                 "--calibration", str(world.root / "data" / "photos" / "calib.csv"), "--test", str(world.root / "data" / "photos" / "test.csv")]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "data",
+                "--zoo",
+                "nodata",
+                "--store",
+                str(store),
+                "--task",
+                "photos",
+                "--calibration",
+                str(world.root / "data" / "photos" / "calib.csv"),
+                "--test",
+                str(world.root / "data" / "photos" / "test.csv"),
+            ]
+        )
+        == 0
+    )
     assert main(["merge", "--zoo", "nodata", "--store", str(store), "--method", "regmean", "--quiet"]) == 0
 
 
 def test_import_flags_attach_data(world, tmp_path, capsys):
     zoo = str(tmp_path / "z")
-    assert main(["import", "hf", "--zoo", zoo, "--name", "base", "--role", "base", "--checkpoint", str(world.hf["base"])]) == 0
-    assert main(["import", "hf", "--zoo", zoo, "--name", "glyphs", "--checkpoint", str(world.hf["glyphs"]), "--classes", ",".join(GLYPHS),
-                 "--calibration", str(world.root / "data" / "glyphs" / "unlabeled"), "--test", str(world.root / "data" / "glyphs" / "test")]) == 0
+    assert (
+        main(["import", "hf", "--zoo", zoo, "--name", "base", "--role", "base", "--checkpoint", str(world.hf["base"])])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "import",
+                "hf",
+                "--zoo",
+                zoo,
+                "--name",
+                "glyphs",
+                "--checkpoint",
+                str(world.hf["glyphs"]),
+                "--classes",
+                ",".join(GLYPHS),
+                "--calibration",
+                str(world.root / "data" / "glyphs" / "unlabeled"),
+                "--test",
+                str(world.root / "data" / "glyphs" / "test"),
+            ]
+        )
+        == 0
+    )
     data = Zoo.load(zoo).task_data("glyphs")
     assert data.calibration.kind == "folder" and data.test.kind == "imagefolder"  # type: ignore[union-attr]
     # a test folder whose classes do not match: refused, nothing imported
-    assert main(["import", "hf", "--zoo", zoo, "--name", "photos", "--checkpoint", str(world.hf["photos"]),
-                 "--test", str(world.root / "data" / "glyphs" / "test")]) == 2
+    assert (
+        main(
+            [
+                "import",
+                "hf",
+                "--zoo",
+                zoo,
+                "--name",
+                "photos",
+                "--checkpoint",
+                str(world.hf["photos"]),
+                "--test",
+                str(world.root / "data" / "glyphs" / "test"),
+            ]
+        )
+        == 2
+    )
     assert "not classes of the task" in capsys.readouterr().err and Zoo.load(zoo).tasks == ["glyphs"]
 
 
@@ -431,7 +565,13 @@ def test_regmean_grams_are_per_row_means_so_a_larger_set_does_not_dominate():
     from model_store.architecture import build_model
     from model_store.schema import Architecture
 
-    model = build_model(Architecture(timm_name="vit_tiny_patch16_224", kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}), 2)
+    model = build_model(
+        Architecture(
+            timm_name="vit_tiny_patch16_224",
+            kwargs={"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2},
+        ),
+        2,
+    )
     x = torch.randn(6, 3, 8, 8)
     once, twice = collect_grams(model, x), collect_grams(model, torch.cat([x, x, x]))
     assert once.keys() == twice.keys() and all(torch.allclose(once[k], twice[k], rtol=1e-10, atol=1e-12) for k in once)
@@ -471,24 +611,54 @@ def test_spec_gate_init_is_the_default_gate_of_the_zoo(world, created, tmp_path)
     zoo = Zoo.load(tmp_path / "s" / "zoos" / "gated")
     assert zoo.manifest.gate is not None and zoo.manifest.gate.file == "gate/init.safetensors"
     assert with_zoo_defaults(zoo, "emr_routed", {})["gate_arch"] == "mobilenetv2_100"
-    assert with_zoo_defaults(zoo, "emr_routed", {"gate_arch": "efficientnet_lite0"})["gate_arch"] == "efficientnet_lite0"
+    assert (
+        with_zoo_defaults(zoo, "emr_routed", {"gate_arch": "efficientnet_lite0"})["gate_arch"] == "efficientnet_lite0"
+    )
     init = gate_init("mobilenetv2_100", zoo)
     saved = torch.load(world.root / "mv2.pth", weights_only=True)
-    assert init is not None and torch.equal(init["conv_stem.weight"], saved["features.0.0.weight"]) and torch.equal(init["bn2.running_var"], saved["features.18.1.running_var"])
+    assert (
+        init is not None
+        and torch.equal(init["conv_stem.weight"], saved["features.0.0.weight"])
+        and torch.equal(init["bn2.running_var"], saved["features.18.1.running_var"])
+    )
     assert gate_init("mobilenetv2_100", created) is None  # no init: scratch, as measured
 
 
 def test_bench_accuracy_runs_on_the_users_zoo_and_test_images(world, created, tmp_path):
     out = tmp_path / "results"
-    args = ["bench", "accuracy", "--zoo", str(world.spec), "--store", str(world.store), "--out", str(out), "--benchmarks-md", "",
-            "--m", "0", "--gate-archs", "efficientnet_lite0", "--no-scaling", "--quiet"]
+    args = [
+        "bench",
+        "accuracy",
+        "--zoo",
+        str(world.spec),
+        "--store",
+        str(world.store),
+        "--out",
+        str(out),
+        "--benchmarks-md",
+        "",
+        "--m",
+        "0",
+        "--gate-archs",
+        "efficientnet_lite0",
+        "--no-scaling",
+        "--quiet",
+    ]
     assert main(args) == 0
     result = json.loads((out / "accuracy-products.json").read_text())
-    assert result["tasks"] == ["glyphs", "photos"] and result["test_images"] == {"glyphs": 60, "photos": len(_test_images(world, "photos"))}
+    assert result["tasks"] == ["glyphs", "photos"] and result["test_images"] == {
+        "glyphs": 60,
+        "photos": len(_test_images(world, "photos")),
+    }
     individual = next(r for r in result["rows"] if r["name"] == "Individual")["accuracy"]
     prep = created.metas["glyphs"].preprocessing
-    for task in ("glyphs", "photos"):  # the benchmark's individual row = transformers' own models on the user's test images
-        assert individual[task] == pytest.approx(_hf_accuracy(world.hf[task], _test_images(world, task), prep), abs=1e-9)
+    for task in (
+        "glyphs",
+        "photos",
+    ):  # the benchmark's individual row = transformers' own models on the user's test images
+        assert individual[task] == pytest.approx(
+            _hf_accuracy(world.hf[task], _test_images(world, task), prep), abs=1e-9
+        )
 
 
 def _fast_params(method: str) -> dict:
@@ -510,7 +680,13 @@ def test_every_registered_method_merges_and_serves_the_users_zoo(world, created,
         outcome = merge_and_publish(created, store, method, _fast_params(method), progress=False)
         engine = Engine(store.load(outcome.version), "cpu")
         x, g = engine.preprocess(image, engine.has_gate)  # routed by the gate when the bundle has one
-        out = engine.predict(x[None], [None if engine.has_gate else engine.task_index("glyphs")], None if g is None else g[None])[0]
-        assert engine.tasks == ["glyphs", "photos"] and out.task in (0, 1) and len(out.probabilities) == len(engine.class_names[engine.tasks[out.task]]), method
+        out = engine.predict(
+            x[None], [None if engine.has_gate else engine.task_index("glyphs")], None if g is None else g[None]
+        )[0]
+        assert (
+            engine.tasks == ["glyphs", "photos"]
+            and out.task in (0, 1)
+            and len(out.probabilities) == len(engine.class_names[engine.tasks[out.task]])
+        ), method
         data = store.load(outcome.version).manifest.extra["data"]
         assert (data["glyphs"]["calibration"] is not None) == REGISTRY[method].needs_calibration, method

@@ -93,7 +93,11 @@ def _edit(path, fn):
         ("models/mnist/meta.json", lambda d: d["preprocessing"].update(std=[0.0]), "preprocessing"),
         ("models/mnist/meta.json", lambda d: d["preprocessing"].update(channels=2), "preprocessing.channels"),
         ("models/mnist/meta.json", lambda d: d.update(role="base"), "role"),
-        ("models/mnist/meta.json", lambda d: d["architecture"].update(kwargs={"num_classes": 3}), "architecture.kwargs"),
+        (
+            "models/mnist/meta.json",
+            lambda d: d["architecture"].update(kwargs={"num_classes": 3}),
+            "architecture.kwargs",
+        ),
         ("models/mnist/meta.json", lambda d: d.update(unexpected=1), "unexpected"),
         ("zoo.json", lambda d: d.update(tasks=["mnist", "mnist"]), "tasks"),
         ("zoo.json", lambda d: d.update(format_version=99), "format_version"),
@@ -114,7 +118,10 @@ def test_missing_files_and_architecture_mismatch(zoo_copy):
 
 def test_architecture_mismatch_is_refused(zoo_copy):
     _edit(zoo_copy / "models" / "animals" / "meta.json", lambda d: d["architecture"]["kwargs"].update(depth=3))
-    with pytest.raises(ZooFormatError, match=r"architecture: task 'animals' is vit_tiny_patch16_224 .*'depth': 3.*the base is .*'depth': 2"):
+    with pytest.raises(
+        ZooFormatError,
+        match=r"architecture: task 'animals' is vit_tiny_patch16_224 .*'depth': 3.*the base is .*'depth': 2",
+    ):
         Zoo.load(zoo_copy)
 
 
@@ -140,7 +147,9 @@ def test_the_shipped_demo_zoo_matches_its_preset_and_is_copied_not_trained(tmp_p
     zoo = report.zoo
     assert zoo.file_hashes() == Zoo.load(EMBEDDED_ZOOS / "tiny").file_hashes()
     meta, test = zoo.metas["digits"], load_split("digits", "test")
-    acc = accuracy(zoo.build_model("digits"), to_model_input(test.images, meta.preprocessing), torch.as_tensor(test.labels))
+    acc = accuracy(
+        zoo.build_model("digits"), to_model_input(test.images, meta.preprocessing), torch.as_tensor(test.labels)
+    )
     assert acc == pytest.approx(meta.provenance.test_accuracy, abs=1e-6)
     # a partial zoo in the target (an interrupted copy or build) is completed from the shipped one
     (tmp_path / "tiny" / "zoo.json").unlink()

@@ -37,8 +37,24 @@ def test_import_timm_via_cli(tmp_path, capsys):
     model = build_model(Architecture(timm_name="vit_tiny_patch16_224", kwargs=TINY), 3)
     ckpt = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
-    args = ["import", "timm", "--store", str(tmp_path / "s"), "--zoo", "mine", "--name", "flowers", "--checkpoint", str(ckpt),
-            "--model-name", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(TINY), "--classes", "rose,tulip,daisy"]
+    args = [
+        "import",
+        "timm",
+        "--store",
+        str(tmp_path / "s"),
+        "--zoo",
+        "mine",
+        "--name",
+        "flowers",
+        "--checkpoint",
+        str(ckpt),
+        "--model-name",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        json.dumps(TINY),
+        "--classes",
+        "rose,tulip,daisy",
+    ]
     assert main(args) == 0
     assert (tmp_path / "s" / "zoos" / "mine" / "models" / "flowers" / "meta.json").exists()
     bad = args[:-1] + ["rose,tulip"]  # wrong number of classes -> head does not fit
@@ -75,7 +91,23 @@ def test_console_script_help_runs():
 
 def test_merge_and_eval_via_cli(test_zoo_dir, tmp_path, capsys):
     store = tmp_path / "s"
-    assert main(["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--method", "task_arithmetic", "--param", "lam=0.5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--store",
+                str(store),
+                "--zoo",
+                str(test_zoo_dir),
+                "--method",
+                "task_arithmetic",
+                "--param",
+                "lam=0.5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "published bundle v1 (task_arithmetic" in capsys.readouterr().out
     manifest = json.loads((store / "bundles" / "v1" / "manifest.json").read_text())
     assert manifest["params"] == {"lam": 0.5} and manifest["zoo"]["hashes"]
@@ -87,7 +119,10 @@ def test_merge_and_eval_via_cli(test_zoo_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--method", "magic"], "valid methods: avg, dare_ta, dare_ties, distill, emr, emr_routed, fisher, fs_merge, fs_merge_seq, gating_avg, gating_regmean, mudsc_align, mudsc_zip, regmean, task_arithmetic, ties"),
+        (
+            ["--method", "magic"],
+            "valid methods: avg, dare_ta, dare_ties, distill, emr, emr_routed, fisher, fs_merge, fs_merge_seq, gating_avg, gating_regmean, mudsc_align, mudsc_zip, regmean, task_arithmetic, ties",
+        ),
         (["--method", "ties", "--param", "k=1.5"], "Valid parameters: k (default 0.2), lam (default 1.0)"),
         (["--method", "ties", "--param", "gamma=1"], "gamma"),
         (["--method", "avg", "--param", "oops"], "--param expects key=value"),
@@ -111,9 +146,26 @@ def test_methods_lists_the_registry(capsys):
 
 def test_routed_eval_via_cli(test_zoo_dir, tmp_path, capsys):
     store = tmp_path / "s"
-    args = ["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--method", "emr_routed", "--quiet",
-            "--param", "gate_arch=mobilenetv2_100", "--param", "gate_size=32", "--param", "gate_epochs=2",
-            "--param", "gate_max_images=200", "--param", "gate_test_images=40"]
+    args = [
+        "merge",
+        "--store",
+        str(store),
+        "--zoo",
+        str(test_zoo_dir),
+        "--method",
+        "emr_routed",
+        "--quiet",
+        "--param",
+        "gate_arch=mobilenetv2_100",
+        "--param",
+        "gate_size=32",
+        "--param",
+        "gate_epochs=2",
+        "--param",
+        "gate_max_images=200",
+        "--param",
+        "gate_test_images=40",
+    ]
     assert main(args) == 0
     capsys.readouterr()
     manifest = json.loads((store / "bundles" / "v1" / "manifest.json").read_text())

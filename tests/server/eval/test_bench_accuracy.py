@@ -1,4 +1,5 @@
 """`vitmerge bench accuracy` on the `test` zoo: table structure and orderings that must hold."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,19 @@ from server.eval.bench import (
 
 pytestmark = pytest.mark.slow  # every method's accuracy on the test zoo
 
-SMALL = ["--gate-epochs", "1", "--gate-size", "32", "--gate-max-images", "200", "--limit", "100", "--m", "0,2,5", "--quiet"]
+SMALL = [
+    "--gate-epochs",
+    "1",
+    "--gate-size",
+    "32",
+    "--gate-max-images",
+    "200",
+    "--limit",
+    "100",
+    "--m",
+    "0,2,5",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +37,22 @@ def bench(test_zoo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md = out / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nhand-written text stays\n")
-    assert main(["bench", "accuracy", "--zoo", str(test_zoo_dir), "--out", str(out / "results"), "--benchmarks-md", str(md), *SMALL]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "accuracy",
+                "--zoo",
+                str(test_zoo_dir),
+                "--out",
+                str(out / "results"),
+                "--benchmarks-md",
+                str(md),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "results" / "accuracy-test.json").read_text()), out
 
 
@@ -39,7 +67,9 @@ def test_table_has_every_row_and_column(bench):
     assert names[0] == "Individual" and len(tasks) == 4
     assert all(label in names for label, _, _ in STATIC_METHODS)
     assert sum("Task Arithmetic" in n for n in names) == 4
-    assert {"EMR (task given)", "routed EMR (efficientnet_lite0 gate)", "routed EMR (mobilenetv2_100 gate)"} <= set(names)
+    assert {"EMR (task given)", "routed EMR (efficientnet_lite0 gate)", "routed EMR (mobilenetv2_100 gate)"} <= set(
+        names
+    )
     assert result["m_values"] == [0, 2]  # m = 5 is above the depth (2) and skipped
     for base in ("AvgMean", "RegMean"):
         for m in (0, 2):
@@ -89,14 +119,25 @@ def test_section_is_replaced_in_place_and_rerun_reproduces(bench, test_zoo_dir):
     result, out = bench
     md_path = out / "BENCHMARKS.md"
     text = md_path.read_text()
-    assert text.startswith("# Benchmarks\n\nhand-written text stays\n") and text.count("<!-- bench accuracy: test -->") == 1
+    assert (
+        text.startswith("# Benchmarks\n\nhand-written text stays\n")
+        and text.count("<!-- bench accuracy: test -->") == 1
+    )
     update_section(md_path, "test", "replaced body")
     text = md_path.read_text()
     assert text.count("<!-- bench accuracy: test -->") == 1 and "replaced body" in text and "| Individual |" not in text
     assert text.startswith("# Benchmarks\n\nhand-written text stays\n")
     # same seed, CPU: the same accuracies (a reduced grid re-run)
-    cfg = AccuracyBenchConfig(m_values=(0,), gate_archs=("efficientnet_lite0",), gate_epochs=1, gate_size=32, gate_max_images=200, limit=100,
-                              scaling=False, static_methods=STATIC_METHODS[:2])
+    cfg = AccuracyBenchConfig(
+        m_values=(0,),
+        gate_archs=("efficientnet_lite0",),
+        gate_epochs=1,
+        gate_size=32,
+        gate_max_images=200,
+        limit=100,
+        scaling=False,
+        static_methods=STATIC_METHODS[:2],
+    )
     again = run_accuracy_bench(Zoo.load(test_zoo_dir), cfg, progress=False)
     first = {r["name"]: r["accuracy"] for r in result["rows"]}
     for r in again["rows"]:

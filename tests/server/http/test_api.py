@@ -1,4 +1,5 @@
 """The HTTP API through httpx's ASGI transport (lifespan included): results, errors, auth, metrics."""
+
 import base64
 import json
 import logging
@@ -20,8 +21,17 @@ MAX_BODY = 1 << 20
 
 
 def _settings(store, zoo, **kw) -> ServerSettings:
-    base = dict(store=store, zoo=str(zoo), admin_token="s3cret", watch_interval_s=0, device="cpu", max_image_pixels=MAX_PIXELS,
-                max_body_bytes=MAX_BODY, max_images=16, max_wait_ms=2)
+    base = dict(
+        store=store,
+        zoo=str(zoo),
+        admin_token="s3cret",
+        watch_interval_s=0,
+        device="cpu",
+        max_image_pixels=MAX_PIXELS,
+        max_body_bytes=MAX_BODY,
+        max_images=16,
+        max_wait_ms=2,
+    )
     return ServerSettings(**{**base, **kw})
 
 
@@ -44,7 +54,9 @@ def samples():
 
 def _direct(engine: Engine, img: np.ndarray, task: str | None):
     x, g = engine.preprocess(img, task is None)
-    return engine.predict(x[None], [None if task is None else engine.task_index(task)], None if g is None else g[None])[0]
+    return engine.predict(x[None], [None if task is None else engine.task_index(task)], None if g is None else g[None])[
+        0
+    ]
 
 
 def _check(pred: dict, direct, engine: Engine) -> None:
@@ -52,7 +64,9 @@ def _check(pred: dict, direct, engine: Engine) -> None:
     assert pred["task"]["source"] == direct.source
     assert pred["task"]["probability"] == pytest.approx(direct.task_probability, abs=1e-5)
     top = int(direct.probabilities.argmax())
-    assert pred["class"]["index"] == top and pred["class"]["label"] == engine.class_names[engine.tasks[direct.task]][top]
+    assert (
+        pred["class"]["index"] == top and pred["class"]["label"] == engine.class_names[engine.tasks[direct.task]][top]
+    )
     assert pred["class"]["probability"] == pytest.approx(float(direct.probabilities[top]), abs=1e-5)
 
 
@@ -79,7 +93,9 @@ def test_json_base64_multi_image_and_top_k(harness, samples):
     for pred, (_, _, img) in zip(preds, samples[:5]):
         _check(pred, _direct(engine, img, None), engine)
         probs = [c["probability"] for c in pred["top_k"]]
-        assert len(pred["top_k"]) == min(3, len(engine.class_names[pred["task"]["name"]])) and probs == sorted(probs, reverse=True)
+        assert len(pred["top_k"]) == min(3, len(engine.class_names[pred["task"]["name"]])) and probs == sorted(
+            probs, reverse=True
+        )
         assert pred["top_k"][0] == pred["class"]
 
 
@@ -127,10 +143,25 @@ def _bad_inputs(png: bytes):
     return [
         ("empty json body", dict(url=J, content=b"", headers={"content-type": "application/json"}), 422, "empty_body"),
         ("no content type", dict(url=J, content=b"abc"), 415, "unsupported_media_type"),
-        ("text/plain", dict(url=J, content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
-        ("xml", dict(url=J, content=b"<a/>", headers={"content-type": "application/xml"}), 415, "unsupported_media_type"),
+        (
+            "text/plain",
+            dict(url=J, content=b"hello", headers={"content-type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "xml",
+            dict(url=J, content=b"<a/>", headers={"content-type": "application/xml"}),
+            415,
+            "unsupported_media_type",
+        ),
         ("form urlencoded", dict(url=J, data={"images": "x"}), 415, "unsupported_media_type"),
-        ("invalid json", dict(url=J, content=b'{"images": [', headers={"content-type": "application/json"}), 400, "invalid_json"),
+        (
+            "invalid json",
+            dict(url=J, content=b'{"images": [', headers={"content-type": "application/json"}),
+            400,
+            "invalid_json",
+        ),
         ("json array", dict(url=J, json=["x"]), 422, "invalid_request"),
         ("json without images", dict(url=J, json={}), 422, "invalid_request"),
         ("images not a list", dict(url=J, json={"images": "abc"}), 422, "invalid_request"),
@@ -138,23 +169,74 @@ def _bad_inputs(png: bytes):
         ("image not a string", dict(url=J, json={"images": [1]}), 422, "invalid_request"),
         ("invalid base64", dict(url=J, json={"images": ["!!!not base64"]}), 422, "invalid_base64"),
         ("data url without base64", dict(url=J, json={"images": ["data:image/png,abc"]}), 422, "invalid_base64"),
-        ("data url not an image", dict(url=J, json={"images": ["data:text/plain;base64," + _b64(png)]}), 422, "invalid_data_url"),
-        ("json nested 5000 deep", dict(url=J, content=b'{"images": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=JSON), 400, "invalid_json"),
-        ("json nested 40 deep", dict(url=J, content=b'{"images": ["AAAA"], "task": ' + b"[" * 40 + b"]" * 40 + b"}", headers=JSON), 400, "invalid_json"),
-        ("json 5000-digit number", dict(url=J, content=b'{"images": ["AAAA"], "top_k": ' + b"9" * 5000 + b"}", headers=JSON), 400, "invalid_json"),
+        (
+            "data url not an image",
+            dict(url=J, json={"images": ["data:text/plain;base64," + _b64(png)]}),
+            422,
+            "invalid_data_url",
+        ),
+        (
+            "json nested 5000 deep",
+            dict(url=J, content=b'{"images": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=JSON),
+            400,
+            "invalid_json",
+        ),
+        (
+            "json nested 40 deep",
+            dict(url=J, content=b'{"images": ["AAAA"], "task": ' + b"[" * 40 + b"]" * 40 + b"}", headers=JSON),
+            400,
+            "invalid_json",
+        ),
+        (
+            "json 5000-digit number",
+            dict(url=J, content=b'{"images": ["AAAA"], "top_k": ' + b"9" * 5000 + b"}", headers=JSON),
+            400,
+            "invalid_json",
+        ),
         ("json NaN", dict(url=J, content=b'{"images": ["AAAA"], "top_k": NaN}', headers=JSON), 400, "invalid_json"),
         ("json not utf-8", dict(url=J, content=b'{"images": ["\xff\xfe"]}', headers=JSON), 400, "invalid_json"),
         ("merge: invalid json", dict(url=M, content=b'{"method": ', headers={**JSON, **ADMIN}), 400, "invalid_json"),
-        ("merge: nested 5000 deep", dict(url=M, content=b'{"method": "avg", "params": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers={**JSON, **ADMIN}), 400, "invalid_json"),
-        ("merge: huge number", dict(url=M, content=b'{"method": "ties", "params": {"k": 1' + b"0" * 5000 + b'}}', headers={**JSON, **ADMIN}), 400, "invalid_json"),
-        ("merge: text/plain", dict(url=M, content=b"method=avg", headers={"content-type": "text/plain", **ADMIN}), 415, "unsupported_media_type"),
+        (
+            "merge: nested 5000 deep",
+            dict(
+                url=M,
+                content=b'{"method": "avg", "params": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                headers={**JSON, **ADMIN},
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            "merge: huge number",
+            dict(
+                url=M, content=b'{"method": "ties", "params": {"k": 1' + b"0" * 5000 + b"}}", headers={**JSON, **ADMIN}
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            "merge: text/plain",
+            dict(url=M, content=b"method=avg", headers={"content-type": "text/plain", **ADMIN}),
+            415,
+            "unsupported_media_type",
+        ),
         ("merge: empty body", dict(url=M, content=b"", headers={**JSON, **ADMIN}), 422, "empty_body"),
         ("merge: json array", dict(url=M, json=["avg"], headers=ADMIN), 422, "invalid_merge_request"),
         ("merge: empty method", dict(url=M, json={"method": ""}, headers=ADMIN), 422, "invalid_merge_request"),
-        ("merge: unknown task", dict(url=M, json={"method": "avg", "tasks": ["mnist", "cifar"]}, headers=ADMIN), 422, "invalid_merge_request"),
+        (
+            "merge: unknown task",
+            dict(url=M, json={"method": "avg", "tasks": ["mnist", "cifar"]}, headers=ADMIN),
+            422,
+            "invalid_merge_request",
+        ),
         ("random bytes", dict(url=J, json={"images": [_b64(bytes(range(256)) * 4)]}), 400, "invalid_image"),
         ("empty image", dict(url=J, json={"images": [""]}), 422, "invalid_request"),  # the schema says minLength 1
-        ("empty task form field", dict(url=J, files={"image": ("x.png", png)}, data={"task": ""}), 422, "invalid_request"),
+        (
+            "empty task form field",
+            dict(url=J, files={"image": ("x.png", png)}, data={"task": ""}),
+            422,
+            "invalid_request",
+        ),
         ("empty task json field", dict(url=J, json={"images": [_b64(png)], "task": ""}), 422, "invalid_request"),
         ("truncated png", dict(url=J, json={"images": [_b64(png[: len(png) // 2])]}), 400, "invalid_image"),
         ("png signature only", dict(url=J, json={"images": [_b64(png[:8])]}), 400, "invalid_image"),
@@ -168,21 +250,61 @@ def _bad_inputs(png: bytes):
         ("negative top_k", dict(url=J, json={"images": [_b64(png)], "top_k": -1}), 422, "invalid_request"),
         ("zero top_k", dict(url=J, json={"images": [_b64(png)], "top_k": 0}), 422, "invalid_request"),
         ("top_k above 20", dict(url=J, json={"images": [_b64(png)], "top_k": 21}), 422, "invalid_request"),
-        ("top_k not a number", dict(url=J, files={"image": ("a.png", png)}, data={"top_k": "abc"}), 422, "invalid_request"),
+        (
+            "top_k not a number",
+            dict(url=J, files={"image": ("a.png", png)}, data={"top_k": "abc"}),
+            422,
+            "invalid_request",
+        ),
         ("unknown json field", dict(url=J, json={"images": [_b64(png)], "colour": "red"}), 422, "invalid_request"),
         ("unknown query param", dict(url=J + "?debug=1", json={"images": [_b64(png)]}), 422, "invalid_request"),
-        ("unknown task in query", dict(url=J + "?task=nope", content=png, headers={"content-type": "image/png"}), 422, "unknown_task"),
+        (
+            "unknown task in query",
+            dict(url=J + "?task=nope", content=png, headers={"content-type": "image/png"}),
+            422,
+            "unknown_task",
+        ),
         ("multipart without files", dict(url=J, files={"task": (None, "mnist")}), 422, "no_images"),
-        ("multipart text file", dict(url=J, files={"image": ("a.txt", b"just text", "text/plain")}), 400, "invalid_image"),
+        (
+            "multipart text file",
+            dict(url=J, files={"image": ("a.txt", b"just text", "text/plain")}),
+            400,
+            "invalid_image",
+        ),
         ("multipart empty file", dict(url=J, files={"image": ("a.png", b"", "image/png")}), 400, "invalid_image"),
-        ("multipart no boundary", dict(url=J, content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "invalid_multipart"),
-        ("multipart too many files", dict(url=J, files=[("image", (f"{i}.png", png)) for i in range(17)]), 413, "too_many_images"),
-        ("raw garbage image/png", dict(url=J, content=b"\x89PNG garbage", headers={"content-type": "image/png"}), 400, "invalid_image"),
+        (
+            "multipart no boundary",
+            dict(url=J, content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+            400,
+            "invalid_multipart",
+        ),
+        (
+            "multipart too many files",
+            dict(url=J, files=[("image", (f"{i}.png", png)) for i in range(17)]),
+            413,
+            "too_many_images",
+        ),
+        (
+            "raw garbage image/png",
+            dict(url=J, content=b"\x89PNG garbage", headers={"content-type": "image/png"}),
+            400,
+            "invalid_image",
+        ),
         ("raw empty image/png", dict(url=J, content=b"", headers={"content-type": "image/png"}), 400, "invalid_image"),
-        ("body over limit", dict(url=J, content=b"\0" * (MAX_BODY + 1), headers={"content-type": "image/png"}), 413, "payload_too_large"),
+        (
+            "body over limit",
+            dict(url=J, content=b"\0" * (MAX_BODY + 1), headers={"content-type": "image/png"}),
+            413,
+            "payload_too_large",
+        ),
         ("GET classify", dict(url=J, method="GET"), 405, "method_not_allowed"),
         ("unknown route", dict(url="/v1/nope", method="POST", json={}), 404, "not_found"),
-        ("unknown merge job", dict(url="/v1/merge/abc", method="GET", headers={"authorization": "Bearer s3cret"}), 404, "unknown_job"),
+        (
+            "unknown merge job",
+            dict(url="/v1/merge/abc", method="GET", headers={"authorization": "Bearer s3cret"}),
+            404,
+            "unknown_job",
+        ),
     ]
 
 
@@ -198,7 +320,12 @@ def test_bad_inputs_get_clear_json_4xx_and_server_keeps_serving(harness, samples
         r = harness.request(method, kwargs.pop("url"), **kwargs)
         try:
             body = r.json()
-            ok = r.status_code == status and set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+            ok = (
+                r.status_code == status
+                and set(body) == {"error"}
+                and body["error"]["code"] == code
+                and body["error"]["message"]
+            )
             ok = ok and "Traceback" not in r.text and body["error"]["request_id"] == r.headers["x-request-id"]
         except json.JSONDecodeError:
             ok = False
@@ -206,7 +333,9 @@ def test_bad_inputs_get_clear_json_4xx_and_server_keeps_serving(harness, samples
             failures.append(f"{name}: got {r.status_code} {r.text[:200]!r}, want {status} {code}")
     assert not failures, "\n".join(failures)
     # one access-log line per request, and no stack trace for any of them
-    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records if r.exc_info
+    ]
     assert sum(r.name == "vitmerge.access" for r in caplog.records) >= len(cases)
     assert harness.request("GET", "/readyz").status_code == 200
     ok = harness.request("POST", "/v1/classify", files={"image": ("x.png", png)})
@@ -216,7 +345,9 @@ def test_bad_inputs_get_clear_json_4xx_and_server_keeps_serving(harness, samples
 def test_request_ids_are_echoed_logged_and_in_error_bodies(harness, samples, caplog):
     caplog.set_level(logging.INFO, logger="vitmerge.access")
     png = samples[0][1]
-    r = harness.request("POST", "/v1/classify", files={"image": ("x.png", png)}, headers={"x-request-id": "client-42.a:b"})
+    r = harness.request(
+        "POST", "/v1/classify", files={"image": ("x.png", png)}, headers={"x-request-id": "client-42.a:b"}
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "client-42.a:b"
     r = harness.request("POST", "/v1/classify", json={"images": ["!!"]}, headers={"x-request-id": "client-43"})
     assert r.status_code == 422 and r.headers["x-request-id"] == r.json()["error"]["request_id"] == "client-43"
@@ -239,18 +370,38 @@ def test_admin_auth(server_store, test_zoo_dir):
     try:
         body = {"method": "nope"}
         r = h.request("POST", "/v1/merge", json=body)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+        assert (
+            r.status_code == 401
+            and r.json()["error"]["code"] == "unauthorized"
+            and r.headers["www-authenticate"] == "Bearer"
+        )
         r = h.request("POST", "/v1/merge", json=body, headers={"authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
-        r = h.request("POST", "/merge", json=body, headers={"authorization": "Basic s3cret"})  # the right secret, the wrong scheme
+        r = h.request(
+            "POST", "/merge", json=body, headers={"authorization": "Basic s3cret"}
+        )  # the right secret, the wrong scheme
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         r = h.request("POST", "/v1/merge", json=body, headers={"authorization": "Bearer s3cret"})
-        assert r.status_code == 422 and r.json()["error"]["message"].startswith("unknown merge method 'nope'; valid methods: ")
-        r = h.request("POST", "/v1/merge", json={"method": "ties", "params": {"k": 7}}, headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith(
+            "unknown merge method 'nope'; valid methods: "
+        )
+        r = h.request(
+            "POST", "/v1/merge", json={"method": "ties", "params": {"k": 7}}, headers={"authorization": "Bearer s3cret"}
+        )
         msg = r.json()["error"]["message"]
-        assert r.status_code == 422 and "invalid parameters for 'ties'" in msg and "k: Input should be less than or equal to 1" in msg, msg
-        r = h.request("POST", "/v1/merge", json={"method": "emr", "extra": 1}, headers={"authorization": "Bearer s3cret"})
-        assert r.status_code == 422 and "extra" in r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_merge_request"
+        assert (
+            r.status_code == 422
+            and "invalid parameters for 'ties'" in msg
+            and "k: Input should be less than or equal to 1" in msg
+        ), msg
+        r = h.request(
+            "POST", "/v1/merge", json={"method": "emr", "extra": 1}, headers={"authorization": "Bearer s3cret"}
+        )
+        assert (
+            r.status_code == 422
+            and "extra" in r.json()["error"]["message"]
+            and r.json()["error"]["code"] == "invalid_merge_request"
+        )
         assert not (server_store / "bundles" / "v2").exists()  # nothing of the refused requests was published
     finally:
         h.close()
@@ -268,10 +419,19 @@ def test_api_key_guards_classify_when_configured(server_store_template, test_zoo
         files = {"image": ("x.png", samples[0][1])}
         for headers in ({}, {"x-api-key": "nope"}, {"authorization": "Bearer nope"}, {"authorization": "k3y"}):
             r = h.request("POST", "/v1/classify", files=files, headers=headers)
-            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized" and "API key" in r.json()["error"]["message"], headers
+            assert (
+                r.status_code == 401
+                and r.json()["error"]["code"] == "unauthorized"
+                and "API key" in r.json()["error"]["message"]
+            ), headers
         for headers in ({"x-api-key": "k3y"}, {"authorization": "Bearer k3y"}):
             r = h.request("POST", "/v1/classify", files=files, data={"task": samples[0][0]}, headers=headers)
-            assert r.status_code == 200 and r.json()["predictions"][0]["task"] == {"name": samples[0][0], "index": 0, "probability": 1.0, "source": "given"}, r.text
+            assert r.status_code == 200 and r.json()["predictions"][0]["task"] == {
+                "name": samples[0][0],
+                "index": 0,
+                "probability": 1.0,
+                "source": "given",
+            }, r.text
         assert h.request("GET", "/readyz").status_code == 200  # probes need no key
     finally:
         h.close()
@@ -286,7 +446,12 @@ def test_merge_job_swaps_atomically_and_failed_merge_changes_nothing(server_stor
         r = h.request("POST", "/v1/merge", json={"method": "emr", "tasks": ["mnist", "cifar"]}, headers=auth)
         assert r.status_code == 422 and "cifar" in r.json()["error"]["message"], r.text
         # a merge that fails inside the job (a gate cannot train on one image per task): nothing changes
-        r = h.request("POST", "/v1/merge", json={"method": "emr_routed", "params": {"gate_max_images": 1, "gate_epochs": 1}}, headers=auth)
+        r = h.request(
+            "POST",
+            "/v1/merge",
+            json={"method": "emr_routed", "params": {"gate_max_images": 1, "gate_epochs": 1}},
+            headers=auth,
+        )
         assert r.status_code == 202, r.text
         job = _wait_job(h, r.json()["id"], auth)
         assert job["state"] == "failed" and "at least 2" in job["error"] and job["version"] is None, job
@@ -344,7 +509,9 @@ def test_a_merge_process_killed_mid_merge_fails_the_job_and_serving_goes_on(serv
         os.kill(job.process.pid, signal.SIGKILL)  # what the kernel's OOM killer does
         done = _wait_job(h, job.id, auth)
         assert done["state"] == "failed" and "SIGKILL" in done["error"] and done["version"] is None, done
-        assert sorted(p.name for p in (server_store / "bundles").iterdir()) == before  # no half-written version or staging dir
+        assert (
+            sorted(p.name for p in (server_store / "bundles").iterdir()) == before
+        )  # no half-written version or staging dir
         assert (server_store / "CURRENT").read_text().strip() == "v1" and h.state.manager.version == "v1"
         r = h.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])})
         assert r.status_code == 200 and r.json()["model_version"] == "v1"
@@ -384,7 +551,11 @@ def test_readyz_503_until_a_model_is_loaded(tmp_path):
         while h.state.manager.state not in ("failed",) and time.monotonic() < deadline:
             time.sleep(0.05)
         r = h.request("GET", "/readyz")
-        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "no-such-zoo" in r.json()["error"]["message"]
+        assert (
+            r.status_code == 503
+            and r.json()["error"]["code"] == "not_ready"
+            and "no-such-zoo" in r.json()["error"]["message"]
+        )
         r = h.request("POST", "/v1/classify", content=b"x", headers={"content-type": "image/png"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
         assert h.request("GET", "/v1/tasks").status_code == 503
@@ -415,10 +586,17 @@ def test_metrics_exposition(harness, samples):
     harness.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])})
     text = harness.request("GET", "/metrics").text
     assert metric_value(text, "vitmerge_requests_total", 'method="POST",route="/v1/classify",status="200"') >= 1
-    for name in ("vitmerge_request_latency_seconds_count", "vitmerge_queue_wait_seconds_count", "vitmerge_inference_seconds_count",
-                 "vitmerge_batch_size_count", "vitmerge_queue_depth", "vitmerge_predictions_total", "vitmerge_weight_cache_lookups_total"):
+    for name in (
+        "vitmerge_request_latency_seconds_count",
+        "vitmerge_queue_wait_seconds_count",
+        "vitmerge_inference_seconds_count",
+        "vitmerge_batch_size_count",
+        "vitmerge_queue_depth",
+        "vitmerge_predictions_total",
+        "vitmerge_weight_cache_lookups_total",
+    ):
         assert metric_value(text, name) >= 0
-    assert 'vitmerge_model_info{' in text and 'version="v1"' in text
+    assert "vitmerge_model_info{" in text and 'version="v1"' in text
     assert metric_value(text, "vitmerge_ready") == 1
 
 
@@ -426,9 +604,11 @@ def test_serving_path_does_not_import_training_code():
     import subprocess
     import sys
 
-    code = ("import sys, server.http.app, server.runtime.engine, server.cli; "
-            "bad = [m for m in ('merging', 'merging.registry', 'merging.gating.router', 'model_store.zoo_build.training', 'model_store.zoo_build.presets') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, server.http.app, server.runtime.engine, server.cli; "
+        "bad = [m for m in ('merging', 'merging.registry', 'merging.gating.router', 'model_store.zoo_build.training', 'model_store.zoo_build.presets') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -441,7 +621,9 @@ def test_process_worker_gives_the_same_answers_and_readyz_follows_it(server_stor
         direct = Engine(engine.bundle, "cpu")
         for i, (task, png, img) in enumerate(samples[:6]):
             given = task if i % 2 else None
-            r = h.request("POST", "/v1/classify", files={"image": ("x.png", png)}, data={"task": given} if given else {})
+            r = h.request(
+                "POST", "/v1/classify", files={"image": ("x.png", png)}, data={"task": given} if given else {}
+            )
             assert r.status_code == 200, r.text
             _check(r.json()["predictions"][0], _direct(direct, img, given), direct)
         text = h.request("GET", "/metrics").text

@@ -4,6 +4,7 @@ Mixed-task traffic goes through nginx the whole time; a merge on one replica mus
 reach both within 10 s with no failed request; `kill -9` of a replica under load must
 not stop nginx from answering; the restarted replica rejoins on the current version.
 """
+
 import asyncio
 import os
 import random
@@ -36,7 +37,9 @@ def nginx_config(tmp: Path, replica_ports: list[int], listen: int) -> Path:
     for name, port in zip(names, replica_ports):
         conf = conf.replace(f"server {name}:8000", f"server 127.0.0.1:{port}")
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
-    temp = "\n".join(f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(
+        f"    {kind}_temp_path {tmp}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     conf = conf.replace("http {", "http {\n" + temp, 1)
     if os.geteuid() == 0:
         conf = "user root;\n" + conf
@@ -50,8 +53,19 @@ def nginx_lb(tmp_path):
     def start(replica_ports: list[int]) -> tuple[str, subprocess.Popen]:
         listen = free_port()
         conf = nginx_config(tmp_path, replica_ports, listen)
-        proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log warn;"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                NGINX,
+                "-p",
+                str(tmp_path),
+                "-c",
+                str(conf),
+                "-g",
+                f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log warn;",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         procs.append(proc)
         return f"http://127.0.0.1:{listen}", proc
 
@@ -63,7 +77,11 @@ def nginx_lb(tmp_path):
 
 
 def _pool() -> list[tuple[str, bytes]]:
-    return [(task, png_bytes(img)) for task in ("mnist", "animals", "solar", "digits") for img in load_split(task, "test", limit=6).images]
+    return [
+        (task, png_bytes(img))
+        for task in ("mnist", "animals", "solar", "digits")
+        for img in load_split(task, "test", limit=6).images
+    ]
 
 
 async def _traffic(url: str, pool, clients: int, stop: asyncio.Event, log: list) -> None:
@@ -76,7 +94,14 @@ async def _traffic(url: str, pool, clients: int, stop: asyncio.Event, log: list)
                 t = time.monotonic()
                 try:
                     r = await c.post("/v1/classify", files={"image": ("x.png", png)}, data=data)
-                    log.append((t, time.monotonic(), r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:200]))
+                    log.append(
+                        (
+                            t,
+                            time.monotonic(),
+                            r.status_code,
+                            r.json().get("model_version") if r.status_code == 200 else r.text[:200],
+                        )
+                    )
                 except httpx.HTTPError as e:
                     log.append((t, time.monotonic(), -1, repr(e)))
 
@@ -121,7 +146,9 @@ def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo
             traffic = asyncio.create_task(_traffic(lb, pool, 8, stop, log))
             await answered_since(0.0)
             async with httpx.AsyncClient(timeout=30) as admin:
-                r = await admin.post(f"{a.url}/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=AUTH)
+                r = await admin.post(
+                    f"{a.url}/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=AUTH
+                )
                 assert r.status_code == 202, r.text
                 while True:
                     job = (await admin.get(f"{a.url}/v1/merge/{r.json()['id']}", headers=AUTH)).json()
@@ -155,9 +182,11 @@ def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo
         failed_before = [e for e in before_kill if e[2] != 200]
         failed_after = [e for e in log if e[2] != 200 and e[1] >= report["killed_at"]]
         versions = [e[3] for e in before_kill if e[2] == 200]
-        print(f"\n{len(log)} requests through nginx; merge converged on the other replica in {report['convergence_s']:.2f} s; "
-              f"{len(failed_before)} failed before the kill; {len(failed_after)} failed after kill -9 "
-              f"({len([e for e in after_kill if e[2] == 200])} answered after it); rejoined on {report['rejoined_version']}")
+        print(
+            f"\n{len(log)} requests through nginx; merge converged on the other replica in {report['convergence_s']:.2f} s; "
+            f"{len(failed_before)} failed before the kill; {len(failed_after)} failed after kill -9 "
+            f"({len([e for e in after_kill if e[2] == 200])} answered after it); rejoined on {report['rejoined_version']}"
+        )
         assert not failed_before, failed_before[:3]
         assert set(versions) <= {"v1", report["version"]}
         assert not failed_after, failed_after[:3]  # nginx retries classify on the other replica: nothing is lost

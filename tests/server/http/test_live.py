@@ -1,4 +1,5 @@
 """A real `vitmerge serve` (uvicorn on 127.0.0.1): concurrency, batching, hot swap under load, shutdown."""
+
 import asyncio
 import random
 import signal
@@ -30,9 +31,18 @@ def pool(server_store_template):
         for img in load_split(task, "test", limit=8).images:
             for given in (None, task):
                 x, g = engine.preprocess(img, given is None)
-                out = engine.predict(x[None], [None if given is None else engine.task_index(given)], None if g is None else g[None])[0]
-                items.append({"png": png_bytes(img), "task": given, "want_task": engine.tasks[out.task], "want_class": int(out.probabilities.argmax()),
-                              "want_p": float(out.probabilities.max())})
+                out = engine.predict(
+                    x[None], [None if given is None else engine.task_index(given)], None if g is None else g[None]
+                )[0]
+                items.append(
+                    {
+                        "png": png_bytes(img),
+                        "task": given,
+                        "want_task": engine.tasks[out.task],
+                        "want_class": int(out.probabilities.argmax()),
+                        "want_p": float(out.probabilities.max()),
+                    }
+                )
     return items
 
 
@@ -70,7 +80,11 @@ def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store,
         wrong = []
         for item, _, body, _ in log:
             pred = body["predictions"][0]
-            if pred["task"]["name"] != item["want_task"] or pred["class"]["index"] != item["want_class"] or abs(pred["class"]["probability"] - item["want_p"]) > 1e-4:
+            if (
+                pred["task"]["name"] != item["want_task"]
+                or pred["class"]["index"] != item["want_class"]
+                or abs(pred["class"]["probability"] - item["want_p"]) > 1e-4
+            ):
                 wrong.append((item["task"], item["want_task"], item["want_class"], pred))
         assert not wrong, wrong[:3]
         text = httpx.get(f"{server.url}/metrics").text
@@ -78,12 +92,16 @@ def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store,
         singles = metric_value(text, "vitmerge_batch_size_bucket", 'le="1.0"')
         images = metric_value(text, "vitmerge_batch_size_sum")
         n = 16 * PER_CLIENT
-        print(f"\n[{worker}] {n} requests in {seconds:.1f} s ({n / seconds:.0f} req/s); {batches:.0f} batches, mean size {images / batches:.2f}")
+        print(
+            f"\n[{worker}] {n} requests in {seconds:.1f} s ({n / seconds:.0f} req/s); {batches:.0f} batches, mean size {images / batches:.2f}"
+        )
         assert images == n and batches > singles and images / batches > 1.5
         # every prediction is counted under how its task was chosen and the task it went to
         for source in ("gate", "given"):
             for task in {item["want_task"] for item, *_ in log}:
-                want = sum(1 for item, *_ in log if (item["task"] is None) == (source == "gate") and item["want_task"] == task)
+                want = sum(
+                    1 for item, *_ in log if (item["task"] is None) == (source == "gate") and item["want_task"] == task
+                )
                 label = f'source="{source}",task="{task}"'
                 assert (metric_value(text, "vitmerge_predictions_total", label) if want else 0) == want, (label, want)
     finally:
@@ -124,7 +142,9 @@ def test_merge_while_16_clients_classify_zero_failures(server_store, test_zoo_di
         assert set(versions) == {"v1", "v2"}, set(versions)
         after = [body["model_version"] for _, _, body, t in log if t > job["done_at"] + 0.2]
         assert after and set(after) == {"v2"}
-        print(f"\n{len(log)} requests during the merge, 0 failed; {versions.count('v1')} on v1, {versions.count('v2')} on v2")
+        print(
+            f"\n{len(log)} requests during the merge, 0 failed; {versions.count('v1')} on v1, {versions.count('v2')} on v2"
+        )
     finally:
         server.terminate()
 
@@ -136,8 +156,11 @@ def test_graceful_shutdown_drains_in_flight_requests(server_store, test_zoo_dir,
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+
             async def one(item):
-                r = await client.post("/v1/classify", files={"image": ("x.png", item["png"])}, data={"task": item["want_task"]})
+                r = await client.post(
+                    "/v1/classify", files={"image": ("x.png", item["png"])}, data={"task": item["want_task"]}
+                )
                 results.append(r.status_code)
 
             tasks = [asyncio.create_task(one(item)) for item in pool[:8]]

@@ -1,4 +1,5 @@
 """Two servers sharing one store: a merge on one reaches the other; merges are exclusive."""
+
 import time
 
 from conftest import SMALL_GATE
@@ -20,10 +21,15 @@ def test_replicas_converge_and_merges_are_exclusive(server_store, test_zoo_dir):
         assert a.state.manager.version == b.state.manager.version == "v1"
         first = a.request("POST", "/v1/merge", json={"method": "emr_routed", "params": SMALL_GATE}, headers=AUTH)
         assert first.status_code == 202
-        other = b.request("POST", "/v1/merge", json={"method": "avg"}, headers=AUTH)  # store-level lock held by replica a
+        other = b.request(
+            "POST", "/v1/merge", json={"method": "avg"}, headers=AUTH
+        )  # store-level lock held by replica a
         assert other.status_code == 409 and "another replica" in other.json()["error"]["message"]
         deadline = time.monotonic() + 120
-        while a.request("GET", f"/v1/merge/{first.json()['id']}", headers=AUTH).json()["state"] not in ("succeeded", "failed"):
+        while a.request("GET", f"/v1/merge/{first.json()['id']}", headers=AUTH).json()["state"] not in (
+            "succeeded",
+            "failed",
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert a.state.manager.version == "v2"

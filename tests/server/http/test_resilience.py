@@ -1,6 +1,7 @@
 """Server behaviours under faults and load: corrupt bundles, hot swaps of multi-image requests, a full
 queue, a failing batch, draining, streamed bodies, replicas on an empty store, settings precedence,
 the ready message -- each asserted on what a client sees."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +49,11 @@ def _wait(cond, timeout: float = 60, what: str = "condition") -> None:
 @pytest.fixture(scope="module")
 def images():
     """A few TEST images of every task of the `test` zoo, as PNG bytes."""
-    return [png_bytes(img) for task in ("mnist", "animals", "solar", "digits") for img in load_split(task, "test", limit=4).images]
+    return [
+        png_bytes(img)
+        for task in ("mnist", "animals", "solar", "digits")
+        for img in load_split(task, "test", limit=4).images
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +116,9 @@ def _classes(store: Path, version: str, images: list[bytes], task: str) -> list[
 
 
 @pytest.mark.parametrize("worker", ["thread", "process"])
-def test_hot_swap_never_mixes_versions_inside_a_multi_image_response(two_versions, tmp_path, test_zoo_dir, images, worker):
+def test_hot_swap_never_mixes_versions_inside_a_multi_image_response(
+    two_versions, tmp_path, test_zoo_dir, images, worker
+):
     import shutil
 
     store = tmp_path / "store"
@@ -149,23 +156,37 @@ def test_hot_swap_never_mixes_versions_inside_a_multi_image_response(two_version
     assert {r["model_version"] for r in responses} == {"v1", "v2"}
 
 
-def test_concurrent_clients_filling_the_queue_get_429_and_the_rest_is_answered(server_store_template, test_zoo_dir, images):
+def test_concurrent_clients_filling_the_queue_get_429_and_the_rest_is_answered(
+    server_store_template, test_zoo_dir, images
+):
     h = AsgiHarness(_settings(server_store_template, test_zoo_dir, max_queue=4, max_batch_size=64, max_wait_ms=400))
     try:
+
         async def burst():
             async def one(i):
-                return await h.client.post("/v1/classify", files={"image": ("x.png", images[i % len(images)])}, data={"task": "digits"})
+                return await h.client.post(
+                    "/v1/classify", files={"image": ("x.png", images[i % len(images)])}, data={"task": "digits"}
+                )
 
             return await asyncio.gather(*(one(i) for i in range(12)))
 
         codes = [r.status_code for r in h.call(burst())]
-        assert set(codes) == {200, 429} and codes.count(200) >= 4, codes  # the queue holds 4 images; the rest is refused at once
-        assert h.request("POST", "/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "digits"}).status_code == 200
+        assert set(codes) == {200, 429} and codes.count(200) >= 4, (
+            codes
+        )  # the queue holds 4 images; the rest is refused at once
+        assert (
+            h.request(
+                "POST", "/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "digits"}
+            ).status_code
+            == 200
+        )
     finally:
         h.close()
 
 
-def test_a_failing_batch_fails_its_requests_with_500_json_and_serving_goes_on(server_store_template, test_zoo_dir, images):
+def test_a_failing_batch_fails_its_requests_with_500_json_and_serving_goes_on(
+    server_store_template, test_zoo_dir, images
+):
     h = AsgiHarness(_settings(server_store_template, test_zoo_dir))
     try:
         engine = h.state.manager.engine
@@ -180,10 +201,16 @@ def test_a_failing_batch_fails_its_requests_with_500_json_and_serving_goes_on(se
 
         engine.predict = flaky
         # what a client of the real server sees (Starlette answers 500, then re-raises for the server's log)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=h.app, raise_app_exceptions=False), base_url="http://testserver")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=h.app, raise_app_exceptions=False), base_url="http://testserver"
+        )
         r = h.call(client.post("/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"}))
         h.call(client.aclose())
-        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error" and "RuntimeError" in r.json()["error"]["message"]
+        assert (
+            r.status_code == 500
+            and r.json()["error"]["code"] == "internal_error"
+            and "RuntimeError" in r.json()["error"]["message"]
+        )
         r = h.request("POST", "/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"})
         assert r.status_code == 200 and calls["n"] == 2
         assert h.request("GET", "/readyz").status_code == 200
@@ -194,8 +221,11 @@ def test_a_failing_batch_fails_its_requests_with_500_json_and_serving_goes_on(se
 def test_requests_arriving_while_draining_get_503(server_store_template, test_zoo_dir, images):
     h = AsgiHarness(_settings(server_store_template, test_zoo_dir, max_wait_ms=300, max_batch_size=64))
     try:
+
         async def scenario():
-            first = asyncio.create_task(h.client.post("/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"}))
+            first = asyncio.create_task(
+                h.client.post("/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"})
+            )
             await asyncio.sleep(0.1)  # queued in the batcher (it waits up to 300 ms for more)
             drain = asyncio.create_task(h.state.batcher.stop(drain_timeout=10))
             await asyncio.sleep(0)
@@ -213,7 +243,10 @@ def test_requests_arriving_while_draining_get_503(server_store_template, test_zo
 def test_two_replicas_on_an_empty_store_merge_once_and_streamed_bodies_are_capped(test_zoo_dir, tmp_path):
     store = tmp_path / "empty"
     store.mkdir()  # the servers' logs go here; no zoos, no bundles, no CURRENT
-    env = {"VITMERGE_DEFAULT_METHOD": "avg", "VITMERGE_MAX_BODY_BYTES": "65536"}  # a quick startup merge: the race is under test
+    env = {
+        "VITMERGE_DEFAULT_METHOD": "avg",
+        "VITMERGE_MAX_BODY_BYTES": "65536",
+    }  # a quick startup merge: the race is under test
     a = LiveServer(store, test_zoo_dir, ["--watch-interval", "0"], env=env)
     b = LiveServer(store, test_zoo_dir, ["--watch-interval", "0"], env=env)
     try:

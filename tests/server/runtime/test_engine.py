@@ -1,4 +1,5 @@
 """The inference engine on real bundles: routing, grouping, caching, strategies."""
+
 import numpy as np
 import pytest
 import torch
@@ -97,7 +98,9 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
     cold = Engine(store.load(), "cpu", cache_bytes=0, on_cache_lookup=lookups.append)
     a = cold.predict(x, truth)
     b = cold.predict(x, truth)
-    assert cold.cache.hits == 0 and cold.cache.misses == 2 * len(set(truth)) and cold.resident_bytes()["weight_cache"] == 0
+    assert (
+        cold.cache.hits == 0 and cold.cache.misses == 2 * len(set(truth)) and cold.resident_bytes()["weight_cache"] == 0
+    )
     warm = Engine(store.load(), "cpu", cache_bytes=2**30)
     warm.predict(x, truth)
     c = warm.predict(x, truth)

@@ -1,4 +1,5 @@
 """Routed EMR on the real tiny zoo through the serving Engine: the gate picks the task, EMR modulators do the rest."""
+
 import pytest
 import torch
 
@@ -42,12 +43,21 @@ def test_routed_emr_is_close_to_task_given_emr(routed_bundle):
     given = evaluate_bundle(engine, limit=LIMIT)
     result = evaluate_routed(engine, limit=LIMIT, batch_size=64)
     print("\ntask-given EMR:", {k: round(v, 4) for k, v in given.items()})
-    print("routed EMR    :", {k: round(v["routed"], 4) for k, v in result.items()}, "gate:", {k: round(v["gate"], 4) for k, v in result.items()})
+    print(
+        "routed EMR    :",
+        {k: round(v["routed"], 4) for k, v in result.items()},
+        "gate:",
+        {k: round(v["gate"], 4) for k, v in result.items()},
+    )
     for task in routed_bundle.tasks:
         # an image the gate routes right is scored by the same EMR model as with the task given:
         # routed loses at most the misrouted share, and gains nothing
         gate = result[task]["gate"]
-        assert given[task] - (1 - gate) - 0.005 <= result[task]["routed"] <= given[task] + 1e-9, (task, result[task], given[task])
+        assert given[task] - (1 - gate) - 0.005 <= result[task]["routed"] <= given[task] + 1e-9, (
+            task,
+            result[task],
+            given[task],
+        )
     mean_given = sum(given.values()) / len(given)
     mean_routed = sum(v["routed"] for v in result.values()) / len(result)
     assert mean_routed > mean_given - 0.05, (mean_routed, mean_given)
@@ -67,5 +77,7 @@ def test_named_task_skips_the_gate_and_mixed_batches_route_per_image(routed_bund
         assert alone.task == batch[i].task
         assert torch.allclose(alone.probabilities, batch[i].probabilities, atol=1e-5)
     given = engine.predict(x[:4], [engine.task_index("animals")] * 4)
-    assert [o.task for o in given] == [1, 1, 1, 1] and all(o.task_probability == 1 and o.source == "given" for o in given)
+    assert [o.task for o in given] == [1, 1, 1, 1] and all(
+        o.task_probability == 1 and o.source == "given" for o in given
+    )
     assert given[0].probabilities.shape == (10,)
