@@ -86,7 +86,8 @@ def run_group(zoo, group: tuple[str, ...], args: argparse.Namespace, data) -> di
             "info": info,
         }
         tqdm.write(
-            f"{'+'.join(group)} {label}: per-task {100 * rows[label]['mean']['per_task']:.1f} joint {100 * rows[label]['mean']['joint']:.1f} ({seconds:.0f} s)"
+            f"{'+'.join(group)} {label}: per-task {100 * rows[label]['mean']['per_task']:.1f} joint "
+            f"{100 * rows[label]['mean']['joint']:.1f} ({seconds:.0f} s)"
         )
     return rows
 

@@ -140,15 +140,18 @@ def main() -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['arch']} | {r['size']} | {r['train_nchw']:.2f} | {r['train_channels_last']:.2f} | {r['train_nchw'] / r['train_channels_last']:.2f}× "
-            f"| {r['infer_nchw']:.2f} | {r['infer_channels_last']:.2f} | {r['infer_nchw'] / r['infer_channels_last']:.2f}× |"
+            f"| {r['arch']} | {r['size']} | {r['train_nchw']:.2f} | {r['train_channels_last']:.2f} | "
+            f"{r['train_nchw'] / r['train_channels_last']:.2f}× "
+            f"| {r['infer_nchw']:.2f} | {r['infer_channels_last']:.2f} | "
+            f"{r['infer_nchw'] / r['infer_channels_last']:.2f}× |"
         )
     if engine is not None:
         lines += [
             "",
             "| engine, routed batch of 32 (tiny zoo, gate 64 px) | NCHW gate | channels_last gate | speed-up |",
             "|---|---|---|---|",
-            f"| ms per batch | {engine['nchw']:.1f} | {engine['channels_last']:.1f} | {engine['nchw'] / engine['channels_last']:.2f}× |",
+            f"| ms per batch | {engine['nchw']:.1f} | {engine['channels_last']:.1f} | "
+            f"{engine['nchw'] / engine['channels_last']:.2f}× |",
         ]
     table = "\n".join(lines)
     (RESULTS / "gate_memory_format.md").write_text(table + "\n")

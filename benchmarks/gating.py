@@ -327,7 +327,8 @@ def real_size_throughput(preset: str, batch: int, rounds: int, n_batches: int = 
         f"### Throughput at real size: {preset} zoo ({params:.1f} M params, depth {depth}, m = {depth // 2}, "
         f"{len(tasks)} tasks)",
         "",
-        f"Command: `.venv/bin/python benchmarks/gating.py --throughput-zoo {preset}`; mixed-task batches of {batch} ({n_batches} per round), "
+        f"Command: `.venv/bin/python benchmarks/gating.py --throughput-zoo {preset}`; "
+        f"mixed-task batches of {batch} ({n_batches} per round), "
         f"{rounds} interleaved rounds, p = one-hot true task.",
         "",
         "| strategy | img/s | vs plain ViT |",
@@ -366,34 +367,42 @@ def render(r: dict) -> str:
         "",
         "### Accuracy vs m (avg over tasks, %; routed = task not given, mixed-task batches, exact routing)",
         "",
-        f"Individual fine-tuned models: {_avg(ind):.1f}. ViT forward: {r['vit_gflops']:.4f} GFLOPs/img; backbone {r['backbone_M']:.2f} M params.",
+        f"Individual fine-tuned models: {_avg(ind):.1f}. ViT forward: {r['vit_gflops']:.4f} GFLOPs/img; backbone "
+        f"{r['backbone_M']:.2f} M params.",
         "",
-        "Stored parameters and FLOPs include the default EfficientNet-Lite0 gate; FLOPs of gated rows are for exact routing",
+        "Stored parameters and FLOPs include the default EfficientNet-Lite0 gate; "
+        "FLOPs of gated rows are for exact routing",
         "(ViT forward + gate + per-image weight mixing); EMR counts masks at 1/32 parameter per bit.",
         "",
-        "| base | m | task given | routed (EfficientNet-Lite0 gate) | routed (MobileNetV2 gate) | stored params (M) | GFLOPs/img |",
+        "| base | m | task given | routed (EfficientNet-Lite0 gate) | routed (MobileNetV2 gate) | stored params (M) | "
+        "GFLOPs/img |",
         "|---|---|---|---|---|---|---|",
     ]
     gate = next(g for g in r["gates"] if g["arch"] == "efficientnet_lite0")
     for row in r["rows"]:
         lines.append(
-            f"| {row['base']} | {row['m']} | {_avg(row['given']):.1f} | {_avg(row['routed_efficientnet_lite0']):.1f} | {_avg(row['routed_mobilenetv2_100']):.1f} | "
+            f"| {row['base']} | {row['m']} | {_avg(row['given']):.1f} | {_avg(row['routed_efficientnet_lite0']):.1f} | "
+            f"{_avg(row['routed_mobilenetv2_100']):.1f} | "
             f"{row['stored_M'] + gate['params_M']:.2f} | {r['vit_gflops'] + gate['gflops'] + row['mix_gflops']:.4f} |"
         )
     e = r["emr"]
     lines.append(
-        f"| EMR (routed) | – | {_avg(e['given']):.1f} | {_avg(e['routed_efficientnet_lite0']):.1f} | {_avg(e['routed_mobilenetv2_100']):.1f} | "
+        f"| EMR (routed) | – | {_avg(e['given']):.1f} | {_avg(e['routed_efficientnet_lite0']):.1f} | "
+        f"{_avg(e['routed_mobilenetv2_100']):.1f} | "
         f"{e['stored_M'] + gate['params_M']:.2f} | {r['vit_gflops'] + gate['gflops']:.4f} |"
     )
     lines.append(
-        f"| individual models (N separate ViTs, task given) | – | {_avg(ind):.1f} | – | – | {len(tasks) * r['backbone_M']:.2f} + heads | {r['vit_gflops']:.4f} |"
+        f"| individual models (N separate ViTs, task given) | – | {_avg(ind):.1f} | – | – | "
+        f"{len(tasks) * r['backbone_M']:.2f} + heads | {r['vit_gflops']:.4f} |"
     )
     lines += [
         "",
         f"### Throughput on mixed-task batches of {r['batch']} (gated: RegMean base, m = {r['m_half']}; gate excluded)",
         "",
-        f"{r.get('rounds', 1)} interleaved rounds over the same batches; img/s = best round, ratio = median of the per-round",
-        "ratios to the plain ViT (min–max in brackets). Process allocator as `vitmerge serve` sets it (1 MiB mmap threshold).",
+        f"{r.get('rounds', 1)} interleaved rounds over the same batches; "
+        "img/s = best round, ratio = median of the per-round",
+        "ratios to the plain ViT (min–max in brackets). "
+        "Process allocator as `vitmerge serve` sets it (1 MiB mmap threshold).",
         "",
         "| strategy | img/s | vs plain ViT |",
         "|---|---|---|",

@@ -142,14 +142,16 @@ def main() -> None:
                     }
                 )
     lines = [
-        f"One model (ViT-B/16 backbone, fp32): {model_bytes / 2**20:.0f} MiB; import-only baseline process peak RSS: {baseline / 2**20:.0f} MiB.",
+        f"One model (ViT-B/16 backbone, fp32): {model_bytes / 2**20:.0f} MiB; import-only baseline process peak RSS: "
+        f"{baseline / 2**20:.0f} MiB.",
         "",
         "| method | N | merge time (s) | peak RSS (MiB) | (peak RSS - baseline) / one model |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['peak_rss'] / 2**20:.0f} | {r['rss_over_model']:.2f} |"
+            f"| {r['method']} | {r['n']} | {r['seconds']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
+            f"{r['rss_over_model']:.2f} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -362,23 +362,27 @@ def render(res: dict) -> str:
     lines += [
         "HTTP, single-image requests, task not given (gate -> routed EMR), tiny zoo:",
         "",
-        "| server | concurrency | req/s | p50 ms | p99 ms | mean batch | errors | server-side mean ms: decode / queue / inference / total |",
+        "| server | concurrency | req/s | p50 ms | p99 ms | mean batch | errors | server-side mean ms: decode / queue "
+        "/ inference / total |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["http"]:
         t = r["server_timing_ms"]
         lines.append(
-            f"| {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['errors']} | "
+            f"| {r['server']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{r['mean_batch']:.1f} | {r['errors']} | "
             f"{t['decode_ms']:.1f} / {t['queue_ms']:.1f} / {t['inference_ms']:.1f} / {t['total_ms']:.1f} |"
         )
     lines += [
         "",
-        "| concurrency | (a) batching req/s | (b) no batching req/s | (a)/(b) | (c) plain ViT in-process img/s at (a)'s batch | (a)/(c) |",
+        "| concurrency | (a) batching req/s | (b) no batching req/s | (a)/(b) | (c) plain ViT in-process img/s at "
+        "(a)'s batch | (a)/(c) |",
         "|---|---|---|---|---|---|",
     ]
     for c in res["limit"]:
         lines.append(
-            f"| {c['concurrency']} | {c['a']:.0f} | {c['b']:.0f} | {c['a'] / c['b']:.2f}× | {c['c']:.0f} (batch {c['batch']}) | {c['a'] / c['c']:.2f}× |"
+            f"| {c['concurrency']} | {c['a']:.0f} | {c['b']:.0f} | {c['a'] / c['b']:.2f}× | {c['c']:.0f} (batch "
+            f"{c['batch']}) | {c['a'] / c['c']:.2f}× |"
         )
     lines += [
         "",
@@ -393,13 +397,16 @@ def render(res: dict) -> str:
         "",
         "Memory (tensor bytes held by the engine vs N separate models, each backbone + head):",
         "",
-        "| model | N | one model MB | N models MB | engine, cache off MB | engine after mixed traffic, default budget MB (tasks cached) | engine, all tasks cached MB | of which gate MB |",
+        "| model | N | one model MB | N models MB | engine, cache off MB | engine after mixed traffic, default budget "
+        "MB (tasks cached) | engine, all tasks cached MB | of which gate MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for m in res["memory"]:
         lines.append(
-            f"| {m['model']} | {m['tasks']} | {m['one_model_mb']:.1f} | {m['n_models_mb']:.1f} | {m['engine_no_cache_mb']:.1f} ({m['engine_no_cache_mb'] / m['n_models_mb']:.2f}×) | "
-            f"{m['engine_with_cache_mb']:.1f} ({m['cached_tasks']}) | {m['engine_all_cached_mb']:.1f} ({m['engine_all_cached_mb'] / m['n_models_mb']:.2f}×) | {m['gate_mb']:.1f} |"
+            f"| {m['model']} | {m['tasks']} | {m['one_model_mb']:.1f} | {m['n_models_mb']:.1f} | "
+            f"{m['engine_no_cache_mb']:.1f} ({m['engine_no_cache_mb'] / m['n_models_mb']:.2f}×) | "
+            f"{m['engine_with_cache_mb']:.1f} ({m['cached_tasks']}) | {m['engine_all_cached_mb']:.1f} "
+            f"({m['engine_all_cached_mb'] / m['n_models_mb']:.2f}×) | {m['gate_mb']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -188,7 +188,8 @@ def main() -> None:
     gate = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["gate_test_accuracy"].items())
     md = (
         f"| step | seconds |\n|---|---|\n| `vitmerge zoo create spec.yaml` | {result['zoo_create_s']} |\n"
-        f"| `vitmerge serve --zoo spec.yaml` until /readyz (merge {result['method']} + gate training + load) | {result['serve_to_ready_s']} |\n"
+        f"| `vitmerge serve --zoo spec.yaml` until /readyz (merge {result['method']} + gate training + load) | "
+        f"{result['serve_to_ready_s']} |\n"
         f"| **zoo create -> served routed model** | **{result['create_to_ready_s']}** |\n\n"
         f"Images read (calibration / test): {json.dumps(counts)}; gate routing on the test images: {gate}; "
         f"one classify per task answered {answers}.\n"

@@ -96,8 +96,9 @@ def check_data(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> Non
     for task in tasks or zoo.tasks:
         if zoo.task_data(task).calibration is None:
             raise MissingDataError(
-                f"merge method '{method}' needs calibration images, but task '{task}' of zoo '{zoo.name}' has none; add them with "
-                f"'calibration:' for that task in the zoo spec, `vitmerge zoo data --zoo {zoo.name} --task {task} --calibration SRC`, "
+                f"merge method '{method}' needs calibration images, but task '{task}' of zoo '{zoo.name}' has none; "
+                "add them with 'calibration:' for that task in the zoo spec, "
+                f"`vitmerge zoo data --zoo {zoo.name} --task {task} --calibration SRC`, "
                 f"or --calibration on `vitmerge import`; data-free methods: "
                 + ", ".join(sorted(n for n, m in REGISTRY.items() if not m.needs_calibration))
             )
@@ -128,7 +129,8 @@ def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progr
             images = calibration_set(zoo, tasks[i])
             if images is None:
                 raise MissingDataError(
-                    f"task '{tasks[i]}' has no calibration images (`vitmerge zoo data --task {tasks[i]} --calibration SRC`)"
+                    f"task '{tasks[i]}' has no calibration images "
+                    f"(`vitmerge zoo data --task {tasks[i]} --calibration SRC`)"
                 )
             sets[i] = images
         return sets[i].tensors(prep or zoo.metas[tasks[i]].preprocessing, limit)

@@ -77,7 +77,8 @@ def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -
         missing, unexpected = model.load_state_dict(body, strict=False)
         if unexpected or set(missing) - head_keys:
             raise ValueError(
-                f"gate init does not fit {arch}: missing={sorted(set(missing) - head_keys)[:5]} unexpected={unexpected[:5]}"
+                f"gate init does not fit {arch}: missing={sorted(set(missing) - head_keys)[:5]} "
+                f"unexpected={unexpected[:5]}"
             )
     return model.to(memory_format=torch.channels_last)
 

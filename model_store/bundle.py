@@ -231,7 +231,8 @@ class BundleStore:
         path = self.layout.bundles / version
         if not path.is_dir():
             raise BundleIntegrityError(
-                f"bundle {version} does not exist in {self.layout.bundles} (versions: {', '.join(self.versions()) or 'none'})"
+                f"bundle {version} does not exist in {self.layout.bundles} (versions: "
+                f"{', '.join(self.versions()) or 'none'})"
             )
         return load_bundle_dir(path, verify=verify)
 
@@ -262,6 +263,7 @@ def load_bundle_dir(path: Path, verify: bool = True) -> Bundle:
             digest = sha256_file(file)
             if digest != entry.sha256:
                 raise BundleIntegrityError(
-                    f"bundle {path.name}: file {name} sha256 mismatch (manifest {entry.sha256[:12]}..., file {digest[:12]}...)"
+                    f"bundle {path.name}: file {name} sha256 mismatch (manifest {entry.sha256[:12]}..., file "
+                    f"{digest[:12]}...)"
                 )
     return Bundle(path, manifest)

@@ -70,7 +70,8 @@ class Zoo:
         assert isinstance(manifest, ZooManifest)
         if require_base and manifest.base is None:
             raise ZooFormatError(
-                f"{root / 'zoo.json'}: base: the zoo has no base model (import one with `vitmerge import ... --role base`)"
+                f"{root / 'zoo.json'}: base: the zoo has no base model (import one with `vitmerge import ... --role "
+                "base`)"
             )
         names = ([manifest.base] if manifest.base else []) + list(manifest.tasks)
         metas: dict[str, ModelMeta] = {}
@@ -115,7 +116,8 @@ class Zoo:
             if shapes != base_shapes:
                 diff = sorted(set(shapes.items()) ^ set(base_shapes.items()))[:3]
                 raise ZooFormatError(
-                    f"{self.root / 'models' / task / BACKBONE_FILE}: backbone tensors differ from the base's (e.g. {diff})"
+                    f"{self.root / 'models' / task / BACKBONE_FILE}: backbone tensors differ from the base's (e.g. "
+                    f"{diff})"
                 )
 
     # -- reading --------------------------------------------------------------------

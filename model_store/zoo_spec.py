@@ -144,7 +144,8 @@ def _stat_lines(path: Path) -> list[str]:
 
 
 def spec_hash(spec: ZooSpec, spec_dir: Path) -> str:
-    """Hash of the spec and of its checkpoint files (path, size, mtime): a changed spec or checkpoint re-creates the zoo."""
+    """Hash of the spec and of its checkpoint files (path, size, mtime): a changed spec or checkpoint
+    re-creates the zoo."""
     h = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode())
     h.update(str(spec_dir.resolve()).encode())
     for m in [spec.base, *spec.tasks]:

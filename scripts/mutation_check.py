@@ -62,7 +62,7 @@ M = [
     ),
     (
         "M12 draining answers model_not_loaded",
-        "server/http/app.py",
+        "server/http/state.py",
         "        if self.batcher is not None and self.batcher.stopping:",
         "        if False:",
         "tests/server/http/test_resilience.py::test_requests_arriving_while_draining_get_503",

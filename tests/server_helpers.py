@@ -182,7 +182,8 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
 
 
 def require(module: str, install: str):
-    """Import ``module`` or FAIL (never skip) with the command that installs it: the set-up installs every test dependency."""
+    """Import ``module`` or FAIL (never skip) with the command that installs it: the set-up installs every
+    test dependency."""
     import importlib
 
     import pytest

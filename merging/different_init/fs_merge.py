@@ -30,12 +30,16 @@ all original models 0..k as targets.
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 from torch.func import functional_call
 
@@ -100,8 +104,20 @@ class FoldMap(nn.Module):
         return [x @ self.block(i).T for i in range(self.n)]
 
 
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Left-to-right sum of tensors (``sum()`` without its int start)."""
+    return functools.reduce(operator.add, terms)
+
+
+class _FoldMaps(nn.ModuleDict):
+    """The SuperNet's maps by name (a ModuleDict whose items are typed :class:`FoldMap`)."""
+
+    def __getitem__(self, key: str) -> FoldMap:
+        return cast(FoldMap, super().__getitem__(key))
+
+
 class _PreLogits(nn.Module):
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: VisionTransformer):
         super().__init__()
         self.vit = vit
 
@@ -111,7 +127,9 @@ class _PreLogits(nn.Module):
 
 def vit_features(template: nn.Module, state: Tensors, x: torch.Tensor) -> torch.Tensor:
     """Pre-logit features of ``template``'s architecture run with the weights ``state``."""
-    return functional_call(_PreLogits(template), {f"vit.{k}": v for k, v in state.items()}, (x,), strict=False)
+    return functional_call(
+        _PreLogits(cast(VisionTransformer, template)), {f"vit.{k}": v for k, v in state.items()}, (x,), strict=False
+    )
 
 
 @dataclass
@@ -130,15 +148,15 @@ class FoldableSuperNet(nn.Module):
     ):
         super().__init__()
         self.sources = [{k: v.detach().float() for k, v in s.items()} for s in sources]
-        self.template = template.eval()
+        self.template = cast(VisionTransformer, template.eval())
         for p in self.template.parameters():
             p.requires_grad_(False)
         self.tasks = list(tasks)
         s0 = self.sources[0]
-        self.depth = len(template.blocks)  # type: ignore[arg-type]
-        attn = template.blocks[0].attn  # type: ignore[index]
-        self.heads = attn.num_heads
-        self.eps = template.blocks[0].norm1.eps  # type: ignore[index]
+        first = cast(Block, self.template.blocks[0])
+        self.depth = len(self.template.blocks)
+        self.heads = cast(Attention, first.attn).num_heads
+        self.eps = cast(nn.LayerNorm, first.norm1).eps
         self.patch = s0["patch_embed.proj.weight"].shape[-1]
         d, hidden, n = s0["cls_token"].shape[-1], s0["blocks.0.mlp.fc1.weight"].shape[0], len(sources)
         self.dim, self.hidden = d, hidden
@@ -158,7 +176,7 @@ class FoldableSuperNet(nn.Module):
                 ("fc2", "merge", d),
             ):
                 maps[f"{b}_{name}"] = FoldMap(kind, n, width, rank, gen)
-        self.maps = nn.ModuleDict(maps)
+        self.maps = _FoldMaps(maps)
         norms = [f"blocks.{b}.norm{j}" for b in range(self.depth) for j in (1, 2)] + ["norm"]
         self.norms = nn.ParameterDict(
             {
@@ -180,26 +198,28 @@ class FoldableSuperNet(nn.Module):
         self, w_key: str, b_key: str, m: str, u: str, rows: slice | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mm, uu = self.maps[m], self.maps[u]
-        w_out, b_out = 0.0, 0.0
+        ws, bs = [], []
         for i, s in enumerate(self.sources):
             w, b = s[w_key], s[b_key]
             if rows is not None:
                 w, b = w[rows], b[rows]
-            w_out = w_out + mm.left(i, uu.right(i, w))
-            b_out = b_out + mm.left(i, b)
-        return w_out, b_out  # type: ignore[return-value]
+            ws.append(mm.left(i, uu.right(i, w)))
+            bs.append(mm.left(i, b))
+        return _total(ws), _total(bs)
 
     def fold(self) -> StateDict:
         """The merged ViT's backbone (differentiable in the SuperNet's parameters)."""
         emb = self.maps["emb"]
         out: StateDict = {}
         d = self.dim
-        out["patch_embed.proj.weight"] = sum(
+        out["patch_embed.proj.weight"] = _total(
             emb.left(i, s["patch_embed.proj.weight"]) for i, s in enumerate(self.sources)
-        )  # type: ignore[assignment]
-        out["patch_embed.proj.bias"] = sum(emb.left(i, s["patch_embed.proj.bias"]) for i, s in enumerate(self.sources))  # type: ignore[assignment]
-        out["cls_token"] = sum(s["cls_token"] @ emb.block(i).T for i, s in enumerate(self.sources))  # type: ignore[assignment]
-        out["pos_embed"] = sum(s["pos_embed"] @ emb.block(i).T for i, s in enumerate(self.sources))  # type: ignore[assignment]
+        )
+        out["patch_embed.proj.bias"] = _total(
+            emb.left(i, s["patch_embed.proj.bias"]) for i, s in enumerate(self.sources)
+        )
+        out["cls_token"] = _total(s["cls_token"] @ emb.block(i).T for i, s in enumerate(self.sources))
+        out["pos_embed"] = _total(s["pos_embed"] @ emb.block(i).T for i, s in enumerate(self.sources))
         for b in range(self.depth):
             p = f"blocks.{b}."
             ws, bs = [], []

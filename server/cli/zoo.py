@@ -50,7 +50,8 @@ def cmd_zoo_create(args: argparse.Namespace) -> int:
 def _print_zoo_data(zoo) -> None:
     base = zoo.metas[zoo.base]
     print(
-        f"  base: {base.architecture.timm_name} {base.architecture.kwargs}  input {base.preprocessing.size} px, {base.preprocessing.channels} channel(s)"
+        f"  base: {base.architecture.timm_name} {base.architecture.kwargs}  input {base.preprocessing.size} px, "
+        f"{base.preprocessing.channels} channel(s)"
     )
     for task in zoo.tasks:
         meta, data = zoo.metas[task], zoo.task_data(task)

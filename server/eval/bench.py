@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ from merging.catalog import run_merge
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, gate_probabilities, train_gate_for
 from merging.pipeline import merge_context
-from merging.registry import MergeContext
+from merging.registry import MergeContext, MergeResult
+from merging.types import StateDict
 from model_store.architecture import GATE_ARCHS, build_gate, load_into, pre_logits
 from model_store.data.attach import require_test_set
 from model_store.data.sources import ImageSet
@@ -140,11 +142,26 @@ def static_features(model: nn.Module) -> FeatureFn:
     return lambda x, p, chosen: pre_logits(model, x)
 
 
+def gated_features(model: GatedViT) -> FeatureFn:
+    """Every image through the gated ViT with its own routing ``p`` (exact mixing)."""
+    return lambda x, p, chosen: model.features(x, p, "exact")
+
+
+def vit_depth(model: nn.Module) -> int:
+    """Number of transformer blocks of a timm ViT."""
+    return len(cast(nn.Sequential, model.blocks))
+
+
+def _backbone(result: MergeResult) -> StateDict:
+    assert result.backbone is not None, "a static merge returns a backbone"
+    return result.backbone
+
+
 def per_task_features(models: Sequence[nn.Module]) -> FeatureFn:
     """Each image through the model of its chosen task (individual models, EMR)."""
 
     def fn(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(len(x), models[0].num_features)
+        out = torch.empty(len(x), cast(int, models[0].num_features))
         for t, idx in task_groups(chosen):
             out[idx] = pre_logits(models[t], x[idx])
         return out
@@ -181,12 +198,14 @@ class _Setup:
 
 def _setup(zoo: Zoo, tasks: list[str], grams: list | None = None) -> _Setup:
     ctx = merge_context(zoo, tasks)
+    assert ctx.build_model is not None and ctx.calibration is not None
+    build, calibration = ctx.build_model, ctx.calibration
     finetuned = [zoo.backbone(t) for t in tasks]
     s = _Setup(zoo, tasks, ctx, zoo.backbone(zoo.base), finetuned, [zoo.head(t) for t in tasks])
     s.grams = (
         grams
         if grams is not None
-        else [collect_grams(ctx.build_model(i, finetuned[i]), ctx.calibration(i, None, 256)) for i in range(len(tasks))]
+        else [collect_grams(build(i, finetuned[i]), calibration(i, None, 256)) for i in range(len(tasks))]
     )
     return s
 
@@ -243,7 +262,7 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
     start = time.perf_counter()
     tasks = list(zoo.tasks)
     n = len(tasks)
-    depth = len(zoo.build_model(tasks[0]).blocks)
+    depth = vit_depth(zoo.build_model(tasks[0]))
     m_values = sorted({m for m in cfg.m_values if m <= depth})
     pool = build_pool(zoo, tasks, cfg.limit, cfg.seed)
     s = _setup(zoo, tasks)
@@ -385,7 +404,7 @@ def _scaling(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, gates_full: dict, 
         emr_fn = per_task_features(
             [load_into(s.zoo.build_model(t), emr.task_state(i), ss.heads[i]).eval() for i, t in enumerate(ss.tasks)]
         )
-        m = min(cfg.scaling_m, len(s.zoo.build_model(s.tasks[0]).blocks))
+        m = min(cfg.scaling_m, vit_depth(s.zoo.build_model(s.tasks[0])))
         gated, _ = _gated(ss, regmean(ss.base, ss.finetuned, ss.grams, 0.9), m)
         accs = {
             "EMR": evaluate(sub, ss.heads, emr_fn, one_hot, cfg.batch_size),
@@ -393,16 +412,14 @@ def _scaling(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, gates_full: dict, 
             "TIES": evaluate(
                 sub,
                 ss.heads,
-                static_features(_model(ss, run_merge("ties", ss.ctx, {"k": 0.2, "lam": 1.0}).backbone)),
+                static_features(_model(ss, _backbone(run_merge("ties", ss.ctx, {"k": 0.2, "lam": 1.0})))),
                 one_hot,
                 cfg.batch_size,
             ),
             "AvgMean": evaluate(
                 sub, ss.heads, static_features(_model(ss, weight_average(ss.finetuned))), one_hot, cfg.batch_size
             ),
-            f"gating+RegMean m={m}": evaluate(
-                sub, ss.heads, lambda x, p, c, g=gated: g.features(x, p, "exact"), gate_p, cfg.batch_size
-            ),
+            f"gating+RegMean m={m}": evaluate(sub, ss.heads, gated_features(gated), gate_p, cfg.batch_size),
         }
         out.append(
             {
@@ -433,14 +450,16 @@ def best_task_arithmetic(rows: list[dict]) -> str:
 
 
 def claims(result: dict) -> list[tuple[str, bool, str]]:
-    """The papers' claims checked on our numbers: (claim, holds, evidence); claims whose rows were not run are skipped."""
+    """The papers' claims checked on our numbers: (claim, holds, evidence).
+
+    Claims whose rows were not run are skipped."""
     avg = {r["name"]: _avg(r["accuracy"]) for r in result["rows"]}
     out: list[tuple[str, bool, str]] = []
     arch = result["config"]["gate_archs"][0]
     emr, reg, avgmean = avg.get("EMR (task given)"), avg.get("RegMean (α=0.9)"), avg.get("AvgMean")
     tas = [r for r in result["rows"] if r["kind"] == "task_arithmetic"]
     ta = avg[best_task_arithmetic(result["rows"])] if tas else None
-    if None not in (emr, ta, avgmean):
+    if emr is not None and ta is not None and avgmean is not None:
         out.append(
             (
                 "EMR ≫ Task Arithmetic ≥ AvgMean (EMR Table 1)",
@@ -448,7 +467,7 @@ def claims(result: dict) -> list[tuple[str, bool, str]]:
                 f"EMR {emr:.1f} vs best TA {ta:.1f} vs AvgMean {avgmean:.1f}",
             )
         )
-    if None not in (reg, ta):
+    if reg is not None and ta is not None:
         out.append(
             (
                 "RegMean > Task Arithmetic (Ye Tables 3-4, EMR Table 1)",
@@ -457,8 +476,9 @@ def claims(result: dict) -> list[tuple[str, bool, str]]:
             )
         )
     for label, static in (("AvgMean", avgmean), ("RegMean", reg)):
-        seq = [avg.get(f"gating+{label} m={m} ({arch} gate)") for m in result["m_values"]]
-        if static is None or not seq or None in seq:
+        found = [avg.get(f"gating+{label} m={m} ({arch} gate)") for m in result["m_values"]]
+        seq = [v for v in found if v is not None]
+        if static is None or not seq or len(seq) != len(found):
             continue
         out.append(
             (
@@ -487,7 +507,7 @@ def claims(result: dict) -> list[tuple[str, bool, str]]:
             )
         )
     routed = avg.get(f"routed EMR ({arch} gate)")
-    if None not in (emr, routed):
+    if emr is not None and routed is not None:
         out.append(
             (
                 "routed EMR within 1 point of EMR with the task given (our target)",
@@ -507,10 +527,14 @@ def render_markdown(result: dict, command: str) -> str:
     lines = [
         (
             f"Command: `{command}` (seed {result['config']['seed']}, CPU, {result['seconds'] / 60:.1f} min). "
-            f"Test images per task (never seen by training or merging): {imgs}. Mixed-task batches of {result['config']['batch_size']}, "
-            f"per-image routing. ViT forward {result['vit_gflops']:.3f} GFLOPs/img, backbone {result['backbone_M']:.2f} M parameters. "
-            "Stored parameters count heads and gates; EMR stores θ0 + τ_uni + one 1-bit mask per task (1/32 parameter per bit); "
-            "gated rows store N copies of the gated tensors and their FLOPs include exact per-image weight mixing and the gate. "
+            f"Test images per task (never seen by training or merging): {imgs}. "
+            f"Mixed-task batches of {result['config']['batch_size']}, "
+            f"per-image routing. ViT forward {result['vit_gflops']:.3f} GFLOPs/img, "
+            f"backbone {result['backbone_M']:.2f} M parameters. "
+            "Stored parameters count heads and gates; EMR stores θ0 + τ_uni + one 1-bit mask per task "
+            "(1/32 parameter per bit); "
+            "gated rows store N copies of the gated tensors and their FLOPs include exact per-image weight mixing "
+            "and the gate. "
             f"**Bold**: best Task Arithmetic λ (chosen on the test split, as the papers do)."
         ),
         "",
@@ -542,7 +566,8 @@ def render_markdown(result: dict, command: str) -> str:
         methods = list(result["scaling"][0]["normalised"])
         lines += [
             "",
-            "Normalised accuracy (%) vs number of tasks N (the first N tasks; routed rows use a gate trained on those N):",
+            "Normalised accuracy (%) vs number of tasks N "
+            "(the first N tasks; routed rows use a gate trained on those N):",
             "",
             "| N | tasks | " + " | ".join(methods) + " |",
             "|---" * (len(methods) + 2) + "|",

@@ -28,7 +28,8 @@ def write_examples(engine: Engine, directory: Path) -> dict[str, Path]:
 
 def ready_message(engine: Engine, base_url: str, examples: dict[str, Path]) -> str:
     lines = [
-        f"vitmerge: serving bundle {engine.version} ({engine.method}, tasks {', '.join(engine.tasks)}) on {engine.device} at {base_url}  (API docs: {base_url}/docs)"
+        f"vitmerge: serving bundle {engine.version} ({engine.method}, tasks {', '.join(engine.tasks)}) on "
+        f"{engine.device} at {base_url}  (API docs: {base_url}/docs)"
     ]
     if examples:
         task, path = next(iter(examples.items()))

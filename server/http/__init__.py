@@ -1,3 +1,5 @@
-"""The HTTP server: app factory and routes, settings, codec, schemas, errors, batcher, model manager, merge jobs, metrics.
+"""The HTTP server: app factory and routes, settings, codec, schemas, errors, batcher, model manager, merge jobs,
+metrics.
 
-Imports ``server.runtime`` and ``model_store``; reaches ``merging`` only through ``merging.pipeline`` (admin merge jobs)."""
+Imports ``server.runtime`` and ``model_store``; reaches ``merging`` only through ``merging.pipeline``
+(admin merge jobs)."""

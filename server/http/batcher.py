@@ -87,7 +87,7 @@ class Batcher:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping: the worker's end is not news
                 pass
         self._worker.shutdown(wait=True, cancel_futures=True)
 

@@ -37,7 +37,8 @@ def _number(parse: type) -> Any:
     def parse_bounded(text: str) -> Any:
         if len(text) > MAX_JSON_NUMBER_CHARS:
             raise InvalidRequest(
-                f"body is not acceptable JSON: a number of {len(text)} characters (the limit is {MAX_JSON_NUMBER_CHARS})",
+                f"body is not acceptable JSON: a number of {len(text)} characters (the limit is "
+                f"{MAX_JSON_NUMBER_CHARS})",
                 status=400,
                 code="invalid_json",
             )
@@ -99,7 +100,8 @@ def decode_base64(value: str, index: int) -> bytes:
         media = head[len("data:") :].split(";")[0].strip().lower()
         if not media.startswith("image/"):
             raise InvalidRequest(
-                f"images[{index}]: data URL media type '{media or 'none'}' is not an image (use data:image/png;base64,...)",
+                f"images[{index}]: data URL media type '{media or 'none'}' is not an image (use "
+                "data:image/png;base64,...)",
                 code="invalid_data_url",
             )
     try:

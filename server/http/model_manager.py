@@ -157,7 +157,7 @@ class ModelManager:
                     continue
                 log.info("CURRENT moved to %s: hot-swapping", version)
                 await asyncio.to_thread(self.load_and_swap, version)
-            except Exception as e:  # keep serving the old version
+            except Exception as e:  # noqa: BLE001 - keep serving the old version
                 failed = self.store.current_version()
                 if failed:
                     self._failed_versions.add(failed)

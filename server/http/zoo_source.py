@@ -38,5 +38,6 @@ def resolve_zoo(settings: ServerSettings, build_missing: bool = True, progress: 
     if (in_store / "zoo.json").exists():
         return Zoo.load(in_store)
     raise FileNotFoundError(
-        f"zoo '{value}' not found (not a directory with zoo.json, not in {settings.layout.zoos}, not a preset: {', '.join(PRESETS)})"
+        f"zoo '{value}' not found (not a directory with zoo.json, not in {settings.layout.zoos}, not a preset: "
+        f"{', '.join(PRESETS)})"
     )

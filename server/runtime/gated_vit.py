@@ -25,12 +25,15 @@ Strategies (one interface, :meth:`GatedViT.classify`):
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from model_store.architecture import build_model
@@ -164,12 +167,12 @@ class GatedLinear(nn.Module):
         if squeeze:
             x = x.unsqueeze(1)
         if self.mode == "experts":
-            y = 0
+            terms = []
             for i in range(self.weight.shape[0]):
                 w = p[:, i].view(-1, 1, 1)
                 if bool((w != 0).any()):
-                    y = y + w * F.linear(x, self.weight[i], None if self.bias is None else self.bias[i])
-            assert isinstance(y, torch.Tensor)
+                    terms.append(w * F.linear(x, self.weight[i], None if self.bias is None else self.bias[i]))
+            y = functools.reduce(operator.add, terms)  # left to right, as a running sum
         else:
             n, out_f, in_f = self.weight.shape
             batch = p.shape[0]
@@ -268,6 +271,10 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 class GatedViT(nn.Module):
     """A timm ViT whose gated tensors are mixed per image."""
 
+    cls_stack: torch.Tensor | None
+    pos_stack: torch.Tensor | None
+    small_stack: torch.Tensor
+
     def __init__(
         self,
         architecture,
@@ -279,7 +286,7 @@ class GatedViT(nn.Module):
     ):
         super().__init__()
         self.keep_scratch_bytes = keep_scratch_bytes
-        self.vit = build_model(architecture, 0)
+        self.vit = cast(VisionTransformer, build_model(architecture, 0))
         if getattr(self.vit, "reg_token", None) is not None:
             raise NotImplementedError("register tokens are not supported by the gated ViT")
         self.routing = Routing()
@@ -304,12 +311,14 @@ class GatedViT(nn.Module):
         for name in owners:
             mod = modules[name]
             w, b = experts.get(f"{name}.weight"), experts.get(f"{name}.bias")
+            if w is None and type(mod).__name__ != "LayerScale":
+                raise NotImplementedError(f"cannot gate module {name}: its weight is not gated")
             if isinstance(mod, nn.Linear):
-                new: nn.Module = GatedLinear(w, b, self.routing, mode)
-            elif isinstance(mod, nn.LayerNorm):
-                new = GatedLayerNorm(w, b, mod.eps, self.routing)
+                new: nn.Module = GatedLinear(cast(torch.Tensor, w), b, self.routing, mode)
+            elif isinstance(mod, nn.LayerNorm) and b is not None:
+                new = GatedLayerNorm(cast(torch.Tensor, w), b, mod.eps, self.routing)
             elif isinstance(mod, nn.Conv2d):
-                new = GatedConv2d(mod, w, b, self.routing)
+                new = GatedConv2d(mod, cast(torch.Tensor, w), b, self.routing)
             elif type(mod).__name__ == "LayerScale":
                 new = GatedLayerScale(experts[f"{name}.gamma"], self.routing)
             else:
@@ -321,7 +330,7 @@ class GatedViT(nn.Module):
         patch-embedding weights) side by side, each module told its slot; one matmul
         per pass mixes them all. Large linear weights stay out (mixed in their layer).
         A copy taken at construction: the gated weights are fixed for a GatedViT's life."""
-        owners: list[tuple[nn.Module, str, torch.Tensor]] = [
+        owners: list[tuple[Any, str, torch.Tensor | None]] = [
             (self, "cls", self.cls_stack),
             (self, "pos", self.pos_stack),
         ]
@@ -348,8 +357,9 @@ class GatedViT(nn.Module):
         batch = x.shape[0]
         # mixing a (N, 1, L, D) stack gives (B, 1, L, D); one expert or a static tensor (1, L, D)
         cls = r.mix(self.cls_stack, self.slots.get("cls")) if self.cls_stack is not None else vit.cls_token
-        cls = cls.reshape(-1, 1, cls.shape[-1]).expand(batch, -1, -1)
         pos = r.mix(self.pos_stack, self.slots.get("pos")) if self.pos_stack is not None else vit.pos_embed
+        assert cls is not None and pos is not None, "the gated ViT needs a class token and position embeddings"
+        cls = cls.reshape(-1, 1, cls.shape[-1]).expand(batch, -1, -1)
         pos = pos.reshape(-1, *pos.shape[-2:])
         if vit.no_embed_class:
             x = torch.cat([cls, x + pos], dim=1)

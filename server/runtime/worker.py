@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.multiprocessing  # noqa: F401  (registers tensor reductions with multiprocessing)
+import torch.multiprocessing  # registers tensor reductions with multiprocessing
 
 from model_store.bundle import Bundle
 from server.runtime.engine import EngineFrontend
@@ -29,7 +29,13 @@ from server.runtime.protocol import ImageOutput
 
 
 def _child(
-    conn: Any, bundle_dir: str, device: str, cache_bytes: int, strategy: str, threshold: float | None, cuda_graphs: bool
+    conn: Any,
+    bundle_dir: str,
+    device: str,
+    cache_bytes: int,
+    strategy: Literal["exact", "sparse"],
+    threshold: float | None,
+    cuda_graphs: bool,
 ) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
@@ -46,7 +52,7 @@ def _child(
             threshold,
             lookups.append,
             cuda_graphs,
-        )  # type: ignore[arg-type]
+        )
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))

@@ -32,7 +32,8 @@ def merged_table(tiny_zoo_report, tmp_path_factory):
     return rows, individual, store, versions
 
 
-#: the shared-base methods of the table (merges for differently-initialised models: tests/merging/test_different_init.py)
+#: the shared-base methods of the table
+#: (merges for differently-initialised models: tests/merging/test_different_init.py)
 STATIC_AND_EMR = ["avg", "task_arithmetic", "ties", "dare_ta", "dare_ties", "regmean", "fisher", "emr"]
 
 

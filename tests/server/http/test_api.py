@@ -606,7 +606,8 @@ def test_serving_path_does_not_import_training_code():
 
     code = (
         "import sys, server.http.app, server.runtime.engine, server.cli; "
-        "bad = [m for m in ('merging', 'merging.registry', 'merging.gating.router', 'model_store.zoo_build.training', 'model_store.zoo_build.presets') if m in sys.modules]; "
+        "bad = [m for m in ('merging', 'merging.registry', 'merging.gating.router', 'model_store.zoo_build.training', "
+        "'model_store.zoo_build.presets') if m in sys.modules]; "
         "assert not bad, bad"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -183,9 +183,11 @@ def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo
         failed_after = [e for e in log if e[2] != 200 and e[1] >= report["killed_at"]]
         versions = [e[3] for e in before_kill if e[2] == 200]
         print(
-            f"\n{len(log)} requests through nginx; merge converged on the other replica in {report['convergence_s']:.2f} s; "
+            f"\n{len(log)} requests through nginx; merge converged on the other replica in "
+            f"{report['convergence_s']:.2f} s; "
             f"{len(failed_before)} failed before the kill; {len(failed_after)} failed after kill -9 "
-            f"({len([e for e in after_kill if e[2] == 200])} answered after it); rejoined on {report['rejoined_version']}"
+            f"({len([e for e in after_kill if e[2] == 200])} answered after it); rejoined on "
+            f"{report['rejoined_version']}"
         )
         assert not failed_before, failed_before[:3]
         assert set(versions) <= {"v1", report["version"]}

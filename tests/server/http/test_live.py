@@ -93,7 +93,8 @@ def test_16_concurrent_clients_mixed_tasks_all_correct_and_batched(server_store,
         images = metric_value(text, "vitmerge_batch_size_sum")
         n = 16 * PER_CLIENT
         print(
-            f"\n[{worker}] {n} requests in {seconds:.1f} s ({n / seconds:.0f} req/s); {batches:.0f} batches, mean size {images / batches:.2f}"
+            f"\n[{worker}] {n} requests in {seconds:.1f} s ({n / seconds:.0f} req/s); {batches:.0f} batches, mean size "
+            f"{images / batches:.2f}"
         )
         assert images == n and batches > singles and images / batches > 1.5
         # every prediction is counted under how its task was chosen and the task it went to
@@ -143,7 +144,8 @@ def test_merge_while_16_clients_classify_zero_failures(server_store, test_zoo_di
         after = [body["model_version"] for _, _, body, t in log if t > job["done_at"] + 0.2]
         assert after and set(after) == {"v2"}
         print(
-            f"\n{len(log)} requests during the merge, 0 failed; {versions.count('v1')} on v1, {versions.count('v2')} on v2"
+            f"\n{len(log)} requests during the merge, 0 failed; {versions.count('v1')} on v1, {versions.count('v2')} "
+            "on v2"
         )
     finally:
         server.terminate()

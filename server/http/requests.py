@@ -1,0 +1,131 @@
+"""Reading request bodies and writing predictions: the decode and encode hooks of the request path.
+
+``/v1/classify`` takes JSON (base64 images), multipart files or one raw image; ``/v1/merge`` takes JSON.
+Anything wrong is a 4xx :class:`~server.http.errors.APIError` naming the problem.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.http.batcher import ItemResult
+from server.http.codec import decode_base64, decode_image, decode_json
+from server.http.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from server.http.schemas import ClassifyJSON, ClassifyOptions, MergeRequest
+from server.http.settings import ServerSettings
+from server.runtime.protocol import InferenceEngine
+
+
+async def read_classify_request(request: Request, settings: ServerSettings) -> tuple[ClassifyOptions, list[bytes]]:
+    """Body (JSON, multipart or a raw image) -> options + image bytes; 4xx on anything wrong."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    query = {k: v for k, v in request.query_params.items() if k in ("task", "top_k")}
+    unknown_query = sorted(set(request.query_params) - {"task", "top_k"})
+    if unknown_query:
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown_query)} (allowed: task, top_k)")
+    if media == "application/json":
+        body = await request.body()
+        if not body.strip():
+            raise InvalidRequest("request body is empty", code="empty_body")
+        data = decode_json(body)
+        if not isinstance(data, dict):
+            raise InvalidRequest('JSON body must be an object like {"images": ["<base64>", ...]}')
+        images = data.get("images")
+        if isinstance(images, list) and len(images) > settings.max_images:
+            raise PayloadTooLarge(
+                f"{len(images)} images in one request; the limit is {settings.max_images}", code="too_many_images"
+            )
+        try:
+            req = ClassifyJSON.model_validate({**query, **data})
+        except ValidationError as e:
+            raise InvalidRequest(_first_error(e)) from e
+        return ClassifyOptions(task=req.task, top_k=req.top_k), [decode_base64(s, i) for i, s in enumerate(req.images)]
+    if media == "multipart/form-data":
+        try:
+            form = await request.form(
+                max_files=settings.max_images + 1, max_fields=32, max_part_size=settings.max_body_bytes
+            )
+        except StarletteHTTPException as e:
+            if "Too many files" in str(e.detail):
+                raise PayloadTooLarge(
+                    f"more than {settings.max_images} images in one request", code="too_many_images"
+                ) from e
+            raise InvalidRequest(f"malformed multipart body: {e.detail}", status=400, code="invalid_multipart") from e
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        if len(files) > settings.max_images:
+            raise PayloadTooLarge(
+                f"{len(files)} images in one request; the limit is {settings.max_images}", code="too_many_images"
+            )
+        if not files:
+            raise InvalidRequest(
+                "multipart body has no image files (send them as file parts, e.g. -F image=@cat.png)", code="no_images"
+            )
+        try:
+            opts = ClassifyOptions.model_validate({**query, **fields})
+        except ValidationError as e:
+            raise InvalidRequest(_first_error(e)) from e
+        return opts, [await f.read() for f in files]
+    if media.startswith("image/"):
+        body = await request.body()
+        try:
+            opts = ClassifyOptions.model_validate(query)
+        except ValidationError as e:
+            raise InvalidRequest(_first_error(e)) from e
+        return opts, [body]
+    shown = media or "none"
+    raise UnsupportedMediaType(
+        f"Content-Type {shown} is not supported: use application/json, multipart/form-data or image/*"
+    )
+
+
+async def read_merge_request(request: Request) -> MergeRequest:
+    """A ``POST /v1/merge`` body -> MergeRequest: 415 if not JSON, 400 if unparsable, 422 if invalid."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise UnsupportedMediaType(f"Content-Type {media or 'none'} is not supported: send application/json")
+    body = await request.body()
+    if not body.strip():
+        raise InvalidRequest("request body is empty", code="empty_body")
+    data = decode_json(body)
+    try:
+        return MergeRequest.model_validate(data)
+    except ValidationError as e:
+        raise InvalidRequest(_first_error(e), code="invalid_merge_request") from e
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{loc}: {err.get('msg', 'invalid')}"
+
+
+def decode_all(
+    blobs: list[bytes], engine: InferenceEngine, need_gate: bool, max_pixels: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    xs, gs = [], []
+    for i, blob in enumerate(blobs):
+        arr = decode_image(blob, max_pixels, what=f"image {i}")
+        x, g = engine.preprocess(arr, need_gate)
+        xs.append(x)
+        gs.append(g)
+    return xs, gs
+
+
+def encode_prediction(engine: InferenceEngine, result: ItemResult, top_k: int) -> dict[str, Any]:
+    out = result.output
+    name = engine.tasks[out.task]
+    labels = engine.class_names[name]
+    values, indices = out.probabilities.topk(min(top_k, out.probabilities.numel()))
+    top = [{"index": int(i), "label": labels[int(i)], "probability": float(v)} for v, i in zip(values, indices)]
+    return {
+        "task": {"name": name, "index": out.task, "probability": out.task_probability, "source": out.source},
+        "class": top[0],
+        "top_k": top,
+    }

@@ -1,0 +1,81 @@
+"""What one running server owns: settings, metrics, the model manager, merge jobs, the batcher, the decode pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from server.http.batcher import Batcher
+from server.http.errors import NotReady
+from server.http.merge_jobs import MergeJobs
+from server.http.metrics import ServerMetrics
+from server.http.model_manager import ModelManager
+from server.http.settings import ServerSettings
+from server.runtime.protocol import InferenceEngine
+
+log = logging.getLogger("vitmerge.server")
+
+
+class ServerState:
+    """Everything one running server owns."""
+
+    def __init__(self, settings: ServerSettings, progress: bool = False):
+        self.settings = settings
+        self.progress = progress
+        self.metrics = ServerMetrics()
+        self.manager = ModelManager(settings, self.metrics)
+        self.jobs = MergeJobs(self.manager, self.metrics)
+        self.batcher: Batcher | None = None
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vitmerge-decode")
+        self._tasks: list[asyncio.Task] = []
+        self.on_ready: list[Callable[[InferenceEngine], None]] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        self.batcher = Batcher(s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics)
+        self.batcher.start()
+        self._tasks.append(asyncio.create_task(self._bootstrap(), name="vitmerge-bootstrap"))
+        if s.watch_interval_s > 0:
+            self._tasks.append(asyncio.create_task(self.manager.watch(lambda: self.jobs.busy), name="vitmerge-watch"))
+
+    async def _bootstrap(self) -> None:
+        try:
+            engine = await asyncio.to_thread(self.manager.bootstrap, self.progress)
+        except Exception:  # noqa: BLE001 - the manager recorded the error; /readyz reports it
+            return
+        for callback in self.on_ready:
+            try:
+                callback(engine)
+            except Exception:  # pragma: no cover - informational only
+                log.exception("on_ready callback failed")
+
+    async def stop(self) -> None:
+        """Graceful: finish queued images, then stop background tasks and threads."""
+        if self.batcher is not None:
+            await self.batcher.stop(drain_timeout=self.settings.request_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        engine = self.manager.engine
+        return engine is not None and engine.alive and self.batcher is not None and self.batcher.alive
+
+    def engine(self) -> InferenceEngine:
+        engine = self.manager.engine
+        if self.batcher is not None and self.batcher.stopping:
+            raise NotReady(
+                "server is shutting down (draining queued requests); retry on another replica",
+                code="shutting_down",
+                headers={"Retry-After": "1"},
+            )
+        if engine is None or not engine.alive or self.batcher is None or not self.batcher.alive:
+            raise NotReady(
+                f"model not loaded (state: {self.manager.state}"
+                f"{'; ' + self.manager.error if self.manager.error else ''})",
+                headers={"Retry-After": "5"},
+            )
+        return engine
