@@ -2,7 +2,7 @@
 
 Every function accepts any ``Mapping[str, Tensor]``; passing lazy mappings (e.g.
 ``model_store.lazy_tensors.LazySafetensors``) makes the data-free merges stream
-tensor by tensor. Definitions follow shared/SPEC.md sections 1-3.
+tensor by tensor. Definitions follow shared/SPEC.md sections 1-3. Imports only ``model_store``.
 """
 
 from __future__ import annotations

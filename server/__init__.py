@@ -1,4 +1,6 @@
-"""The vitmerge inference server and command line."""
+"""The vitmerge server: ``runtime`` (inference on a bundle), ``http`` (the app), ``eval`` (accuracy), ``cli``.
+
+Imports ``merging`` and ``model_store``; nothing imports it from below."""
 
 from importlib.metadata import PackageNotFoundError, version
 

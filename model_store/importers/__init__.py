@@ -1,4 +1,6 @@
-"""Importers that turn real checkpoints (timm, Hugging Face ViT, DINOv2 ONNX) into zoo models."""
+"""Importers that turn real checkpoints (timm, Hugging Face ViT, DINOv2 ONNX, gate weights) into zoo models.
+
+Imports only ``model_store``."""
 
 from model_store.importers.dinov2_onnx import import_dinov2
 from model_store.importers.hf_vit import import_hf_vit
