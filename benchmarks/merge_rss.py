@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
+from server.http.readiness import wait_until_ready
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "benchmarks" / ".merge-rss"
@@ -67,18 +69,12 @@ def _serve(store: Path, zoo: str, log: Path) -> tuple[subprocess.Popen, str]:
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server not ready")
+    try:
+        wait_until_ready(url, 900, proc, lambda: log.read_text()[-2000:], poll_s=0.5)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def _merge(url: str, params: dict) -> dict:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from model_store.architecture import build_model
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
+from server.http.readiness import wait_until_ready
 from server.runtime.engine import Engine
 from server.runtime.strategies import EMRStrategy
 
@@ -107,17 +108,9 @@ class Server:
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VITMERGE_ZOO": "tiny"}
         )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stderr.read().decode())
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not get ready")
+        stderr = self.proc.stderr
+        assert stderr is not None
+        wait_until_ready(self.url, 300, self.proc, lambda: stderr.read().decode(), poll_s=0.2)
 
     def batches(self) -> tuple[float, float]:
         text = httpx.get(f"{self.url}/metrics").text

@@ -33,6 +33,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from server.http.readiness import wait_until_ready
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "benchmarks" / ".user-zoo"
@@ -145,16 +147,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         with tqdm(desc="serve: merge (routed EMR) + load", unit="s", bar_format="{desc}: {elapsed}") as bar:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError((WORK / "serve.log").read_text())
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-                bar.refresh()
+            wait_until_ready(url, 3600, proc, (WORK / "serve.log").read_text, poll_s=0.5, on_poll=bar.refresh)
         t_ready = time.perf_counter() - t0
         answers = {}
         for user_name in TASKS.values():

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from server.http.app import create_app
+from server.http.readiness import wait_until_ready
 from server.http.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,17 +144,7 @@ class LiveServer:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=full_env)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.log.read_text()}")
+        wait_until_ready(self.url, timeout, self.proc, self.log.read_text)
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:

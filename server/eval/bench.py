@@ -186,7 +186,7 @@ def normalised(accs: dict[str, float], individual: dict[str, float]) -> float:
 
 
 @dataclass
-class _Setup:
+class MergeInputs:
     zoo: Zoo
     tasks: list[str]
     ctx: MergeContext
@@ -196,12 +196,12 @@ class _Setup:
     grams: list = field(default_factory=list)
 
 
-def _setup(zoo: Zoo, tasks: list[str], grams: list | None = None) -> _Setup:
+def _setup(zoo: Zoo, tasks: list[str], grams: list | None = None) -> MergeInputs:
     ctx = merge_context(zoo, tasks)
     assert ctx.build_model is not None and ctx.calibration is not None
     build, calibration = ctx.build_model, ctx.calibration
     finetuned = [zoo.backbone(t) for t in tasks]
-    s = _Setup(zoo, tasks, ctx, zoo.backbone(zoo.base), finetuned, [zoo.head(t) for t in tasks])
+    s = MergeInputs(zoo, tasks, ctx, zoo.backbone(zoo.base), finetuned, [zoo.head(t) for t in tasks])
     s.grams = (
         grams
         if grams is not None
@@ -210,11 +210,11 @@ def _setup(zoo: Zoo, tasks: list[str], grams: list | None = None) -> _Setup:
     return s
 
 
-def _model(s: _Setup, backbone: dict[str, torch.Tensor]) -> nn.Module:
+def _model(s: MergeInputs, backbone: dict[str, torch.Tensor]) -> nn.Module:
     return load_into(s.zoo.build_model(s.tasks[0]), backbone, s.heads[0]).eval()
 
 
-def _gates(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, archs: Sequence[str]) -> dict[str, dict]:
+def _gates(s: MergeInputs, pool: Pool, cfg: AccuracyBenchConfig, archs: Sequence[str]) -> dict[str, dict]:
     out = {}
     for arch in archs:
         t0 = time.perf_counter()
@@ -243,7 +243,7 @@ def _gates(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, archs: Sequence[str]
     return out
 
 
-def _gated(s: _Setup, static: dict[str, torch.Tensor], m: int) -> tuple[GatedViT, int]:
+def _gated(s: MergeInputs, static: dict[str, torch.Tensor], m: int) -> tuple[GatedViT, int]:
     plan = gating_plan(s.finetuned, m)
     experts = expert_stacks(s.finetuned, plan.gated_keys)
     model = GatedViT(
@@ -386,7 +386,7 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
     }
 
 
-def _scaling(s: _Setup, pool: Pool, cfg: AccuracyBenchConfig, gates_full: dict, bar: tqdm) -> list[dict]:
+def _scaling(s: MergeInputs, pool: Pool, cfg: AccuracyBenchConfig, gates_full: dict, bar: tqdm) -> list[dict]:
     """Normalised accuracy of EMR, TIES, AvgMean, gating+RegMean(m) for the first N tasks, N = 2..len(tasks)."""
     out = []
     arch = cfg.gate_archs[0]
