@@ -77,8 +77,8 @@ M = [
     (
         "M15 --port flag ignored",
         "server/cli/serve.py",
-        '        "host": args.host, "port": args.port,',
-        '        "host": args.host, "port": None,',
+        '        "port": args.port,',
+        '        "port": None,',
         "tests/server/http/test_resilience.py::test_flags_beat_environment_which_beats_defaults",
     ),
     (
