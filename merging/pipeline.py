@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from merging.catalog import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.gating.router import gate_probabilities
+from merging.methods.tsv import LowRankDeltas
 from merging.registry import GateArtifact, MergeContext, MergeResult
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
@@ -37,7 +38,16 @@ from model_store.data.attach import calibration_set, test_set
 from model_store.data.sources import ImageSet
 from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
-from model_store.schema import BundleKind, BundleSpec, BundleTask, EMRSpec, GateSpec, GatingSpec, Preprocessing
+from model_store.schema import (
+    BundleKind,
+    BundleSpec,
+    BundleTask,
+    EMRSpec,
+    GateSpec,
+    GatingSpec,
+    LowRankSpec,
+    Preprocessing,
+)
 from model_store.zoo import Zoo
 
 
@@ -203,11 +213,27 @@ def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, d
 def bundle_kind(result: MergeResult) -> BundleKind:
     if result.emr is not None:
         return "emr"
+    if result.lowrank is not None:
+        return "lowrank"
     if result.experts is not None:
         return "gated"
     if result.backbone is not None:
         return "static"
     raise ValueError("merge produced neither a backbone, EMR modulators nor experts")
+
+
+def write_lowrank(draft: BundleDraft, deltas: LowRankDeltas) -> LowRankSpec:
+    """Write ``backbone`` (``W_0`` of matrix layers), ``factors`` (stacked ``B``, ``A``), ``experts`` (small ones)."""
+    keys = deltas.matrix_keys
+    draft.add_tensors("backbone", {k: deltas.pretrained[k].float().contiguous() for k in keys})
+    factors: dict[str, torch.Tensor] = {}
+    for k in keys:
+        factors[f"{k}.B"] = torch.stack([task[k][0] for task in deltas.factors])
+        factors[f"{k}.A"] = torch.stack([task[k][1] for task in deltas.factors])
+    draft.add_tensors("factors", factors)
+    small_keys = list(deltas.small[0])
+    draft.add_tensors("experts", {k: torch.stack([task[k] for task in deltas.small]) for k in small_keys})
+    return LowRankSpec(ranks=dict(deltas.ranks), rank_fraction=deltas.rank_fraction, source="tsv_c")
 
 
 def write_bundle(
@@ -221,7 +247,7 @@ def write_bundle(
     base_meta = zoo.metas[zoo.base]
     heads = dict(zip(tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in tasks}
     draft.add_tensors("heads", {f"{t}/{k}": v for t in tasks for k, v in heads[t].items()})
-    emr = gating = gate = None
+    emr = gating = gate = lowrank = None
     if result.emr is not None:
         draft.add_tensors("base", dict(zoo.backbone(zoo.base)))
         draft.add_tensors("tau_unified", result.emr.tau_unified)
@@ -229,6 +255,8 @@ def write_bundle(
             "masks", {f"{t}/{k}": v for t, packed in zip(tasks, result.emr.packed_masks) for k, v in packed.items()}
         )
         emr = EMRSpec(rescalers=dict(zip(tasks, result.emr.rescalers)))
+    if result.lowrank is not None:
+        lowrank = write_lowrank(draft, result.lowrank)
     if result.backbone is not None:
         draft.add_tensors("backbone", result.backbone)
     if result.experts is not None:
@@ -262,6 +290,7 @@ def write_bundle(
             for t in tasks
         ],
         emr=emr,
+        lowrank=lowrank,
         gating=gating,
         gate=gate,
     )

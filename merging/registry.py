@@ -19,6 +19,7 @@ from torch import nn
 
 from merging.gating.plan import GatingPlan
 from merging.methods.emr import EMRMerged
+from merging.methods.tsv import LowRankDeltas
 from merging.types import StateDict, Tensors
 from model_store.schema import Preprocessing
 
@@ -61,6 +62,7 @@ class MergeResult:
 
     * ``backbone``: static weights (for gated merges: the non-gated tensors too);
     * ``emr``: EMR's unified task vector + per-task masks and rescalers;
+    * ``lowrank``: per-task low-rank factors of every matrix layer + small tensors (TSV-C);
     * ``experts``: ``(N, ...)`` stacks of gated tensors, ``plan`` says which;
     * ``gate``: the trained gate network;
     * ``heads``: per task (``ctx.tasks`` order), classifiers adapted to the merged
@@ -69,6 +71,7 @@ class MergeResult:
 
     backbone: StateDict | None = None
     emr: EMRMerged | None = None
+    lowrank: LowRankDeltas | None = None
     experts: StateDict | None = None
     plan: GatingPlan | None = None
     gate: GateArtifact | None = None

@@ -172,7 +172,7 @@ class BundleManifest(_Strict):
 
 
 #: How a bundle makes task weights (``model.json``'s ``kind``).
-BundleKind = Literal["static", "emr", "gated"]
+BundleKind = Literal["static", "emr", "gated", "lowrank"]
 
 #: ``bundle_format`` of the ``model.json`` this code writes; readers accept exactly this one.
 BUNDLE_FORMAT: Literal[1] = 1
@@ -201,6 +201,15 @@ class GatingSpec(_Strict):
     mlp_blocks: list[int] = Field(default_factory=list)
 
 
+class LowRankSpec(_Strict):
+    """Low-rank task deltas: per matrix layer its rank; ``factors`` holds ``{key}.B`` (N, m, r) and
+    ``{key}.A`` (N, r, n), ``experts`` every task's small tensors (N, ...), ``backbone`` ``W_0``."""
+
+    ranks: dict[str, int]
+    rank_fraction: float | None = None
+    source: Literal["tsv_c", "lora"] = "tsv_c"
+
+
 class GateSpec(_Strict):
     """The bundle's gate (router) network and how well it routed."""
 
@@ -215,7 +224,8 @@ class BundleSpec(_Strict):
     """``model.json``: the contract between the merge pipeline (writer) and the serving runtime (reader).
 
     ``kind`` says how task weights are made: ``static`` (one backbone), ``emr`` (``theta_0 +
-    lam_t M_t tau_uni``) or ``gated`` (per-image mixing of expert stacks).
+    lam_t M_t tau_uni``), ``gated`` (per-image mixing of expert stacks) or ``lowrank``
+    (``W_0 + B_t A_t`` per matrix layer, task t's own small tensors).
     """
 
     bundle_format: Literal[1] = BUNDLE_FORMAT
@@ -225,6 +235,7 @@ class BundleSpec(_Strict):
     tasks: list[BundleTask] = Field(min_length=1)
     emr: EMRSpec | None = None
     gating: GatingSpec | None = None
+    lowrank: LowRankSpec | None = None
     gate: GateSpec | None = None
 
     @model_validator(mode="after")
@@ -236,6 +247,8 @@ class BundleSpec(_Strict):
             raise ValueError("an emr bundle needs emr.rescalers for every task")
         if self.kind == "gated" and self.gating is None:
             raise ValueError("a gated bundle needs gating.gated_keys")
+        if self.kind == "lowrank" and self.lowrank is None:
+            raise ValueError("a lowrank bundle needs lowrank.ranks")
         return self
 
     @property

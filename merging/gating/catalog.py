@@ -7,8 +7,10 @@ from pydantic import Field
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, train_gate_for
 from merging.methods.averaging import weight_average
+from merging.methods.catalog import TSVCParams, rank_fraction
 from merging.methods.emr import emr_merge
 from merging.methods.regmean import collect_grams, regmean
+from merging.methods.tsv import tsv_compress
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
 
@@ -75,3 +77,19 @@ def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
         for i, m in enumerate(ctx.finetuned)
     ]
     return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+
+
+class TSVRoutedParams(GateParams, TSVCParams):
+    """TSV-C's rank fraction ``f`` and the gate's parameters."""
+
+
+@CATALOG.register(
+    "tsv_routed",
+    TSVRoutedParams,
+    True,
+    "TSV-C low-rank task deltas + a gate that picks the task; served in one pass per mixed batch",
+    needs_shared_base=True,
+)
+def _tsv_routed(ctx: MergeContext, p: TSVRoutedParams) -> MergeResult:
+    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, rank_fraction(ctx, p.f))
+    return MergeResult(lowrank=deltas, gate=train_gate_for(ctx, p), info={"rank_fraction": deltas.rank_fraction})

@@ -1,6 +1,6 @@
-"""Catalog of the merges of models that share a pretrained base, without a gate (SPEC sections 1-2).
+"""Catalog of the merges of models that share a pretrained base, without a gate (SPEC sections 1-2, 7).
 
-AvgMean, Task Arithmetic, TIES, DARE (+TA / +TIES), RegMean, Fisher and EMR.
+AvgMean, Task Arithmetic, TIES, DARE (+TA / +TIES), RegMean, Fisher, EMR, TSV-C and TSV-M.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from merging.methods.emr import emr_merge
 from merging.methods.fisher import estimate_fisher, fisher_merge
 from merging.methods.regmean import collect_grams, regmean
 from merging.methods.ties import ties_merge
+from merging.methods.tsv import tsv_compress, tsv_merge
 from merging.registry import Catalog, MergeContext, MergeResult, NoParams, Params
 
 CATALOG = Catalog()
@@ -106,3 +107,39 @@ def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
 def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
     return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
+
+
+class TSVCParams(Params):
+    f: float | None = Field(None, gt=0.0, le=1.0, description="rank fraction per layer (default 1/N, the paper's)")
+
+
+class TSVMParams(Params):
+    alpha: float = Field(1.0, gt=0.0, le=2.0, description="scale of the merged task matrices")
+
+
+def rank_fraction(ctx: MergeContext, f: float | None) -> float:
+    """TSV-C's ``f``: the given one, else ``1/N`` (the paper's choice)."""
+    return f if f is not None else 1.0 / len(ctx.finetuned)
+
+
+@CATALOG.register(
+    "tsv_c",
+    TSVCParams,
+    False,
+    "TSV-C: per-task top-r SVD factors of every layer's task matrix (task id given; low-rank bundle)",
+    needs_shared_base=True,
+)
+def _tsv_c(ctx: MergeContext, p: TSVCParams) -> MergeResult:
+    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, rank_fraction(ctx, p.f))
+    return MergeResult(lowrank=deltas, info={"rank_fraction": deltas.rank_fraction})
+
+
+@CATALOG.register(
+    "tsv_m",
+    TSVMParams,
+    False,
+    "TSV-M: per-layer task singular vectors, orthogonalised and summed",
+    needs_shared_base=True,
+)
+def _tsv_m(ctx: MergeContext, p: TSVMParams) -> MergeResult:
+    return MergeResult(backbone=tsv_merge(ctx.pretrained, ctx.finetuned, p.alpha))

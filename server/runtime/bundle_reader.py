@@ -67,6 +67,12 @@ class BundleReader:
         self._check(task)
         if self.kind == "static":
             return dict(self.bundle.tensors("backbone"))
+        if self.kind == "lowrank":  # W_0 + B_t A_t per matrix layer, the task's own small tensors
+            i = self.tasks.index(task)
+            factors = self.bundle.tensors("factors")
+            base = self.bundle.tensors("backbone")
+            low = {k: w.float() + factors[f"{k}.B"][i] @ factors[f"{k}.A"][i] for k, w in base.items()}
+            return {**low, **{k: v[i] for k, v in self.bundle.tensors("experts").items()}}
         if self.kind == "gated":  # the model with p one-hot on this task
             i = self.tasks.index(task)
             return {**self.bundle.tensors("backbone"), **{k: v[i] for k, v in self.bundle.tensors("experts").items()}}

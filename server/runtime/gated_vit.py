@@ -186,6 +186,57 @@ class GatedLinear(nn.Module):
         return y.squeeze(1) if squeeze else y
 
 
+class LowRankLinear(nn.Module):
+    """A linear layer with shared ``W_0`` and per-task low-rank deltas ``B_t A_t`` (SPEC section 7).
+
+    ``y = x W_0^T + [B_t (A_t x) + b_t]``: the big GEMM runs ONCE for the whole batch; only the
+    rank-r corrections run per task group (contiguous rows after the sparse pass sorted the
+    batch; per image under soft routing). The per-task bias is a small tensor, mixed per image.
+    """
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, b: torch.Tensor, a: torch.Tensor, routing: Routing
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in): W_0
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None  # (N, out)
+        self.b = nn.Parameter(b, requires_grad=False)  # (N, out, r)
+        self.a = nn.Parameter(a, requires_grad=False)  # (N, r, in)
+        self.routing = routing
+        self.slots: dict[str, Slot] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.routing
+        y = F.linear(x, self.weight)
+        batch, out_f = x.shape[0], self.weight.shape[0]
+        x3, y3 = x.reshape(batch, -1, x.shape[-1]), y.view(batch, -1, out_f)
+        if r.expert is not None:
+            self._correct(x3, y3, r.expert, None)
+        elif r.groups is not None and r.p is not None:
+            for rows, expert in r.groups:
+                if expert is not None:
+                    self._correct(x3[rows], y3[rows], expert, None)
+                else:
+                    self._soft(x3[rows], y3[rows], r.p[rows])
+        else:
+            assert r.p is not None, "routing not set"
+            self._soft(x3, y3, r.p)
+        if self.bias is not None:
+            bias = r.mix(self.bias, self.slots.get("bias"))
+            y3.add_(bias if bias.ndim == 1 else bias.unsqueeze(1))
+        return y
+
+    def _correct(self, x: torch.Tensor, y: torch.Tensor, t: int, w: torch.Tensor | None) -> None:
+        """``y += w * (x A_t^T) B_t^T`` in place (``w``: per-image weights, None = 1)."""
+        delta = (x @ self.a[t].T) @ self.b[t].T
+        y.add_(delta if w is None else w.view(-1, 1, 1) * delta)
+
+    def _soft(self, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> None:
+        for t in range(self.a.shape[0]):
+            if bool((p[:, t] != 0).any()):
+                self._correct(x, y, t, p[:, t])
+
+
 class GatedLayerNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float, routing: Routing):
         super().__init__()
@@ -283,7 +334,10 @@ class GatedViT(nn.Module):
         heads: Sequence[dict[str, torch.Tensor]],
         linear_mode: LinearMode = "mix",
         keep_scratch_bytes: int = KEEP_SCRATCH_BYTES,
+        lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
+        """``lowrank``: linear layers (module name) with shared ``W_0`` (in ``static``) and per-task
+        factors ``(B (N, m, r), A (N, r, n))``; their biases are experts like every small tensor."""
         super().__init__()
         self.keep_scratch_bytes = keep_scratch_bytes
         self.vit = cast(VisionTransformer, build_model(architecture, 0))
@@ -293,7 +347,7 @@ class GatedViT(nn.Module):
         self.num_experts = next(iter(experts.values())).shape[0]
         placeholder = {k: v[0] for k, v in experts.items()}
         self.vit.load_state_dict({**static, **placeholder}, strict=True)
-        self._replace(experts, linear_mode)
+        self._replace(experts, linear_mode, lowrank or {})
         self.register_buffer("cls_stack", experts.get("cls_token"), persistent=False)  # moves with .to(device)
         self.register_buffer("pos_stack", experts.get("pos_embed"), persistent=False)
         self.slots: dict[str, Slot] = {}
@@ -305,12 +359,20 @@ class GatedViT(nn.Module):
             self.heads.append(lin)
         self.eval()
 
-    def _replace(self, experts: dict[str, torch.Tensor], mode: LinearMode) -> None:
+    def _replace(
+        self, experts: dict[str, torch.Tensor], mode: LinearMode, lowrank: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         modules = dict(self.vit.named_modules())
-        owners = sorted({k.rsplit(".", 1)[0] for k in experts if "." in k})
+        owners = sorted({k.rsplit(".", 1)[0] for k in experts if "." in k} | set(lowrank))
         for name in owners:
             mod = modules[name]
             w, b = experts.get(f"{name}.weight"), experts.get(f"{name}.bias")
+            if name in lowrank:
+                if not isinstance(mod, nn.Linear) or w is not None:
+                    raise NotImplementedError(f"low-rank deltas need a linear layer with a shared weight: {name}")
+                factor_b, factor_a = lowrank[name]
+                _set_module(self.vit, name, LowRankLinear(mod.weight.detach(), b, factor_b, factor_a, self.routing))
+                continue
             if w is None and type(mod).__name__ != "LayerScale":
                 raise NotImplementedError(f"cannot gate module {name}: its weight is not gated")
             if isinstance(mod, nn.Linear):
@@ -335,7 +397,7 @@ class GatedViT(nn.Module):
             (self, "pos", self.pos_stack),
         ]
         for mod in self.vit.modules():
-            if isinstance(mod, GatedLinear):
+            if isinstance(mod, (GatedLinear, LowRankLinear)):
                 owners.append((mod, "bias", mod.bias))
             elif isinstance(mod, (GatedLayerNorm, GatedConv2d)):
                 owners += [(mod, "weight", mod.weight), (mod, "bias", mod.bias)]
@@ -433,10 +495,15 @@ class GatedViT(nn.Module):
 
     @classmethod
     def from_bundle(cls, models: BundleReader, linear_mode: LinearMode = "mix") -> GatedViT:
-        """The gated model of a ``gated`` bundle: its static tensors, expert stacks and every task's head."""
+        """The model of a ``gated`` or ``lowrank`` bundle: static tensors, expert stacks, factors, every task's head."""
         b = models.bundle
         heads = [models.head(t) for t in models.tasks]
-        return cls(models.architecture, dict(b.tensors("backbone")), dict(b.tensors("experts")), heads, linear_mode)
+        lowrank = None
+        if models.kind == "lowrank":
+            factors = b.tensors("factors")
+            lowrank = {k.removesuffix(".weight"): (factors[f"{k}.B"], factors[f"{k}.A"]) for k in b.tensors("backbone")}
+        static, experts = dict(b.tensors("backbone")), dict(b.tensors("experts"))
+        return cls(models.architecture, static, experts, heads, linear_mode, lowrank=lowrank)
 
     @torch.inference_mode()
     def classify(

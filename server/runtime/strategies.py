@@ -7,7 +7,10 @@
   LRU :class:`~server.runtime.weight_cache.WeightCache` under a byte budget; images are grouped
   by task and each group runs its task's module;
 * :class:`GatedStrategy` -- :class:`~server.runtime.gated_vit.GatedViT` mixes expert tensors per
-  image (``exact`` or ``sparse``).
+  image (``exact`` or ``sparse``);
+* :class:`LowRankStrategy` -- low-rank task deltas in ONE pass (SPEC section 7): every linear
+  layer runs its shared ``W_0`` once for the whole mixed batch plus rank-r corrections
+  ``B_t A_t`` per task group; small tensors are gathered per image.
 
 A strategy never writes to the bundle's tensors.
 """
@@ -171,8 +174,24 @@ class GatedStrategy:
         return {"gated_vit": tensor_bytes(self.gated.vit)}
 
 
+class LowRankStrategy:
+    """One pass per mixed batch over ``W_0`` + per-task rank-r corrections; each image runs ``argmax p``'s task."""
+
+    def __init__(self, ctx: StrategyContext):
+        self.gated = GatedViT.from_bundle(ctx.models).to(ctx.device)
+
+    def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        hard = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(x.dtype)
+        return self.gated.features(x, hard, "sparse")
+
+    def resident_bytes(self) -> dict[str, int]:
+        small = self.gated.small_stack
+        return {"lowrank_vit": tensor_bytes(self.gated.vit) + small.numel() * small.element_size()}
+
+
 #: Bundle kind (``model.json``'s ``kind``) -> its strategy.
 STRATEGIES: dict[str, Callable[[StrategyContext], KindStrategy]] = {
+    "lowrank": LowRankStrategy,
     "static": StaticStrategy,
     "emr": EMRStrategy,
     "gated": GatedStrategy,

@@ -26,6 +26,9 @@ TASK_VECTOR_METHODS = [
     "emr_routed",
     "gating_avg",
     "gating_regmean",
+    "tsv_c",
+    "tsv_m",
+    "tsv_routed",
 ]
 
 

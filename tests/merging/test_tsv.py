@@ -1,0 +1,67 @@
+"""Task Singular Vectors (SPEC section 7) on small random layers: the math, exactly."""
+
+import pytest
+import torch
+
+from merging.methods.tsv import factorise, is_matrix_key, lowrank_rank, tsv_compress, tsv_merge
+
+
+def _zoo(n: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "blocks.0.attn.qkv.weight": torch.randn(24, 8, generator=g),
+        "blocks.0.attn.qkv.bias": torch.randn(24, generator=g),
+        "blocks.0.norm1.weight": torch.randn(8, generator=g),
+        "patch_embed.proj.weight": torch.randn(8, 1, 2, 2, generator=g),
+        "cls_token": torch.randn(1, 1, 8, generator=g),
+    }
+    tuned = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(n)]
+    return base, tuned
+
+
+def test_matrix_layers_are_the_2d_weights_only():
+    base, _ = _zoo()
+    assert [k for k, v in base.items() if is_matrix_key(k, v)] == ["blocks.0.attn.qkv.weight"]
+    assert lowrank_rank((24, 8), 0.25) == 2 and lowrank_rank((24, 8), 0.01) == 1 and lowrank_rank((24, 8), 1.0) == 8
+
+
+def test_factors_are_the_best_rank_r_approximation():
+    d = torch.randn(24, 8, generator=torch.Generator().manual_seed(1))
+    s = torch.linalg.svdvals(d.double())
+    for r in (1, 3, 8):
+        b, a = factorise(d, r)
+        assert b.shape == (24, r) and a.shape == (r, 8)
+        # Eckart-Young: the Frobenius error of the top-r truncation is the norm of the dropped singular values
+        err = torch.linalg.matrix_norm((d - b @ a).double())
+        assert float(err) == pytest.approx(float(s[r:].norm()), abs=1e-5)
+
+
+def test_tsv_c_at_full_rank_is_every_fine_tuned_model_and_small_tensors_are_the_tasks_own():
+    base, tuned = _zoo()
+    full = tsv_compress(base, tuned, 1.0)
+    for i, model in enumerate(tuned):
+        state = full.task_state(i)
+        for k in base:
+            torch.testing.assert_close(state[k], model[k], atol=1e-5, rtol=0)
+    low = tsv_compress(base, tuned, 0.25)
+    assert low.ranks == {"blocks.0.attn.qkv.weight": 2}
+    b, a = low.factors[1]["blocks.0.attn.qkv.weight"]
+    assert b.shape == (24, 2) and a.shape == (2, 8)
+    assert torch.equal(low.task_state(1)["blocks.0.norm1.weight"], tuned[1]["blocks.0.norm1.weight"])
+    assert low.stored_numbers() == 3 * (2 * (24 + 8) + 24 + 8 + 32 + 8)
+    with pytest.raises(ValueError, match="rank fraction"):
+        tsv_compress(base, tuned, 0.0)
+
+
+def test_tsv_m_of_one_model_is_that_model_and_merges_small_tensors_by_the_mean():
+    base, tuned = _zoo(n=1)
+    one = tsv_merge(base, tuned)
+    for k in base:
+        torch.testing.assert_close(one[k], tuned[0][k], atol=1e-5, rtol=0)
+    base, tuned = _zoo(n=3)
+    merged = tsv_merge(base, tuned, alpha=0.5)
+    mean = torch.stack([m["cls_token"] for m in tuned]).mean(0)
+    torch.testing.assert_close(merged["cls_token"], base["cls_token"] + 0.5 * (mean - base["cls_token"]))
+    # r = floor(8 / 3) = 2 per task: the merged delta has rank <= 6 and differs from the plain sum of deltas
+    delta = merged["blocks.0.attn.qkv.weight"] - base["blocks.0.attn.qkv.weight"]
+    assert int(torch.linalg.matrix_rank(delta.double(), atol=1e-6)) <= 6

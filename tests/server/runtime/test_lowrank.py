@@ -1,0 +1,81 @@
+"""The one-pass low-rank engine (SPEC section 7) on real TSV bundles of the `test` zoo.
+
+Exactness: every image of a shuffled mixed-task batch gets what it gets alone through a plain
+timm model with ``W_0 + B_t A_t`` (and task t's own small tensors and head), task given or routed.
+"""
+
+import pytest
+import torch
+from conftest import SMALL_GATE
+from test_engine import _mixed_batch
+
+from merging.methods.tsv import tsv_compress
+from merging.pipeline import merge_and_publish
+from model_store.architecture import build_model, load_into
+from model_store.bundle import BundleStore
+from model_store.settings import StoreLayout
+from server.runtime.bundle_reader import BundleReader
+from server.runtime.engine import Engine
+from server.runtime.strategies import LowRankStrategy
+
+
+@pytest.fixture(scope="module")
+def lowrank_store(test_zoo_report, tmp_path_factory):
+    store = BundleStore(StoreLayout(tmp_path_factory.mktemp("lowrank")), keep=10)
+    zoo = test_zoo_report.zoo
+    versions = {
+        "tsv_c": merge_and_publish(zoo, store, "tsv_c", {"f": 0.25}, progress=False).version,
+        "tsv_routed": merge_and_publish(zoo, store, "tsv_routed", {"f": 0.25, **SMALL_GATE}, progress=False).version,
+    }
+    return store, versions
+
+
+def _plain(reader: BundleReader, task: int) -> torch.nn.Module:
+    """A plain timm model of task ``task`` built from the bundle's factors by hand: ``W_0 + B_t A_t``."""
+    b = reader.bundle
+    factors, small = b.tensors("factors"), b.tensors("experts")
+    state = {k: w + factors[f"{k}.B"][task] @ factors[f"{k}.A"][task] for k, w in b.tensors("backbone").items()}
+    state |= {k: v[task] for k, v in small.items()}
+    name = reader.tasks[task]
+    model = build_model(reader.architecture, len(reader.class_names[name]))
+    return load_into(model, state, reader.head(name)).eval()
+
+
+def test_the_bundle_holds_tsv_c_of_the_zoo(test_zoo_report, lowrank_store):
+    store, versions = lowrank_store
+    zoo = test_zoo_report.zoo
+    reader = BundleReader(store.load(versions["tsv_c"]))
+    assert reader.kind == "lowrank" and reader.spec.lowrank is not None and reader.spec.lowrank.rank_fraction == 0.25
+    ref = tsv_compress(zoo.backbone(zoo.base), [zoo.backbone(t) for t in zoo.tasks], 0.25)
+    assert reader.spec.lowrank.ranks == ref.ranks and all(r == 12 for r in ref.ranks.values())  # 48-wide layers
+    for i, task in enumerate(zoo.tasks):
+        got, want = reader.task_backbone(task), ref.task_state(i)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["tsv_c", "tsv_routed"])
+def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowrank_store, method):
+    store, versions = lowrank_store
+    engine = Engine(store.load(versions[method]), "cpu")
+    assert isinstance(engine.kind_strategy, LowRankStrategy)
+    reader = engine.models
+    x, g, truth = _mixed_batch(engine)
+    given = engine.predict(x, truth)
+    routed = engine.predict(x, [None] * len(x), g) if g is not None else None
+    plain = [_plain(reader, t) for t in range(len(reader.tasks))]
+    with torch.inference_mode():
+        for i, t in enumerate(truth):
+            alone = plain[t](x[i : i + 1])[0].softmax(-1)
+            assert given[i].task == t and given[i].source == "given"
+            torch.testing.assert_close(given[i].probabilities, alone, atol=1e-5, rtol=0)
+            if routed is not None:
+                chosen = routed[i].task  # the gate's argmax; that task's plain model gives the same answer
+                ref = plain[chosen](x[i : i + 1])[0].softmax(-1)
+                torch.testing.assert_close(routed[i].probabilities, ref, atol=1e-5, rtol=0)
+                solo = engine.predict(x[i : i + 1], [None], g[i : i + 1])[0]
+                assert solo.task == chosen
+    assert (routed is None) == (method == "tsv_c")
+    parts = engine.resident_bytes()
+    assert set(parts) >= {"heads", "lowrank_vit"} and (("gate" in parts) == (method == "tsv_routed"))
