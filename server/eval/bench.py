@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from merging import collect_grams, emr_merge, regmean, weight_average
 from merging.catalog import run_merge
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, gate_probabilities, train_gate_for
+from merging.methods.tsv import tsv_compress, tsv_merge
 from merging.pipeline import merge_context
 from merging.registry import MergeContext, MergeResult
 from merging.types import StateDict
@@ -79,6 +80,7 @@ class AccuracyBenchConfig:
     scaling: bool = True  # accuracy vs N for N = 2..len(tasks)
     scaling_m: int = 3
     static_methods: tuple[tuple[str, str, dict], ...] = STATIC_METHODS
+    tsv_fractions: tuple[float, ...] = (0.05, 0.1)  # TSV-C rank fractions besides 1/N (the default)
 
 
 @dataclass
@@ -256,6 +258,66 @@ def _row(name: str, kind: str, accs: dict[str, float], stored: float, gflops: fl
     return {"name": name, "kind": kind, "accuracy": accs, "stored_M": stored / 1e6, "gflops": gflops / 1e9, **extra}
 
 
+def tsv_fractions(cfg: AccuracyBenchConfig, n: int) -> list[float]:
+    """TSV-C rank fractions of the benchmark: the configured ones and the default ``1/N``."""
+    return sorted({*cfg.tsv_fractions, 1.0 / n})
+
+
+def _tsv_rows(
+    s: MergeInputs,
+    pool: Pool,
+    gates: dict,
+    fractions: Sequence[float],
+    vit_flops: float,
+    head_n: int,
+    bs: int,
+    bar: Any,
+) -> list[dict]:
+    """TSV-C at every rank fraction (task given, and routed by the first gate) and TSV-M.
+
+    Stored: ``W_0`` of the matrix layers + every task's factors and small tensors + heads (+ gate).
+    FLOPs: the plain ViT + the one-pass engine's rank-r corrections, ``2 r (m + n)`` per token and layer.
+    """
+    n = len(s.tasks)
+    one_hot = F.one_hot(pool.task, n).float()
+    tokens = int(s.base["pos_embed"].shape[1]) + (0 if "cls_token" not in s.base else 1)
+    arch, gate = next(iter(gates.items())) if gates else (None, None)
+    rows = []
+    for f in fractions:
+        t0 = time.perf_counter()
+        deltas = tsv_compress(s.base, s.finetuned, f)
+        secs = time.perf_counter() - t0
+        stored = sum(s.base[k].numel() for k in deltas.ranks) + deltas.stored_numbers() + head_n
+        extra = sum(2 * r * sum(s.base[k].shape) * tokens for k, r in deltas.ranks.items())
+        models = [
+            load_into(s.zoo.build_model(t), deltas.task_state(i), s.heads[i]).eval() for i, t in enumerate(s.tasks)
+        ]
+        fn = per_task_features(models)
+        label = f"TSV-C f={f:.3g}" + (" (1/N)" if abs(f - 1.0 / n) < 1e-9 else "")
+        given = evaluate(pool, s.heads, fn, one_hot, bs)
+        rows.append(_row(f"{label} (task given)", "tsv_c", given, stored, vit_flops + extra, f=f, merge_s=secs))
+        if gate is not None:
+            rows.append(
+                _row(
+                    f"TSV routed f={f:.3g} ({arch} gate)",
+                    "tsv_routed",
+                    evaluate(pool, s.heads, fn, gate["p"], bs),
+                    stored + gate["params"],
+                    vit_flops + extra + gate["flops"],
+                    f=f,
+                    gate=arch,
+                )
+            )
+        bar.update(1)
+    t0 = time.perf_counter()
+    merged = tsv_merge(s.base, s.finetuned)
+    secs = time.perf_counter() - t0
+    tsv_m = evaluate(pool, s.heads, static_features(_model(s, merged)), one_hot, bs)
+    rows.append(_row("TSV-M (α=1.0)", "tsv_m", tsv_m, numel(s.base) + head_n, vit_flops, merge_s=secs))
+    bar.update(1)
+    return rows
+
+
 def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(), progress: bool = True) -> dict:
     """Run every row on ``zoo``; returns a JSON-serialisable result (see :func:`render_markdown`)."""
     torch.manual_seed(cfg.seed)
@@ -268,7 +330,15 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
     s = _setup(zoo, tasks)
     one_hot = F.one_hot(pool.task, n).float()
     bs = cfg.batch_size
-    total = 1 + len(cfg.static_methods) + 1 + len(m_values) * 2 + (3 * (n - 2) if cfg.scaling else 0)
+    total = (
+        1
+        + len(cfg.static_methods)
+        + 1
+        + len(tsv_fractions(cfg, n))
+        + 1
+        + len(m_values) * 2
+        + (3 * (n - 2) if cfg.scaling else 0)
+    )
     bar = tqdm(total=total, desc=f"bench accuracy {zoo.name}", unit="row", disable=not progress)
     backbone_n, head_n = numel(s.base), sum(numel(h) for h in s.heads)
     plain = _model(s, s.base)
@@ -326,6 +396,8 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
         )
     del emr_models, emr_fn
     bar.update(1)
+
+    rows += _tsv_rows(s, pool, gates, tsv_fractions(cfg, n), vit_flops, head_n, bs, bar)
 
     statics = {"avg": weight_average(s.finetuned), "regmean": regmean(s.base, s.finetuned, s.grams, 0.9)}
     for base_name, static in statics.items():
@@ -653,6 +725,36 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
         title=f"{result['zoo']}: stored parameters vs accuracy",
     )
     paths.append(_save(fig, ax, out_dir / f"{stem}-params.png"))
+
+    tsv = [r for r in rows if r["kind"] in ("tsv_c", "tsv_routed")]
+    if tsv:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for kind, label, marker in (
+            ("tsv_c", "TSV-C, task given", "o"),
+            ("tsv_routed", f"TSV routed ({arch} gate)", "x"),
+        ):
+            pts = sorted(
+                (r["stored_M"], 100 * normalised(r["accuracy"], ind), r["f"]) for r in tsv if r["kind"] == kind
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+            for x, y, f in pts:
+                ax.annotate(f"f={f:.2g}", (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+        for name, c in (("EMR (task given)", "green"), (f"routed EMR ({arch} gate)", "limegreen")):
+            r = next((r for r in rows if r["name"] == name), None)
+            if r is not None:
+                ax.scatter([r["stored_M"]], [100 * normalised(r["accuracy"], ind)], color=c, marker="s", label=name)
+        for r in rows:
+            if r["kind"] == "gating_regmean" and r.get("gate") == arch:
+                ax.scatter([r["stored_M"]], [100 * normalised(r["accuracy"], ind)], color="tab:red", marker="^", s=14)
+        ax.scatter([], [], color="tab:red", marker="^", label=f"gating+RegMean (m values, {arch} gate)")
+        one = _find(rows, "Individual")["stored_M"] / max(1, len(result["tasks"]))
+        ax.axvline(one, color="black", lw=0.8, ls=":", label="one model")
+        ax.set(
+            xlabel="parameters stored (M)",
+            ylabel="normalised accuracy (%)",
+            title=f"{result['zoo']}: accuracy vs storage (TSV over f)",
+        )
+        paths.append(_save(fig, ax, out_dir / f"{stem}-tsv.png"))
 
     if result["scaling"]:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))

@@ -86,7 +86,12 @@ def test_table_has_every_row_and_column(bench):
     md = (out / "results" / "accuracy-test.md").read_text()
     assert "| method | mnist | animals | solar | digits | avg | norm. avg | stored params (M) | GFLOPs/img |" in md
     assert "Claims of the papers" in md and "vitmerge bench accuracy" in md
-    for stem in ("normalised", "vs-m", "params", "vs-n"):
+    # TSV: C at 0.05, 0.1 and 1/N (task given, and routed by the first gate), M once
+    for f in ("0.05", "0.1", "0.25 (1/N)"):
+        assert f"TSV-C f={f} (task given)" in names
+        assert f"TSV routed f={f.split()[0]} (efficientnet_lite0 gate)" in names
+    assert "TSV-M (α=1.0)" in names
+    for stem in ("normalised", "vs-m", "params", "vs-n", "tsv"):
         assert (out / "results" / f"accuracy-test-{stem}.png").stat().st_size > 1000
 
 
@@ -108,6 +113,17 @@ def test_orderings_that_must_hold(bench):
             # eps: one image of 100 (batch composition can flip a near-tie)
             assert given - (1 - gate) - 0.011 <= routed <= given + 1e-9, (t, arch, routed, given, gate)
     assert _avg(rows["EMR (task given)"]) > _avg(rows["AvgMean"]) + 0.05
+    # TSV-C: a larger rank keeps more (stores more, costs more FLOPs); routed loses at most the misrouted share
+    tsv = [rows[f"TSV-C f={f} (task given)"] for f in ("0.05", "0.1", "0.25 (1/N)")]
+    assert [r["stored_M"] for r in tsv] == sorted(r["stored_M"] for r in tsv) and tsv[0]["stored_M"] < tsv[-1][
+        "stored_M"
+    ]
+    assert tsv[0]["gflops"] < tsv[-1]["gflops"] and _avg(tsv[-1]) >= _avg(tsv[0]) - 0.01
+    assert tsv[-1]["stored_M"] < stored["Individual"]
+    gate = result["gates"]["efficientnet_lite0"]["accuracy"]
+    for t in result["tasks"]:
+        given, routed = tsv[-1]["accuracy"][t], rows["TSV routed f=0.25 (efficientnet_lite0 gate)"]["accuracy"][t]
+        assert given - (1 - gate[t]) - 0.011 <= routed <= given + 1e-9, (t, routed, given)
     assert stored["Individual"] > stored["EMR (task given)"] > stored["AvgMean"]
     for s in result["scaling"]:
         assert 0 < s["normalised"]["routed EMR"] <= s["normalised"]["EMR"] + 1e-9
