@@ -6,7 +6,7 @@ process over lazy safetensors mappings (the streaming path `vitmerge merge` uses
 and the child's peak RSS (``VmHWM`` of its own image) is compared with the size
 of one model and with an import-only baseline process.
 
-    .venv/bin/python benchmarks/merge_cost.py [--ns 2,4,8] [--methods avg,task_arithmetic,ties,emr]
+    .venv/bin/python benchmarks/merge_cost.py [--ns 2,4,8] [--methods avg,task_arithmetic,ties,emr,tsv_c,tsv_m]
 
 Writes a Markdown table (stdout and benchmarks/results/merge_cost.md) and a plot
 (benchmarks/results/merge_cost.png).
@@ -58,6 +58,12 @@ elif method == "ties":
     out = ties_merge(pre, ft, 0.2, 1.0)
 elif method == "emr":
     out = emr_merge(pre, ft)
+elif method == "tsv_c":
+    from merging.methods.tsv import tsv_compress
+    out = tsv_compress(pre, ft, 1.0 / n)
+elif method == "tsv_m":
+    from merging.methods.tsv import tsv_merge
+    out = tsv_merge(pre, ft)
 else:
     raise SystemExit(f"unknown method {method}")
 print(json.dumps({"seconds": time.perf_counter() - t, "hwm": hwm()}))
@@ -119,7 +125,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ns", default="2,4,8")
-    parser.add_argument("--methods", default="avg,task_arithmetic,ties,emr")
+    parser.add_argument("--methods", default="avg,task_arithmetic,ties,emr,tsv_c,tsv_m")
     args = parser.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
     methods = args.methods.split(",")

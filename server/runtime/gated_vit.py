@@ -189,9 +189,10 @@ class GatedLinear(nn.Module):
 class LowRankLinear(nn.Module):
     """A linear layer with shared ``W_0`` and per-task low-rank deltas ``B_t A_t`` (SPEC section 7).
 
-    ``y = x W_0^T + [B_t (A_t x) + b_t]``: the big GEMM runs ONCE for the whole batch; only the
-    rank-r corrections run per task group (contiguous rows after the sparse pass sorted the
-    batch; per image under soft routing). The per-task bias is a small tensor, mixed per image.
+    ``y = x W_0^T + [(x A_t^T) B_t^T + b_t]``: the big GEMM runs ONCE for the whole batch; only the
+    rank-r corrections run per task group, as two small GEMMs on the group's contiguous token rows
+    (the sparse pass sorted the batch by task), written in place. Under soft routing (no groups)
+    every task's correction is weighted per image. The per-task bias is a small tensor.
     """
 
     def __init__(
@@ -200,41 +201,45 @@ class LowRankLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in): W_0
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None  # (N, out)
-        self.b = nn.Parameter(b, requires_grad=False)  # (N, out, r)
-        self.a = nn.Parameter(a, requires_grad=False)  # (N, r, in)
+        # stored transposed and contiguous, ready for ``mm``: A_t^T (N, in, r), B_t^T (N, r, out)
+        self.a_t = nn.Parameter(a.transpose(1, 2).contiguous(), requires_grad=False)
+        self.b_t = nn.Parameter(b.transpose(1, 2).contiguous(), requires_grad=False)
         self.routing = routing
         self.slots: dict[str, Slot] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         y = F.linear(x, self.weight)
-        batch, out_f = x.shape[0], self.weight.shape[0]
-        x3, y3 = x.reshape(batch, -1, x.shape[-1]), y.view(batch, -1, out_f)
+        in_f, out_f = self.weight.shape[1], self.weight.shape[0]
+        x2, y2 = x.reshape(-1, in_f), y.view(-1, out_f)
+        per_image = x2.shape[0] // x.shape[0]  # tokens per image
         if r.expert is not None:
-            self._correct(x3, y3, r.expert, None)
-        elif r.groups is not None and r.p is not None:
+            self._correct(x2, y2, r.expert)
+            return y
+        if r.groups is not None and all(e is not None for _, e in r.groups):
             for rows, expert in r.groups:
-                if expert is not None:
-                    self._correct(x3[rows], y3[rows], expert, None)
-                else:
-                    self._soft(x3[rows], y3[rows], r.p[rows])
-        else:
-            assert r.p is not None, "routing not set"
-            self._soft(x3, y3, r.p)
+                assert expert is not None
+                tokens = slice(rows.start * per_image, rows.stop * per_image)
+                self._correct(x2[tokens], y2[tokens], expert)
+            return y
+        assert r.p is not None, "routing not set"
+        self._soft(x2, y2, r.p.repeat_interleave(per_image, 0))
         if self.bias is not None:
-            bias = r.mix(self.bias, self.slots.get("bias"))
-            y3.add_(bias if bias.ndim == 1 else bias.unsqueeze(1))
+            y2.add_(r.p.repeat_interleave(per_image, 0) @ self.bias)
         return y
 
-    def _correct(self, x: torch.Tensor, y: torch.Tensor, t: int, w: torch.Tensor | None) -> None:
-        """``y += w * (x A_t^T) B_t^T`` in place (``w``: per-image weights, None = 1)."""
-        delta = (x @ self.a[t].T) @ self.b[t].T
-        y.add_(delta if w is None else w.view(-1, 1, 1) * delta)
+    def _correct(self, x2: torch.Tensor, y2: torch.Tensor, t: int) -> None:
+        """``y += (x A_t^T) B_t^T + b_t`` in place, on token rows."""
+        y2.addmm_(torch.mm(x2, self.a_t[t]), self.b_t[t])
+        if self.bias is not None:
+            y2.add_(self.bias[t])
 
-    def _soft(self, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> None:
-        for t in range(self.a.shape[0]):
-            if bool((p[:, t] != 0).any()):
-                self._correct(x, y, t, p[:, t])
+    def _soft(self, x2: torch.Tensor, y2: torch.Tensor, p: torch.Tensor) -> None:
+        """Soft routing: ``y += sum_t p_t (x A_t^T) B_t^T`` per token row."""
+        for t in range(self.a_t.shape[0]):
+            w = p[:, t : t + 1]
+            if bool((w != 0).any()):
+                y2.add_(w * torch.mm(torch.mm(x2, self.a_t[t]), self.b_t[t]))
 
 
 class GatedLayerNorm(nn.Module):
@@ -397,7 +402,7 @@ class GatedViT(nn.Module):
             (self, "pos", self.pos_stack),
         ]
         for mod in self.vit.modules():
-            if isinstance(mod, (GatedLinear, LowRankLinear)):
+            if isinstance(mod, GatedLinear):
                 owners.append((mod, "bias", mod.bias))
             elif isinstance(mod, (GatedLayerNorm, GatedConv2d)):
                 owners += [(mod, "weight", mod.weight), (mod, "bias", mod.bias)]

@@ -79,3 +79,34 @@ def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowr
     assert (routed is None) == (method == "tsv_c")
     parts = engine.resident_bytes()
     assert set(parts) >= {"heads", "lowrank_vit"} and (("gate" in parts) == (method == "tsv_routed"))
+
+
+def test_the_server_merges_and_serves_tsv_routed_as_its_default_method(test_zoo_dir, tmp_path):
+    """``VITMERGE_DEFAULT_METHOD=tsv_routed``: startup merge into a lowrank bundle, routed and given classify."""
+    from server_helpers import AsgiHarness, png_bytes
+
+    from model_store.data.builtin import load_split
+    from server.http.settings import ServerSettings
+
+    settings = ServerSettings(
+        store=tmp_path / "store",
+        zoo=str(test_zoo_dir),
+        watch_interval_s=0,
+        device="cpu",
+        default_method="tsv_routed",
+        default_params={"f": 0.1, **SMALL_GATE},
+        max_wait_ms=2,
+    )
+    h = AsgiHarness(settings)
+    try:
+        engine = h.state.manager.engine
+        assert engine.kind == "lowrank" and engine.has_gate and engine.method == "tsv_routed"
+        files = {"image": ("x.png", png_bytes(load_split("digits", "test", limit=1).images[0]))}
+        routed = h.request("POST", "/v1/classify", files=files)
+        assert routed.status_code == 200 and routed.json()["predictions"][0]["task"]["source"] == "gate"
+        given = h.request("POST", "/v1/classify", files=files, data={"task": "digits"})
+        body = given.json()
+        assert given.status_code == 200 and body["predictions"][0]["task"]["name"] == "digits"
+        assert body["model_version"] == "v1"
+    finally:
+        h.close()
