@@ -66,6 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level="warning" if args.quiet else "info",
         access_log=False,
         timeout_graceful_shutdown=int(settings.request_timeout_s),
+        loop=settings.http_loop,
+        http=settings.http_parser,
     )
     return 0
 

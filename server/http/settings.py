@@ -53,6 +53,10 @@ class ServerSettings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="images waiting for the worker; more -> 429")
     request_timeout_s: float = Field(30.0, gt=0.0)
 
+    # HTTP stack (uvicorn): "auto" takes uvloop / httptools when installed (the [standard] extra)
+    http_loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="event loop of the server")
+    http_parser: Literal["auto", "h11", "httptools"] = Field("auto", description="HTTP/1.1 parser of the server")
+
     # request limits
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
     max_images: int = Field(64, ge=1, description="images per request")

@@ -1,0 +1,143 @@
+"""The HTTP stack under load: uvicorn on asyncio + h11 vs uvloop + httptools, measured with ``hey``.
+
+One ``vitmerge serve`` per stack on the same store (the demo zoo's routed EMR bundle), single-image
+``POST /v1/classify`` requests (a raw PNG body), task given (``?task=``) and routed by the gate, at
+concurrency 1, 4 and 16. ``hey`` (Go, Debian package) is the load generator, so the client does not
+run Python on the server's two cores. The stacks alternate per (mode, concurrency) cell.
+
+    .venv/bin/python benchmarks/http_stack.py [--requests 1500] [--concurrency 1,4,16] [--store DIR]
+
+Writes benchmarks/results/http_stack.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+from model_store.data.builtin import load_split
+from server.http.readiness import wait_until_ready
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+STACKS = {"asyncio + h11": ("asyncio", "h11"), "uvloop + httptools": ("uvloop", "httptools")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``vitmerge serve`` with one HTTP stack, on a free port."""
+
+    def __init__(self, store: Path, loop: str, parser: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "VITMERGE_HTTP_LOOP": loop, "VITMERGE_HTTP_PARSER": parser}
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(self.port)]
+        cmd += ["--device", "cpu", "--watch-interval", "0", "--quiet"]
+        self.log = store / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        wait_until_ready(self.url, 600, self.proc, self.log.read_text)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def hey(url: str, body: Path, n: int, c: int) -> dict:
+    """Run ``hey`` and parse req/s, p50, p99 and the status codes."""
+    out = subprocess.run(
+        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", "image/png", "-D", str(body), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    pct = {int(p): 1000 * float(s) for p, s in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
+    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
+    return {"rps": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=1500)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument(
+        "--store", default=None, help="a store with a CURRENT bundle (default: the tiny zoo merged with emr_routed)"
+    )
+    args = ap.parse_args()
+    if shutil.which("hey") is None:
+        raise SystemExit("hey is not installed: apt-get install hey")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(args.store) if args.store else Path(tmp) / "store"
+        if not args.store:  # the demo zoo (shipped in the package) merged with routed EMR, a short gate training
+            cli = [sys.executable, "-m", "server.cli"]
+            subprocess.run(
+                [*cli, "zoo", "build", "--preset", "tiny", "--store", str(store), "--quiet"], cwd=REPO, check=True
+            )
+            merge = [*cli, "merge", "--store", str(store), "--zoo", "tiny"]
+            subprocess.run(
+                [*merge, "--method", "emr_routed", "--param", "gate_epochs=3", "--quiet"], cwd=REPO, check=True
+            )
+        png = Path(tmp) / "digit.png"
+        Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
+        servers = {name: Server(store, *stack) for name, stack in STACKS.items()}
+        rows = []
+        try:
+            for mode in ("task given", "routed"):
+                for c in levels:
+                    for name, server in servers.items():
+                        url = f"{server.url}/v1/classify" + ("?task=digits" if mode == "task given" else "")
+                        hey(url, png, max(50, args.requests // 10), c)  # warm-up
+                        rows.append({"stack": name, "mode": mode, "concurrency": c, **hey(url, png, args.requests, c)})
+                        print(rows[-1], flush=True)
+        finally:
+            for server in servers.values():
+                server.stop()
+    res = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "requests": args.requests,
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "http_stack.json").write_text(json.dumps(res, indent=1))
+    md = render(res)
+    (RESULTS / "http_stack.md").write_text(md)
+    print(md)
+    return 0
+
+
+def render(res: dict) -> str:
+    lines = [
+        f"Command: `{res['command']}`; {res['machine']}; {res['requests']} requests per cell (hey).",
+        "",
+        "| mode | concurrency | stack | req/s | p50 ms | p99 ms | statuses |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        codes = ", ".join(f"{k}: {v}" for k, v in sorted(r["codes"].items()))
+        lines.append(
+            f"| {r['mode']} | {r['concurrency']} | {r['stack']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {codes} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
