@@ -6,6 +6,11 @@ concurrency 1, 4 and 16. ``hey`` (Go, Debian package) is the load generator, so 
 run Python on the server's two cores. The stacks alternate per (mode, concurrency) cell.
 
     .venv/bin/python benchmarks/http_stack.py [--requests 1500] [--concurrency 1,4,16] [--store DIR]
+        [--litserve /path/to/litserve-venv/bin/python]
+
+With ``--litserve``, a side-by-side table: the same zoo's N task models served by LitServe with batching
+(``benchmarks/litserve_zoo.py``, its own virtualenv: litserve pins its own server stack) against
+vitmerge, task given, the same base64-JSON request to both, same machine, same run.
 
 Writes benchmarks/results/http_stack.{md,json}.
 """
@@ -13,6 +18,7 @@ Writes benchmarks/results/http_stack.{md,json}.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -22,8 +28,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 from PIL import Image
 
 from model_store.data.builtin import load_split
@@ -58,10 +66,33 @@ class Server:
         self.proc.wait(30)
 
 
-def hey(url: str, body: Path, n: int, c: int) -> dict:
+class LitServeZoo:
+    """``benchmarks/litserve_zoo.py`` under another Python, on a free port."""
+
+    def __init__(self, python: str, zoo: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        script = REPO / "benchmarks" / "litserve_zoo.py"
+        cmd = [python, str(script), str(zoo), str(self.port)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise TimeoutError(f"LitServe did not start:\n{log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def hey(url: str, body: Path, n: int, c: int, media: str = "image/png") -> dict:
     """Run ``hey`` and parse req/s, p50, p99 and the status codes."""
     out = subprocess.run(
-        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", "image/png", "-D", str(body), url],
+        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", media, "-D", str(body), url],
         capture_output=True,
         text=True,
         check=True,
@@ -79,6 +110,7 @@ def main() -> int:
     ap.add_argument(
         "--store", default=None, help="a store with a CURRENT bundle (default: the tiny zoo merged with emr_routed)"
     )
+    ap.add_argument("--litserve", default=None, help="a Python with litserve: adds the LitServe side-by-side table")
     args = ap.parse_args()
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed: apt-get install hey")
@@ -97,8 +129,11 @@ def main() -> int:
         png = Path(tmp) / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
         servers = {name: Server(store, *stack) for name, stack in STACKS.items()}
-        rows = []
+        rows: list[dict] = []
+        side: list[dict] = []
         try:
+            if args.litserve:
+                side = litserve_rows(args, servers["asyncio + h11"], store, Path(tmp), levels)
             for mode in ("task given", "routed"):
                 for c in levels:
                     for name, server in servers.items():
@@ -114,6 +149,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "requests": args.requests,
         "rows": rows,
+        "litserve": side,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "http_stack.json").write_text(json.dumps(res, indent=1))
@@ -121,6 +157,28 @@ def main() -> int:
     (RESULTS / "http_stack.md").write_text(md)
     print(md)
     return 0
+
+
+def litserve_rows(args: argparse.Namespace, vitmerge: Server, store: Path, tmp: Path, levels: list[int]) -> list[dict]:
+    """Task given, one base64 image per JSON request: vitmerge (routed-EMR bundle) vs LitServe (N models)."""
+    img = base64.b64encode((tmp / "digit.png").read_bytes()).decode()
+    (tmp / "vitmerge.json").write_text(json.dumps({"images": [img], "task": "digits"}))
+    (tmp / "litserve.json").write_text(json.dumps({"image": img, "task": "digits"}))
+    lit = LitServeZoo(args.litserve, store / "zoos" / "tiny", tmp / "litserve.log")
+    targets = (
+        ("vitmerge (routed-EMR bundle, asyncio + h11)", f"{vitmerge.url}/v1/classify", tmp / "vitmerge.json"),
+        ("LitServe (N individual models, batch 32, 5 ms)", f"{lit.url}/predict", tmp / "litserve.json"),
+    )
+    rows = []
+    try:
+        for c in levels:
+            for name, url, body in targets:
+                hey(url, body, max(50, args.requests // 10), c, "application/json")
+                rows.append({"server": name, "concurrency": c, **hey(url, body, args.requests, c, "application/json")})
+                print(rows[-1], flush=True)
+    finally:
+        lit.stop()
+    return rows
 
 
 def render(res: dict) -> str:
@@ -136,6 +194,15 @@ def render(res: dict) -> str:
             f"| {r['mode']} | {r['concurrency']} | {r['stack']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
             f"{r['p99_ms']:.1f} | {codes} |"
         )
+    if res.get("litserve"):
+        lines += ["", "Task given, base64-JSON requests, side by side:", ""]
+        lines += ["| concurrency | server | req/s | p50 ms | p99 ms | statuses |", "|---|---|---|---|---|---|"]
+        for r in res["litserve"]:
+            codes = ", ".join(f"{k}: {v}" for k, v in sorted(r["codes"].items()))
+            lines.append(
+                f"| {r['concurrency']} | {r['server']} | {r['rps']:.0f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {codes} |"
+            )
     return "\n".join(lines) + "\n"
 
 
