@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from server.cli.common import Parsers, SubParsers
+
+if TYPE_CHECKING:
+    from server.http.settings import ServerSettings
 
 
 def serve_settings(args: argparse.Namespace):
@@ -28,6 +32,17 @@ def serve_settings(args: argparse.Namespace):
     return ServerSettings(**{k: v for k, v in flags.items() if v is not None})
 
 
+def check_http_stack(settings: ServerSettings) -> None:
+    """A loop or parser asked for by name must be installed (``auto`` falls back to asyncio / h11)."""
+    import importlib.util
+
+    for wanted in (settings.http_loop, settings.http_parser):
+        if wanted in ("uvloop", "httptools") and importlib.util.find_spec(wanted) is None:
+            raise ValueError(
+                f"VITMERGE_HTTP_LOOP/PARSER asks for {wanted}, which is not installed: pip install {wanted}"
+            )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -37,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.http.app import create_app
 
     settings = serve_settings(args)
+    check_http_stack(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vitmerge.access").setLevel(
         logging.WARNING if args.quiet else logging.INFO

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from server_helpers import AsgiHarness, LiveServer, png_bytes
 
 from model_store.bundle import BundleStore
@@ -279,6 +280,27 @@ def test_flags_beat_environment_which_beats_defaults(monkeypatch, tmp_path):
     assert s.max_batch_size == 7 and s.default_params == {"gate_epochs": 3}  # env over default
     assert s.max_wait_ms == ServerSettings.model_fields["max_wait_ms"].default  # neither: the default
     assert s.store == tmp_path
+
+
+def test_http_stack_settings_reach_uvicorn_names_and_a_missing_one_is_refused(monkeypatch, tmp_path):
+    import importlib.util
+
+    from server.cli.serve import check_http_stack
+
+    monkeypatch.setenv("VITMERGE_HTTP_LOOP", "asyncio")
+    s = serve_settings(build_parser().parse_args(["serve", "--store", str(tmp_path)]))
+    assert (s.http_loop, s.http_parser) == ("asyncio", "auto")
+    check_http_stack(s)  # asyncio / auto never need anything installed
+    with pytest.raises(ValidationError):
+        ServerSettings(http_parser="llhttp")
+    for name in ("uvloop", "httptools"):
+        field = "http_loop" if name == "uvloop" else "http_parser"
+        named = ServerSettings(**{field: name})
+        if importlib.util.find_spec(name) is None:
+            with pytest.raises(ValueError, match=f"pip install {name}"):
+                check_http_stack(named)
+        else:
+            check_http_stack(named)
 
 
 def test_ready_message_and_examples_classify_as_their_task(server_store_template, tmp_path, test_zoo_dir):
