@@ -7,10 +7,9 @@ from pydantic import Field
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, train_gate_for
 from merging.methods.averaging import weight_average
-from merging.methods.catalog import TSVCParams, rank_fraction
+from merging.methods.catalog import TSVCParams, tsv_c_result
 from merging.methods.emr import emr_merge
 from merging.methods.regmean import collect_grams, regmean
-from merging.methods.tsv import tsv_compress
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
 
@@ -91,5 +90,6 @@ class TSVRoutedParams(GateParams, TSVCParams):
     needs_shared_base=True,
 )
 def _tsv_routed(ctx: MergeContext, p: TSVRoutedParams) -> MergeResult:
-    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, rank_fraction(ctx, p.f))
-    return MergeResult(lowrank=deltas, gate=train_gate_for(ctx, p), info={"rank_fraction": deltas.rank_fraction})
+    result = tsv_c_result(ctx, p.f)
+    result.gate = train_gate_for(ctx, p)
+    return result

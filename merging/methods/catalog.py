@@ -117,9 +117,10 @@ class TSVMParams(Params):
     alpha: float = Field(1.0, gt=0.0, le=2.0, description="scale of the merged task matrices")
 
 
-def rank_fraction(ctx: MergeContext, f: float | None) -> float:
-    """TSV-C's ``f``: the given one, else ``1/N`` (the paper's choice)."""
-    return f if f is not None else 1.0 / len(ctx.finetuned)
+def tsv_c_result(ctx: MergeContext, f: float | None) -> MergeResult:
+    """TSV-C's low-rank deltas at ``f`` (None: ``1/N``, the paper's choice)."""
+    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, f if f is not None else 1.0 / len(ctx.finetuned))
+    return MergeResult(lowrank=deltas, info={"rank_fraction": deltas.rank_fraction})
 
 
 @CATALOG.register(
@@ -130,8 +131,7 @@ def rank_fraction(ctx: MergeContext, f: float | None) -> float:
     needs_shared_base=True,
 )
 def _tsv_c(ctx: MergeContext, p: TSVCParams) -> MergeResult:
-    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, rank_fraction(ctx, p.f))
-    return MergeResult(lowrank=deltas, info={"rank_fraction": deltas.rank_fraction})
+    return tsv_c_result(ctx, p.f)
 
 
 @CATALOG.register(
