@@ -5,7 +5,8 @@ A bundle is a directory ``store/bundles/v<N>/`` holding safetensors files and a
 
 1. files are written into ``store/bundles/.staging-<uuid>/`` (a :class:`BundleDraft`);
 2. under the store's file lock the next version number is taken, the manifest is
-   written, every file and the directory are fsynced;
+   written, every file is made world-readable (0644, directories 0755: a server running as
+   another user reads it) and every file and the directory are fsynced;
 3. the staging directory is renamed to ``v<N>`` (atomic on one filesystem);
 4. ``store/CURRENT`` is replaced atomically (write temp, fsync, ``os.replace``);
 5. versions beyond the newest ``keep`` are deleted (never the current one).
@@ -32,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model_store.errors import BundleIntegrityError
-from model_store.files import atomic_write_text, fsync_path, sha256_file, utc_timestamp
+from model_store.files import atomic_write_text, fsync_path, make_world_readable, sha256_file, utc_timestamp
 from model_store.schema import BundleManifest, FileEntry
 from model_store.settings import StoreLayout
 
@@ -151,6 +152,7 @@ class BundleStore:
                     extra=extra or {},
                 )
                 (draft.path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+                make_world_readable(draft.path)  # servers running as another uid read it (safetensors writes 0600)
                 for p in draft.path.iterdir():
                     fsync_path(p)
                 fsync_path(draft.path)

@@ -39,6 +39,23 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+#: Modes of everything published into a store (bundles, zoo models): readable by any user, so a
+#: server running as another uid (the container's 10001) can load a store written by root or a CI
+#: user. safetensors creates its files 0600 whatever the umask; these are set before the atomic rename.
+PUBLISHED_FILE_MODE = 0o644
+PUBLISHED_DIR_MODE = 0o755
+
+
+def make_world_readable(root: Path) -> None:
+    """chmod ``root`` (a directory about to be published) and everything below it to the published modes."""
+    root.chmod(PUBLISHED_DIR_MODE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), PUBLISHED_DIR_MODE)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), PUBLISHED_FILE_MODE)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from model_store.architecture import StateDict, build_model, load_into
 from model_store.errors import ZooFormatError
-from model_store.files import sha256_file, utc_timestamp, write_json
+from model_store.files import make_world_readable, sha256_file, utc_timestamp, write_json
 from model_store.lazy_tensors import LazySafetensors
 from model_store.schema import DataSource, ModelMeta, TaskData, ZooManifest
 
@@ -229,6 +229,7 @@ class ZooWriter:
         if head:
             save_file(_contiguous(head), tmp / HEAD_FILE)
         write_json(tmp / "meta.json", meta.model_dump(mode="json"))
+        make_world_readable(tmp)  # servers running as another uid read it (safetensors writes 0600)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         return final

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from model_store.errors import ModelStoreError, ZooFormatError
-from model_store.files import write_json
+from model_store.files import PUBLISHED_FILE_MODE, write_json
 from model_store.schema import GateInit, Preprocessing
 from model_store.zoo import Zoo
 
@@ -246,6 +246,7 @@ def _gate(spec: ZooSpec, spec_dir: Path, zoo_dir: Path) -> GateInit | None:
     state = load_gate_weights(src, spec.gate.arch)
     (zoo_dir / "gate").mkdir(exist_ok=True)
     save_file(state, zoo_dir / "gate" / "init.safetensors")
+    (zoo_dir / "gate" / "init.safetensors").chmod(PUBLISHED_FILE_MODE)  # safetensors writes 0600
     return GateInit(arch=spec.gate.arch, file="gate/init.safetensors", source=str(src))
 
 

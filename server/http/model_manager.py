@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from filelock import FileLock
@@ -24,6 +25,8 @@ from server.runtime.protocol import InferenceEngine
 log = logging.getLogger("vitmerge.models")
 #: File in the store that serialises merges (admin jobs and startup merges) across replicas.
 MERGE_LOCK = ".merge.lock"
+#: the longest wait between two retries of a failed startup merge (a failed startup load is retried every poll)
+MAX_MERGE_RETRY_S = 300.0
 
 
 class ModelManager:
@@ -37,8 +40,12 @@ class ModelManager:
         self.engine: InferenceEngine | None = None
         self.error: str | None = None
         self.state = "starting"
+        #: the step a failed :meth:`bootstrap` was in ("loading": CURRENT would not load; "merging": the startup merge)
+        self.failed_step: str | None = None
         self._load_lock = threading.Lock()
         self._failed_versions: set[str] = set()
+        self._retry_at = 0.0  # monotonic time of the next startup retry
+        self._merge_backoff = 0.0
 
     @property
     def version(self) -> str | None:
@@ -132,9 +139,22 @@ class ModelManager:
             self.state = "loading"
             return self.load_and_swap(version)
         except Exception as e:
+            self.failed_step = self.state if self.state in ("merging", "loading") else "loading"
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
             log.error("startup failed: %s", self.error)
             raise
+
+    async def _retry_startup(self) -> None:
+        log.info("retrying startup (last error: %s)", self.error)
+        try:
+            await asyncio.to_thread(self.bootstrap, False)
+        except Exception:  # noqa: BLE001 - bootstrap recorded the error; /readyz reports it
+            if self.failed_step == "merging":
+                base = max(self.settings.watch_interval_s, 1.0)
+                self._merge_backoff = min(max(self._merge_backoff * 2, base), MAX_MERGE_RETRY_S)
+                self._retry_at = time.monotonic() + self._merge_backoff
+            else:
+                self._retry_at = 0.0
 
     # -- replicas ---------------------------------------------------------------------
     def current_changed(self) -> str | None:
@@ -145,11 +165,20 @@ class ModelManager:
         return current
 
     async def watch(self, busy: Callable[[], bool]) -> None:
-        """Poll CURRENT every ``watch_interval_s`` and hot-swap when another replica published."""
+        """Poll CURRENT every ``watch_interval_s`` and hot-swap when another replica published.
+
+        Until a model is served, a failed startup is retried: a CURRENT that would not load (e.g.
+        files unreadable by this user, fixed later with chmod) on every poll, a failed startup merge
+        with a back-off doubling up to ``MAX_MERGE_RETRY_S``.
+        """
         interval = self.settings.watch_interval_s
         while True:
             await asyncio.sleep(interval)
-            if self.engine is None or busy():
+            if self.engine is None:
+                if self.state == "failed" and not busy() and time.monotonic() >= self._retry_at:
+                    await self._retry_startup()
+                continue
+            if busy():
                 continue
             try:
                 version = await asyncio.to_thread(self.current_changed)
