@@ -49,3 +49,16 @@ def _convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if c == 4 and channels == 3:
         return x[:, :3]
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def renormalise(x: torch.Tensor, src: Preprocessing, dst: Preprocessing) -> torch.Tensor:
+    """Model input made with ``src`` ``(N, C, S, S)`` -> the input ``dst`` describes (undo mean/std, convert
+    channels, resize, normalise again): e.g. the gate's input from already preprocessed pixels."""
+    mean = torch.tensor(src.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(src.std, dtype=x.dtype).view(1, -1, 1, 1)
+    pixels = _convert_channels((x * std + mean).clamp_(0.0, 1.0), dst.channels)
+    if pixels.shape[-2:] != (dst.size, dst.size):
+        pixels = F.interpolate(
+            pixels, size=(dst.size, dst.size), mode=dst.interpolation, antialias=True, align_corners=False
+        )
+    return (pixels - torch.tensor(dst.mean).view(1, -1, 1, 1)) / torch.tensor(dst.std).view(1, -1, 1, 1)

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from server.http.codec import configure_pillow
 from server.http.errors import APIError, install_error_handlers
 from server.http.middleware import ServingMiddleware
-from server.http.routes import admin, inference, models, ops
+from server.http.routes import admin, inference, models, ops, v2
 from server.http.settings import ServerSettings
 from server.http.state import ServerState
 
@@ -48,7 +48,7 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
     app.state.vitmerge = state
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, state=state)
-    for group in (ops, models, inference, admin):
+    for group in (ops, models, inference, admin, v2):
         app.include_router(group.router(state))
     return app
 

@@ -40,6 +40,12 @@ class InvalidRequest(APIError):
     status, code = 422, "invalid_request"
 
 
+class InvalidTensor(APIError):
+    """A ``/v2`` request whose tensors do not fit the protocol or the model (name, datatype, shape, data)."""
+
+    status, code = 400, "invalid_tensor"
+
+
 class UnknownTask(APIError):
     status, code = 422, "unknown_task"
 
@@ -80,6 +86,16 @@ def error_body(code: str, message: str, request_id: str | None = None) -> dict:
     return {"error": error}
 
 
+def is_v2(path: str) -> bool:
+    """Whether ``path`` is an Open Inference Protocol route (``/v2...``)."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_content(path: str, code: str, message: str, request_id: str | None = None) -> dict:
+    """A route's error body: the protocol's ``{"error": "<message>"}`` on ``/v2``, :func:`error_body` elsewhere."""
+    return {"error": message} if is_v2(path) else error_body(code, message, request_id)
+
+
 def request_id_of(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
@@ -98,20 +114,25 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(
-            error_body(exc.code, exc.message, request_id_of(request)), status_code=exc.status, headers=exc.headers
+            error_content(request.url.path, exc.code, exc.message, request_id_of(request)),
+            status_code=exc.status,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            error_body("invalid_request", _validation_message(exc), request_id_of(request)), status_code=422
+            error_content(request.url.path, "invalid_request", _validation_message(exc), request_id_of(request)),
+            status_code=422,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         return JSONResponse(
-            error_body(codes.get(exc.status_code, "http_error"), str(exc.detail), request_id_of(request)),
+            error_content(
+                request.url.path, codes.get(exc.status_code, "http_error"), str(exc.detail), request_id_of(request)
+            ),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
@@ -124,6 +145,8 @@ def install_error_handlers(app: FastAPI) -> None:
             "unhandled error on %s (request_id=%s)", request.url.path, request_id_of(request)
         )
         return JSONResponse(
-            error_body("internal_error", f"internal error ({type(exc).__name__})", request_id_of(request)),
+            error_content(
+                request.url.path, "internal_error", f"internal error ({type(exc).__name__})", request_id_of(request)
+            ),
             status_code=500,
         )

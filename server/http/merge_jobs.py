@@ -25,6 +25,7 @@ from server.http.errors import Conflict, InvalidRequest, NotFound
 from server.http.metrics import ServerMetrics
 from server.http.model_manager import MERGE_LOCK, ModelManager
 from server.http.zoo_source import resolve_zoo
+from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.merge")
 State = Literal["queued", "running", "succeeded", "failed"]
@@ -78,13 +79,14 @@ class MergeJobs:
         self.jobs: dict[str, MergeJob] = {}
         self._lock = threading.Lock()
         self._active: MergeJob | None = None
+        self._switching = False  # a version switch (``switch_current``) is loading
         self._file_lock = FileLock(
             str(manager.store.layout.root / MERGE_LOCK), thread_local=False
         )  # released by the job thread
 
     @property
     def busy(self) -> bool:
-        return self._active is not None
+        return self._active is not None or self._switching
 
     def submit(self, method: str, params: dict[str, Any], tasks: list[str] | None) -> MergeJob:
         """Validate and start a job; 422 for a bad method/params, 409 while another merge runs."""
@@ -101,16 +103,7 @@ class MergeJobs:
             raise InvalidRequest("tasks must be unique", code="invalid_merge_request")
         self._check_zoo(name, tasks)
         with self._lock:
-            if self._active is not None:
-                raise Conflict(
-                    f"merge job {self._active.id} is {self._active.state}; one merge at a time",
-                    code="merge_in_progress",
-                )
-            self.manager.store.layout.root.mkdir(parents=True, exist_ok=True)
-            try:
-                self._file_lock.acquire(timeout=0)
-            except Timeout:
-                raise Conflict("another replica is merging into this store", code="merge_in_progress") from None
+            self._claim_store()
             job = MergeJob(uuid.uuid4().hex[:12], name, parsed, tasks)
             self._active = job
             self.jobs[job.id] = job
@@ -118,6 +111,55 @@ class MergeJobs:
                 self.jobs.pop(next(iter(self.jobs)))
         threading.Thread(target=self._run, args=(job,), name=f"merge-{job.id}", daemon=True).start()
         return job
+
+    def _claim_store(self) -> None:
+        """Under ``self._lock``: 409 unless no merge or switch runs here or in another replica; takes the file lock."""
+        if self._active is not None:
+            raise Conflict(
+                f"merge job {self._active.id} is {self._active.state}; one merge at a time", code="merge_in_progress"
+            )
+        if self._switching:
+            raise Conflict("a version switch is loading; retry when it is done", code="merge_in_progress")
+        self.manager.store.layout.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._file_lock.acquire(timeout=0)
+        except Timeout:
+            raise Conflict("another replica is merging into this store", code="merge_in_progress") from None
+
+    def switch_current(self, version: str) -> InferenceEngine:
+        """Serve ``version``, already in the store, on every replica: a merge's last steps under its locks.
+
+        Loads and warms it up beside the served engine, then moves ``CURRENT`` and swaps (replicas
+        follow ``CURRENT``). 404 for a version not in the store, 409 while a merge runs, 422 when the
+        version does not load -- the served engine and ``CURRENT`` stay as they were.
+        """
+        store = self.manager.store
+        if version not in store.versions():
+            raise NotFound(
+                f"no bundle version '{version}' in the store (versions: {', '.join(store.versions()) or 'none'})",
+                code="unknown_version",
+            )
+        with self._lock:
+            self._claim_store()
+            self._switching = True
+        try:
+            engine = self.manager.engine
+            if engine is None or engine.version != version or store.current_version() != version:
+                try:
+                    engine = self.manager.build_engine(version)
+                except Exception as e:
+                    raise InvalidRequest(
+                        f"bundle {version} cannot be loaded ({type(e).__name__}: {e}); still serving "
+                        f"{self.manager.version}",
+                        code="version_not_loadable",
+                    ) from e
+                store.set_current(version)
+                self.manager.swap(engine)
+            return engine
+        finally:
+            with self._lock:
+                self._switching = False
+                self._file_lock.release()
 
     def _check_zoo(self, method: str, tasks: list[str] | None) -> None:
         """422 at once for what the (already built) zoo cannot do: unknown tasks, task vectors without a

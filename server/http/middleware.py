@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import Message, Receive, Scope, Send
 
-from server.http.errors import InvalidRequest, PayloadTooLarge, error_body
+from server.http.errors import InvalidRequest, PayloadTooLarge, error_content
 from server.http.state import ServerState
 
 access_log = logging.getLogger("vitmerge.access")
@@ -64,9 +64,9 @@ class ServingMiddleware:
                     if length.isdigit()
                     else InvalidRequest("invalid Content-Length header", status=400)
                 )
-                await JSONResponse(error_body(err.code, err.message, rid), status_code=err.status)(
-                    scope, receive, send_wrapper
-                )
+                await JSONResponse(
+                    error_content(scope.get("path", ""), err.code, err.message, rid), status_code=err.status
+                )(scope, receive, send_wrapper)
                 return
             received = 0
 

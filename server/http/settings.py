@@ -27,7 +27,14 @@ class ServerSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the admin routes; unset = admin routes answer 403"
     )
-    api_key: SecretStr | None = Field(None, description="optional bearer token / X-API-Key required by /v1/classify")
+    api_key: SecretStr | None = Field(
+        None, description="optional bearer token / X-API-Key required by /v1/classify and /v2 infer"
+    )
+    model_name: str = Field(
+        "vitmerge",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the served model's name on the Open Inference Protocol routes (/v2/models/<name>)",
+    )
 
     # startup merge when the store has no CURRENT bundle
     default_method: str = "emr_routed"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from server.http.batcher import Batcher
-from server.http.errors import NotReady
+import torch
+
+from server.http.batcher import Batcher, ItemResult
+from server.http.errors import NotReady, Timeout
 from server.http.merge_jobs import MergeJobs
 from server.http.metrics import ServerMetrics
 from server.http.model_manager import ModelManager
@@ -16,6 +19,8 @@ from server.http.settings import ServerSettings
 from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.server")
+#: a request's images, decoded and preprocessed: model inputs, gate inputs (None: task given), tasks (None: route)
+Decoded = tuple[list[torch.Tensor], list[torch.Tensor | None], list[int | None]]
 
 
 class ServerState:
@@ -79,3 +84,24 @@ class ServerState:
                 headers={"Retry-After": "5"},
             )
         return engine
+
+    async def classify(self, engine: InferenceEngine, decode: Callable[[], Decoded]) -> tuple[list[ItemResult], float]:
+        """The request path both protocols share: ``decode`` (in the decode pool) -> batch -> predict.
+
+        Returns each image's result and when decoding ended (``perf_counter``); 504 past the request timeout.
+        """
+        loop = asyncio.get_running_loop()
+        assert self.batcher is not None
+        with self.batcher.incoming():
+            xs, gates, tasks = await loop.run_in_executor(self.decode_pool, decode)
+            decoded = time.perf_counter()
+            futures = self.batcher.submit(engine, xs, gates, tasks)
+        try:
+            results: list[ItemResult] = await asyncio.wait_for(
+                asyncio.gather(*futures), self.settings.request_timeout_s
+            )
+        except TimeoutError:
+            raise Timeout(f"request did not finish within {self.settings.request_timeout_s:g} s") from None
+        for r in results:
+            self.metrics.predictions.labels(engine.tasks[r.output.task], r.output.source).inc()
+        return results, decoded

@@ -37,3 +37,18 @@ def test_bad_shapes_and_schema():
         Preprocessing(size=4, channels=3, mean=[0], std=[1])
     with pytest.raises(ValueError, match="> 0"):
         Preprocessing(size=4, channels=1, mean=[0], std=[0])
+
+
+def test_renormalise_makes_another_models_input_from_preprocessed_pixels():
+    """/v2 PIXELS routed by the gate: the gate's input re-made from the ViT's equals the gate's own preprocessing."""
+    from model_store.data.preprocessing import renormalise
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 20, 20, 3), dtype=np.uint8)
+    vit = Preprocessing(size=20, channels=3, mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.25])
+    x = to_model_input(images, vit)
+    for gate in (
+        Preprocessing(size=20, channels=3, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        Preprocessing(size=20, channels=1, mean=[0.5], std=[0.5]),
+        Preprocessing(size=40, channels=3, mean=[0.5] * 3, std=[0.5] * 3, interpolation="bicubic"),
+    ):
+        torch.testing.assert_close(renormalise(x, vit, gate), to_model_input(images, gate), atol=1e-5, rtol=0)

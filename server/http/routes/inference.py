@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
 from server.http.auth import require_api_key
-from server.http.batcher import ItemResult
-from server.http.errors import InvalidRequest, Timeout, UnknownTask
+from server.http.errors import InvalidRequest, UnknownTask
 from server.http.openapi import CLASSIFY_BODY, error_responses
 from server.http.requests import decode_all, encode_prediction, read_classify_request
 from server.http.schemas import ClassifyResponse
-from server.http.state import ServerState
+from server.http.state import Decoded, ServerState
 
 
 def router(state: ServerState) -> APIRouter:
@@ -44,23 +42,14 @@ def router(state: ServerState) -> APIRouter:
                 f"bundle {engine.version} has no gate: name the task (one of {', '.join(engine.tasks)})",
                 code="task_required",
             )
-        loop = asyncio.get_running_loop()
-        assert state.batcher is not None
-        with state.batcher.incoming():
-            xs, gates = await loop.run_in_executor(
-                state.decode_pool, decode_all, blobs, engine, task is None, state.settings.max_image_pixels
-            )
-            decoded = time.perf_counter()
-            futures = state.batcher.submit(engine, xs, gates, [task] * len(xs))
-        try:
-            results: list[ItemResult] = await asyncio.wait_for(
-                asyncio.gather(*futures), state.settings.request_timeout_s
-            )
-        except TimeoutError:
-            raise Timeout(f"request did not finish within {state.settings.request_timeout_s:g} s") from None
+        need_gate = task is None
+
+        def decode() -> Decoded:
+            xs, gates = decode_all(blobs, engine, need_gate, state.settings.max_image_pixels)
+            return xs, gates, [task] * len(xs)
+
+        results, decoded = await state.classify(engine, decode)
         preds = [encode_prediction(engine, r, opts.top_k) for r in results]
-        for r in results:
-            state.metrics.predictions.labels(engine.tasks[r.output.task], r.output.source).inc()
         response.headers["X-Model-Version"] = engine.version
         return {
             "model_version": engine.version,
