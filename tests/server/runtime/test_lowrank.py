@@ -108,5 +108,19 @@ def test_the_server_merges_and_serves_tsv_routed_as_its_default_method(test_zoo_
         body = given.json()
         assert given.status_code == 200 and body["predictions"][0]["task"]["name"] == "digits"
         assert body["model_version"] == "v1"
+        # the same image through the Open Inference Protocol (/v2), routed: the same task and class as /v1
+        import base64
+
+        image = {
+            "name": "IMAGE",
+            "shape": [1],
+            "datatype": "BYTES",
+            "data": [base64.b64encode(files["image"][1]).decode()],
+        }
+        v2 = h.request("POST", "/v2/models/vitmerge/infer", json={"inputs": [image]})
+        assert v2.status_code == 200, v2.text
+        out = {o["name"]: o["data"][0] for o in v2.json()["outputs"]}
+        want = routed.json()["predictions"][0]
+        assert (out["TASK"], out["CLASS_INDEX"]) == (want["task"]["name"], want["class"]["index"])
     finally:
         h.close()
