@@ -89,10 +89,11 @@ class LitServeZoo:
         self.proc.wait(30)
 
 
-def hey(url: str, body: Path, n: int, c: int, media: str = "image/png") -> dict:
-    """Run ``hey`` and parse req/s, p50, p99 and the status codes."""
+def hey(url: str, body: Path, n: int, c: int, media: str = "image/png", headers: list[str] | None = None) -> dict:
+    """Run ``hey`` and parse req/s, p50, p99 and the status codes (``headers``: extra ``"Name: value"``)."""
+    extra = [a for h in headers or [] for a in ("-H", h)]
     out = subprocess.run(
-        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", media, "-D", str(body), url],
+        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", media, *extra, "-D", str(body), url],
         capture_output=True,
         text=True,
         check=True,
