@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The container test plan, for real, on one machine (`make smoke`; not part of `make test`: ~20 min
-# on 2 CPUs, ~6 min more for a first image build). Needs podman (+ runc), root, the project's .venv;
+# The container test plan, for real, on one machine (`make smoke`; not part of `make test`: ~9 min
+# on 2 CPUs with the images built, ~5 min more for an image build). Needs podman (+ runc), root, the project's .venv;
 # with no registry reachable it builds the base images from Debian packages (debootstrap).
 #
 #  1. images: base (pulled, or debootstrapped), vitmerge (Dockerfile), nginx and Prometheus

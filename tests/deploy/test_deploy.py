@@ -138,7 +138,7 @@ def test_the_smoke_plan_is_wired_and_its_podman_settings_fit_this_machine():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^smoke:.*\n\tbash deploy/smoke.sh$", makefile, re.M)
     test_recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
-    assert "smoke" not in test_recipe  # ~20 min: never part of `make test`
+    assert "smoke" not in test_recipe  # ~9 min: never part of `make test`
     assert '"deploy/local-images/$name.Dockerfile"' in text  # the images it builds where no registry answers
     assert all((REPO / d).exists() for d in DOCKERFILES)
     conf = tomllib.loads((DEPLOY / "smoke-containers.conf").read_text())
