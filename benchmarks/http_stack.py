@@ -104,6 +104,14 @@ def hey(url: str, body: Path, n: int, c: int, media: str = "image/png", headers:
     return {"rps": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes}
 
 
+def build_demo_store(store: Path) -> None:
+    """The demo zoo (shipped in the package) merged with routed EMR, a short gate training, into ``store``."""
+    cli = [sys.executable, "-m", "server.cli"]
+    subprocess.run([*cli, "zoo", "build", "--preset", "tiny", "--store", str(store), "--quiet"], cwd=REPO, check=True)
+    merge = [*cli, "merge", "--store", str(store), "--zoo", "tiny"]
+    subprocess.run([*merge, "--method", "emr_routed", "--param", "gate_epochs=3", "--quiet"], cwd=REPO, check=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=1500)
@@ -118,15 +126,8 @@ def main() -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(args.store) if args.store else Path(tmp) / "store"
-        if not args.store:  # the demo zoo (shipped in the package) merged with routed EMR, a short gate training
-            cli = [sys.executable, "-m", "server.cli"]
-            subprocess.run(
-                [*cli, "zoo", "build", "--preset", "tiny", "--store", str(store), "--quiet"], cwd=REPO, check=True
-            )
-            merge = [*cli, "merge", "--store", str(store), "--zoo", "tiny"]
-            subprocess.run(
-                [*merge, "--method", "emr_routed", "--param", "gate_epochs=3", "--quiet"], cwd=REPO, check=True
-            )
+        if not args.store:
+            build_demo_store(store)
         png = Path(tmp) / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
         servers = {name: Server(store, *stack) for name, stack in STACKS.items()}

@@ -20,12 +20,11 @@ import os
 import platform
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from http_stack import REPO, RESULTS, Server, hey
+from http_stack import RESULTS, Server, build_demo_store, hey
 from PIL import Image
 
 from model_store.data.builtin import load_split
@@ -87,12 +86,7 @@ def main() -> int:
         tmp = Path(tmp_dir)
         store = Path(args.store) if args.store else tmp / "store"
         if not args.store:
-            cli = [sys.executable, "-m", "server.cli"]
-            subprocess.run(
-                [*cli, "zoo", "build", "--preset", "tiny", "--store", str(store), "--quiet"], cwd=REPO, check=True
-            )
-            merge = [*cli, "merge", "--store", str(store), "--zoo", "tiny", "--method", "emr_routed"]
-            subprocess.run([*merge, "--param", "gate_epochs=3", "--quiet"], cwd=REPO, check=True)
+            build_demo_store(store)
         png_path = tmp / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png_path)
         png = png_path.read_bytes()
