@@ -282,6 +282,11 @@ podman kill "${PROJECT}_vitmerge-1_1" >/dev/null
 echo "killed ${PROJECT}_vitmerge-1_1 under load"
 if wait "$load_pid"; then load_ok=1; else load_ok=0; fi
 cat "$WORK/load.json"
+# what nginx said about its upstreams while the replica died (error_log: stderr, level error)
+podman logs "${PROJECT}_lb_1" 2>&1 | grep -E "upstream|live" >"$WORK/nginx-errors.txt" || true
+echo "nginx upstream errors during the kill ($WORK/nginx-errors.txt), by kind:"
+sed -E 's/^.*\[(error|warn|crit)\] [0-9#*]+ ?[0-9]* ?//; s/, client:.*$//; s/[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+:[0-9]+/ADDR/g' \
+    "$WORK/nginx-errors.txt" | sort | uniq -c | sort -rn | head -8
 sleep 3
 echo "killed replica afterwards (restart: unless-stopped): $(podman inspect -f '{{.State.Status}}, restarts {{.RestartCount}}' "${PROJECT}_vitmerge-1_1")"
 record requests_lost_on_kill "$("$PY" -c 'import json, sys; r = json.load(sys.stdin); print(r["failed"], "of", r["ok"] + r["failed"])' <"$WORK/load.json")"

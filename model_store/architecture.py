@@ -16,12 +16,41 @@ StateDict = dict[str, torch.Tensor]
 GATE_ARCHS: tuple[str, ...] = get_args(GateArch)
 
 
+#: Where :func:`build_model` puts a CLIP tower's projection (a backbone tensor, never a head one).
+PROJECTION_KEY = "fc_norm.proj.weight"
+
+
+class ProjectNormalize(nn.Module):
+    """CLIP's image embedding: ``normalize(P x)`` (``P``: ``out x in``, no bias), in timm's ``fc_norm`` slot."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.proj(x), dim=-1)
+
+
 def build_model(arch: Architecture, num_classes: int = 0) -> nn.Module:
-    """A randomly initialised timm model for ``arch`` (``num_classes=0``: no head)."""
+    """A randomly initialised timm model for ``arch`` (``num_classes=0``: no head).
+
+    With ``arch.projection_dim`` (CLIP towers) the pooled features go through
+    :class:`ProjectNormalize` before the head, so ``pre_logits`` is the L2-normalised
+    projected embedding and ``head`` is ``Linear(projection_dim, num_classes)``.
+    """
     kwargs = dict(arch.kwargs)
     if arch.layer_norm_eps is not None:
         kwargs["norm_layer"] = partial(nn.LayerNorm, eps=arch.layer_norm_eps)
-    return timm.create_model(arch.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    model = timm.create_model(arch.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    if arch.projection_dim is not None:
+        if not isinstance(getattr(model, "fc_norm", None), nn.Identity):
+            raise ValueError(f"{arch.timm_name}: a projection needs token pooling without fc_norm")
+        width, dim = int(model.embed_dim), arch.projection_dim  # type: ignore[arg-type]
+        model.fc_norm = ProjectNormalize(width, dim)
+        model.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+        model.num_features = dim  # type: ignore[assignment]
+        model.head_hidden_size = dim  # type: ignore[assignment]
+    return model
 
 
 @torch.inference_mode()

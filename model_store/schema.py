@@ -40,6 +40,13 @@ class Architecture(_Strict):
     timm_name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     layer_norm_eps: float | None = Field(default=None, description="LayerNorm eps when it differs from timm's")
+    projection_dim: int | None = Field(
+        default=None,
+        gt=0,
+        exclude_if=lambda v: v is None,
+        description="CLIP towers: a shared linear projection to this many dimensions and an L2 normalisation run "
+        "before the head (``fc_norm.proj.weight``, part of the backbone); None: no projection",
+    )
 
     @field_validator("kwargs")
     @classmethod
@@ -47,6 +54,15 @@ class Architecture(_Strict):
         if "num_classes" in v:
             raise ValueError("num_classes is derived from class_names; remove it from kwargs")
         return v
+
+
+class LoraAdapter(_Strict):
+    """The PEFT LoRA adapter a task model was made from (``W0 + scale * B @ A`` folded in at import)."""
+
+    rank: int = Field(gt=0, description="the adapter's ``r`` (the largest, with a rank_pattern)")
+    alpha: float
+    rslora: bool = False
+    layers: list[str] = Field(default_factory=list, description="timm weights that received a LoRA delta")
 
 
 class Provenance(_Strict):
@@ -61,6 +77,7 @@ class Provenance(_Strict):
     config_hash: str | None = None
     train_seconds: float | None = None
     notes: str | None = None
+    lora: LoraAdapter | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class DataSource(_Strict):

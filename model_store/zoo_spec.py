@@ -6,7 +6,7 @@ In the spirit of mergekit's configs and FusionBench's model pools::
     base: {format: hf, path: ckpt/vit-base}
     tasks:
       - name: shoes
-        format: hf                          # hf | timm (+ model_name, model_kwargs)
+        format: hf                          # hf | timm (+ model_name, model_kwargs) | clip (+ head) | peft
         path: ckpt/vit-shoes
         classes: [boot, sandal, sneaker]    # optional: else from the checkpoint (HF id2label)
         calibration: data/shoes/unlabeled   # folder of images, a CSV, or builtin:NAME
@@ -63,17 +63,37 @@ class PreprocessingOverride(_Spec):
 class ModelSpec(_Spec):
     """One checkpoint: the base or a task model."""
 
-    format: Literal["hf", "timm"]
-    path: str = Field(min_length=1, description="HF checkpoint folder, or a timm state-dict file")
+    format: Literal["hf", "timm", "clip", "peft"]
+    path: str = Field(
+        min_length=1,
+        description="HF checkpoint folder, a timm state-dict file, a CLIP tower (HF folder or open_clip file), "
+        "or a PEFT LoRA adapter folder (format peft)",
+    )
     model_name: str | None = Field(default=None, description="timm model name (format timm)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm.create_model kwargs (format timm)")
+    projection: str | None = Field(
+        default=None, description="format clip: take the visual projection from this CLIP checkpoint"
+    )
+    open_clip_config: str | None = Field(default=None, description="format clip: open_clip model config JSON")
+    base_checkpoint: str | None = Field(
+        default=None, description="format peft: the HF ViT folder the adapter was trained on"
+    )
     preprocessing: PreprocessingOverride | None = None
 
     @model_validator(mode="after")
-    def _timm_name(self) -> ModelSpec:
+    def _format_fields(self) -> ModelSpec:
         if self.format == "timm" and not self.model_name:
             raise ValueError("format timm needs model_name (e.g. vit_small_patch16_224)")
+        only = {"projection": "clip", "open_clip_config": "clip", "base_checkpoint": "peft"}
+        for field, fmt in only.items():
+            if getattr(self, field) is not None and self.format != fmt:
+                raise ValueError(f"{field} is for format {fmt}, not {self.format}")
         return self
+
+    def files(self) -> list[str]:
+        """Every file or folder this model is read from (for the spec hash)."""
+        extra = [self.projection, self.open_clip_config, self.base_checkpoint]
+        return [self.path, *(f for f in extra if f)]
 
 
 class TaskSpec(ModelSpec):
@@ -83,6 +103,23 @@ class TaskSpec(ModelSpec):
     classes: list[str] | None = None
     calibration: str | None = Field(default=None, description="unlabeled images: a folder, a CSV, or builtin:NAME")
     test: str | None = Field(default=None, description="labeled images: an ImageFolder, a CSV, or builtin:NAME")
+    head: str | None = Field(
+        default=None,
+        description="format clip: the task's linear head file ('weight' classes x dim, optional 'bias' and "
+        "'logit_scale')",
+    )
+    logit_scale: float | None = Field(default=None, gt=0, description="format clip: multiply the head by this")
+
+    @model_validator(mode="after")
+    def _clip_head(self) -> TaskSpec:
+        if self.format != "clip" and (self.head is not None or self.logit_scale is not None):
+            raise ValueError(f"head and logit_scale are for format clip, not {self.format}")
+        if self.format == "clip" and self.head is None:
+            raise ValueError("a format clip task needs head: a linear head file (classes x dim)")
+        return self
+
+    def files(self) -> list[str]:
+        return [*super().files(), *([self.head] if self.head else [])]
 
 
 class GateSpec(_Spec):
@@ -149,8 +186,9 @@ def spec_hash(spec: ZooSpec, spec_dir: Path) -> str:
     h = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode())
     h.update(str(spec_dir.resolve()).encode())
     for m in [spec.base, *spec.tasks]:
-        p = _resolve(spec_dir, m.path)
-        h.update("\n".join(_stat_lines(p) if p.exists() else [f"{p}:missing"]).encode())
+        for f in m.files():
+            p = _resolve(spec_dir, f)
+            h.update("\n".join(_stat_lines(p) if p.exists() else [f"{p}:missing"]).encode())
     if spec.gate is not None and spec.gate.init:
         p = _resolve(spec_dir, spec.gate.init)
         h.update("\n".join(_stat_lines(p) if p.exists() else [f"{p}:missing"]).encode())
@@ -163,21 +201,44 @@ def _import_one(m: ModelSpec, spec_dir: Path, zoo_dir: Path, name: str, role: st
     task = m if isinstance(m, TaskSpec) else None
     data = {"calibration": task.calibration, "test": task.test, "data_dir": spec_dir} if task else {}
     classes = task.classes if task else None
+    adjust = m.preprocessing.apply if m.preprocessing else None
     if m.format == "hf":
         from model_store.importers.hf_vit import hf_checkpoint_preprocessing, import_hf_vit
 
-        prep = m.preprocessing.apply(hf_checkpoint_preprocessing(path)) if m.preprocessing else None
+        prep = adjust(hf_checkpoint_preprocessing(path)) if adjust else None
         import_hf_vit(path, zoo_dir, name, role, None, classes, prep, **data)  # type: ignore[arg-type]
+    elif m.format == "clip":
+        from model_store.importers.clip import import_clip
+
+        opt = lambda v: _resolve(spec_dir, v) if v else None  # noqa: E731
+        import_clip(
+            path,
+            zoo_dir,
+            name,
+            role,
+            head=opt(task.head if task else None),
+            logit_scale=task.logit_scale if task else None,
+            projection=opt(m.projection),
+            open_clip_config=opt(m.open_clip_config),
+            class_names=classes,
+            adjust_preprocessing=adjust,
+            **data,  # type: ignore[arg-type]
+        )
+    elif m.format == "peft":
+        from model_store.errors import CheckpointImportError
+        from model_store.importers.peft_lora import import_peft
+
+        if task is None:
+            raise CheckpointImportError("a PEFT adapter is a task model: the base must be its HF ViT (format hf)")
+        base = _resolve(spec_dir, m.base_checkpoint) if m.base_checkpoint else None
+        import_peft(path, zoo_dir, name, base, None, classes, adjust_preprocessing=adjust, **data)  # type: ignore[arg-type]
     else:
         from model_store.importers.timm_checkpoint import default_preprocessing, import_timm
         from model_store.schema import Architecture
 
         assert m.model_name is not None
-        prep = (
-            m.preprocessing.apply(default_preprocessing(Architecture(timm_name=m.model_name, kwargs=m.model_kwargs)))
-            if m.preprocessing
-            else None
-        )
+        arch = Architecture(timm_name=m.model_name, kwargs=m.model_kwargs)
+        prep = adjust(default_preprocessing(arch)) if adjust else None
         import_timm(path, m.model_name, zoo_dir, name, role, m.model_kwargs, None, classes, prep, **data)  # type: ignore[arg-type]
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from model_store.architecture import StateDict, build_model, head_prefix, load_into, split_head
+from model_store.architecture import PROJECTION_KEY, StateDict, build_model, head_prefix, load_into, split_head
 from model_store.data.attach import task_data_from
 from model_store.errors import CheckpointImportError
-from model_store.schema import Architecture, ModelMeta, Preprocessing, Provenance, TaskData
+from model_store.schema import Architecture, LoraAdapter, ModelMeta, Preprocessing, Provenance, TaskData
 from model_store.zoo import Zoo, ZooWriter
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -56,11 +56,13 @@ def save_imported(
     calibration: str | None = None,
     test: str | None = None,
     data_dir: str | Path | None = None,
+    lora: LoraAdapter | None = None,
 ) -> Zoo:
     """Validate ``state`` by a strict load into ``arch`` and add it to the zoo at ``zoo_dir``.
 
     ``calibration``/``test`` are data sources (``builtin:NAME``, a folder, a CSV; relative
     to ``data_dir``, default the working directory), checked before anything is written.
+    ``lora``: the adapter the model was made from (kept in its provenance).
     """
     if role not in ("base", "task"):
         raise CheckpointImportError(f"role must be 'base' or 'task', got '{role}'")
@@ -90,7 +92,7 @@ def save_imported(
         class_names=classes,
         architecture=arch,
         preprocessing=prep,
-        provenance=Provenance(source=source),
+        provenance=Provenance(source=source, lora=lora),
         data=data,
     )
     writer = ZooWriter(zoo_dir)
@@ -105,3 +107,80 @@ def _default_classes(head: StateDict) -> list[str]:
             "task checkpoint has no classifier head; import it with --role base or pass a checkpoint with a head"
         )
     return [str(i) for i in range(weights[0].shape[0])]
+
+
+def check_fits_zoo(zoo_dir: str | Path, name: str, backbone: StateDict, arch: Architecture) -> None:
+    """Refuse, before anything is written, a model whose backbone does not fit the zoo's models.
+
+    The reference is the zoo's base (else its first task, other than ``name``); the error
+    names the first tensor that is missing, extra or of another shape, then an
+    architecture difference; tensors that must be equal in every model (a CLIP tower's
+    shared projection, :data:`~model_store.architecture.PROJECTION_KEY`) are compared by value.
+    """
+    if not (Path(zoo_dir) / "zoo.json").exists():
+        return
+    zoo = Zoo.load(zoo_dir, require_base=False)
+    others = [n for n in [zoo.manifest.base, *zoo.tasks] if n and n != name]
+    if not others or not zoo.manifest.shared_init:
+        return
+    ref = others[0]
+    shapes = zoo.backbone_shapes(ref)
+    for key in sorted(set(shapes) | set(backbone)):
+        mine = tuple(backbone[key].shape) if key in backbone else None
+        if mine != shapes.get(key):
+            raise CheckpointImportError(
+                f"backbone tensor '{key}' is {_shape(mine)} in this checkpoint but {_shape(shapes.get(key))} in "
+                f"'{ref}' of zoo {zoo.root}: it is not the same architecture as the zoo's models"
+            )
+    if zoo.metas[ref].architecture != arch:
+        raise CheckpointImportError(
+            f"architecture {arch.model_dump(mode='json')} differs from '{ref}''s "
+            f"{zoo.metas[ref].architecture.model_dump(mode='json')} in zoo {zoo.root}"
+        )
+    if PROJECTION_KEY in backbone:
+        theirs = zoo.backbone_lazy(ref)[PROJECTION_KEY]
+        if not torch.equal(theirs, backbone[PROJECTION_KEY]):
+            diff = (theirs.float() - backbone[PROJECTION_KEY].float()).abs().max().item()
+            raise CheckpointImportError(
+                f"'{PROJECTION_KEY}' (the CLIP visual projection) differs from '{ref}''s (max |diff| {diff:.3g}): "
+                "the projection stays in the backbone only when every model of a zoo has the same one, and "
+                "per-task projections are not supported; import this tower with the zoo's projection "
+                "(--projection SRC) if it was not fine-tuned, or put it in a zoo of its own"
+            )
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else "x".join(map(str, shape)) if shape else "a scalar"
+
+
+def read_head(path: str | Path, dim: int, logit_scale: float | None = None) -> StateDict:
+    """A linear head file -> ``head.weight`` (classes x ``dim``) / ``head.bias``, the logit scale folded in.
+
+    The file (safetensors or a torch state dict) holds ``weight`` (or ``head.weight``)
+    and optionally ``bias`` and ``logit_scale`` (CLIP's log-parameterised scale, as in
+    ``CLIPModel.logit_scale``: the head is multiplied by its exp). ``logit_scale`` here is a
+    plain multiplier (e.g. 100 for CLIP text-embedding heads saved without it).
+    """
+    tensors = read_state_dict(path)
+    weight = tensors.get("weight", tensors.get("head.weight"))
+    if weight is None:
+        raise CheckpointImportError(f"head file {path}: no 'weight' tensor (classes x {dim}); found {sorted(tensors)}")
+    if weight.ndim != 2 or weight.shape[1] != dim:
+        hint = " (transposed? it must be classes x dim)" if weight.ndim == 2 and weight.shape[0] == dim else ""
+        raise CheckpointImportError(
+            f"head file {path}: 'weight' is {_shape(tuple(weight.shape))}, the model's embedding has {dim} "
+            f"dimensions{hint}"
+        )
+    bias = tensors.get("bias", tensors.get("head.bias", torch.zeros(weight.shape[0])))
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise CheckpointImportError(
+            f"head file {path}: 'bias' is {_shape(tuple(bias.shape))}, expected {weight.shape[0]}"
+        )
+    scale = 1.0
+    if "logit_scale" in tensors:
+        if logit_scale is not None:
+            raise CheckpointImportError(f"head file {path} has a logit_scale: do not pass another one")
+        scale = float(tensors["logit_scale"].float().exp())
+    elif logit_scale is not None:
+        scale = float(logit_scale)
+    return {"head.weight": weight.float() * scale, "head.bias": bias.float() * scale}

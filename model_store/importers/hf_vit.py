@@ -45,12 +45,23 @@ _V5_MAP = {
 }
 
 
-def _legacy_name(k: str) -> str:
-    """Map a transformers-5 layer tensor name onto the classic ``encoder.layer`` name."""
+def classic_name(k: str) -> str:
+    """Map a transformers-5 layer tensor name (``vit.`` prefix removed) onto the classic ``encoder.layer`` name."""
     m = _V5_RE.match(k)
     if m and m.group(2) in _V5_MAP:
         return f"encoder.layer.{m.group(1)}.{_V5_MAP[m.group(2)]}.{m.group(3)}"
     return k
+
+
+def timm_key(classic: str) -> str | None:
+    """The timm tensor a classic HF ViT layer tensor becomes (query/key/value: the fused ``qkv``); None if none."""
+    m = _LAYER_RE.match(classic)
+    if not m:
+        return None
+    i, inner, kind = m.groups()
+    if inner.startswith("attention.attention."):
+        return f"blocks.{i}.attn.qkv.{kind}"
+    return f"blocks.{i}.{_LAYER_MAP[inner]}.{kind}" if inner in _LAYER_MAP else None
 
 
 def hf_vit_architecture(config: dict) -> Architecture:
@@ -82,7 +93,7 @@ def convert_hf_vit_state(hf: StateDict) -> StateDict:
     state: StateDict = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in hf.items():
-        k = _legacy_name(key[len("vit.") :] if key.startswith("vit.") else key)
+        k = classic_name(key[len("vit.") :] if key.startswith("vit.") else key)
         if k.startswith("pooler."):
             continue
         if k.startswith("classifier."):

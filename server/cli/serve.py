@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.request_timeout_s),
         loop=settings.http_loop,
         http=settings.http_parser,
+        timeout_keep_alive=int(settings.keep_alive_s),
     )
     return 0
 

@@ -84,12 +84,27 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _projection(zoo) -> str:
+    """Where a CLIP zoo's visual projection lives (the import refuses models whose projections differ)."""
+    from model_store.architecture import PROJECTION_KEY
+
+    dims = {m.architecture.projection_dim for m in zoo.metas.values()}
+    if dims == {None} or not dims:
+        return "none"
+    width = {m.architecture.kwargs.get("embed_dim") for m in zoo.metas.values()}
+    return (
+        f"shared by every model, in the backbone ('{PROJECTION_KEY}', {'/'.join(map(str, dims))} x "
+        f"{'/'.join(map(str, width))}; merges leave it as is: every task vector is zero there), then L2-normalised"
+    )
+
+
 def cmd_zoo_show(args: argparse.Namespace) -> int:
     from model_store.zoo import Zoo
 
     zoo = Zoo.load(zoo_dir(args, args.zoo), require_base=False)
     out = {
         "manifest": zoo.manifest.model_dump(mode="json"),
+        "projection": _projection(zoo),
         "models": {n: m.model_dump(mode="json") for n, m in zoo.metas.items()},
     }
     print(json.dumps(out, indent=2))

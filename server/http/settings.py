@@ -63,6 +63,13 @@ class ServerSettings(BaseSettings):
     # HTTP stack (uvicorn): "auto" takes uvloop / httptools when installed (the [standard] extra)
     http_loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="event loop of the server")
     http_parser: Literal["auto", "h11", "httptools"] = Field("auto", description="HTTP/1.1 parser of the server")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0.0,
+        description="idle keep-alive connections are closed after this long; keep it above the load balancer's "
+        "upstream idle timeout (nginx's upstream keepalive_timeout, 60 s by default; AWS ALB 60 s), or the LB "
+        "reuses connections the server is closing and answers 502",
+    )
 
     # request limits
     max_body_bytes: int = Field(16 * 2**20, ge=1024)

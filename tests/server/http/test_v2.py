@@ -14,6 +14,7 @@ import struct
 import httpx
 import numpy as np
 import pytest
+import torch
 from server_helpers import AsgiHarness, LiveServer, metric_value, png_bytes, require
 
 from merging.pipeline import merge_and_publish
@@ -193,8 +194,17 @@ def test_pixels_input_matches_image_input(triton, server, two_version_store, sam
             np.testing.assert_allclose(
                 from_pixels.as_numpy("CLASS_PROBABILITY"), from_images.as_numpy("CLASS_PROBABILITY"), atol=1e-5
             )
-        else:  # routed: the gate's input is re-made from the ViT's pixels (resized twice), so nearly the same
-            assert same_task.mean() >= 0.75, from_pixels.as_numpy("TASK")
+        else:  # routed: the gate's input is re-made from the ViT's pixels (renormalise), not from the image
+            from model_store.data.preprocessing import renormalise
+
+            assert engine.gate_preprocessing is not None
+            gate_x = renormalise(torch.from_numpy(pixels), engine.preprocessing, engine.gate_preprocessing)
+            p, _ = engine.route([None] * len(samples), gate_x)
+            want = np.array([engine.tasks[i] for i in p.argmax(-1).tolist()], dtype=object)
+            np.testing.assert_allclose(from_pixels.as_numpy("TASK_PROBABILITY"), p.max(-1).values.numpy(), atol=1e-4)
+            assert (from_pixels.as_numpy("TASK").astype(str) == want.astype(str)).all()
+            # and the image's own gate input routes mostly alike (a weak test gate: 7 of 12 measured on an AMD EPYC)
+            assert same_task.mean() >= 0.5, from_pixels.as_numpy("TASK")
 
 
 def _raw(url: str, body: bytes, headers: dict | None = None, path: str = "/v2/models/vitmerge/infer"):

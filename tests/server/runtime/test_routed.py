@@ -21,10 +21,11 @@ LIMIT = 500  # test images per task for the task-given vs routed comparison
 @pytest.fixture(scope="module")
 def routed_bundle(tiny_zoo_report, tmp_path_factory):
     store = BundleStore(StoreLayout(tmp_path_factory.mktemp("routed")))
-    # the default gate (EfficientNet-Lite0, 64 px) for 3 epochs on up to 500 calibration images per task,
-    # scored on the first 500 test images per task: measured min 0.932 (animals) / mean 0.977 routing accuracy
-    # (4 epochs on 600: 0.978 / 0.992; 32 px for 3 epochs on 400: 0.912 / 0.939)
-    params = {"gate_epochs": 3, "gate_max_images": 500, "gate_test_images": LIMIT}
+    # the default gate (EfficientNet-Lite0, 64 px) for 4 epochs on up to 600 calibration images per task,
+    # scored on the first 500 test images per task: measured min 0.978 / mean 0.992 routing accuracy on one CPU,
+    # 0.984 / 0.993 on an AMD EPYC; 3 epochs on 500 were too close to the edge (0.932 / 0.977 on the first,
+    # mnist 0.778 on the second)
+    params = {"gate_epochs": 4, "gate_max_images": 600, "gate_test_images": LIMIT}
     outcome = merge_and_publish(tiny_zoo_report.zoo, store, "emr_routed", params, progress=False)
     return BundleReader(store.load(outcome.version))
 
@@ -32,8 +33,8 @@ def routed_bundle(tiny_zoo_report, tmp_path_factory):
 def test_gate_accuracy_is_recorded_and_high(routed_bundle):
     acc = routed_bundle.bundle.manifest.extra["gate_test_accuracy"]
     assert set(acc) == set(routed_bundle.tasks)
-    # measured: >= 0.975 per task with EfficientNet-Lite0 (ImageNet init), 64 px, 10 epochs (the default);
-    # 3 epochs on 500 images: min 0.932 / mean 0.977
+    # measured: >= 0.975 per task with EfficientNet-Lite0 (ImageNet init), 64 px, 10 epochs (the default)
+    print("gate test accuracy:", {k: round(v, 3) for k, v in acc.items()})
     assert sum(acc.values()) / len(acc) > 0.95 and min(acc.values()) > 0.9, acc
     assert routed_bundle.spec.gate is not None and routed_bundle.spec.gate.test_accuracy == acc
 
