@@ -278,8 +278,11 @@ load_pid=$!
 rm -f "$WORK/load.started"
 while [ ! -f "$WORK/load.started" ]; do sleep 0.1; done
 sleep 8
-podman kill "${PROJECT}_vitmerge-1_1" >/dev/null
-echo "killed ${PROJECT}_vitmerge-1_1 under load"
+# a crash, not an operator's stop: SIGKILL to the server process from the host (as the OOM killer does);
+# `podman kill` would mark the container stopped by the user, which no restart policy restarts
+kill -KILL "$(podman inspect -f '{{.State.Pid}}' "${PROJECT}_vitmerge-1_1")"
+killed_at=$(date +%s.%N)
+echo "killed the server process of ${PROJECT}_vitmerge-1_1 under load"
 if wait "$load_pid"; then load_ok=1; else load_ok=0; fi
 cat "$WORK/load.json"
 # what nginx said about its upstreams while the replica died (error_log: stderr, level error)
@@ -287,8 +290,19 @@ podman logs "${PROJECT}_lb_1" 2>&1 | grep -E "upstream|live" >"$WORK/nginx-error
 echo "nginx upstream errors during the kill ($WORK/nginx-errors.txt), by kind:"
 sed -E 's/^.*\[(error|warn|crit)\] [0-9#*]+ ?[0-9]* ?//; s/, client:.*$//; s/[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+:[0-9]+/ADDR/g' \
     "$WORK/nginx-errors.txt" | sort | uniq -c | sort -rn | head -8
-sleep 3
-echo "killed replica afterwards (restart: unless-stopped): $(podman inspect -f '{{.State.Status}}, restarts {{.RestartCount}}' "${PROJECT}_vitmerge-1_1")"
+restarted=""
+for _ in $(seq 1 60); do  # restart: unless-stopped, then the replica loads the store again
+    ip=$(ctr_ip "${PROJECT}_vitmerge-1_1" 2>/dev/null || true)
+    if [ -n "$ip" ] && "$PY" -c "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2)" \
+        "http://$ip:8000/readyz" 2>/dev/null; then
+        restarted=$("$PY" -c "import time; print(round(time.time() - $killed_at, 1))")
+        break
+    fi
+    sleep 1
+done
+echo "killed replica afterwards: $(podman inspect -f '{{.State.Status}}, restarts {{.RestartCount}}' "${PROJECT}_vitmerge-1_1")"
+record killed_replica_ready_again_s "${restarted:-not within 60 s}"
+check "the killed replica is restarted and ready again" test -n "$restarted"
 record requests_lost_on_kill "$("$PY" -c 'import json, sys; r = json.load(sys.stdin); print(r["failed"], "of", r["ok"] + r["failed"])' <"$WORK/load.json")"
 check "0 failed client requests while a replica was killed" test "$load_ok" = 1
 compose down -v -t 5 >/dev/null 2>&1

@@ -56,6 +56,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     from model_store.zoo import Zoo
     from model_store.zoo_build.presets import PRESETS, build_zoo
     from server.eval.bench import (
+        SECTIONS,
         AccuracyBenchConfig,
         render_markdown,
         run_accuracy_bench,
@@ -80,6 +81,8 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         scaling=not args.no_scaling,
+        tsv_fractions=tuple(float(f) for f in args.tsv_fractions.split(",") if f),
+        sections=SECTIONS if args.sections == "all" else tuple(x for x in args.sections.split(",") if x),
     )
     result = run_accuracy_bench(zoo, cfg, progress=not args.quiet)
     command = (
@@ -123,6 +126,15 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
         "--gate-archs", default=",".join(GATE_ARCHS), help="comma-separated; the first is used for routed EMR scaling"
     )
     p.add_argument("--no-scaling", action="store_true", help="skip the accuracy-vs-N rows")
+    p.add_argument(
+        "--tsv-fractions", default="0.05,0.1", help="comma-separated TSV-C rank fractions f (1/N is always added)"
+    )
+    p.add_argument(
+        "--sections",
+        default="all",
+        help="comma-separated groups of rows to run (Individual always does): static, emr, tsv, gating_avg, "
+        "gating_regmean; default all",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, markdown and PNG files")
     p.add_argument(

@@ -62,6 +62,10 @@ STATIC_METHODS: tuple[tuple[str, str, dict], ...] = (
     ("Fisher", "fisher", {}),
 )
 
+#: Groups of rows ``--sections`` chooses from: the static merges, EMR (task given and routed), TSV-C / TSV
+#: routed / TSV-M, and the gated rows on AvgMean and on RegMean.
+SECTIONS: tuple[str, ...] = ("static", "emr", "tsv", "gating_avg", "gating_regmean")
+
 FeatureFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -81,6 +85,7 @@ class AccuracyBenchConfig:
     scaling_m: int = 3
     static_methods: tuple[tuple[str, str, dict], ...] = STATIC_METHODS
     tsv_fractions: tuple[float, ...] = (0.05, 0.1)  # TSV-C rank fractions besides 1/N (the default)
+    sections: tuple[str, ...] = SECTIONS  # which groups of rows run (Individual always does)
 
 
 @dataclass
@@ -263,6 +268,120 @@ def tsv_fractions(cfg: AccuracyBenchConfig, n: int) -> list[float]:
     return sorted({*cfg.tsv_fractions, 1.0 / n})
 
 
+def _static_rows(
+    s: MergeInputs, pool: Pool, cfg: AccuracyBenchConfig, vit_flops: float, stored: int, bar: Any
+) -> list[dict]:
+    """One row per static merge method of ``cfg`` (one model, no routing)."""
+    one_hot = F.one_hot(pool.task, len(s.tasks)).float()
+    rows = []
+    for name, method, params in cfg.static_methods:
+        t0 = time.perf_counter()
+        merged = run_merge(method, s.ctx, params).backbone
+        assert merged is not None
+        secs = time.perf_counter() - t0
+        rows.append(
+            _row(
+                name,
+                method,
+                evaluate(pool, s.heads, static_features(_model(s, merged)), one_hot, cfg.batch_size),
+                stored,
+                vit_flops,
+                merge_s=secs,
+            )
+        )
+        bar.update(1)
+    return rows
+
+
+def _gating_rows(
+    s: MergeInputs,
+    pool: Pool,
+    gates: dict,
+    base_name: str,
+    m_values: Sequence[int],
+    vit_flops: float,
+    backbone_n: int,
+    head_n: int,
+    bs: int,
+    bar: Any,
+) -> list[dict]:
+    """Gated rows on one static merge (``avg`` or ``regmean``) for every ``m``: task given and per gate."""
+    n = len(s.tasks)
+    one_hot = F.one_hot(pool.task, n).float()
+    static = weight_average(s.finetuned) if base_name == "avg" else regmean(s.base, s.finetuned, s.grams, 0.9)
+    rows: list[dict] = []
+    for m in m_values:
+        gated, gated_n = _gated(s, static, m)
+        stored = backbone_n - gated_n + n * gated_n + head_n
+        mix = 2 * n * gated_n  # per-image weight mixing (exact routing)
+
+        def feat(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor, g: GatedViT = gated) -> torch.Tensor:
+            return g.features(x, p, "exact")
+
+        given = evaluate(pool, s.heads, feat, one_hot, bs)
+        label = "AvgMean" if base_name == "avg" else "RegMean"
+        rows.append(
+            _row(
+                f"gating+{label} m={m} (task given)",
+                f"gating_{base_name}",
+                given,
+                stored,
+                vit_flops + mix,
+                m=m,
+                base=base_name,
+            )
+        )
+        for arch, g in gates.items():
+            rows.append(
+                _row(
+                    f"gating+{label} m={m} ({arch} gate)",
+                    f"gating_{base_name}",
+                    evaluate(pool, s.heads, feat, g["p"], bs),
+                    stored + g["params"],
+                    vit_flops + mix + g["flops"],
+                    m=m,
+                    base=base_name,
+                    gate=arch,
+                )
+            )
+        bar.update(1)
+    return rows
+
+
+def _emr_rows(
+    s: MergeInputs, pool: Pool, gates: dict, vit_flops: float, backbone_n: int, head_n: int, bs: int
+) -> list[dict]:
+    """EMR with the task given, and routed by every gate."""
+    n = len(s.tasks)
+    one_hot = F.one_hot(pool.task, n).float()
+    emr = emr_merge(s.base, s.finetuned)
+    models = [load_into(s.zoo.build_model(t), emr.task_state(i), s.heads[i]).eval() for i, t in enumerate(s.tasks)]
+    stored = 2 * backbone_n + n * backbone_n / 32 + head_n  # theta_0 + tau_uni + 1-bit masks + heads
+    fn = per_task_features(models)
+    rows = [
+        _row(
+            "EMR (task given)",
+            "emr",
+            evaluate(pool, s.heads, fn, one_hot, bs),
+            stored,
+            vit_flops,
+            rescalers=emr.rescalers,
+        )
+    ]
+    for arch, g in gates.items():
+        rows.append(
+            _row(
+                f"routed EMR ({arch} gate)",
+                "emr_routed",
+                evaluate(pool, s.heads, fn, g["p"], bs),
+                stored + g["params"],
+                vit_flops + g["flops"],
+                gate=arch,
+            )
+        )
+    return rows
+
+
 def _tsv_rows(
     s: MergeInputs,
     pool: Pool,
@@ -330,13 +449,17 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
     s = _setup(zoo, tasks)
     one_hot = F.one_hot(pool.task, n).float()
     bs = cfg.batch_size
+    on = set(cfg.sections)
+    unknown = on - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    statics_on = [b for b in ("avg", "regmean") if f"gating_{b}" in on]
     total = (
         1
-        + len(cfg.static_methods)
-        + 1
-        + len(tsv_fractions(cfg, n))
-        + 1
-        + len(m_values) * 2
+        + (len(cfg.static_methods) if "static" in on else 0)
+        + ("emr" in on)
+        + ((len(tsv_fractions(cfg, n)) + 1) if "tsv" in on else 0)
+        + len(m_values) * len(statics_on)
         + (3 * (n - 2) if cfg.scaling else 0)
     )
     bar = tqdm(total=total, desc=f"bench accuracy {zoo.name}", unit="row", disable=not progress)
@@ -351,91 +474,18 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
     del individual_models
     bar.update(1)
 
-    for name, method, params in cfg.static_methods:
-        t0 = time.perf_counter()
-        merged = run_merge(method, s.ctx, params).backbone
-        assert merged is not None
-        secs = time.perf_counter() - t0
-        rows.append(
-            _row(
-                name,
-                method,
-                evaluate(pool, s.heads, static_features(_model(s, merged)), one_hot, bs),
-                backbone_n + head_n,
-                vit_flops,
-                merge_s=secs,
-            )
-        )
-        bar.update(1)
+    if "static" in on:
+        rows += _static_rows(s, pool, cfg, vit_flops, backbone_n + head_n, bar)
 
     gates = _gates(s, pool, cfg, cfg.gate_archs)
-    emr = emr_merge(s.base, s.finetuned)
-    emr_models = [load_into(zoo.build_model(t), emr.task_state(i), s.heads[i]).eval() for i, t in enumerate(tasks)]
-    emr_stored = 2 * backbone_n + n * backbone_n / 32 + head_n  # theta_0 + tau_uni + 1-bit masks + heads
-    emr_fn = per_task_features(emr_models)
-    rows.append(
-        _row(
-            "EMR (task given)",
-            "emr",
-            evaluate(pool, s.heads, emr_fn, one_hot, bs),
-            emr_stored,
-            vit_flops,
-            rescalers=emr.rescalers,
-        )
-    )
-    for arch, g in gates.items():
-        rows.append(
-            _row(
-                f"routed EMR ({arch} gate)",
-                "emr_routed",
-                evaluate(pool, s.heads, emr_fn, g["p"], bs),
-                emr_stored + g["params"],
-                vit_flops + g["flops"],
-                gate=arch,
-            )
-        )
-    del emr_models, emr_fn
-    bar.update(1)
+    if "emr" in on:
+        rows += _emr_rows(s, pool, gates, vit_flops, backbone_n, head_n, bs)
+        bar.update(1)
+    if "tsv" in on:
+        rows += _tsv_rows(s, pool, gates, tsv_fractions(cfg, n), vit_flops, head_n, bs, bar)
 
-    rows += _tsv_rows(s, pool, gates, tsv_fractions(cfg, n), vit_flops, head_n, bs, bar)
-
-    statics = {"avg": weight_average(s.finetuned), "regmean": regmean(s.base, s.finetuned, s.grams, 0.9)}
-    for base_name, static in statics.items():
-        for m in m_values:
-            gated, gated_n = _gated(s, static, m)
-            stored = backbone_n - gated_n + n * gated_n + head_n
-            mix = 2 * n * gated_n  # per-image weight mixing (exact routing)
-
-            def feat(x: torch.Tensor, p: torch.Tensor, chosen: torch.Tensor, g: GatedViT = gated) -> torch.Tensor:
-                return g.features(x, p, "exact")
-
-            given = evaluate(pool, s.heads, feat, one_hot, bs)
-            label = "AvgMean" if base_name == "avg" else "RegMean"
-            rows.append(
-                _row(
-                    f"gating+{label} m={m} (task given)",
-                    f"gating_{base_name}",
-                    given,
-                    stored,
-                    vit_flops + mix,
-                    m=m,
-                    base=base_name,
-                )
-            )
-            for arch, g in gates.items():
-                rows.append(
-                    _row(
-                        f"gating+{label} m={m} ({arch} gate)",
-                        f"gating_{base_name}",
-                        evaluate(pool, s.heads, feat, g["p"], bs),
-                        stored + g["params"],
-                        vit_flops + mix + g["flops"],
-                        m=m,
-                        base=base_name,
-                        gate=arch,
-                    )
-                )
-            bar.update(1)
+    for base_name in statics_on:
+        rows += _gating_rows(s, pool, gates, base_name, m_values, vit_flops, backbone_n, head_n, bs, bar)
 
     scaling = _scaling(s, pool, cfg, gates, bar) if cfg.scaling and n > 2 else []
     bar.close()
@@ -594,7 +644,7 @@ def render_markdown(result: dict, command: str) -> str:
     """Markdown tables of one run (the section ``vitmerge bench accuracy`` writes)."""
     tasks, rows = result["tasks"], result["rows"]
     ind = _find(rows, "Individual")["accuracy"]
-    ta = best_task_arithmetic(rows)
+    ta = best_task_arithmetic(rows) if any(r["kind"] == "task_arithmetic" for r in rows) else None
     imgs = ", ".join(f"{t} {k}" for t, k in result["test_images"].items())
     lines = [
         (
@@ -607,7 +657,7 @@ def render_markdown(result: dict, command: str) -> str:
             "(1/32 parameter per bit); "
             "gated rows store N copies of the gated tensors and their FLOPs include exact per-image weight mixing "
             "and the gate. "
-            f"**Bold**: best Task Arithmetic λ (chosen on the test split, as the papers do)."
+            + ("**Bold**: best Task Arithmetic λ (chosen on the test split, as the papers do)." if ta else "")
         ),
         "",
         "| method | " + " | ".join(tasks) + " | avg | norm. avg | stored params (M) | GFLOPs/img |",
@@ -675,6 +725,30 @@ def _save(fig, ax, path: Path, legend: bool = True) -> Path:
     return path
 
 
+def _plot_vs_m(result: dict, ind: dict[str, float], path: Path) -> Path:
+    """Average accuracy of the gated rows vs m (task given and per gate), individual and routed EMR as lines."""
+    import matplotlib.pyplot as plt
+
+    rows, arch = result["rows"], result["config"]["gate_archs"][0]
+    kinds = {r["kind"] for r in rows}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for _base, label, style in [
+        b for b in (("avg", "AvgMean", "-"), ("regmean", "RegMean", "--")) if f"gating_{b[0]}" in kinds
+    ]:
+        for gate, marker in [(a, mk) for a, mk in zip(result["config"]["gate_archs"], "ox")] + [("task given", "s")]:
+            suffix = "(task given)" if gate == "task given" else f"({gate} gate)"
+            ys = [_avg(_find(rows, f"gating+{label} m={m} {suffix}")["accuracy"]) for m in result["m_values"]]
+            ax.plot(result["m_values"], ys, style, marker=marker, label=f"gating+{label}, {gate}")
+    ax.axhline(_avg(ind), color="black", lw=1, label="individual")
+    routed_emr = next((r for r in rows if r["name"] == f"routed EMR ({arch} gate)"), None)
+    if routed_emr is not None:
+        ax.axhline(_avg(routed_emr["accuracy"]), color="green", ls=":", label="routed EMR")
+    ax.set(
+        xlabel="m (gated attention + MLP blocks)", ylabel="avg accuracy (%)", title=f"{result['zoo']}: accuracy vs m"
+    )
+    return _save(fig, ax, path)
+
+
 def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     """PNG plots: normalised accuracy per method, accuracy vs m, stored params vs accuracy, accuracy vs N."""
     import matplotlib
@@ -694,18 +768,7 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     ax.tick_params(axis="y", labelsize=7)
     paths.append(_save(fig, ax, out_dir / f"{stem}-normalised.png", legend=False))
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for _base, label, style in (("avg", "AvgMean", "-"), ("regmean", "RegMean", "--")):
-        for gate, marker in [(a, mk) for a, mk in zip(result["config"]["gate_archs"], "ox")] + [("task given", "s")]:
-            suffix = "(task given)" if gate == "task given" else f"({gate} gate)"
-            ys = [_avg(_find(rows, f"gating+{label} m={m} {suffix}")["accuracy"]) for m in result["m_values"]]
-            ax.plot(result["m_values"], ys, style, marker=marker, label=f"gating+{label}, {gate}")
-    ax.axhline(_avg(ind), color="black", lw=1, label="individual")
-    ax.axhline(_avg(_find(rows, f"routed EMR ({arch} gate)")["accuracy"]), color="green", ls=":", label="routed EMR")
-    ax.set(
-        xlabel="m (gated attention + MLP blocks)", ylabel="avg accuracy (%)", title=f"{result['zoo']}: accuracy vs m"
-    )
-    paths.append(_save(fig, ax, out_dir / f"{stem}-vs-m.png"))
+    paths.append(_plot_vs_m(result, ind, out_dir / f"{stem}-vs-m.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colors = {

@@ -159,3 +159,31 @@ def test_section_is_replaced_in_place_and_rerun_reproduces(bench, test_zoo_dir):
     for r in again["rows"]:
         assert r["accuracy"] == first[r["name"]], r["name"]
     assert "| Individual |" in render_markdown(again, "cmd")
+
+
+def test_sections_run_only_the_chosen_rows_with_the_same_numbers(bench, test_zoo_dir, tmp_path):
+    """`--sections tsv,gating_regmean`: those rows (and Individual) only, equal to the full run's; report + plots."""
+    from model_store.zoo import Zoo
+    from server.eval.bench import plot
+
+    result, _ = bench
+    cfg = AccuracyBenchConfig(
+        m_values=tuple(result["m_values"][:1]),
+        gate_archs=tuple(result["config"]["gate_archs"]),
+        gate_epochs=result["config"]["gate_epochs"],
+        gate_size=result["config"]["gate_size"],
+        gate_max_images=result["config"]["gate_max_images"],
+        limit=result["config"]["limit"],
+        scaling=False,
+        sections=("tsv", "gating_regmean"),
+    )
+    part = run_accuracy_bench(Zoo.load(test_zoo_dir), cfg, progress=False)
+    kinds = {r["kind"] for r in part["rows"]}
+    assert kinds == {"individual", "tsv_c", "tsv_routed", "tsv_m", "gating_regmean"}, kinds
+    first = {r["name"]: r["accuracy"] for r in result["rows"]}
+    for r in part["rows"]:
+        assert r["accuracy"] == first[r["name"]], r["name"]
+    assert "| TSV-M (α=1.0) |" in render_markdown(part, "cmd") and "Task Arithmetic" not in render_markdown(part, "cmd")
+    assert {p.name for p in plot(part, tmp_path, "part")} >= {"part-tsv.png", "part-vs-m.png"}
+    with pytest.raises(ValueError, match="unknown sections"):
+        run_accuracy_bench(Zoo.load(test_zoo_dir), AccuracyBenchConfig(sections=("tvs",)), progress=False)
