@@ -812,6 +812,9 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
         ax.scatter([], [], color="tab:red", marker="^", label=f"gating+RegMean (m values, {arch} gate)")
         one = _find(rows, "Individual")["stored_M"] / max(1, len(result["tasks"]))
         ax.axvline(one, color="black", lw=0.8, ls=":", label="one model")
+        ax.axvline(1.5 * one, color="gray", lw=0.8, ls="--", label="1.5 x one model")
+        low, high = ax.get_ylim()
+        ax.set_ylim(low - 0.6 * (high - low), high)  # room for the legend below the curves
         ax.set(
             xlabel="parameters stored (M)",
             ylabel="normalised accuracy (%)",

@@ -183,6 +183,9 @@ def test_compose_and_nginx_agree_with_the_server():
     assert "non_idempotent" in blocks["classify"]  # classify is retried on another replica
     # a merge POST that reached a replica is never retried; a job's status GET follows 404s to the replica holding it
     assert "non_idempotent" not in blocks["merge"] and "http_404" in blocks["merge"]
+    # nginx drops idle upstream connections before the server closes them (else: 502s while a replica is down)
+    idle = re.search(r"upstream vitmerge \{[^}]*keepalive_timeout\s+(\d+)s;", nginx)
+    assert idle is not None and int(idle.group(1)) < ServerSettings().keep_alive_s
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
     assert sorted(t.split(":")[0] for t in targets) == sorted(replicas)
