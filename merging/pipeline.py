@@ -233,7 +233,8 @@ def write_lowrank(draft: BundleDraft, deltas: LowRankDeltas) -> LowRankSpec:
     draft.add_tensors("factors", factors)
     small_keys = list(deltas.small[0])
     draft.add_tensors("experts", {k: torch.stack([task[k] for task in deltas.small]) for k in small_keys})
-    return LowRankSpec(ranks=dict(deltas.ranks), rank_fraction=deltas.rank_fraction, source="tsv_c")
+    source = "lora" if deltas.source == "lora" else "tsv_c"
+    return LowRankSpec(ranks=dict(deltas.ranks), rank_fraction=deltas.rank_fraction, source=source)
 
 
 def write_bundle(

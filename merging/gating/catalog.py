@@ -7,7 +7,7 @@ from pydantic import Field
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, train_gate_for
 from merging.methods.averaging import weight_average
-from merging.methods.catalog import TSVCParams, tsv_c_result
+from merging.methods.catalog import LoRAParams, TSVCParams, lora_result, tsv_c_result
 from merging.methods.emr import emr_merge
 from merging.methods.regmean import collect_grams, regmean
 from merging.registry import Catalog, MergeContext, MergeResult
@@ -91,5 +91,22 @@ class TSVRoutedParams(GateParams, TSVCParams):
 )
 def _tsv_routed(ctx: MergeContext, p: TSVRoutedParams) -> MergeResult:
     result = tsv_c_result(ctx, p.f)
+    result.gate = train_gate_for(ctx, p)
+    return result
+
+
+class LoRARoutedParams(GateParams, LoRAParams):
+    """The exact low-rank deltas' rank limit and the gate's parameters."""
+
+
+@CATALOG.register(
+    "lora_routed",
+    LoRARoutedParams,
+    True,
+    "LoRA-tuned zoos: exact low-rank task deltas + a gate that picks the task; served in one pass per mixed batch",
+    needs_shared_base=True,
+)
+def _lora_routed(ctx: MergeContext, p: LoRARoutedParams) -> MergeResult:
+    result = lora_result(ctx, p.max_fraction)
     result.gate = train_gate_for(ctx, p)
     return result

@@ -13,7 +13,7 @@ from merging.methods.emr import emr_merge
 from merging.methods.fisher import estimate_fisher, fisher_merge
 from merging.methods.regmean import collect_grams, regmean
 from merging.methods.ties import ties_merge
-from merging.methods.tsv import tsv_compress, tsv_merge
+from merging.methods.tsv import exact_lowrank, tsv_compress, tsv_merge
 from merging.registry import Catalog, MergeContext, MergeResult, NoParams, Params
 
 CATALOG = Catalog()
@@ -132,6 +132,30 @@ def tsv_c_result(ctx: MergeContext, f: float | None) -> MergeResult:
 )
 def _tsv_c(ctx: MergeContext, p: TSVCParams) -> MergeResult:
     return tsv_c_result(ctx, p.f)
+
+
+class LoRAParams(Params):
+    max_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="refuse a layer whose task matrix has a higher rank than this x min(m, n)"
+    )
+
+
+def lora_result(ctx: MergeContext, max_fraction: float) -> MergeResult:
+    """Exact low-rank deltas (each layer at its numerical rank); a full-rank task matrix is a clear error."""
+    deltas = exact_lowrank(ctx.pretrained, ctx.finetuned, max_fraction, names=ctx.tasks)
+    return MergeResult(lowrank=deltas, info={"ranks": sorted(set(deltas.ranks.values()))})
+
+
+@CATALOG.register(
+    "lora",
+    LoRAParams,
+    False,
+    "LoRA-tuned zoos: every layer's exact low-rank task deltas (its numerical rank, no truncation; task id given; "
+    "low-rank bundle)",
+    needs_shared_base=True,
+)
+def _lora(ctx: MergeContext, p: LoRAParams) -> MergeResult:
+    return lora_result(ctx, p.max_fraction)
 
 
 @CATALOG.register(

@@ -8,6 +8,11 @@ time). Everything else (norms, biases, embeddings, the patch-embedding conv, lay
 * **TSV-C** (:func:`tsv_compress`): task i keeps the top ``r = max(1, floor(f min(m, n)))``
   triplets of each ``D_i`` as factors ``B_i = U_i S_i^{1/2}`` (m x r), ``A_i = S_i^{1/2} V_i^T``
   (r x n), so ``W_0 + B_i A_i`` is its rank-r layer, plus its own small tensors ``theta_i``.
+* **Exact low-rank deltas** (:func:`exact_lowrank`, the ``lora`` source): each layer keeps the
+  numerical rank of its task matrices (the largest over tasks; singular values below float32's
+  resolution of ``W_i`` dropped), so ``W_0 + B_i A_i`` IS task i's layer to float32 precision.
+  Made for zoos fine-tuned with LoRA (an adapter of rank r on q and v gives the fused ``qkv`` a
+  rank-2r delta); a layer whose task matrix is not low-rank is refused, naming it.
 * **TSV-M** (:func:`tsv_merge`): per matrix layer ``r = floor(min(m, n) / N)``; the stacked
   ``U`` and ``V`` are orthogonalised by their polar factors; ``W = W_0 + alpha U diag(S) V^T``.
   Small tensors: ``theta_0 + alpha * mean_i tau_i``.
@@ -42,7 +47,10 @@ def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def factorise(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` factors ``(B, A)`` of ``delta`` (float32): ``B = U S^{1/2}``, ``A = S^{1/2} V^T``."""
-    u, s, vh = _svd(delta)
+    return _factors(*_svd(delta), rank)
+
+
+def _factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).float().contiguous(), (root[:, None] * vh[:rank]).float().contiguous()
 
@@ -54,7 +62,7 @@ class LowRankDeltas:
     pretrained: Tensors
     factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]  # task -> key -> (B (m x r), A (r x n))
     small: list[StateDict]  # task -> key -> theta_i[key]
-    rank_fraction: float
+    rank_fraction: float | None  # TSV-C's f; None: ranks chosen per layer (exact low-rank deltas)
     ranks: dict[str, int] = field(default_factory=dict)
     source: str = "tsv_c"
 
@@ -92,6 +100,50 @@ def tsv_compress(pretrained: Tensors, finetuned: Sequence[Tensors], f: float) ->
         for i, model in enumerate(finetuned):
             factors[i][key] = factorise(model[key].float() - base.float(), rank)
     return LowRankDeltas(pretrained, factors, small, f, ranks)
+
+
+def numerical_rank(s: torch.Tensor, weight_norm: float, shape: Sequence[int]) -> int:
+    """Singular values of a task matrix above float32's resolution of its layer (``max(m, n) eps ||W||_2``)."""
+    tol = max(shape) * torch.finfo(torch.float32).eps * weight_norm
+    return int((s > tol).sum())
+
+
+def exact_lowrank(
+    pretrained: Tensors, finetuned: Sequence[Tensors], max_fraction: float = 0.5, names: Sequence[str] | None = None
+) -> LowRankDeltas:
+    """Low-rank deltas at each layer's own numerical rank (the largest over tasks; at least 1): exact to float32.
+
+    Raises ``ValueError`` naming the first layer whose rank exceeds ``max_fraction * min(m, n)``
+    (a fully fine-tuned layer, not a low-rank one: use TSV-C there).
+    """
+    keys = merge_keys(finetuned, pretrained)
+    n = len(finetuned)
+    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
+    small: list[StateDict] = [{} for _ in range(n)]
+    ranks: dict[str, int] = {}
+    for key in keys:
+        base = pretrained[key]
+        if not is_matrix_key(key, base):
+            for i, model in enumerate(finetuned):
+                small[i][key] = model[key].float().clone()
+            continue
+        svds, found = [], []
+        for model in finetuned:
+            w = model[key].float()
+            u, s, vh = _svd(w - base.float())
+            svds.append((u, s, vh))
+            found.append(numerical_rank(s, float(torch.linalg.matrix_norm(w.double(), 2)), base.shape))
+        rank = ranks[key] = max(1, *found)
+        if rank > max_fraction * min(base.shape):
+            worst = max(range(n), key=lambda i: found[i])
+            who = names[worst] if names is not None else str(worst)
+            raise ValueError(
+                f"task '{who}': '{key}' has rank {found[worst]} of {min(base.shape)}: not a low-rank (LoRA) delta; "
+                "use tsv_c / tsv_routed (truncated SVD) for fully fine-tuned models"
+            )
+        for i, svd in enumerate(svds):
+            factors[i][key] = _factors(*svd, rank)
+    return LowRankDeltas(pretrained, factors, small, None, ranks, source="lora")
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:

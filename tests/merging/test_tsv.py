@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from merging.methods.tsv import factorise, is_matrix_key, lowrank_rank, tsv_compress, tsv_merge
+from merging.methods.tsv import exact_lowrank, factorise, is_matrix_key, lowrank_rank, tsv_compress, tsv_merge
 
 
 def _zoo(n: int = 3, seed: int = 0):
@@ -65,3 +65,35 @@ def test_tsv_m_of_one_model_is_that_model_and_merges_small_tensors_by_the_mean()
     # r = floor(8 / 3) = 2 per task: the merged delta has rank <= 6 and differs from the plain sum of deltas
     delta = merged["blocks.0.attn.qkv.weight"] - base["blocks.0.attn.qkv.weight"]
     assert int(torch.linalg.matrix_rank(delta.double(), atol=1e-6)) <= 6
+
+
+def test_exact_lowrank_keeps_each_layers_numerical_rank_and_refuses_full_rank_deltas():
+    """LoRA-style deltas (rank 2 on the q rows and rank 1 on the v rows of a fused qkv, rank 3 elsewhere)."""
+    g = torch.Generator().manual_seed(3)
+    base = {
+        "blocks.0.attn.qkv.weight": torch.randn(48, 16, generator=g),
+        "blocks.0.mlp.fc1.weight": torch.randn(32, 16, generator=g),
+        "blocks.0.mlp.fc1.bias": torch.randn(32, generator=g),
+    }
+
+    def lora(m: int, n: int, r: int) -> torch.Tensor:
+        return 0.1 * torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
+
+    qkv = torch.zeros(48, 16)
+    qkv[:16] += lora(16, 16, 2)
+    qkv[32:] += lora(16, 16, 1)
+    tuned = [
+        {**base, "blocks.0.attn.qkv.weight": base["blocks.0.attn.qkv.weight"] + qkv},  # fc1 untouched
+        {**base, "blocks.0.mlp.fc1.weight": base["blocks.0.mlp.fc1.weight"] + lora(32, 16, 3)},
+    ]
+    tuned[1]["blocks.0.mlp.fc1.bias"] = base["blocks.0.mlp.fc1.bias"] + 0.5  # a trained bias: a small tensor
+    deltas = exact_lowrank(base, tuned, names=["a", "b"])
+    assert deltas.ranks == {"blocks.0.attn.qkv.weight": 3, "blocks.0.mlp.fc1.weight": 3}
+    assert deltas.source == "lora" and deltas.rank_fraction is None
+    for i, model in enumerate(tuned):
+        state = deltas.task_state(i)
+        for key, want in model.items():
+            assert (state[key] - want).abs().max().item() < 1e-5, (i, key)
+    full = [{**base, "blocks.0.mlp.fc1.weight": base["blocks.0.mlp.fc1.weight"] + 0.1 * torch.randn(32, 16)}]
+    with pytest.raises(ValueError, match=r"task 'x': 'blocks.0.mlp.fc1.weight' has rank 16 of 16.*tsv_c"):
+        exact_lowrank(base, full, names=["x"])

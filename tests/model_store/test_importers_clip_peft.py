@@ -430,3 +430,61 @@ def test_zoo_spec_files_take_clip_towers_and_peft_adapters(with_projection, tmp_
     with pytest.raises(CheckpointImportError, match="the base must be its HF ViT"):
         create_zoo(tmp_path / "bad.yaml", tmp_path / "zoos", name="bad", progress=False)
     assert not (tmp_path / "zoos" / "bad").exists()
+
+
+def test_lora_zoo_is_served_exactly_from_its_low_rank_deltas(tmp_path, capsys):
+    """Two PEFT adapters (q/v rank 2; fc1 rank 4) on one HF ViT -> `merge --method lora` -> one-pass serving.
+
+    The low-rank bundle keeps each layer's exact rank (fused qkv: 2 + 2), and every image classified with
+    its task given gets the class and probability of PEFT's own merged model."""
+    from server_helpers import AsgiHarness, png_bytes
+
+    from model_store.bundle import BundleStore
+    from model_store.settings import StoreLayout
+    from server.http.settings import ServerSettings
+    from server.runtime.bundle_reader import BundleReader
+
+    peft = require("peft", "pip install -e '.[test]'")
+    base = _vit(num_labels=3)
+    base.save_pretrained(tmp_path / "base")
+    zoo_dir, store = tmp_path / "zoo", tmp_path / "store"
+    import_hf_vit(tmp_path / "base", zoo_dir, "base", role="base")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    prep = Zoo.load(zoo_dir, require_base=False).metas["base"].preprocessing
+    x = to_model_input(images, prep)
+    want = {}
+    for seed, (task, targets, r) in enumerate([("q_and_v", ["q_proj", "v_proj"], 2), ("mlp", ["fc1"], 4)]):
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=["classifier"])
+        tuned = peft.get_peft_model(copy.deepcopy(base), cfg)
+        gen = torch.Generator().manual_seed(20 + seed)
+        for name, p in tuned.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.data.add_(0.2 * torch.randn(p.shape, generator=gen))
+        tuned.save_pretrained(tmp_path / task)
+        with torch.no_grad():
+            want[task] = tuned.merge_and_unload().eval()(pixel_values=x).logits.softmax(-1)
+        import_peft(tmp_path / task, zoo_dir, task, base_checkpoint=tmp_path / "base")
+    assert main(["merge", "--zoo", str(zoo_dir), "--store", str(store), "--method", "lora", "--quiet"]) == 0
+    spec = BundleReader(BundleStore(StoreLayout(store)).load()).spec.lowrank
+    assert spec is not None and spec.source == "lora" and spec.rank_fraction is None
+    assert spec.ranks["blocks.0.attn.qkv.weight"] == 4 and spec.ranks["blocks.1.mlp.fc1.weight"] == 4
+    assert spec.ranks["blocks.0.attn.proj.weight"] == 1  # no adapter there: a zero delta, rank 1
+    h = AsgiHarness(ServerSettings(store=store, watch_interval_s=0, device="cpu", default_method="lora"))
+    try:
+        for task, probs in want.items():
+            for img, p in zip(images, probs, strict=True):
+                r = h.request("POST", "/v1/classify", files={"image": ("x.png", png_bytes(img))}, data={"task": task})
+                assert r.status_code == 200, r.text
+                got = r.json()["predictions"][0]["class"]
+                assert got["label"] == f"c{int(p.argmax())}" and abs(got["probability"] - float(p.max())) < 1e-4
+    finally:
+        h.close()
+    # a fully fine-tuned model in the zoo: refused, naming the task and the layer
+    full = _vit(num_labels=3)
+    full.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
+    full.save_pretrained(tmp_path / "full")
+    import_hf_vit(tmp_path / "full", zoo_dir, "full")
+    capsys.readouterr()
+    assert main(["merge", "--zoo", str(zoo_dir), "--store", str(store), "--method", "lora", "--quiet"]) != 0
+    assert re.search(r"task 'full': '[\w.]+' has rank \d+ of \d+", capsys.readouterr().err)

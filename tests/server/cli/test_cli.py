@@ -122,7 +122,7 @@ def test_merge_and_eval_via_cli(test_zoo_dir, tmp_path, capsys):
         (
             ["--method", "magic"],
             "valid methods: avg, dare_ta, dare_ties, distill, emr, emr_routed, fisher, fs_merge, fs_merge_seq, "
-            "gating_avg, gating_regmean, mudsc_align, mudsc_zip, regmean, task_arithmetic, ties, "
+            "gating_avg, gating_regmean, lora, lora_routed, mudsc_align, mudsc_zip, regmean, task_arithmetic, ties, "
             "tsv_c, tsv_m, tsv_routed",
         ),
         (["--method", "ties", "--param", "k=1.5"], "Valid parameters: k (default 0.2), lam (default 1.0)"),
