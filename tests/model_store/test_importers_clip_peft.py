@@ -364,6 +364,19 @@ def test_clip_zoo_end_to_end_emr_merge_and_serve(with_projection, tmp_path, caps
                 assert r.json()["predictions"][0]["class"]["label"] == label, (task, want)
     finally:
         h.close()
+    # the one-pass low-rank engine on a CLIP zoo (the projection is a matrix layer with a zero delta there):
+    # TSV-C at full rank is every individual model, so every answer is the CLIP model's own
+    args = ["--zoo", str(zoo_dir), "--store", str(store), "--method", "tsv_c", "--param", "f=1.0", "--quiet"]
+    assert main(["merge", *args]) == 0
+    h = AsgiHarness(ServerSettings(store=store, watch_interval_s=0, device="cpu", default_method="tsv_c"))
+    try:
+        assert h.state.manager.engine.method == "tsv_c"
+        for task, labels in want.items():
+            for img, label in zip(images, labels, strict=True):
+                r = h.request("POST", "/v1/classify", files={"image": ("x.png", png_bytes(img))}, data={"task": task})
+                assert r.status_code == 200 and r.json()["predictions"][0]["class"]["label"] == label, r.text
+    finally:
+        h.close()
 
 
 def test_zoo_spec_files_take_clip_towers_and_peft_adapters(with_projection, tmp_path):
