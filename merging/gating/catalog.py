@@ -90,7 +90,7 @@ class TSVRoutedParams(GateParams, TSVCParams):
     needs_shared_base=True,
 )
 def _tsv_routed(ctx: MergeContext, p: TSVRoutedParams) -> MergeResult:
-    result = tsv_c_result(ctx, p.f)
+    result = tsv_c_result(ctx, p.f, p.conv)
     result.gate = train_gate_for(ctx, p)
     return result
 

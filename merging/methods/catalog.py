@@ -111,15 +111,20 @@ def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
 
 class TSVCParams(Params):
     f: float | None = Field(None, gt=0.0, le=1.0, description="rank fraction per layer (default 1/N, the paper's)")
+    conv: bool = Field(
+        False,
+        description="also compress the patch-embedding conv as an out x (in k k) matrix (default: a per-task small "
+        "tensor, as the paper)",
+    )
 
 
 class TSVMParams(Params):
     alpha: float = Field(1.0, gt=0.0, le=2.0, description="scale of the merged task matrices")
 
 
-def tsv_c_result(ctx: MergeContext, f: float | None) -> MergeResult:
-    """TSV-C's low-rank deltas at ``f`` (None: ``1/N``, the paper's choice)."""
-    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, f if f is not None else 1.0 / len(ctx.finetuned))
+def tsv_c_result(ctx: MergeContext, f: float | None, conv: bool = False) -> MergeResult:
+    """TSV-C's low-rank deltas at ``f`` (None: ``1/N``, the paper's choice); ``conv``: the patch conv too."""
+    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, f if f is not None else 1.0 / len(ctx.finetuned), conv)
     return MergeResult(lowrank=deltas, info={"rank_fraction": deltas.rank_fraction})
 
 
@@ -131,7 +136,7 @@ def tsv_c_result(ctx: MergeContext, f: float | None) -> MergeResult:
     needs_shared_base=True,
 )
 def _tsv_c(ctx: MergeContext, p: TSVCParams) -> MergeResult:
-    return tsv_c_result(ctx, p.f)
+    return tsv_c_result(ctx, p.f, p.conv)
 
 
 class LoRAParams(Params):

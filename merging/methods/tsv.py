@@ -34,6 +34,11 @@ def is_matrix_key(key: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim == 2 and key.endswith(".weight") and min(tensor.shape) > 1
 
 
+def is_conv_key(key: str, tensor: torch.Tensor) -> bool:
+    """A 4-D conv weight (the patch embedding): compressed as an ``out x (in k k)`` matrix with ``conv=True``."""
+    return tensor.ndim == 4 and key.endswith(".weight") and min(tensor.shape[0], tensor[0].numel()) > 1
+
+
 def lowrank_rank(shape: Sequence[int], f: float) -> int:
     """TSV-C's rank of an ``m x n`` layer at fraction ``f``: ``max(1, floor(f * min(m, n)))``."""
     return max(1, int(f * min(shape)))
@@ -72,7 +77,10 @@ class LowRankDeltas:
 
     def task_state(self, i: int) -> StateDict:
         """Task i's full backbone: ``W_0 + B_i A_i`` per matrix layer, its own small tensors."""
-        out = {k: self.pretrained[k].float() + b @ a for k, (b, a) in self.factors[i].items()}
+        out = {
+            k: self.pretrained[k].float() + (b @ a).reshape(self.pretrained[k].shape)
+            for k, (b, a) in self.factors[i].items()
+        }
         return {**out, **{k: v.float() for k, v in self.small[i].items()}}
 
     def stored_numbers(self) -> int:
@@ -81,8 +89,12 @@ class LowRankDeltas:
         return factors + sum(v.numel() for task in self.small for v in task.values())
 
 
-def tsv_compress(pretrained: Tensors, finetuned: Sequence[Tensors], f: float) -> LowRankDeltas:
-    """TSV-C at rank fraction ``f`` (0 < f <= 1), key by key (streams over lazy mappings)."""
+def tsv_compress(pretrained: Tensors, finetuned: Sequence[Tensors], f: float, conv: bool = False) -> LowRankDeltas:
+    """TSV-C at rank fraction ``f`` (0 < f <= 1), key by key (streams over lazy mappings).
+
+    ``conv``: the patch-embedding conv is compressed too, as an ``out x (in k k)`` matrix (SPEC section 7
+    keeps it a small tensor: the default); its factors are served as per-task conv weights.
+    """
     if not 0.0 < f <= 1.0:
         raise ValueError(f"rank fraction f must be in (0, 1], got {f}")
     keys = merge_keys(finetuned, pretrained)
@@ -92,13 +104,15 @@ def tsv_compress(pretrained: Tensors, finetuned: Sequence[Tensors], f: float) ->
     ranks: dict[str, int] = {}
     for key in keys:
         base = pretrained[key]
-        if not is_matrix_key(key, base):
+        matrix = is_matrix_key(key, base) or (conv and is_conv_key(key, base))
+        if not matrix:
             for i, model in enumerate(finetuned):
                 small[i][key] = model[key].float().clone()
             continue
-        rank = ranks[key] = lowrank_rank(base.shape, f)
+        flat = base.reshape(base.shape[0], -1)
+        rank = ranks[key] = lowrank_rank(flat.shape, f)
         for i, model in enumerate(finetuned):
-            factors[i][key] = factorise(model[key].float() - base.float(), rank)
+            factors[i][key] = factorise((model[key].float() - base.float()).reshape(flat.shape), rank)
     return LowRankDeltas(pretrained, factors, small, f, ranks)
 
 

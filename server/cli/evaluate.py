@@ -82,6 +82,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
         seed=args.seed,
         scaling=not args.no_scaling,
         tsv_fractions=tuple(float(f) for f in args.tsv_fractions.split(",") if f),
+        tsv_conv=args.tsv_conv,
         sections=SECTIONS if args.sections == "all" else tuple(x for x in args.sections.split(",") if x),
     )
     result = run_accuracy_bench(zoo, cfg, progress=not args.quiet)
@@ -128,6 +129,9 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
     p.add_argument("--no-scaling", action="store_true", help="skip the accuracy-vs-N rows")
     p.add_argument(
         "--tsv-fractions", default="0.05,0.1", help="comma-separated TSV-C rank fractions f (1/N is always added)"
+    )
+    p.add_argument(
+        "--tsv-conv", action="store_true", help="TSV-C also compresses the patch-embedding conv (tsv_c's conv=true)"
     )
     p.add_argument(
         "--sections",

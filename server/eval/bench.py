@@ -86,6 +86,7 @@ class AccuracyBenchConfig:
     static_methods: tuple[tuple[str, str, dict], ...] = STATIC_METHODS
     tsv_fractions: tuple[float, ...] = (0.05, 0.1)  # TSV-C rank fractions besides 1/N (the default)
     sections: tuple[str, ...] = SECTIONS  # which groups of rows run (Individual always does)
+    tsv_conv: bool = False  # TSV-C also compresses the patch-embedding conv (tsv_c's `conv` parameter)
 
 
 @dataclass
@@ -391,6 +392,7 @@ def _tsv_rows(
     head_n: int,
     bs: int,
     bar: Any,
+    conv: bool = False,
 ) -> list[dict]:
     """TSV-C at every rank fraction (task given, and routed by the first gate) and TSV-M.
 
@@ -404,21 +406,22 @@ def _tsv_rows(
     rows = []
     for f in fractions:
         t0 = time.perf_counter()
-        deltas = tsv_compress(s.base, s.finetuned, f)
+        deltas = tsv_compress(s.base, s.finetuned, f, conv)
         secs = time.perf_counter() - t0
         stored = sum(s.base[k].numel() for k in deltas.ranks) + deltas.stored_numbers() + head_n
-        extra = sum(2 * r * sum(s.base[k].shape) * tokens for k, r in deltas.ranks.items())
+        # the conv's factors are served as per-task conv weights: no extra FLOPs
+        extra = sum(2 * r * sum(s.base[k].shape) * tokens for k, r in deltas.ranks.items() if s.base[k].ndim == 2)
         models = [
             load_into(s.zoo.build_model(t), deltas.task_state(i), s.heads[i]).eval() for i, t in enumerate(s.tasks)
         ]
         fn = per_task_features(models)
-        label = f"TSV-C f={f:.3g}" + (" (1/N)" if abs(f - 1.0 / n) < 1e-9 else "")
+        label = f"TSV-C f={f:.3g}" + (" (1/N)" if abs(f - 1.0 / n) < 1e-9 else "") + (" +conv" if conv else "")
         given = evaluate(pool, s.heads, fn, one_hot, bs)
         rows.append(_row(f"{label} (task given)", "tsv_c", given, stored, vit_flops + extra, f=f, merge_s=secs))
         if gate is not None:
             rows.append(
                 _row(
-                    f"TSV routed f={f:.3g} ({arch} gate)",
+                    f"TSV routed f={f:.3g}{' +conv' if conv else ''} ({arch} gate)",
                     "tsv_routed",
                     evaluate(pool, s.heads, fn, gate["p"], bs),
                     stored + gate["params"],
@@ -482,7 +485,7 @@ def run_accuracy_bench(zoo: Zoo, cfg: AccuracyBenchConfig = AccuracyBenchConfig(
         rows += _emr_rows(s, pool, gates, vit_flops, backbone_n, head_n, bs)
         bar.update(1)
     if "tsv" in on:
-        rows += _tsv_rows(s, pool, gates, tsv_fractions(cfg, n), vit_flops, head_n, bs, bar)
+        rows += _tsv_rows(s, pool, gates, tsv_fractions(cfg, n), vit_flops, head_n, bs, bar, cfg.tsv_conv)
 
     for base_name in statics_on:
         rows += _gating_rows(s, pool, gates, base_name, m_values, vit_flops, backbone_n, head_n, bs, bar)

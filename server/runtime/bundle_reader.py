@@ -71,7 +71,9 @@ class BundleReader:
             i = self.tasks.index(task)
             factors = self.bundle.tensors("factors")
             base = self.bundle.tensors("backbone")
-            low = {k: w.float() + factors[f"{k}.B"][i] @ factors[f"{k}.A"][i] for k, w in base.items()}
+            low = {
+                k: w.float() + (factors[f"{k}.B"][i] @ factors[f"{k}.A"][i]).reshape(w.shape) for k, w in base.items()
+            }
             return {**low, **{k: v[i] for k, v in self.bundle.tensors("experts").items()}}
         if self.kind == "gated":  # the model with p one-hot on this task
             i = self.tasks.index(task)

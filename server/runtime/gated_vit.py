@@ -504,10 +504,13 @@ class GatedViT(nn.Module):
         b = models.bundle
         heads = [models.head(t) for t in models.tasks]
         lowrank = None
+        static, experts = dict(b.tensors("backbone")), dict(b.tensors("experts"))
         if models.kind == "lowrank":
             factors = b.tensors("factors")
-            lowrank = {k.removesuffix(".weight"): (factors[f"{k}.B"], factors[f"{k}.A"]) for k in b.tensors("backbone")}
-        static, experts = dict(b.tensors("backbone")), dict(b.tensors("experts"))
+            for k in [k for k, w in static.items() if w.ndim != 2]:  # a compressed conv: per-task weights
+                w = static.pop(k).float()
+                experts[k] = w + torch.bmm(factors[f"{k}.B"].float(), factors[f"{k}.A"].float()).reshape(-1, *w.shape)
+            lowrank = {k.removesuffix(".weight"): (factors[f"{k}.B"], factors[f"{k}.A"]) for k in static}
         return cls(models.architecture, static, experts, heads, linear_mode, lowrank=lowrank)
 
     @torch.inference_mode()

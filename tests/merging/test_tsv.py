@@ -97,3 +97,18 @@ def test_exact_lowrank_keeps_each_layers_numerical_rank_and_refuses_full_rank_de
     full = [{**base, "blocks.0.mlp.fc1.weight": base["blocks.0.mlp.fc1.weight"] + 0.1 * torch.randn(32, 16)}]
     with pytest.raises(ValueError, match=r"task 'x': 'blocks.0.mlp.fc1.weight' has rank 16 of 16.*tsv_c"):
         exact_lowrank(base, full, names=["x"])
+
+
+def test_tsv_c_with_conv_compresses_the_patch_conv_as_a_matrix():
+    base, tuned = _zoo()
+    plain, conv = tsv_compress(base, tuned, 1.0), tsv_compress(base, tuned, 1.0, conv=True)
+    assert "patch_embed.proj.weight" in plain.small[0] and "patch_embed.proj.weight" not in plain.ranks
+    assert conv.ranks["patch_embed.proj.weight"] == 4 and "patch_embed.proj.weight" not in conv.small[0]  # 8 x 4
+    b, a = conv.factors[0]["patch_embed.proj.weight"]
+    assert b.shape == (8, 4) and a.shape == (4, 4)
+    for i, model in enumerate(tuned):  # full rank: every model, the conv reshaped back
+        state = conv.task_state(i)
+        for key, want in model.items():
+            assert state[key].shape == want.shape and (state[key] - want).abs().max().item() < 1e-5, key
+    half = tsv_compress(base, tuned, 0.5, conv=True)
+    assert half.ranks["patch_embed.proj.weight"] == 2 and half.stored_numbers() < conv.stored_numbers()

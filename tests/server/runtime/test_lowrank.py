@@ -25,6 +25,7 @@ def lowrank_store(test_zoo_report, tmp_path_factory):
     zoo = test_zoo_report.zoo
     versions = {
         "tsv_c": merge_and_publish(zoo, store, "tsv_c", {"f": 0.25}, progress=False).version,
+        "tsv_c_conv": merge_and_publish(zoo, store, "tsv_c", {"f": 0.25, "conv": True}, progress=False).version,
         "tsv_routed": merge_and_publish(zoo, store, "tsv_routed", {"f": 0.25, **SMALL_GATE}, progress=False).version,
     }
     return store, versions
@@ -34,7 +35,10 @@ def _plain(reader: BundleReader, task: int) -> torch.nn.Module:
     """A plain timm model of task ``task`` built from the bundle's factors by hand: ``W_0 + B_t A_t``."""
     b = reader.bundle
     factors, small = b.tensors("factors"), b.tensors("experts")
-    state = {k: w + factors[f"{k}.B"][task] @ factors[f"{k}.A"][task] for k, w in b.tensors("backbone").items()}
+    state = {
+        k: w + (factors[f"{k}.B"][task] @ factors[f"{k}.A"][task]).reshape(w.shape)
+        for k, w in b.tensors("backbone").items()
+    }
     state |= {k: v[task] for k, v in small.items()}
     name = reader.tasks[task]
     model = build_model(reader.architecture, len(reader.class_names[name]))
@@ -48,6 +52,13 @@ def test_the_bundle_holds_tsv_c_of_the_zoo(test_zoo_report, lowrank_store):
     assert reader.kind == "lowrank" and reader.spec.lowrank is not None and reader.spec.lowrank.rank_fraction == 0.25
     ref = tsv_compress(zoo.backbone(zoo.base), [zoo.backbone(t) for t in zoo.tasks], 0.25)
     assert reader.spec.lowrank.ranks == ref.ranks and all(r == 12 for r in ref.ranks.values())  # 48-wide layers
+    conv = BundleReader(store.load(versions["tsv_c_conv"]))  # the patch conv compressed too: a matrix layer
+    ref_conv = tsv_compress(zoo.backbone(zoo.base), [zoo.backbone(t) for t in zoo.tasks], 0.25, conv=True)
+    assert conv.spec.lowrank is not None and conv.spec.lowrank.ranks == ref_conv.ranks
+    assert "patch_embed.proj.weight" in ref_conv.ranks and "patch_embed.proj.weight" not in ref.ranks
+    assert "patch_embed.proj.weight" not in conv.bundle.tensors("experts")
+    for i, task in enumerate(zoo.tasks):
+        torch.testing.assert_close(conv.task_backbone(task), ref_conv.task_state(i), atol=1e-6, rtol=0)
     for i, task in enumerate(zoo.tasks):
         got, want = reader.task_backbone(task), ref.task_state(i)
         assert set(got) == set(want)
@@ -55,7 +66,7 @@ def test_the_bundle_holds_tsv_c_of_the_zoo(test_zoo_report, lowrank_store):
             torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["tsv_c", "tsv_routed"])
+@pytest.mark.parametrize("method", ["tsv_c", "tsv_c_conv", "tsv_routed"])
 def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowrank_store, method):
     store, versions = lowrank_store
     engine = Engine(store.load(versions[method]), "cpu")
@@ -76,7 +87,7 @@ def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowr
                 torch.testing.assert_close(routed[i].probabilities, ref, atol=1e-5, rtol=0)
                 solo = engine.predict(x[i : i + 1], [None], g[i : i + 1])[0]
                 assert solo.task == chosen
-    assert (routed is None) == (method == "tsv_c")
+    assert (routed is None) == (method != "tsv_routed")
     parts = engine.resident_bytes()
     assert set(parts) >= {"heads", "lowrank_vit"} and (("gate" in parts) == (method == "tsv_routed"))
 
