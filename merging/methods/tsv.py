@@ -20,7 +20,7 @@ time). Everything else (norms, biases, embeddings, the patch-embedding conv, lay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +89,34 @@ class LowRankDeltas:
         return factors + sum(v.numel() for task in self.small for v in task.values())
 
 
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def _lowrank_deltas(
+    pretrained: Tensors,
+    finetuned: Sequence[Tensors],
+    compress: Callable[[str, torch.Tensor], bool],
+    layer: Callable[[str, torch.Tensor, list[torch.Tensor]], tuple[int, list[Factors]]],
+) -> tuple[list[dict[str, Factors]], list[StateDict], dict[str, int]]:
+    """Key by key: ``layer(key, W_0, task matrices as m x n)`` -> (rank, each task's factors) where ``compress``,
+    else every task's own copy (a small tensor)."""
+    n = len(finetuned)
+    factors: list[dict[str, Factors]] = [{} for _ in range(n)]
+    small: list[StateDict] = [{} for _ in range(n)]
+    ranks: dict[str, int] = {}
+    for key in merge_keys(finetuned, pretrained):
+        base = pretrained[key]
+        if not compress(key, base):
+            for i, model in enumerate(finetuned):
+                small[i][key] = model[key].float().clone()
+            continue
+        deltas = [(model[key].float() - base.float()).reshape(base.shape[0], -1) for model in finetuned]
+        ranks[key], per_task = layer(key, base, deltas)
+        for i, pair in enumerate(per_task):
+            factors[i][key] = pair
+    return factors, small, ranks
+
+
 def tsv_compress(pretrained: Tensors, finetuned: Sequence[Tensors], f: float, conv: bool = False) -> LowRankDeltas:
     """TSV-C at rank fraction ``f`` (0 < f <= 1), key by key (streams over lazy mappings).
 
@@ -97,22 +125,13 @@ def tsv_compress(pretrained: Tensors, finetuned: Sequence[Tensors], f: float, co
     """
     if not 0.0 < f <= 1.0:
         raise ValueError(f"rank fraction f must be in (0, 1], got {f}")
-    keys = merge_keys(finetuned, pretrained)
-    n = len(finetuned)
-    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
-    small: list[StateDict] = [{} for _ in range(n)]
-    ranks: dict[str, int] = {}
-    for key in keys:
-        base = pretrained[key]
-        matrix = is_matrix_key(key, base) or (conv and is_conv_key(key, base))
-        if not matrix:
-            for i, model in enumerate(finetuned):
-                small[i][key] = model[key].float().clone()
-            continue
-        flat = base.reshape(base.shape[0], -1)
-        rank = ranks[key] = lowrank_rank(flat.shape, f)
-        for i, model in enumerate(finetuned):
-            factors[i][key] = factorise((model[key].float() - base.float()).reshape(flat.shape), rank)
+
+    def layer(key: str, base: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[int, list[Factors]]:
+        rank = lowrank_rank(deltas[0].shape, f)
+        return rank, [factorise(d, rank) for d in deltas]
+
+    compress = lambda k, t: is_matrix_key(k, t) or (conv and is_conv_key(k, t))  # noqa: E731
+    factors, small, ranks = _lowrank_deltas(pretrained, finetuned, compress, layer)
     return LowRankDeltas(pretrained, factors, small, f, ranks)
 
 
@@ -130,33 +149,22 @@ def exact_lowrank(
     Raises ``ValueError`` naming the first layer whose rank exceeds ``max_fraction * min(m, n)``
     (a fully fine-tuned layer, not a low-rank one: use TSV-C there).
     """
-    keys = merge_keys(finetuned, pretrained)
-    n = len(finetuned)
-    factors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
-    small: list[StateDict] = [{} for _ in range(n)]
-    ranks: dict[str, int] = {}
-    for key in keys:
-        base = pretrained[key]
-        if not is_matrix_key(key, base):
-            for i, model in enumerate(finetuned):
-                small[i][key] = model[key].float().clone()
-            continue
-        svds, found = [], []
-        for model in finetuned:
-            w = model[key].float()
-            u, s, vh = _svd(w - base.float())
-            svds.append((u, s, vh))
-            found.append(numerical_rank(s, float(torch.linalg.matrix_norm(w.double(), 2)), base.shape))
-        rank = ranks[key] = max(1, *found)
+
+    def layer(key: str, base: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[int, list[Factors]]:
+        svds = [_svd(d) for d in deltas]
+        norms = [float(torch.linalg.matrix_norm(base.double() + d.double(), 2)) for d in deltas]
+        found = [numerical_rank(s, w, base.shape) for (_, s, _), w in zip(svds, norms, strict=True)]
+        rank = max(1, *found)
         if rank > max_fraction * min(base.shape):
-            worst = max(range(n), key=lambda i: found[i])
+            worst = max(range(len(found)), key=lambda i: found[i])
             who = names[worst] if names is not None else str(worst)
             raise ValueError(
                 f"task '{who}': '{key}' has rank {found[worst]} of {min(base.shape)}: not a low-rank (LoRA) delta; "
                 "use tsv_c / tsv_routed (truncated SVD) for fully fine-tuned models"
             )
-        for i, svd in enumerate(svds):
-            factors[i][key] = _factors(*svd, rank)
+        return rank, [_factors(*svd, rank) for svd in svds]
+
+    factors, small, ranks = _lowrank_deltas(pretrained, finetuned, is_matrix_key, layer)
     return LowRankDeltas(pretrained, factors, small, None, ranks, source="lora")
 
 

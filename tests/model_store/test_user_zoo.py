@@ -670,7 +670,8 @@ def _fast_params(method: str) -> dict:
     from merging.catalog import REGISTRY
 
     fields = REGISTRY[method].params.model_fields
-    fast = {"gate_epochs": 1, "gate_size": 32, "epochs": 1, "augment": 1, "max_sweeps": 2}
+    # max_fraction 1: the exact low-rank (LoRA) methods take these fully fine-tuned models at full rank
+    fast = {"gate_epochs": 1, "gate_size": 32, "epochs": 1, "augment": 1, "max_sweeps": 2, "max_fraction": 1.0}
     return {k: v for k, v in fast.items() if k in fields}
 
 
