@@ -18,7 +18,6 @@ model's pre-logits are ``normalize(P f)`` and its head is a linear layer on them
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,7 +29,14 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from model_store.architecture import PROJECTION_KEY, StateDict, build_model
 from model_store.errors import CheckpointImportError
-from model_store.importers.common import check_fits_zoo, read_head, read_state_dict, save_imported
+from model_store.importers.common import (
+    check_fits_zoo,
+    read_head,
+    read_hf_config,
+    read_json,
+    read_state_dict,
+    save_imported,
+)
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
@@ -154,13 +160,6 @@ def hf_clip_to_openai(hf: StateDict) -> StateDict:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointImportError(f"{path}: invalid JSON ({e})") from e
-
-
 def _hf_vision_config(config: dict, where: Path) -> dict:
     kind = config.get("model_type")
     if kind == "clip":
@@ -183,7 +182,7 @@ def _weights(ckpt_dir: Path, names: tuple[str, ...]) -> Path:
 def hf_clip_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
     """Mean, std and resample from ``preprocessor_config.json`` (CLIP's, bicubic, without one); the model's size."""
     proc = ckpt_dir / "preprocessor_config.json"
-    cfg = _read_json(proc) if proc.exists() else {}
+    cfg = read_json(proc) if proc.exists() else {}
     return Preprocessing(
         size=arch.kwargs["img_size"],
         channels=arch.kwargs["in_chans"],
@@ -196,9 +195,7 @@ def hf_clip_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
 def hf_clip_tower(ckpt_dir: str | Path) -> ClipTower:
     """The vision tower of an HF CLIP checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "config.json").exists():
-        raise CheckpointImportError(f"{ckpt_dir}: config.json is missing (not a Hugging Face checkpoint directory)")
-    vc = _hf_vision_config(_read_json(ckpt_dir / "config.json"), ckpt_dir / "config.json")
+    vc = _hf_vision_config(read_hf_config(ckpt_dir), ckpt_dir / "config.json")
     visual = hf_clip_to_openai(read_state_dict(_weights(ckpt_dir, _HF_WEIGHTS)))
     act = vc.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
@@ -242,7 +239,7 @@ def _open_clip_cfg(path: Path | None) -> tuple[dict, dict]:
         return {}, {}
     if not path.exists():
         raise CheckpointImportError(f"open_clip config {path} does not exist")
-    cfg = _read_json(path)
+    cfg = read_json(path)
     return cfg.get("model_cfg", cfg), cfg.get("preprocess_cfg", {})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -41,6 +42,37 @@ def read_state_dict(path: str | Path) -> StateDict:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of a checkpoint; invalid JSON is an import error naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointImportError(f"{path}: invalid JSON ({e})") from e
+
+
+def read_hf_config(ckpt_dir: Path) -> dict:
+    """``config.json`` of a Hugging Face checkpoint directory."""
+    if not (ckpt_dir / "config.json").exists():
+        raise CheckpointImportError(f"{ckpt_dir}: config.json is missing (not a Hugging Face checkpoint directory)")
+    return read_json(ckpt_dir / "config.json")
+
+
+def hf_weights(ckpt_dir: Path) -> Path:
+    """``model.safetensors`` (else ``pytorch_model.bin``) of a Hugging Face checkpoint directory."""
+    found = next((ckpt_dir / f for f in ("model.safetensors", "pytorch_model.bin") if (ckpt_dir / f).exists()), None)
+    if found is None:
+        raise CheckpointImportError(f"{ckpt_dir}: neither model.safetensors nor pytorch_model.bin found")
+    return found
+
+
+def id2label_classes(config: dict, state: StateDict) -> list[str] | None:
+    """Class names from an HF config's ``id2label`` when they fit the state's head, else None."""
+    id2label = config.get("id2label") or {}
+    labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    head = state.get("head.weight")
+    return labels if labels and head is not None and len(labels) == head.shape[0] else None
 
 
 def save_imported(

@@ -10,7 +10,6 @@ in-memory names (``layers.N.attention.q_proj``) are understood.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -18,7 +17,14 @@ import torch
 
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
-from model_store.importers.common import read_state_dict, save_imported
+from model_store.importers.common import (
+    hf_weights,
+    id2label_classes,
+    read_hf_config,
+    read_json,
+    read_state_dict,
+    save_imported,
+)
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
@@ -135,10 +141,7 @@ def hf_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
     The input size is the model's (``image_size``): its position embeddings fix it.
     """
     proc = ckpt_dir / "preprocessor_config.json"
-    try:
-        cfg = json.loads(proc.read_text()) if proc.exists() else {}
-    except json.JSONDecodeError as e:
-        raise CheckpointImportError(f"{proc}: invalid JSON ({e})") from e
+    cfg = read_json(proc) if proc.exists() else {}
     channels = arch.kwargs["in_chans"]
     mean = [float(v) for v in cfg.get("image_mean", [0.5] * channels)]
     std = [float(v) for v in cfg.get("image_std", [0.5] * channels)]
@@ -148,20 +151,10 @@ def hf_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
     )
 
 
-def _read_config(ckpt_dir: Path) -> dict:
-    config_path = ckpt_dir / "config.json"
-    if not config_path.exists():
-        raise CheckpointImportError(f"{ckpt_dir}: config.json is missing (not a Hugging Face checkpoint directory)")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointImportError(f"{config_path}: invalid JSON ({e})") from e
-
-
 def hf_checkpoint_preprocessing(ckpt_dir: str | Path) -> Preprocessing:
     """The preprocessing an HF ViT checkpoint directory describes."""
     ckpt_dir = Path(ckpt_dir)
-    return hf_preprocessing(ckpt_dir, hf_vit_architecture(_read_config(ckpt_dir)))
+    return hf_preprocessing(ckpt_dir, hf_vit_architecture(read_hf_config(ckpt_dir)))
 
 
 def import_hf_vit(
@@ -178,16 +171,11 @@ def import_hf_vit(
 ) -> Zoo:
     """Add an HF ViT checkpoint directory to a zoo (classes from ``id2label`` unless given)."""
     ckpt_dir = Path(ckpt_dir)
-    config = _read_config(ckpt_dir)
-    weights = next((ckpt_dir / f for f in ("model.safetensors", "pytorch_model.bin") if (ckpt_dir / f).exists()), None)
-    if weights is None:
-        raise CheckpointImportError(f"{ckpt_dir}: neither model.safetensors nor pytorch_model.bin found")
+    config = read_hf_config(ckpt_dir)
+    weights = hf_weights(ckpt_dir)
     arch = hf_vit_architecture(config)
     state = convert_hf_vit_state(read_state_dict(weights))
-    id2label = config.get("id2label") or {}
-    classes = [str(id2label[k]) for k in sorted(id2label, key=int)] if id2label and "head.weight" in state else None
-    if classes is not None and len(classes) != state["head.weight"].shape[0]:
-        classes = None
+    classes = id2label_classes(config, state)
     prep = preprocessing or hf_preprocessing(ckpt_dir, arch)
     return save_imported(
         zoo_dir,

@@ -12,7 +12,6 @@ are kept in the model's provenance (``provenance.lora``).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -23,7 +22,15 @@ import torch
 
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
-from model_store.importers.common import check_fits_zoo, read_state_dict, save_imported
+from model_store.importers.common import (
+    check_fits_zoo,
+    hf_weights,
+    id2label_classes,
+    read_hf_config,
+    read_json,
+    read_state_dict,
+    save_imported,
+)
 from model_store.importers.hf_vit import (
     classic_name,
     convert_hf_vit_state,
@@ -59,10 +66,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
     if not path.exists():
         raise CheckpointImportError(f"{adapter_dir}: adapter_config.json is missing (not a PEFT adapter directory)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointImportError(f"{path}: invalid JSON ({e})") from e
+    cfg = read_json(path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointImportError(f"{path}: peft_type '{cfg.get('peft_type')}' is not LORA")
     refused = [k for k in _REFUSED if cfg.get(k)]
@@ -148,32 +152,11 @@ def resolve_base(adapter_dir: Path, cfg: dict, base_checkpoint: str | Path | Non
     return found
 
 
-def _read_base(base_dir: Path) -> tuple[dict, StateDict]:
-    path = base_dir / "config.json"
-    if not path.exists():
-        raise CheckpointImportError(f"{base_dir}: config.json is missing (not a Hugging Face checkpoint directory)")
-    weights = next((base_dir / f for f in ("model.safetensors", "pytorch_model.bin") if (base_dir / f).exists()), None)
-    if weights is None:
-        raise CheckpointImportError(f"{base_dir}: neither model.safetensors nor pytorch_model.bin found")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointImportError(f"{path}: invalid JSON ({e})") from e
-    return config, read_state_dict(weights)
-
-
 def _adapter_weights(adapter_dir: Path) -> Path:
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (adapter_dir / name).exists():
             return adapter_dir / name
     raise CheckpointImportError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin found")
-
-
-def _classes(config: dict, state: StateDict) -> list[str] | None:
-    id2label = config.get("id2label") or {}
-    labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
-    head = state.get("head.weight")
-    return labels if head is not None and len(labels) == head.shape[0] else None
 
 
 def import_peft(
@@ -199,7 +182,7 @@ def import_peft(
     if not pairs:
         raise CheckpointImportError(f"{adapter_dir}: the adapter has no lora_A/lora_B tensors")
     base_dir = resolve_base(adapter_dir, cfg, base_checkpoint)
-    config, base = _read_base(base_dir)
+    config, base = read_hf_config(base_dir), read_state_dict(hf_weights(base_dir))
     arch = hf_vit_architecture(config)
     state = convert_hf_vit_state(merge_lora(base, pairs, full, str(base_dir)))
     layers = sorted({k for p in pairs if (k := timm_key(p.module + ".weight"))})
@@ -220,7 +203,7 @@ def import_peft(
         preprocessing or (adjust_preprocessing or (lambda p: p))(hf_preprocessing(base_dir, arch)),
         f"import:peft:{adapter_dir.name}",
         task,
-        class_names or _classes(config, state),
+        class_names or id2label_classes(config, state),
         calibration,
         test,
         data_dir,
