@@ -72,6 +72,9 @@ class Routing:
         self.groups: list[Group] | None = None
         #: ``p @`` the small-tensor table of the current pass (``B x S``)
         self.table: torch.Tensor | None = None
+        #: hard routing (every group one expert): each image's expert ``(B,)``; small tensors are
+        #: gathered with it (an index, not a ``B x S`` matmul over every small tensor)
+        self.index: torch.Tensor | None = None
         self._scratch: torch.Tensor | None = None
 
     def scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -88,6 +91,12 @@ class Routing:
         ):
             buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel]
+
+    def hard_groups(self) -> list[tuple[slice, int]] | None:
+        """The groups of the current pass when every one runs a single expert, else ``None``."""
+        if self.groups is None or any(e is None for _, e in self.groups):
+            return None
+        return cast(list[tuple[slice, int]], self.groups)
 
     @property
     def scratch_bytes(self) -> int:
@@ -107,6 +116,8 @@ class Routing:
         """
         if self.expert is not None:
             return stack[self.expert]
+        if self.index is not None:
+            return stack.index_select(0, self.index)
         assert self.p is not None, "routing not set"
         if slot is not None and self.table is not None:
             return self.table[:, slot[0] : slot[0] + slot[1]].view(self.p.shape[0], *stack.shape[1:])
@@ -216,9 +227,9 @@ class LowRankLinear(nn.Module):
         if r.expert is not None:
             self._correct(x2, y2, r.expert)
             return y
-        if r.groups is not None and all(e is not None for _, e in r.groups):
-            for rows, expert in r.groups:
-                assert expert is not None
+        hard = r.hard_groups()
+        if hard is not None:
+            for rows, expert in hard:
                 tokens = slice(rows.start * per_image, rows.stop * per_image)
                 self._correct(x2[tokens], y2[tokens], expert)
             return y
@@ -290,9 +301,10 @@ class GatedConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         if r.expert is not None:
-            return F.conv2d(
-                x, self.weight[r.expert], None if self.bias is None else self.bias[r.expert], self.stride, self.padding
-            )
+            return self._conv(x, r.expert)
+        hard = r.hard_groups()
+        if hard is not None:  # one expert per (contiguous) group: a plain convolution per group
+            return torch.cat([self._conv(x[rows], e) for rows, e in hard])
         assert r.p is not None
         n, d = self.weight.shape[:2]
         kernel = tuple(self.weight.shape[-2:])
@@ -309,6 +321,11 @@ class GatedConv2d(nn.Module):
         )
         y = y.view(y.shape[0], n, d, *y.shape[2:])
         return torch.einsum("bn,bnd...->bd...", r.p, y)
+
+    def _conv(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert ``expert``'s convolution."""
+        bias = None if self.bias is None else self.bias[expert]
+        return F.conv2d(x, self.weight[expert], bias, self.stride, self.padding)
 
 
 @dataclass
@@ -448,11 +465,15 @@ class GatedViT(nn.Module):
     ) -> torch.Tensor:
         r = self.routing
         r.p, r.expert, r.groups = p, expert, groups
-        r.table = p @ self.small_stack if p is not None else None
+        hard = r.hard_groups()
+        if hard is not None:
+            r.index = torch.cat([torch.full((s.stop - s.start,), e, dtype=torch.long) for s, e in hard]).to(x.device)
+        else:
+            r.table = p @ self.small_stack if p is not None else None
         try:
             return self._pre_logits(x)
         finally:
-            r.p, r.expert, r.groups, r.table = None, None, None, None
+            r.p, r.expert, r.groups, r.table, r.index = None, None, None, None, None
             if r.scratch_bytes > self.keep_scratch_bytes:
                 r.release()
 
