@@ -38,6 +38,7 @@ from model_store.bundle import BundleStore
 from model_store.schema import BundleSpec, BundleTask, EMRSpec, GateSpec
 from model_store.settings import StoreLayout
 from server.runtime.engine import Engine
+from server.runtime.strategies import LowRankStrategy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = {
@@ -197,6 +198,12 @@ def main() -> int:
         plain = build_model(engines["EMR (every task cached)"].models.architecture, 10).to(device).eval()
         batches = mixed_batches(args.tasks, size, gate_pool, args.batch, args.batches, args.seed)
         configs = {"plain ViT (one model, no routing)": lambda b: plain(b["x"].to(device))}
+        tsv = next(e.kind_strategy for e in engines.values() if isinstance(e.kind_strategy, LowRankStrategy))
+        if tsv.chunk is not None and tsv.chunk < args.batch:  # the reference with the engine's CPU token budget
+            passes = -(-args.batch // tsv.chunk)
+            configs[f"plain ViT in {passes} passes (the engine's CPU token budget)"] = lambda b: torch.cat(
+                [plain(xs) for xs in b["x"].to(device).tensor_split(passes)]
+            )
         for name, e in engines.items():
             configs[f"{name}, task given"] = lambda b, e=e: e.predict(b["x"], b["t"])
             configs[f"{name}, routed by the gate"] = lambda b, e=e: e.predict(b["x"], [None] * len(b["t"]), b["g"])

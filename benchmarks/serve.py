@@ -222,6 +222,14 @@ def plain_vit(engine: Engine) -> torch.nn.Module:
     return model.to(engine.device).eval()
 
 
+@torch.inference_mode()
+def routed_task(engine: Engine, img: np.ndarray) -> int:
+    """The task the engine's gate routes ``img`` to."""
+    gate_input = engine.preprocess(img, True)[1]
+    assert engine.gate is not None and gate_input is not None, "the bundle has no gate"
+    return int(engine.gate(gate_input[None].to(engine.device).contiguous(memory_format=torch.channels_last)).argmax(1))
+
+
 def engine_batches(engine: Engine, images: list[tuple[int, np.ndarray]], batch: int) -> list[dict]:
     out = []
     for start in range(0, len(images) - batch + 1, batch):
@@ -301,8 +309,9 @@ def memory_rows(engine: Engine, batches: list[dict], label: str) -> dict:
 
 def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
     """An EMR + gate bundle of ViT-B/16 size (random weights; speed and memory only, not accuracy)."""
+    from lowrank_serve import synthetic_gate  # benchmarks/ is on sys.path when run as a script
+
     from merging.methods.emr import emr_merge
-    from model_store.architecture import build_gate, gate_state
     from model_store.schema import BUNDLE_FORMAT
 
     store = BundleStore(StoreLayout(root))
@@ -331,7 +340,8 @@ def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
             for p in ("weight", "bias")
         },
     )
-    draft.add_tensors("gate", gate_state(build_gate("efficientnet_lite0", n_tasks)))
+    # centred on random images: an uncentred random gate routes every image to one task (lowrank_serve.py)
+    draft.add_tensors("gate", synthetic_gate(n_tasks, 64, seed)[0])
     rgb = {"size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
     draft.add_json(
         "model",
@@ -489,13 +499,12 @@ def main() -> None:
     res["engine"] = engine_rows(engine, batches, f"tiny ViT (zoo `tiny`, {len(engine.tasks)} tasks)")
     res["memory"] = [memory_rows(engine, batches, "tiny ViT (zoo `tiny`)")]
     if args.vit_b_batches > 0:
-        root = synthetic_vit_b_bundle(args.store.parent / ".serve-store-vitb")
+        root = synthetic_vit_b_bundle(args.store.parent / ".serve-store-vitb-centred-gate")
         big = Engine(BundleStore(StoreLayout(root)).load(), device, cache_bytes=512 * 2**20)
         rng = np.random.default_rng(0)
-        fake = [
-            (int(rng.integers(0, len(big.tasks))), rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
-            for _ in range(32 * args.vit_b_batches)
-        ]
+        pixels = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(32 * args.vit_b_batches)]
+        # each image's task is the one the gate routes it to: task-given and routed rows run the same mix
+        fake = [(routed_task(big, img), img) for img in pixels]
         big_batches = engine_batches(big, fake, 32)
         res["engine"] += engine_rows(big, big_batches, "ViT-B/16 size (synthetic, 5 tasks)")
         res["memory"].append(memory_rows(big, big_batches, "ViT-B/16 size (synthetic)"))
