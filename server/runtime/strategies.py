@@ -174,43 +174,15 @@ class GatedStrategy:
         return {"gated_vit": tensor_bytes(self.gated.vit)}
 
 
-#: On a CPU a pass covers at most this many tokens (images x tokens per image); a bigger mixed
-#: batch runs as several mixed passes. Measured on the 2-core CPU (BENCHMARKS.md "Low-rank task
-#: deltas"): a plain ViT-B/16 at 224 px runs 32 images 15% faster as 4 passes of 8 (1576 tokens:
-#: its activations stay in cache) -- at 56 px ViT-S/14 (17 tokens) one pass of 32 is fastest.
-#: On CUDA the whole batch is one pass.
-CPU_PASS_TOKENS = 2048
-
-
-def pass_images(model: GatedViT, device: torch.device, tokens: int = CPU_PASS_TOKENS) -> int | None:
-    """Images per pass on ``device`` (``None``: the whole batch), from the model's tokens per image."""
-    if device.type != "cpu":
-        return None
-    vit = model.vit
-    per_image = vit.patch_embed.num_patches + (0 if vit.no_embed_class else vit.num_prefix_tokens)
-    return max(1, tokens // per_image)
-
-
 class LowRankStrategy:
-    """One pass per mixed batch over ``W_0`` + per-task rank-r corrections; each image runs ``argmax p``'s task.
-
-    On a CPU a batch of more than :data:`CPU_PASS_TOKENS` tokens runs as consecutive mixed passes
-    (each still one GEMM per layer for all its images, whatever their tasks).
-    """
+    """One pass per mixed batch over ``W_0`` + per-task rank-r corrections; each image runs ``argmax p``'s task."""
 
     def __init__(self, ctx: StrategyContext):
         self.gated = GatedViT.from_bundle(ctx.models).to(ctx.device)
-        self.chunk = pass_images(self.gated, ctx.device)
 
     def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         hard = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(x.dtype)
-        if self.chunk is None or x.shape[0] <= self.chunk:
-            return self.gated.features(x, hard, "sparse")
-        passes = -(-x.shape[0] // self.chunk)  # equal passes: 32 images, 10 per pass at most -> 4 x 8
-        parts = [
-            self.gated.features(xs, ps, "sparse") for xs, ps in zip(x.tensor_split(passes), hard.tensor_split(passes))
-        ]
-        return torch.cat(parts)
+        return self.gated.features(x, hard, "sparse")
 
     def resident_bytes(self) -> dict[str, int]:
         small = self.gated.small_stack
