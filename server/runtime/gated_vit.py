@@ -273,7 +273,8 @@ class GatedLayerNorm(nn.Module):
         if self.routing.expert is None:
             shape = (w.shape[0],) + (1,) * (x.ndim - 2) + (w.shape[-1],)
             w, b = w.view(shape), b.view(shape)
-        return torch.addcmul(b, y, w)
+        # in place when autograd is off: no second fresh activation-sized buffer (page faults)
+        return torch.addcmul(b, y, w) if torch.is_grad_enabled() else torch.addcmul(b, y, w, out=y)
 
 
 class GatedLayerScale(nn.Module):
