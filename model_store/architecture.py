@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import get_args
 
 import timm
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model_store.schema import Architecture, GateArch
 
@@ -110,6 +112,57 @@ def build_gate(arch: str, num_tasks: int, init_state: StateDict | None = None) -
                 f"unexpected={unexpected[:5]}"
             )
     return model.to(memory_format=torch.channels_last)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode ``BatchNorm2d`` into the ``Conv2d`` registered just before it in the same
+    parent (timm's conv -> bn order in EfficientNet / MobileNet blocks), in place.
+
+    The convolution takes the norm's scale and shift; the norm is replaced by what it applied after
+    normalising (timm's ``BatchNormAct2d``: its dropout and activation), else an identity. Returns
+    the number of norms folded. Serving only: the folded model has no BN statistics left to train.
+    """
+    folded = 0
+    for parent in list(model.modules()):
+        kids = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(kids, kids[1:]):
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and not (conv.training or bn.training)
+                and bn.running_mean is not None
+                and conv.out_channels == bn.num_features
+            ):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, _after_norm(bn))
+                folded += 1
+    return folded
+
+
+def _after_norm(bn: nn.BatchNorm2d) -> nn.Module:
+    """What a (timm ``BatchNormAct2d``) norm applies after normalising: dropout, activation."""
+    parts = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+    parts = [m for m in parts if not isinstance(m, nn.Identity)]
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts) if parts else nn.Identity()
+
+
+@torch.inference_mode()
+def folded_gate(model: nn.Module, size: int, channels: int = 3, tol: float = 1e-4) -> nn.Module:
+    """An eval-mode gate with its batch norms folded into the convolutions, when that is exact.
+
+    Measured on this project's 2-core CPU (32 images, BENCHMARKS.md): EfficientNet-Lite0 65 -> 35 ms
+    at 96 px, MobileNetV2 61 -> 32 ms. The folded copy must give the same logits as ``model`` on a
+    random input (``tol`` relative to their scale), else ``model`` itself is returned unchanged.
+    """
+    fused = copy.deepcopy(model).eval()
+    if fold_batchnorm(fused) == 0:
+        return model
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    want, got = model(x), fused(x)
+    if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp(min=1.0))):
+        return model
+    return fused.to(memory_format=torch.channels_last)
 
 
 def gate_state(model: nn.Module) -> StateDict:

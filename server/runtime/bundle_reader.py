@@ -11,7 +11,7 @@ from functools import cached_property
 from pydantic import ValidationError
 from torch import nn
 
-from model_store.architecture import StateDict, build_gate, build_model, load_into
+from model_store.architecture import StateDict, build_gate, build_model, folded_gate, load_into
 from model_store.bitpack import unpack_mask
 from model_store.bundle import Bundle
 from model_store.errors import BundleIntegrityError
@@ -98,11 +98,14 @@ class BundleReader:
             raise KeyError(f"bundle {self.bundle.version} has no gate")
         return self.spec.gate
 
-    def gate_model(self) -> nn.Module:
-        """The bundle's gate network in eval mode."""
-        model = build_gate(self._gate_spec.arch, len(self.tasks))
+    def gate_model(self, fold: bool = True) -> nn.Module:
+        """The bundle's gate network in eval mode; with ``fold``, its batch norms folded into the
+        convolutions when that gives the same logits (:func:`folded_gate`: ~1.9x faster on CPU)."""
+        spec = self._gate_spec
+        model = build_gate(spec.arch, len(self.tasks))
         model.load_state_dict(self.bundle.tensors("gate"))
-        return model.eval()
+        model.eval()
+        return folded_gate(model, spec.preprocessing.size, spec.preprocessing.channels) if fold else model
 
     def build(self, task: str) -> nn.Module:
         """A standalone eval-mode model of ``task`` (backbone + its head)."""
