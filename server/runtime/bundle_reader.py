@@ -100,7 +100,7 @@ class BundleReader:
 
     def gate_model(self, fold: bool = True) -> nn.Module:
         """The bundle's gate network in eval mode; with ``fold``, its batch norms folded into the
-        convolutions when that gives the same logits (:func:`folded_gate`: ~1.9x faster on CPU)."""
+        convolutions when that gives the same logits (:func:`folded_gate`: 1.3-1.6x faster on CPU)."""
         spec = self._gate_spec
         model = build_gate(spec.arch, len(self.tasks))
         model.load_state_dict(self.bundle.tensors("gate"))
