@@ -229,31 +229,37 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
         in_f, out_f = self.weight.shape[1], self.weight.shape[0]
-        x2 = x.reshape(-1, in_f)
-        y = x.new_empty(*x.shape[:-1], out_f)
-        y2 = y.view(-1, out_f)
+        x2, shape = x.reshape(-1, in_f), (*x.shape[:-1], out_f)
         per_image = x2.shape[0] // x.shape[0]  # tokens per image
         hard = [(slice(0, x.shape[0]), r.expert)] if r.expert is not None else r.hard_groups()
         if hard is None:
             assert r.p is not None, "routing not set"
-            torch.mm(x2, self.weight.t(), out=y2)
+            y2 = F.linear(x2, self.weight)
             self._soft(x2, y2, r.p.repeat_interleave(per_image, 0))
-            return y
+            return y2.view(shape)
+        if torch.is_grad_enabled() and x2.requires_grad:  # autograd: no ``out=``, the same sum functionally
+            corr = [self._correction(x2[rows.start * per_image : rows.stop * per_image], t) for rows, t in hard]
+            return (torch.cat(corr) + F.linear(x2, self.weight)).view(shape)
+        y2 = x2.new_empty(x2.shape[0], out_f)
         h = x2.new_empty(x2.shape[0], self.rank + 1)
         h[:, self.rank] = 1
         for rows, t in hard:
             tokens = slice(rows.start * per_image, rows.stop * per_image)
             torch.mm(x2[tokens], self.a[t].t(), out=h[tokens, : self.rank])
             torch.mm(h[tokens], self.b_aug[t].t(), out=y2[tokens])
-        return y2.addmm_(x2, self.weight.t()).view_as(y)
+        return y2.addmm_(x2, self.weight.t()).view(shape)
+
+    def _correction(self, x2: torch.Tensor, t: int) -> torch.Tensor:
+        """Task ``t``'s ``(x A_t^T) B_t^T + b_t`` on token rows, as a new tensor."""
+        b_t = self.b_aug[t]
+        return torch.addmm(b_t[:, self.rank], torch.mm(x2, self.a[t].t()), b_t[:, : self.rank].t())
 
     def _soft(self, x2: torch.Tensor, y2: torch.Tensor, p: torch.Tensor) -> None:
         """Soft routing: ``y += sum_t p_t [(x A_t^T) B_t^T + b_t]`` per token row."""
         for t in range(self.a.shape[0]):
             w = p[:, t : t + 1]
             if bool((w != 0).any()):
-                b_t = self.b_aug[t]
-                y2.add_(w * torch.addmm(b_t[:, self.rank], torch.mm(x2, self.a[t].t()), b_t[:, : self.rank].t()))
+                y2.add_(w * self._correction(x2, t))
 
 
 class GatedLayerNorm(nn.Module):

@@ -16,6 +16,7 @@ from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.engine import Engine
+from server.runtime.gated_vit import LowRankLinear, Routing
 from server.runtime.strategies import LowRankStrategy
 
 
@@ -135,3 +136,40 @@ def test_the_server_merges_and_serves_tsv_routed_as_its_default_method(test_zoo_
         assert (out["TASK"], out["CLASS_INDEX"]) == (want["task"]["name"], want["class"]["index"])
     finally:
         h.close()
+
+
+def _layer_case(bias: bool, seed: int = 0):
+    """A LowRankLinear of 3 tasks (rank 2, 5 -> 7) and its dense per-task weights ``W_0 + B_t A_t``."""
+    g = torch.Generator().manual_seed(seed)
+    w0, b = torch.randn(7, 5, generator=g), torch.randn(3, 7, 2, generator=g)
+    a, bias_t = torch.randn(3, 2, 5, generator=g), torch.randn(3, 7, generator=g) if bias else None
+    routing = Routing()
+    dense = [(w0 + b[t] @ a[t], torch.zeros(7) if bias_t is None else bias_t[t]) for t in range(3)]
+    return LowRankLinear(w0, bias_t, b, a, routing), routing, dense
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("grad", [False, True])
+def test_low_rank_layer_hard_groups_single_task_and_soft_mixing(bias, grad):
+    """Every path of the layer against dense per-task weights: task groups (in place, or functionally
+    under autograd, gradients included), one task for the whole batch, soft per-image mixing."""
+    layer, routing, dense = _layer_case(bias)
+    x = torch.randn(5, 4, 5, requires_grad=grad)  # 5 images of 4 tokens, sorted by task: 0 0 1 2 2
+    tasks = [0, 0, 1, 2, 2]
+    want = torch.stack([torch.nn.functional.linear(x[i], *dense[t]) for i, t in enumerate(tasks)])
+    with torch.set_grad_enabled(grad):
+        routing.p = torch.nn.functional.one_hot(torch.tensor(tasks), 3).float()
+        routing.groups = [(slice(0, 2), 0), (slice(2, 3), 1), (slice(3, 5), 2)]
+        got = layer(x)
+        routing.groups, routing.expert = None, 1
+        one = layer(x)
+        routing.expert, routing.p = None, torch.softmax(torch.randn(5, 3), 1)
+        soft = layer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one, torch.nn.functional.linear(x, *dense[1]), atol=1e-5, rtol=1e-5)
+    every = torch.stack([torch.nn.functional.linear(x, *dense[t]) for t in range(3)], -1)  # (B, S, out, N)
+    torch.testing.assert_close(soft, (every * routing.p[:, None, None, :]).sum(-1), atol=1e-5, rtol=1e-5)
+    if grad:
+        (gx,) = torch.autograd.grad(got.sum(), x, retain_graph=True)
+        (wx,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-5)
