@@ -11,6 +11,11 @@ fastest setting, N + 1 models of memory) and with the server's default cache (51
 
     .venv/bin/python benchmarks/lowrank_serve.py [--arch vit_s14|vit_b16] [--tasks 5] [--batch 32]
         [--fractions 0.05,0.1,0.2] [--conv] [--gate-size 64] [--passes 1] [--rounds 10] [--batches 2] [--device cpu]
+        [--malloc server|glibc]
+
+``--malloc server`` (the default) tunes glibc's malloc as ``vitmerge serve`` does
+(``server.runtime.host_memory.reuse_freed_memory``), for every configuration of the run alike;
+``glibc`` keeps glibc's defaults.
 
 Writes benchmarks/results/lowrank_serve-<arch>[-conv].{md,json,png}.
 """
@@ -38,6 +43,7 @@ from model_store.bundle import BundleStore
 from model_store.schema import BundleSpec, BundleTask, EMRSpec, GateSpec
 from model_store.settings import StoreLayout
 from server.runtime.engine import Engine
+from server.runtime.host_memory import reuse_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = {
@@ -177,7 +183,11 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--malloc", choices=["server", "glibc"], default="server", help="allocator tuning (see above)")
     args = ap.parse_args()
+    malloc = "glibc defaults"
+    if args.malloc == "server":
+        malloc = "tuned as the server does" if reuse_freed_memory() else "glibc defaults (tuning unavailable)"
     arch, size = ARCHS[args.arch]
     fractions = [float(f) for f in args.fractions.split(",") if f]
     device = torch.device(args.device)
@@ -234,6 +244,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         "device": str(device),
+        "malloc": malloc,
         "arch": args.arch,
         "tasks": args.tasks,
         "batch": args.batch,
@@ -254,7 +265,8 @@ def main() -> int:
 
 def render(res: dict) -> str:
     lines = [
-        f"Command: `{res['command']}`; {res['machine']}; device {res['device']}; {res['arch']}, N = {res['tasks']} "
+        f"Command: `{res['command']}`; {res['machine']}; device {res['device']}; malloc {res.get('malloc', '?')}; "
+        f"{res['arch']}, N = {res['tasks']} "
         f"tasks, shuffled mixed batches of {res['batch']}, {res['timed_batches']} timed batches per configuration "
         f"(interleaved per batch). One model {res['one_model_MB']:.1f} MB, N separate models "
         f"{res['n_models_MB']:.1f} MB. img/s and 'vs plain' from median batch times; 'best' from the fastest batch.",

@@ -53,6 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = serve_settings(args)
     check_http_stack(settings)
+    if settings.malloc_reuse:  # before any worker thread starts (threads keep the arena they got)
+        from server.runtime.host_memory import reuse_freed_memory
+
+        reuse_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vitmerge.access").setLevel(
         logging.WARNING if args.quiet else logging.INFO

@@ -65,6 +65,7 @@ class ModelManager:
                 s.sparse_threshold,
                 self.metrics.cache_lookup,
                 s.cuda_graphs,
+                s.malloc_reuse,
             )
         else:
             engine = Engine(

@@ -36,11 +36,15 @@ def _child(
     strategy: Literal["exact", "sparse"],
     threshold: float | None,
     cuda_graphs: bool,
+    malloc_reuse: bool = False,
 ) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
     from server.runtime.engine import Engine
+    from server.runtime.host_memory import reuse_freed_memory
 
+    if malloc_reuse:  # a spawned child starts with glibc's defaults
+        reuse_freed_memory()
     lookups: list[bool] = []
     try:
         torch.set_grad_enabled(False)
@@ -109,7 +113,9 @@ class ProcessEngine(EngineFrontend):
         threshold: float | None = None,
         on_cache_lookup: Callable[[bool], None] | None = None,
         cuda_graphs: bool = True,
+        malloc_reuse: bool = False,
     ):
+        """``malloc_reuse``: tune the child's ``malloc`` (:func:`~server.runtime.host_memory.reuse_freed_memory`)."""
         super().__init__(bundle, device)  # metadata only: no tensors in this process
         self._on_cache_lookup = on_cache_lookup
         self._lock = threading.Lock()
@@ -117,7 +123,16 @@ class ProcessEngine(EngineFrontend):
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(
             target=_child,
-            args=(child, str(bundle.path), str(self.device), cache_bytes, strategy, threshold, cuda_graphs),
+            args=(
+                child,
+                str(bundle.path),
+                str(self.device),
+                cache_bytes,
+                strategy,
+                threshold,
+                cuda_graphs,
+                malloc_reuse,
+            ),
             name=f"vitmerge-engine-{bundle.version}",
             daemon=True,
         )
