@@ -11,11 +11,12 @@ fastest setting, N + 1 models of memory) and with the server's default cache (51
 
     .venv/bin/python benchmarks/lowrank_serve.py [--arch vit_s14|vit_b16] [--tasks 5] [--batch 32]
         [--fractions 0.05,0.1,0.2] [--conv] [--gate-size 64] [--passes 1] [--rounds 10] [--batches 2] [--device cpu]
-        [--malloc server|glibc]
+        [--malloc glibc|tuned]
 
-``--malloc server`` (the default) tunes glibc's malloc as ``vitmerge serve`` does
-(``server.runtime.host_memory.reuse_freed_memory``), for every configuration of the run alike;
-``glibc`` keeps glibc's defaults.
+``--malloc glibc`` (the default, as ``vitmerge serve`` runs by default) keeps glibc's defaults;
+``tuned`` applies ``VITMERGE_MALLOC_REUSE``'s tuning (``server.runtime.host_memory.reuse_freed_memory``)
+to every configuration of the run alike -- this run's EMR cache churn then grew the heap past 24 GB
+(killed) at ViT-B/16, so expect it to fit only small runs.
 
 Writes benchmarks/results/lowrank_serve-<arch>[-conv].{md,json,png}.
 """
@@ -183,11 +184,11 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--malloc", choices=["server", "glibc"], default="server", help="allocator tuning (see above)")
+    ap.add_argument("--malloc", choices=["glibc", "tuned"], default="glibc", help="allocator tuning (see above)")
     args = ap.parse_args()
     malloc = "glibc defaults"
-    if args.malloc == "server":
-        malloc = "tuned as the server does" if reuse_freed_memory() else "glibc defaults (tuning unavailable)"
+    if args.malloc == "tuned":
+        malloc = "tuned (VITMERGE_MALLOC_REUSE)" if reuse_freed_memory() else "glibc defaults (tuning unavailable)"
     arch, size = ARCHS[args.arch]
     fractions = [float(f) for f in args.fractions.split(",") if f]
     device = torch.device(args.device)

@@ -54,9 +54,10 @@ class ServerSettings(BaseSettings):
         512 * 2**20, ge=0, description="LRU budget for materialised per-task weights; 0 = rebuild every batch"
     )
     malloc_reuse: bool = Field(
-        True,
-        description="glibc malloc keeps freed memory for the next batch (no mmap per big activation): 6-11% "
-        "faster CPU batches at ViT-B size; the process keeps its peak heap. false = glibc's defaults",
+        False,
+        description="opt-in: glibc malloc keeps freed memory for the next batch (no mmap per big activation): "
+        "6-11% faster CPU batches at ViT-B size, but the heap never shrinks and can fragment: a process that "
+        "churns weights (EMR at a small cache, repeated hot swaps) grew past 24 GB in a benchmark",
     )
 
     # batcher

@@ -8,7 +8,10 @@ for the next batch, as a caching allocator does: no mmap for large blocks, one a
 thread's arena would otherwise map 64 MiB sub-heaps and hit the same faults), trimming only above
 2 GiB of free heap top. Measured on this project's 2-core CPU (BENCHMARKS.md, "Low-rank task
 deltas"): a plain ViT-B/16 batch of 32 ran 6-11% faster, in the main and in a worker thread alike.
-The price: the process keeps its peak heap (RSS does not fall after a big batch).
+The price: the process keeps its peak heap (RSS does not fall after a big batch), and without
+mmap a heap can fragment and grow -- a benchmark process churning weights (EMR engines at a small
+cache materialising a 327 MB task model per batch, beside six other engines) grew past 24 GB and was
+killed. Hence opt-in (``VITMERGE_MALLOC_REUSE=true``), for a process whose batches repeat.
 """
 
 from __future__ import annotations
