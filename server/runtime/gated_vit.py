@@ -224,7 +224,6 @@ class LowRankLinear(nn.Module):
         #: (N, out, r + 1): ``[B_t, b_t]``, the task's bias as the last column
         self.b_aug = nn.Parameter(torch.cat([b, bias.to(b.dtype).unsqueeze(-1)], -1), requires_grad=False)
         self.rank, self.routing = rank, routing
-        self.slots: dict[str, Slot] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.routing
