@@ -53,14 +53,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = serve_settings(args)
     check_http_stack(settings)
-    if settings.malloc_reuse:  # before any worker thread starts (threads keep the arena they got)
-        from server.runtime.host_memory import reuse_freed_memory
-
-        reuse_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vitmerge.access").setLevel(
         logging.WARNING if args.quiet else logging.INFO
     )  # one line per request
+    if settings.malloc_reuse:  # before any worker thread starts (threads keep the arena they got)
+        from server.runtime.host_memory import reuse_freed_memory
+
+        reuse_freed_memory()
     app = create_app(settings, progress=not args.quiet)
     state = app.state.vitmerge
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host

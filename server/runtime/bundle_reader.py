@@ -98,14 +98,14 @@ class BundleReader:
             raise KeyError(f"bundle {self.bundle.version} has no gate")
         return self.spec.gate
 
-    def gate_model(self, fold: bool = True) -> nn.Module:
-        """The bundle's gate network in eval mode; with ``fold``, its batch norms folded into the
-        convolutions when that gives the same logits (:func:`folded_gate`: 1.3-1.6x faster on CPU)."""
+    def gate_model(self) -> nn.Module:
+        """The bundle's gate network in eval mode, its batch norms folded into the convolutions when
+        that gives the same logits (:func:`folded_gate`: 1.3-1.6x faster on CPU)."""
         spec = self._gate_spec
         model = build_gate(spec.arch, len(self.tasks))
         model.load_state_dict(self.bundle.tensors("gate"))
         model.eval()
-        return folded_gate(model, spec.preprocessing.size, spec.preprocessing.channels) if fold else model
+        return folded_gate(model, spec.preprocessing.size, spec.preprocessing.channels)
 
     def build(self, task: str) -> nn.Module:
         """A standalone eval-mode model of ``task`` (backbone + its head)."""
