@@ -75,6 +75,9 @@ class Routing:
         #: hard routing (every group one expert): each image's expert ``(B,)``; small tensors are
         #: gathered with it (an index, not a ``B x S`` matmul over every small tensor)
         self.index: torch.Tensor | None = None
+        #: soft routing: the experts with a nonzero weight for some image of the pass, found ONCE per pass
+        #: (one host sync before the layer loop, none inside it); ``None``: every expert
+        self.active: list[int] | None = None
         self._scratch: torch.Tensor | None = None
 
     def scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -91,6 +94,10 @@ class Routing:
         ):
             buf = self._scratch = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel]
+
+    def experts(self, n: int) -> Sequence[int]:
+        """The experts a soft-routed layer must run: :attr:`active`, or all ``n`` when it is not set."""
+        return range(n) if self.active is None else self.active
 
     def hard_groups(self) -> list[tuple[slice, int]] | None:
         """The groups of the current pass when every one runs a single expert, else ``None``."""
@@ -179,10 +186,9 @@ class GatedLinear(nn.Module):
             x = x.unsqueeze(1)
         if self.mode == "experts":
             terms = []
-            for i in range(self.weight.shape[0]):
+            for i in self.routing.experts(self.weight.shape[0]):  # a zero weight adds exact zeros: no sync
                 w = p[:, i].view(-1, 1, 1)
-                if bool((w != 0).any()):
-                    terms.append(w * F.linear(x, self.weight[i], None if self.bias is None else self.bias[i]))
+                terms.append(w * F.linear(x, self.weight[i], None if self.bias is None else self.bias[i]))
             y = functools.reduce(operator.add, terms)  # left to right, as a running sum
         else:
             n, out_f, in_f = self.weight.shape
@@ -255,10 +261,8 @@ class LowRankLinear(nn.Module):
 
     def _soft(self, x2: torch.Tensor, y2: torch.Tensor, p: torch.Tensor) -> None:
         """Soft routing: ``y += sum_t p_t [(x A_t^T) B_t^T + b_t]`` per token row."""
-        for t in range(self.a.shape[0]):
-            w = p[:, t : t + 1]
-            if bool((w != 0).any()):
-                y2.add_(w * self._correction(x2, t))
+        for t in self.routing.experts(self.a.shape[0]):
+            y2.add_(p[:, t : t + 1] * self._correction(x2, t))
 
 
 class GatedLayerNorm(nn.Module):
@@ -477,12 +481,13 @@ class GatedViT(nn.Module):
         hard = r.hard_groups()
         if hard is not None:
             r.index = torch.cat([torch.full((s.stop - s.start,), e, dtype=torch.long) for s, e in hard]).to(x.device)
-        else:
-            r.table = p @ self.small_stack if p is not None else None
+        elif p is not None:
+            r.table = p @ self.small_stack
+            r.active = (p != 0).any(0).nonzero().flatten().tolist()  # the pass's one host sync
         try:
             return self._pre_logits(x)
         finally:
-            r.p, r.expert, r.groups, r.table, r.index = None, None, None, None, None
+            r.p, r.expert, r.groups, r.table, r.index, r.active = None, None, None, None, None, None
             if r.scratch_bytes > self.keep_scratch_bytes:
                 r.release()
 

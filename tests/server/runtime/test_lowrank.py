@@ -4,10 +4,14 @@ Exactness: every image of a shuffled mixed-task batch gets what it gets alone th
 timm model with ``W_0 + B_t A_t`` (and task t's own small tensors and head), task given or routed.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from conftest import SMALL_GATE
 from test_engine import _mixed_batch
+from torch.overrides import TorchFunctionMode
 
 from merging.methods.tsv import tsv_compress
 from merging.pipeline import merge_and_publish
@@ -16,7 +20,7 @@ from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.engine import Engine
-from server.runtime.gated_vit import LowRankLinear, Routing
+from server.runtime.gated_vit import GatedViT, LowRankLinear, Routing
 from server.runtime.strategies import LowRankStrategy
 
 
@@ -173,3 +177,60 @@ def test_low_rank_layer_hard_groups_single_task_and_soft_mixing(bias, grad):
         (gx,) = torch.autograd.grad(got.sum(), x, retain_graph=True)
         (wx,) = torch.autograd.grad(want.sum(), x)
         torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-5)
+
+
+#: tensor -> host conversions: each waits for the device (a CUDA host sync) and breaks graph capture
+HOST_SYNCS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "nonzero", "unique"}
+
+
+class _HostSyncs(TorchFunctionMode):
+    """Records every tensor -> host conversion made while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in HOST_SYNCS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _layer_loop_syncs(gated: GatedViT) -> Iterator[list[str]]:
+    """The host syncs made from the patch embedding to the final norm (the layer loop) of ``gated``."""
+    mode = _HostSyncs()
+
+    def enter(*_) -> None:
+        mode.__enter__()
+
+    def leave(*_) -> None:
+        mode.__exit__(None, None, None)
+
+    hooks = [gated.vit.patch_embed.register_forward_pre_hook(enter), gated.vit.norm.register_forward_hook(leave)]
+    try:
+        yield mode.seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_the_layer_loop_makes_no_host_sync(lowrank_store):
+    """SPEC section 7 / CUDA graphs: no tensor -> host conversion between the patch embedding and the
+    final norm, for a mixed batch (task groups) and for soft routing (the experts a pass needs are
+    found once, before the loop). The detector itself is checked on a conversion it must see."""
+    store, versions = lowrank_store
+    gated = GatedViT.from_bundle(BundleReader(store.load(versions["tsv_c_conv"])))
+    n, embed = gated.num_experts, gated.vit.patch_embed
+    x = torch.randn(8, embed.proj.weight.shape[2], *embed.img_size)
+    hard = torch.nn.functional.one_hot(torch.arange(8) % n, n).float()
+    soft = torch.softmax(torch.randn(8, n), 1) * (torch.arange(n) != n - 1)  # the last expert unused
+    with _layer_loop_syncs(gated) as seen:
+        gated.features(x, hard, "sparse")
+        assert seen == []
+        want = gated.features(x, soft / soft.sum(1, keepdim=True), "exact")
+        assert seen == []
+    with _HostSyncs() as probe:
+        bool((want != 0).any())
+    assert probe.seen == ["__bool__"]
