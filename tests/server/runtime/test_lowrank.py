@@ -23,6 +23,9 @@ from server.runtime.engine import Engine
 from server.runtime.gated_vit import GatedViT, LowRankLinear, Routing
 from server.runtime.strategies import LowRankStrategy
 
+#: the engine's devices under test: CUDA joins where one is present (a lent GPU machine), never in CI
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 @pytest.fixture(scope="module")
 def lowrank_store(test_zoo_report, tmp_path_factory):
@@ -71,10 +74,11 @@ def test_the_bundle_holds_tsv_c_of_the_zoo(test_zoo_report, lowrank_store):
             torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["tsv_c", "tsv_c_conv", "tsv_routed"])
-def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowrank_store, method):
+def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowrank_store, method, device):
     store, versions = lowrank_store
-    engine = Engine(store.load(versions[method]), "cpu")
+    engine = Engine(store.load(versions[method]), device)
     assert isinstance(engine.kind_strategy, LowRankStrategy)
     reader = engine.models
     x, g, truth = _mixed_batch(engine)
@@ -216,16 +220,17 @@ def _layer_loop_syncs(gated: GatedViT) -> Iterator[list[str]]:
             h.remove()
 
 
-def test_the_layer_loop_makes_no_host_sync(lowrank_store):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_layer_loop_makes_no_host_sync(lowrank_store, device):
     """SPEC section 7 / CUDA graphs: no tensor -> host conversion between the patch embedding and the
     final norm, for a mixed batch (task groups) and for soft routing (the experts a pass needs are
     found once, before the loop). The detector itself is checked on a conversion it must see."""
     store, versions = lowrank_store
-    gated = GatedViT.from_bundle(BundleReader(store.load(versions["tsv_c_conv"])))
+    gated = GatedViT.from_bundle(BundleReader(store.load(versions["tsv_c_conv"]))).to(device)
     n, embed = gated.num_experts, gated.vit.patch_embed
-    x = torch.randn(8, embed.proj.weight.shape[2], *embed.img_size)
-    hard = torch.nn.functional.one_hot(torch.arange(8) % n, n).float()
-    soft = torch.softmax(torch.randn(8, n), 1) * (torch.arange(n) != n - 1)  # the last expert unused
+    x = torch.randn(8, embed.proj.weight.shape[2], *embed.img_size, device=device)
+    hard = torch.nn.functional.one_hot(torch.arange(8, device=device) % n, n).float()
+    soft = torch.softmax(torch.randn(8, n, device=device), 1) * (torch.arange(n, device=device) != n - 1)
     with _layer_loop_syncs(gated) as seen:
         gated.features(x, hard, "sparse")
         assert seen == []
