@@ -10,13 +10,17 @@ processes::
     vitmerge serve --zoo spec.yaml --store S        # merges with the default (routed EMR), serves
 
 and the clock stops when ``/readyz`` answers 200; one classify per task checks the gate
-routes to the user's task names. Writes ``benchmarks/results/user_zoo.{json,md}``.
+routes to the user's task names, and the user's test images are scored through ``/v1/classify``
+(task not given). Writes ``benchmarks/results/user_zoo.{json,md}``; with ``--method M`` the
+server merges with ``VITMERGE_DEFAULT_METHOD=M`` instead of its default and the results are
+``user_zoo-M.{json,md}``.
 
-    .venv/bin/python benchmarks/user_zoo.py
+    .venv/bin/python benchmarks/user_zoo.py [--method tsv_routed] [--score 200]
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -111,6 +115,32 @@ def export_user_world() -> Path:
     return path
 
 
+def user_test_images(user_name: str) -> list[tuple[Path, str]]:
+    """The user's labelled test images as written above: ``(path, class label)`` from either layout."""
+    folder = WORK / "data" / user_name
+    if (folder / "test").exists():  # ImageFolder
+        return [(png, png.parent.name) for png in sorted((folder / "test").rglob("*.png"))]
+    with open(folder / "test.csv", newline="") as f:
+        return [(folder / row["path"], row["label"]) for row in csv.DictReader(f)]
+
+
+def score(url: str, limit: int) -> dict[str, dict[str, float]]:
+    """Per user task, over its first ``limit`` test images sent one per request, task NOT given:
+    the share routed to the task, and the share with the task and the class both right."""
+    out = {}
+    for user_name in TASKS.values():
+        images = user_test_images(user_name)[:limit]
+        routed = right = 0
+        for png, label in tqdm(images, desc=f"score {user_name} via /v1/classify", unit="img", leave=False):
+            r = httpx.post(f"{url}/v1/classify", files={"image": (png.name, png.read_bytes())}, timeout=30)
+            r.raise_for_status()
+            pred = r.json()["predictions"][0]
+            routed += pred["task"]["name"] == user_name
+            right += pred["task"]["name"] == user_name and pred["class"]["label"] == label
+        out[user_name] = {"images": len(images), "routed": routed / len(images), "accuracy": right / len(images)}
+    return out
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +148,13 @@ def _port() -> int:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", default=None, help="VITMERGE_DEFAULT_METHOD for the server (default: its own)")
+    ap.add_argument("--score", type=int, default=200, help="test images per task scored through /v1/classify")
+    args = ap.parse_args()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.method:
+        env["VITMERGE_DEFAULT_METHOD"] = args.method
     spec = export_user_world()
     store = WORK / "store"
     t0 = time.perf_counter()
@@ -142,11 +179,12 @@ def main() -> None:
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        with tqdm(desc="serve: merge (routed EMR) + load", unit="s", bar_format="{desc}: {elapsed}") as bar:
+        desc = f"serve: merge ({args.method or 'default method'}) + load"
+        with tqdm(desc=desc, unit="s", bar_format="{desc}: {elapsed}") as bar:
             wait_until_ready(url, 3600, proc, (WORK / "serve.log").read_text, poll_s=0.5, on_poll=bar.refresh)
         t_ready = time.perf_counter() - t0
         answers = {}
@@ -159,6 +197,7 @@ def main() -> None:
             )
             r = httpx.post(f"{url}/v1/classify", files={"image": (img.name, img.read_bytes())}, timeout=30).json()
             answers[user_name] = r["predictions"][0]["task"]["name"]
+        scores = score(url, args.score)
         manifest = json.loads(next((store / "bundles").glob("v*/manifest.json")).read_text())
     finally:
         proc.terminate()
@@ -173,11 +212,13 @@ def main() -> None:
         "images": counts,
         "gate_test_accuracy": manifest["extra"]["gate_test_accuracy"],
         "routed_answers": answers,
+        "served_scores": scores,
         "cpu_count": os.cpu_count(),
-        "command": ".venv/bin/python benchmarks/user_zoo.py",
+        "command": " ".join([".venv/bin/python", "benchmarks/user_zoo.py", *sys.argv[1:]]),
     }
+    stem = "user_zoo" + (f"-{args.method}" if args.method else "")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "user_zoo.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     gate = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result["gate_test_accuracy"].items())
     md = (
         f"| step | seconds |\n|---|---|\n| `vitmerge zoo create spec.yaml` | {result['zoo_create_s']} |\n"
@@ -185,9 +226,16 @@ def main() -> None:
         f"{result['serve_to_ready_s']} |\n"
         f"| **zoo create -> served routed model** | **{result['create_to_ready_s']}** |\n\n"
         f"Images read (calibration / test): {json.dumps(counts)}; gate routing on the test images: {gate}; "
-        f"one classify per task answered {answers}.\n"
+        f"one classify per task answered {answers}.\n\n"
+        "Served, task not given (test images sent one per request to `/v1/classify`): "
+        + "; ".join(
+            f"{t} {v['images']} images, routed {100 * v['routed']:.1f}%, "
+            f"task and class right {100 * v['accuracy']:.1f}%"
+            for t, v in scores.items()
+        )
+        + ".\n"
     )
-    (RESULTS / "user_zoo.md").write_text(md)
+    (RESULTS / f"{stem}.md").write_text(md)
     print(md)
 
 
