@@ -383,6 +383,12 @@ class GatedViT(nn.Module):
         placeholder = {k: v[0] for k, v in experts.items()}
         self.vit.load_state_dict({**static, **placeholder}, strict=True)
         self._replace(experts, linear_mode, lowrank or {})
+        #: layers that run each expert with a nonzero weight under soft routing (the default "mix" mode
+        #: mixes weights instead): only then does a soft pass find its active experts (a host sync)
+        self._runs_experts = any(
+            isinstance(m, LowRankLinear) or (isinstance(m, GatedLinear) and m.mode == "experts")
+            for m in self.vit.modules()
+        )
         self.register_buffer("cls_stack", experts.get("cls_token"), persistent=False)  # moves with .to(device)
         self.register_buffer("pos_stack", experts.get("pos_embed"), persistent=False)
         self.slots: dict[str, Slot] = {}
@@ -483,7 +489,8 @@ class GatedViT(nn.Module):
             r.index = torch.cat([torch.full((s.stop - s.start,), e, dtype=torch.long) for s, e in hard]).to(x.device)
         elif p is not None:
             r.table = p @ self.small_stack
-            r.active = (p != 0).any(0).nonzero().flatten().tolist()  # the pass's one host sync
+            if self._runs_experts:  # the pass's one host sync, before the layer loop
+                r.active = (p != 0).any(0).nonzero().flatten().tolist()
         try:
             return self._pre_logits(x)
         finally:

@@ -204,18 +204,22 @@ class _HostSyncs(TorchFunctionMode):
 @contextlib.contextmanager
 def _layer_loop_syncs(gated: GatedViT) -> Iterator[list[str]]:
     """The host syncs made from the patch embedding to the final norm (the layer loop) of ``gated``."""
-    mode = _HostSyncs()
+    mode, inside = _HostSyncs(), [False]
 
     def enter(*_) -> None:
         mode.__enter__()
+        inside[0] = True
 
     def leave(*_) -> None:
         mode.__exit__(None, None, None)
+        inside[0] = False
 
     hooks = [gated.vit.patch_embed.register_forward_pre_hook(enter), gated.vit.norm.register_forward_hook(leave)]
     try:
         yield mode.seen
     finally:
+        if inside[0]:  # a forward that raised between the hooks: leave the mode anyway
+            leave()
         for h in hooks:
             h.remove()
 
