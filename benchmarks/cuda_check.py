@@ -27,7 +27,7 @@ def _batch(engine: Engine, pool: Path, n: int = 64):
     files = sorted(pool.glob("*.png"))[:: max(1, len(sorted(pool.glob("*.png"))) // n)][:n]
     imgs = [np.asarray(Image.open(io.BytesIO(f.read_bytes()))) for f in files]
     tasks = [engine.task_index(f.name.split("_")[0]) for f in files]
-    xs, gs = zip(*(engine.preprocess(im, True) for im in imgs))
+    xs, gs = zip(*(engine.preprocess(im, None) for im in imgs))
     return torch.stack(xs), torch.stack(gs) if gs[0] is not None else None, tasks
 
 

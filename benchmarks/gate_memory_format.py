@@ -94,7 +94,7 @@ def engine_ms(repeats: int, batches: int = 8) -> dict[str, float]:
     )
     engine = Engine(store.load(), "cpu")
     images = [img for t in zoo.tasks for img in load_split(t, "test", limit=64).images]
-    pairs = [engine.preprocess(img, True) for img in images[: 32 * batches]]
+    pairs = [engine.preprocess(img, None) for img in images[: 32 * batches]]
     xs = [torch.stack([x for x, _ in pairs[i : i + 32]]) for i in range(0, len(pairs), 32)]
     gs = [torch.stack([g for _, g in pairs[i : i + 32] if g is not None]) for i in range(0, len(pairs), 32)]
     cl_gate = engine.gate

@@ -225,7 +225,7 @@ def plain_vit(engine: Engine) -> torch.nn.Module:
 @torch.inference_mode()
 def routed_task(engine: Engine, img: np.ndarray) -> int:
     """The task the engine's gate routes ``img`` to."""
-    gate_input = engine.preprocess(img, True)[1]
+    gate_input = engine.preprocess(img, None)[1]
     assert engine.gate is not None and gate_input is not None, "the bundle has no gate"
     return int(engine.gate(gate_input[None].to(engine.device).contiguous(memory_format=torch.channels_last)).argmax(1))
 
@@ -234,7 +234,7 @@ def engine_batches(engine: Engine, images: list[tuple[int, np.ndarray]], batch: 
     out = []
     for start in range(0, len(images) - batch + 1, batch):
         chunk = images[start : start + batch]
-        xs, gs = zip(*(engine.preprocess(img, True) for _, img in chunk))
+        xs, gs = zip(*(engine.preprocess(img, None) for _, img in chunk))
         out.append({"n": batch, "x": torch.stack(xs), "g": torch.stack(gs), "tasks": [t for t, _ in chunk]})
     return out
 
@@ -490,7 +490,7 @@ def main() -> None:
         a = next(r for r in res["http"] if r["server"] == "batching" and r["concurrency"] == conc)
         b = next(r for r in res["http"] if r["server"] == "no batching" and r["concurrency"] == conc)
         bs = max(1, round(a["mean_batch"]))
-        xs = [engine.preprocess(img, False)[0] for _, img in images[: bs * 16]]
+        xs = [engine.preprocess(img, t)[0] for t, img in images[: bs * 16]]
         batches = [{"n": bs, "x": torch.stack(xs[i : i + bs]).to(device)} for i in range(0, len(xs), bs)]
         with torch.inference_mode():
             c = rate(lambda bt: vit(bt["x"]).softmax(-1).cpu(), batches, device)

@@ -5,22 +5,25 @@ time), the registry's pure function merges them, the result is written into a
 bundle draft and published atomically. Any failure discards the draft: the store
 and its ``CURRENT`` stay as they were.
 
-Bundle files (format 1):
+Bundle files (``model.json``'s ``bundle_format`` 2):
 
-* ``model.json``        kind (static | emr | gated), architecture, preprocessing,
-  tasks + classes, EMR rescalers, gating plan, gate config and accuracy
+* ``model.json``        the typed :class:`~model_store.schema.BundleSpec`: kind (static | emr | gated |
+  lowrank), architecture, preprocessing (and each task's own where it differs), tasks + classes,
+  EMR rescalers, gating plan, low-rank ranks, gate config and accuracy
 * ``heads.safetensors`` every task's classifier, keys ``<task>/<tensor>``
 * static: ``backbone.safetensors``
 * emr: ``base.safetensors`` (theta_0), ``tau_unified.safetensors``,
   ``masks.safetensors`` (bit-packed uint8, keys ``<task>/<tensor>``)
 * gated: ``backbone.safetensors`` (non-gated tensors), ``experts.safetensors``
   (``(N, ...)`` stacks of the gated tensors)
+* lowrank: ``backbone.safetensors`` (``W_0`` of matrix layers), ``factors.safetensors`` (``B``, ``A``
+  stacks), ``experts.safetensors`` (every task's small tensors)
 * with a gate: ``gate.safetensors``
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +36,7 @@ from merging.methods.tsv import LowRankDeltas
 from merging.registry import GateArtifact, MergeContext, MergeResult
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
-from model_store.bundle import BundleDraft, BundleStore
+from model_store.bundle import Bundle, BundleDraft, BundleStore
 from model_store.data.attach import calibration_set, test_set
 from model_store.data.sources import ImageSet
 from model_store.errors import MissingDataError
@@ -237,6 +240,13 @@ def write_lowrank(draft: BundleDraft, deltas: LowRankDeltas) -> LowRankSpec:
     return LowRankSpec(ranks=dict(deltas.ranks), rank_fraction=deltas.rank_fraction, source=source)
 
 
+def own_preprocessing(zoo: Zoo, task: str) -> Preprocessing | None:
+    """The task model's preprocessing when it turns images into other tensors than the base's (else None):
+    a task is served with its own, never silently with the base's."""
+    mine, base = zoo.metas[task].preprocessing, zoo.metas[zoo.base].preprocessing
+    return None if mine.pixels_equal(base) else mine
+
+
 def write_bundle(
     draft: BundleDraft,
     zoo: Zoo,
@@ -287,6 +297,7 @@ def write_bundle(
                 name=t,
                 class_names=zoo.metas[t].class_names,
                 individual_test_accuracy=zoo.metas[t].provenance.test_accuracy,
+                preprocessing=own_preprocessing(zoo, t),
             )
             for t in tasks
         ],
@@ -307,10 +318,13 @@ def merge_and_publish(
     progress: bool = True,
     make_current: bool = True,
     bar: Any = None,
+    review: Callable[[Bundle], dict[str, Any]] | None = None,
 ) -> MergeOutcome:
     """Merge ``zoo`` with ``method`` and publish the bundle; returns its version.
 
-    ``bar`` (anything with ``update(n)``, e.g. a job's progress) replaces the tqdm bar.
+    ``bar`` (anything with ``update(n)``, e.g. a job's progress) replaces the tqdm bar. ``review`` sees the
+    written, unpublished bundle and returns entries for its manifest's ``extra`` (the serving layer's
+    agreement with the individual models); when it raises, nothing is published.
     """
     spec = get_method(method)
     parsed = parse_params(method, with_zoo_defaults(zoo, spec.name, params))
@@ -330,13 +344,15 @@ def merge_and_publish(
     )
     data = data_record(zoo, chosen, spec.needs_calibration)
     draft = store.draft()
+    extra = {k: v for k, v in result.info.items() if k != "params"}
     try:
         write_bundle(draft, zoo, chosen, result, gate_acc)
+        if review is not None:
+            extra.update(review(draft.preview(method, parsed.model_dump(), chosen)))
     except BaseException:
         draft.discard()
         raise
     zoo_info = {"name": zoo.name, "path": str(zoo.root), "hashes": zoo.file_hashes()}
-    extra = {k: v for k, v in result.info.items() if k != "params"}
     if gate_acc is not None:
         extra["gate_test_accuracy"] = gate_acc
     extra["data"] = data

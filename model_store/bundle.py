@@ -72,6 +72,15 @@ class BundleDraft:
     def files(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if p.is_file() and p.name != MANIFEST)
 
+    def preview(self, method: str, params: dict[str, Any] | None = None, tasks: list[str] | None = None) -> Bundle:
+        """The draft as a :class:`Bundle` (version ``draft``, files not hashed) to evaluate before publishing."""
+        files = {p.name: FileEntry(sha256="0" * 64, bytes=p.stat().st_size) for p in self.files()}
+        manifest = BundleManifest(
+            version="draft", method=method, params=params or {}, tasks=tasks or [], created_at=utc_timestamp(),
+            files=files,
+        )  # fmt: skip
+        return Bundle(self.path, manifest)
+
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from model_store.errors import ModelStoreError, ZooFormatError
 from model_store.files import PUBLISHED_FILE_MODE, write_json
-from model_store.schema import GateInit, Preprocessing
+from model_store.schema import AlphaMode, GateInit, Interpolation, Preprocessing, ResizeMode
 from model_store.zoo import Zoo
 
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -48,16 +48,30 @@ class _Spec(BaseModel):
 
 
 class PreprocessingOverride(_Spec):
-    """Fields that replace the checkpoint's own preprocessing (any subset)."""
+    """Fields that replace the checkpoint's own preprocessing (any subset; see :class:`Preprocessing`)."""
 
     size: int | None = Field(default=None, gt=0)
     channels: Literal[1, 3] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    interpolation: Literal["bilinear", "bicubic"] | None = None
+    interpolation: Interpolation | None = None
+    resize: ResizeMode | None = None
+    resize_size: int | None = Field(default=None, gt=0)
+    crop_pct: float | None = Field(default=None, gt=0, le=1)
+    crop_rounding: Literal["round", "floor"] | None = None
+    fill: list[int] | None = None
+    rescale_factor: float | None = Field(default=None, gt=0)
+    alpha: AlphaMode | None = None
 
     def apply(self, prep: Preprocessing) -> Preprocessing:
-        return Preprocessing.model_validate({**prep.model_dump(), **self.model_dump(exclude_none=True)})
+        """``prep`` with the fields this block sets; ``source`` says so."""
+        fields = self.model_dump(exclude_none=True)
+        if not fields:
+            return prep
+        if "crop_pct" in fields and "resize_size" not in fields:  # a new crop_pct re-derives the resize edge
+            fields["resize_size"] = None
+        source = f"{prep.source or 'checkpoint'}; zoo spec: {', '.join(sorted(fields))}"
+        return Preprocessing.model_validate({**prep.model_dump(), **fields, "source": source})
 
 
 class ModelSpec(_Spec):
@@ -134,6 +148,10 @@ class ZooSpec(_Spec):
     base: ModelSpec
     tasks: list[TaskSpec] = Field(min_length=1)
     gate: GateSpec | None = None
+    exif_transpose: bool = Field(
+        default=True,
+        description="turn calibration/test photos with an EXIF orientation tag upright (as transformers' load_image)",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -280,6 +298,7 @@ def create_zoo(
                 "spec": str(spec_path),
                 "config_hash": spec_hash(spec, spec_dir),
                 "tasks": [t.name for t in spec.tasks],
+                "exif_transpose": spec.exif_transpose,
             }
         )
         write_json(tmp / "zoo.json", manifest.model_dump(mode="json"))

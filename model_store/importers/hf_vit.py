@@ -21,10 +21,10 @@ from model_store.importers.common import (
     hf_weights,
     id2label_classes,
     read_hf_config,
-    read_json,
     read_state_dict,
     save_imported,
 )
+from model_store.importers.hf_processor import processor_preprocessing
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
@@ -131,24 +131,10 @@ def convert_hf_vit_state(hf: StateDict) -> StateDict:
     return state
 
 
-#: PIL resample codes in ``preprocessor_config.json`` -> our interpolation names.
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}
-
-
 def hf_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
-    """Mean, std and resample from ``preprocessor_config.json`` (HF's ViT defaults 0.5/0.5, bilinear, without one).
-
-    The input size is the model's (``image_size``): its position embeddings fix it.
-    """
-    proc = ckpt_dir / "preprocessor_config.json"
-    cfg = read_json(proc) if proc.exists() else {}
-    channels = arch.kwargs["in_chans"]
-    mean = [float(v) for v in cfg.get("image_mean", [0.5] * channels)]
-    std = [float(v) for v in cfg.get("image_std", [0.5] * channels)]
-    interpolation = _RESAMPLE.get(int(cfg.get("resample", 2)), "bilinear")
-    return Preprocessing(
-        size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation=interpolation
-    )
+    """The checkpoint's ``preprocessor_config.json`` read completely (ViT/DeiT/BEiT processors;
+    :mod:`model_store.importers.hf_processor`); the input size is the model's (``image_size``)."""
+    return processor_preprocessing(ckpt_dir, int(arch.kwargs["img_size"]), int(arch.kwargs["in_chans"]))
 
 
 def hf_checkpoint_preprocessing(ckpt_dir: str | Path) -> Preprocessing:

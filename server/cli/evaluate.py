@@ -21,6 +21,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine = Engine(bundle, "cpu", strategy=args.strategy)
     models = engine.models
     label = f"{bundle.manifest.method} ({bundle.version})"
+    if args.agreement:
+        return _agreement(engine, args)
     if args.routed:
         routed = evaluate_routed(engine, limit=args.limit)
         rows = {
@@ -40,6 +42,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if reference is None:
         print(f"(source zoo {models.bundle.manifest.zoo.get('path')} not found: no individual models to normalise by)")
     _no_test_note(accs)
+    return 0
+
+
+def _agreement(engine, args: argparse.Namespace) -> int:
+    """``vitmerge eval --agreement``: top-1 agreement and KL with each task's own model, no labels read."""
+    from server.eval.accuracy import source_zoo
+    from server.eval.agreement import format_agreement, measure_agreement
+
+    zoo = source_zoo(engine.models)
+    if zoo is None:
+        print(
+            f"source zoo {engine.bundle.manifest.zoo.get('path')} not found: agreement needs your own models",
+            file=sys.stderr,
+        )
+        return 2
+    rows = measure_agreement(engine, zoo, limit=args.limit, progress=not args.quiet)
+    print(f"{engine.method} ({engine.version}) vs your own models, on each task's images (no labels read):")
+    print(format_agreement(rows))
     return 0
 
 
@@ -106,6 +126,12 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
     p.add_argument("--bundle", default=None, help="version (default: CURRENT)")
     p.add_argument("--limit", type=int, default=None, help="test images per task (default: all)")
     p.add_argument("--routed", action="store_true", help="task NOT given: the bundle's gate routes mixed-task batches")
+    p.add_argument(
+        "--agreement",
+        action="store_true",
+        help="no labels: how often the bundle's top-1 (task given and routed) equals each task's own model's, and "
+        "the mean KL, on the task's test images (calibration images when it has none)",
+    )
     p.add_argument("--strategy", choices=["exact", "sparse"], default="exact", help="gated bundles: routing strategy")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -74,9 +74,11 @@ def evaluate_bundle(engine: Engine, limit: int | None = None, progress: bool = F
         if images is None:
             out[task] = None
             continue
-        x, y = images.tensors(engine.preprocessing, limit), images.label_tensor(limit)
-        _, pred = predict_classes(engine, x, [i] * len(x))
-        out[task] = float((pred == y).float().mean())
+        preds = []
+        for chunk in images.chunks(limit):
+            x, _ = engine.prepare(chunk, i)
+            preds.append(predict_classes(engine, x, [i] * len(x))[1])
+        out[task] = float((torch.cat(preds) == images.label_tensor(limit)).float().mean())
     return out
 
 
@@ -135,10 +137,12 @@ def evaluate_routed(
         images = sets[task]
         if images is None:
             continue
-        x_task, g_task = images.tensors_for([engine.preprocessing, engine.gate_preprocessing], limit)
-        xs.append(x_task)
-        gs.append(g_task)
-        tasks.append(torch.full((len(x_task),), i))
+        for chunk in images.chunks(limit):
+            x_chunk, g_chunk = engine.prepare(chunk, None)
+            assert g_chunk is not None
+            xs.append(x_chunk)
+            gs.append(g_chunk)
+        tasks.append(torch.full((images.count(limit),), i))
         labels.append(images.label_tensor(limit))
     if not xs:
         return dict.fromkeys(engine.tasks)

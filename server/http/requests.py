@@ -107,12 +107,13 @@ def _first_error(e: ValidationError) -> str:
 
 
 def decode_all(
-    blobs: list[bytes], engine: InferenceEngine, need_gate: bool, max_pixels: int
+    blobs: list[bytes], engine: InferenceEngine, task: int | None, settings: ServerSettings
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each image decoded and prepared for ``task`` (None: routed) -- model inputs and gate inputs."""
     xs, gs = [], []
     for i, blob in enumerate(blobs):
-        arr = decode_image(blob, max_pixels, what=f"image {i}")
-        x, g = engine.preprocess(arr, need_gate)
+        arr = decode_image(blob, settings.max_image_pixels, f"image {i}", settings.exif_transpose)
+        x, g = engine.preprocess(arr, task)
         xs.append(x)
         gs.append(g)
     return xs, gs

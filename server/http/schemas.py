@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_store.schema import TaskAgreement
+
 MAX_TOP_K = 20
 
 
@@ -105,6 +107,11 @@ class ModelVersion(BaseModel):
     created_at: str
     current: bool
     serving: bool
+    agreement: list[TaskAgreement] | None = Field(
+        None,
+        description="per task, how often this bundle's top-1 equals the task's own model's on the task's images "
+        "(measured at merge, no labels read; None: not measured)",
+    )
 
 
 class ErrorDetail(BaseModel):

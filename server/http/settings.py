@@ -82,6 +82,19 @@ class ServerSettings(BaseSettings):
     max_images: int = Field(64, ge=1, description="images per request")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="width*height cap per image (decompression bombs)")
     decode_threads: int = Field(4, ge=1)
+    exif_transpose: bool = Field(
+        True,
+        description="turn photos with an EXIF orientation tag upright before preprocessing (as transformers' "
+        "load_image does); false: use the stored pixel order",
+    )
+
+    # merges
+    agreement_images: int = Field(
+        256,
+        ge=0,
+        description="admin merges record the bundle's top-1 agreement with each task's own model on this many "
+        "of the task's test (else calibration) images; 0 skips it",
+    )
 
     # replicas (shared store): poll CURRENT and hot-swap when it changes; 0 disables
     watch_interval_s: float = Field(2.0, ge=0.0)

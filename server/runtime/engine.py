@@ -1,21 +1,14 @@
-"""The inference engine: one loaded bundle on one device.
+"""The inference engine: one loaded bundle on one device -- the only inference path (server, eval, benchmarks).
 
-``predict`` takes a batch of preprocessed images, each with a given task or none:
+:meth:`EngineFrontend.prepare` turns uint8 images into the engine's input with each task's own
+preprocessing (:mod:`model_store.data.preprocessing`); ``predict`` takes such a batch, each image
+with a given task or none:
 
 1. **route** -- images without a task go through the gate, ``p(x)`` per image
    (never averaged over the batch); given tasks get a one-hot ``p``;
-2. **group** by ``argmax p`` and run the right weights, once per task per batch;
+2. **features** -- the bundle kind's strategy (:mod:`server.runtime.strategies`: ``static``,
+   ``emr``, ``gated``, ``lowrank``) runs each image with its routed task's weights;
 3. **head** -- each image gets the classifier of its task.
-
-Strategies by bundle kind (one engine, small strategies):
-
-* ``static`` -- one shared backbone, run once for the whole batch;
-* ``emr``    -- task t's backbone ``theta_0 + lam_t * M_t * tau_uni`` is materialised
-  on the device from flat buffers (a few kernels for the whole model) into a module
-  built on the meta device whose parameters ARE the materialised views (no copy);
-  modules live in an LRU :class:`~server.weight_cache.WeightCache` under a byte budget;
-* ``gated``  -- :class:`~server.gated_vit.GatedViT` mixes expert tensors per image
-  (``exact`` or ``sparse``).
 
 The engine never writes to the bundle's tensors; a hot swap builds a new engine.
 """
@@ -31,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_store.bundle import Bundle
-from model_store.data.preprocessing import to_model_input
+from model_store.data.preprocessing import Images, to_model_input
 from model_store.schema import Preprocessing
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.cuda_graphs import GraphRunner
@@ -42,13 +35,17 @@ from server.runtime.strategies import STRATEGIES, KindStrategy, StrategyContext,
 from server.runtime.weight_cache import WeightCache, weights_nbytes
 
 
-def preprocess_image(
-    image: np.ndarray, prep: Preprocessing, gate_prep: Preprocessing | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One uint8 image -> the ViT's input ``(C, S, S)`` and, when ``gate_prep`` is given, the gate's."""
-    batch = image[None]
-    x = to_model_input(batch, prep)[0]
-    return x, (to_model_input(batch, gate_prep)[0] if gate_prep is not None else None)
+def distinct_preprocessing(per_task: Sequence[Preprocessing]) -> tuple[list[Preprocessing], list[int]]:
+    """The distinct input preprocessings of a bundle's tasks (the bundle's own first) and each task's index."""
+    variants: list[Preprocessing] = []
+    index: list[int] = []
+    for prep in per_task:
+        found = next((i for i, v in enumerate(variants) if v.pixels_equal(prep)), None)
+        if found is None:
+            variants.append(prep)
+            found = len(variants) - 1
+        index.append(found)
+    return variants, index
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,8 +71,14 @@ class EngineFrontend:
         self.tasks = self.models.tasks
         self.class_names = self.models.class_names
         self.preprocessing: Preprocessing = self.models.preprocessing
+        self.task_preprocessing: list[Preprocessing] = self.models.spec.task_preprocessing()
         self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        variants, index = distinct_preprocessing([self.preprocessing, *self.task_preprocessing])
+        #: the distinct model-input preprocessings (the bundle's first) and each task's among them: a routed
+        #: image is prepared once per variant, and gets its routed task's after routing (one variant: 4-D input)
+        self.input_variants: list[Preprocessing] = variants
+        self.task_variant: list[int] = index[1:]
 
     @property
     def has_gate(self) -> bool:
@@ -88,9 +91,29 @@ class EngineFrontend:
     def task_index(self, name: str) -> int:
         return self.tasks.index(name)
 
-    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 ``(H, W[, C])`` -> the ViT's input ``(C, S, S)`` (+ the gate's when needed)."""
-        return preprocess_image(image, self.preprocessing, self.gate_preprocessing if need_gate else None)
+    def prepare(self, images: Images, task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 images (a batch, or a list of any sizes) -> the engine's input for ``task`` (None: routed).
+
+        Returns ``(x, x_gate)``: ``x`` is ``(B, C, S, S)``, or ``(B, V, C, S, S)`` with one slice per input
+        variant when the tasks differ in preprocessing (a given task's input in every slice; a routed image's
+        once per variant, chosen after routing); ``x_gate`` the gate's input for routed images, else None.
+        """
+        if isinstance(task, bool):  # the old ``need_gate`` flag would read as task 0 or 1
+            raise TypeError("prepare/preprocess take a task index or None (routed), not a bool")
+        if task is not None:
+            x = to_model_input(images, self.task_preprocessing[task])
+            if len(self.input_variants) > 1:
+                x = x.unsqueeze(1).expand(-1, len(self.input_variants), -1, -1, -1)
+            return x, None
+        xs = [to_model_input(images, prep) for prep in self.input_variants]
+        x = xs[0] if len(xs) == 1 else torch.stack(xs, 1)
+        gate = to_model_input(images, self.gate_preprocessing) if self.gate_preprocessing is not None else None
+        return x, gate
+
+    def preprocess(self, image: np.ndarray, task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One uint8 ``(H, W[, C])`` image -> :meth:`prepare`'s ``(x, x_gate)`` without the batch dimension."""
+        x, gate = self.prepare(image[None], task)
+        return x[0], (gate[0] if gate is not None else None)
 
 
 class Engine(EngineFrontend):
@@ -119,6 +142,7 @@ class Engine(EngineFrontend):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.gate: nn.Module | None = self.models.gate_model().to(dev) if self.models.has_gate else None
         self._gate_run = self._graphed(self.gate) if self.gate is not None else None
+        self._variant_of = torch.tensor(self.task_variant, device=dev)
         ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, strategy, self.threshold)
         self.kind_strategy: KindStrategy = STRATEGIES[self.kind](ctx)
 
@@ -157,13 +181,16 @@ class Engine(EngineFrontend):
     def predict(
         self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None
     ) -> list[ImageOutput]:
-        """Classify a batch ``x`` ``(B, C, S, S)``; ``given[i]`` is image i's task or None (gate)."""
+        """Classify a batch ``x`` (:meth:`prepare`'s: ``(B, C, S, S)`` or ``(B, V, C, S, S)``); ``given[i]`` is
+        image i's task or None (routed)."""
         if x.shape[0] != len(given):
             raise ValueError(f"{x.shape[0]} images but {len(given)} task entries")
         x = x.to(self.device, non_blocking=True)
         p, sources = self.route(given, x_gate)
-        feats = self.features(x, p)
         best_p, best = p.max(1)
+        if x.ndim == 5:  # tasks differ in preprocessing: each image's routed task's input
+            x = x[torch.arange(x.shape[0], device=x.device), self._variant_of[best].to(x.device)]
+        feats = self.features(x, p)
         tasks = best.cpu()
         outs = []
         groups = task_groups(tasks)

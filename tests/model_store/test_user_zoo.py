@@ -685,10 +685,9 @@ def test_every_registered_method_merges_and_serves_the_users_zoo(world, created,
     for method in sorted(REGISTRY):
         outcome = merge_and_publish(created, store, method, _fast_params(method), progress=False)
         engine = Engine(store.load(outcome.version), "cpu")
-        x, g = engine.preprocess(image, engine.has_gate)  # routed by the gate when the bundle has one
-        out = engine.predict(
-            x[None], [None if engine.has_gate else engine.task_index("glyphs")], None if g is None else g[None]
-        )[0]
+        given = None if engine.has_gate else engine.task_index("glyphs")  # routed by the gate when there is one
+        x, g = engine.preprocess(image, given)
+        out = engine.predict(x[None], [given], None if g is None else g[None])[0]
         assert (
             engine.tasks == ["glyphs", "photos"]
             and out.task in (0, 1)

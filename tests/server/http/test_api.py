@@ -53,7 +53,7 @@ def samples():
 
 
 def _direct(engine: Engine, img: np.ndarray, task: str | None):
-    x, g = engine.preprocess(img, task is None)
+    x, g = engine.preprocess(img, None if task is None else engine.task_index(task))
     return engine.predict(x[None], [None if task is None else engine.task_index(task)], None if g is None else g[None])[
         0
     ]
