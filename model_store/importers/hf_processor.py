@@ -93,10 +93,10 @@ def processor_preprocessing(
     """The preprocessing ``ckpt_dir/preprocessor_config.json`` describes, for a model taking ``size`` px and
     ``channels`` channels (``default_class``'s defaults without a file, or for fields it leaves out)."""
     path = ckpt_dir / PROCESSOR_FILE
-    raw = read_json(path) if path.exists() else {}
+    raw = read_json(path) if path.exists() else _at_model_size(default_class, size)
     kind = str(raw.get("image_processor_type") or _LEGACY.get(str(raw.get("feature_extractor_type")), default_class))
     kind = kind.removesuffix("Fast")
-    where = str(path) if path.exists() else f"{ckpt_dir} (no {PROCESSOR_FILE}: {kind}'s defaults)"
+    where = str(path) if path.exists() else f"{ckpt_dir} (no {PROCESSOR_FILE}: {kind}'s defaults at {size} px)"
     if kind not in DEFAULTS and raw:
         missing = [f for f in ("size", "resample", "image_mean", "image_std") if f not in raw]
         if missing:
@@ -122,6 +122,14 @@ def processor_preprocessing(
         alpha="white" if cfg.get("do_convert_rgb") else "drop",
         source=f"{where} ({kind}{', crop ' + str(crop) if crop else ''})",
     )
+
+
+def _at_model_size(kind: str, size: int) -> dict[str, Any]:
+    """Without a config: the processor class's defaults, resized for the model's own input size."""
+    square = {"height": size, "width": size}
+    if "shortest_edge" in DEFAULTS[kind]["size"]:
+        return {"size": {"shortest_edge": size}, "crop_size": square}
+    return {"size": square, "crop_size": square}
 
 
 def _refuse_unknown(raw: dict[str, Any], path: Path) -> None:

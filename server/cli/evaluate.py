@@ -48,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _agreement(engine, args: argparse.Namespace) -> int:
     """``vitmerge eval --agreement``: top-1 agreement and KL with each task's own model, no labels read."""
     from server.eval.accuracy import source_zoo
-    from server.eval.agreement import format_agreement, measure_agreement
+    from server.runtime.agreement import format_agreement, measure_agreement
 
     zoo = source_zoo(engine.models)
     if zoo is None:

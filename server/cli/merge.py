@@ -23,7 +23,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from merging.pipeline import merge_and_publish
     from model_store.bundle import BundleStore
     from model_store.settings import StoreSettings
-    from server.eval.agreement import agreement_review, format_agreement, recorded_agreement
+    from server.runtime.agreement import agreement_review, format_agreement, recorded_agreement
 
     params = dict(_parse_param(p) for p in args.param)
     zoo = any_zoo(args, args.zoo)

@@ -69,7 +69,7 @@ class _PipeProgress:
 
 def _agreement(zoo: Any, images: int, conn: Connection) -> Callable[[Any], dict[str, Any]]:
     """The pipeline's review hook: the new bundle's agreement with the zoo's models (phase reported)."""
-    from server.eval.agreement import agreement_review
+    from server.runtime.agreement import agreement_review
 
     measure = agreement_review(zoo, images)
 

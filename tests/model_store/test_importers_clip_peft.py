@@ -70,9 +70,13 @@ def with_projection(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     model = transformers.CLIPVisionModelWithProjection(_clip_vision_config()).eval()
     _jitter(model, 0, skip="none")
     model.save_pretrained(root / "hf")
-    transformers.CLIPImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4], resample=3).save_pretrained(
-        root / "hf"
-    )
+    transformers.CLIPImageProcessor(
+        image_mean=[0.4, 0.5, 0.6],
+        image_std=[0.2, 0.3, 0.4],
+        resample=3,
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+    ).save_pretrained(root / "hf")
     return root / "hf", model
 
 

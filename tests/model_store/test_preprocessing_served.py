@@ -313,3 +313,25 @@ def test_served_preprocessing_is_reported_per_task(hf_world):
         assert np.isclose(meta["task_preprocessing"]["cropped"]["resize_size"], 40)
     finally:
         h.close()
+
+
+def test_agreement_on_a_zoo_with_calibration_images_only(hf_world, capsys):
+    """No test images, no labels: each merge records its agreement with the user's models on the calibration
+    images; an exact bundle agrees everywhere (KL ~ 0); `vitmerge eval --agreement` prints it; /v1/models shows it."""
+    _, store = hf_world
+    assert main(["merge", "--zoo", "hfpertask", "--store", str(store), "--method", "tsv_c", "--param", "f=1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "agreement with your own models" in out and "| squashed | 6 calibration | 100.0% | n/a |" in out, out
+    bundle = BundleStore(StoreLayout(store)).load()
+    rows = {r["task"]: r for r in bundle.manifest.extra["agreement"]}
+    for task in ("squashed", "cropped"):
+        assert rows[task]["split"] == "calibration" and rows[task]["images"] == 6
+        assert rows[task]["top1_given"] == 1.0 and rows[task]["kl_given"] < 1e-6 and rows[task]["top1_routed"] is None
+    assert main(["eval", "--agreement", "--store", str(store), "--quiet"]) == 0
+    assert "| cropped | 6 calibration | 100.0% | n/a |" in capsys.readouterr().out
+    h = AsgiHarness(ServerSettings(store=store, watch_interval_s=0, device="cpu"))
+    try:
+        listed = {v["version"]: v for v in h.request("GET", "/v1/models").json()["versions"]}
+        assert listed[bundle.version]["agreement"] == bundle.manifest.extra["agreement"]
+    finally:
+        h.close()

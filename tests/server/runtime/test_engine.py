@@ -165,6 +165,8 @@ def test_a_format_1_bundle_written_before_the_typed_spec_loads_and_answers_the_s
 
     src = emr_engine.bundle
     old = json.loads((src.path / "model.json").read_text())
+    old["bundle_format"] = 1  # a format-1 preprocessing: a square squash
+    old["preprocessing"] = {k: old["preprocessing"][k] for k in ("size", "channels", "mean", "std", "interpolation")}
     old["tasks"] = [{"name": t["name"], "class_names": t["class_names"]} for t in old["tasks"]]
     old["emr"].pop("mask_bit_order")
     for key in ("test_accuracy", "holdout_accuracy", "epochs_run"):
@@ -184,7 +186,7 @@ def test_a_format_1_bundle_written_before_the_typed_spec_loads_and_answers_the_s
     for a, b in zip(engine.predict(x, [None] * len(x), g), emr_engine.predict(x, [None] * len(x), g)):
         assert a.task == b.task
         torch.testing.assert_close(a.probabilities, b.probabilities)
-    for bad in ({**old, "bundle_format": 2}, {**old, "kind": "moe"}, {k: v for k, v in old.items() if k != "emr"}):
+    for bad in ({**old, "bundle_format": 3}, {**old, "kind": "moe"}, {k: v for k, v in old.items() if k != "emr"}):
         version = publish(bad)
         with pytest.raises(BundleIntegrityError, match="unsupported model.json"):
             Engine(store.load(version), "cpu")

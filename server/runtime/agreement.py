@@ -1,5 +1,8 @@
 """Label-free agreement: how often a bundle answers like the user's own fine-tuned models (issue 33).
 
+Part of the runtime because admin merges record it before publishing (server.http.merge_process): it runs
+only the Engine and the zoo's own models, never training code.
+
 For every task, on that task's images (its test images, else its calibration images -- no labels are
 read), the share where the served top-1 equals the individual model's top-1: with the task given, and
 routed (the image must also be routed to its task), plus the mean KL(individual || served) of the class
