@@ -101,8 +101,8 @@ class Architecture(_Strict):
         default=None,
         gt=0,
         exclude_if=lambda v: v is None,
-        description="CLIP towers: a shared linear projection to this many dimensions and an L2 normalisation run "
-        "before the head (``fc_norm.proj.weight``, part of the backbone); None: no projection",
+        description="CLIP towers: a linear projection to this many dimensions and an L2 normalisation run "
+        "before the head (``fc_norm.proj.weight``, part of each model's backbone); None: no projection",
     )
 
     @field_validator("kwargs")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from model_store.architecture import PROJECTION_KEY, StateDict, build_model, head_prefix, load_into, split_head
+from model_store.architecture import StateDict, build_model, head_prefix, load_into, split_head
 from model_store.data.attach import task_data_from
 from model_store.errors import CheckpointImportError
 from model_store.schema import Architecture, LoraAdapter, ModelMeta, Preprocessing, Provenance, TaskData
@@ -145,9 +145,10 @@ def check_fits_zoo(zoo_dir: str | Path, name: str, backbone: StateDict, arch: Ar
     """Refuse, before anything is written, a model whose backbone does not fit the zoo's models.
 
     The reference is the zoo's base (else its first task, other than ``name``); the error
-    names the first tensor that is missing, extra or of another shape, then an
-    architecture difference; tensors that must be equal in every model (a CLIP tower's
-    shared projection, :data:`~model_store.architecture.PROJECTION_KEY`) are compared by value.
+    names the first tensor that is missing, extra or of another shape (a CLIP tower's
+    projection :data:`~model_store.architecture.PROJECTION_KEY` of another width included),
+    then an architecture difference. Values may differ: a fine-tuned projection is a task's
+    own 2-D weight like any other, merged by every method.
     """
     if not (Path(zoo_dir) / "zoo.json").exists():
         return
@@ -169,16 +170,6 @@ def check_fits_zoo(zoo_dir: str | Path, name: str, backbone: StateDict, arch: Ar
             f"architecture {arch.model_dump(mode='json')} differs from '{ref}''s "
             f"{zoo.metas[ref].architecture.model_dump(mode='json')} in zoo {zoo.root}"
         )
-    if PROJECTION_KEY in backbone:
-        theirs = zoo.backbone_lazy(ref)[PROJECTION_KEY]
-        if not torch.equal(theirs, backbone[PROJECTION_KEY]):
-            diff = (theirs.float() - backbone[PROJECTION_KEY].float()).abs().max().item()
-            raise CheckpointImportError(
-                f"'{PROJECTION_KEY}' (the CLIP visual projection) differs from '{ref}''s (max |diff| {diff:.3g}): "
-                "the projection stays in the backbone only when every model of a zoo has the same one, and "
-                "per-task projections are not supported; import this tower with the zoo's projection "
-                "(--projection SRC) if it was not fine-tuned, or put it in a zoo of its own"
-            )
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

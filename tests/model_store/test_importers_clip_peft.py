@@ -30,7 +30,7 @@ transformers = require("transformers", "pip install -e '.[test]'")
 TOL = 1e-4
 
 
-def _clip_vision_config(patch: int = 8, **kw):
+def _clip_vision_config(patch: int = 8, projection_dim: int = 16, **kw):
     return transformers.CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -38,7 +38,7 @@ def _clip_vision_config(patch: int = 8, **kw):
         num_attention_heads=2,
         image_size=32,
         patch_size=patch,
-        projection_dim=16,
+        projection_dim=projection_dim,
         **kw,
     )
 
@@ -283,16 +283,25 @@ def test_import_errors_name_the_missing_file_or_mismatching_tensor(with_projecti
     _head(tmp_path / "h.safetensors", 2, 16, 0)
     with pytest.raises(CheckpointImportError, match=r"'patch_embed.proj.weight' is 32x3x16x16 .* 32x3x8x8 in 'base'"):
         import_clip(tmp_path / "p16", zoo, "t", head=tmp_path / "h.safetensors")
-    # a fine-tuned projection: refused, naming the tensor (per-task projections are not supported)
-    tuned = copy.deepcopy(with_projection[1])
-    tuned.visual_projection.weight.data.add_(0.01)
-    tuned.save_pretrained(tmp_path / "tuned")
-    with pytest.raises(CheckpointImportError, match=re.escape(f"'{PROJECTION_KEY}'") + ".*differs from 'base'"):
-        import_clip(tmp_path / "tuned", zoo, "t", head=tmp_path / "h.safetensors")
+    # a projection of another size (8 dimensions, the zoo's 16) or none at all: the tensor is named
+    transformers.CLIPVisionModelWithProjection(_clip_vision_config(projection_dim=8)).save_pretrained(tmp_path / "p8")
+    _head(tmp_path / "h8.safetensors", 2, 8, 0)
+    with pytest.raises(CheckpointImportError, match=re.escape(f"'{PROJECTION_KEY}' is 8x32") + ".* 16x32 in 'base'"):
+        import_clip(tmp_path / "p8", zoo, "t", head=tmp_path / "h8.safetensors")
+    transformers.CLIPVisionModel(_clip_vision_config()).save_pretrained(tmp_path / "bare")
+    _head(tmp_path / "h32.safetensors", 2, 32, 0)
+    with pytest.raises(CheckpointImportError, match=re.escape(f"'{PROJECTION_KEY}' is absent") + ".* 16x32 in 'base'"):
+        import_clip(tmp_path / "bare", zoo, "t", head=tmp_path / "h32.safetensors")
     with pytest.raises(CheckpointImportError, match="no 'visual.class_embedding'"):
         save_file({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
         import_clip(tmp_path / "bad.safetensors", zoo, "t", head=tmp_path / "h.safetensors")
     assert Zoo.load(zoo, require_base=False).tasks == []  # nothing half-written
+    # a fine-tuned projection (same size, other values): the task's own, imported as it is
+    tuned = copy.deepcopy(with_projection[1])
+    tuned.visual_projection.weight.data.add_(0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    imported = import_clip(tmp_path / "tuned", zoo, "t", head=tmp_path / "h.safetensors").backbone("t")
+    assert torch.equal(imported[PROJECTION_KEY], tuned.visual_projection.weight.detach())
 
 
 def test_peft_errors_name_the_missing_file_or_tensor(tmp_path):
@@ -353,8 +362,8 @@ def test_clip_zoo_end_to_end_emr_merge_and_serve(with_projection, tmp_path, caps
         )
     capsys.readouterr()
     assert main(["zoo", "show", str(zoo_dir)]) == 0
-    assert json.loads(capsys.readouterr().out)["projection"].startswith(
-        f"shared by every model, in the backbone ('{PROJECTION_KEY}', 16 x 32"
+    assert json.loads(capsys.readouterr().out)["projection"] == (
+        f"in each model's backbone ('{PROJECTION_KEY}', 16 x 32), then L2-normalised; the same in every model"
     )
     assert main(["merge", "--zoo", str(zoo_dir), "--store", str(store), "--method", "emr", "--quiet"]) == 0
     settings = ServerSettings(store=store, zoo=str(zoo_dir), watch_interval_s=0, device="cpu", default_method="emr")
