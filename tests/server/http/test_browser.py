@@ -105,8 +105,10 @@ def _only_this_server(driver, origin: str) -> None:
 def _screenshot(driver, path: Path) -> Path:
     """The whole page as a PNG (the window grown to the page's height first)."""
     width = driver.get_window_size()["width"]
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(width, height + 140)  # + the window's own frame
+    height = driver.execute_script(
+        "return Math.ceil(document.body.getBoundingClientRect().height) + window.outerHeight - window.innerHeight"
+    )
+    driver.set_window_size(width, height)  # the page's height + the window's own frame
     assert driver.save_screenshot(str(path))
     return path
 
