@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             examples = write_examples(engine, settings.layout.root / "examples")
         except Exception:  # noqa: BLE001 - examples are a convenience
             examples = {}
-        print(ready_message(engine, base_url, examples), flush=True)
+        print(ready_message(engine, base_url, examples, settings.playground), flush=True)
 
     state.on_ready.append(announce)
     print(

@@ -126,7 +126,13 @@ def encode_prediction(engine: InferenceEngine, result: ItemResult, top_k: int) -
     values, indices = out.probabilities.topk(min(top_k, out.probabilities.numel()))
     top = [{"index": int(i), "label": labels[int(i)], "probability": float(v)} for v, i in zip(values, indices)]
     return {
-        "task": {"name": name, "index": out.task, "probability": out.task_probability, "source": out.source},
+        "task": {
+            "name": name,
+            "index": out.task,
+            "probability": out.task_probability,
+            "source": out.source,
+            "probabilities": dict(zip(engine.tasks, out.task_probabilities.tolist())),
+        },
         "class": top[0],
         "top_k": top,
     }

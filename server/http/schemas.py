@@ -35,6 +35,9 @@ class TaskPrediction(BaseModel):
     index: int
     probability: float = Field(description="p(task | image) from the gate; 1.0 when given")
     source: Literal["gate", "given"]
+    probabilities: dict[str, float] = Field(
+        description="p(task | image) of every served task (task name -> p): the gate's softmax; one-hot when given"
+    )
 
 
 class ClassScore(BaseModel):

@@ -30,6 +30,9 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="optional bearer token / X-API-Key required by /v1/classify and /v2 infer"
     )
+    playground: bool = Field(
+        True, description="serve the playground page at / (read-only: classify, tasks, versions); false = 404"
+    )
     model_name: str = Field(
         "vitmerge",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",

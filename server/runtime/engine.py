@@ -197,8 +197,10 @@ class Engine(EngineFrontend):
         for t, idx in groups:
             w, b = self.heads[t]
             outs.append(F.linear(feats[idx.to(feats.device)], w, b).float().softmax(-1).reshape(-1))
-        host = torch.cat([best_p.float(), *outs]).cpu()  # one device->host copy per batch
-        task_prob, flat = host[: len(tasks)], host[len(tasks) :]
+        rows, cols = len(tasks), len(self.tasks)  # p: (images, tasks)
+        host = torch.cat([best_p.float(), p.float().reshape(-1), *outs]).cpu()  # one device->host copy per batch
+        task_prob, p_host = host[:rows], host[rows : rows * (1 + cols)].view(rows, cols)
+        flat = host[rows * (1 + cols) :]
         probs: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
         offset = 0
         for t, idx in groups:
@@ -208,7 +210,9 @@ class Engine(EngineFrontend):
             for j, i in enumerate(idx.tolist()):
                 probs[i] = block[j]
         tasks_list = tasks.tolist()
-        return [ImageOutput(tasks_list[i], float(task_prob[i]), sources[i], probs[i]) for i in range(x.shape[0])]
+        return [
+            ImageOutput(tasks_list[i], float(task_prob[i]), sources[i], probs[i], p_host[i]) for i in range(x.shape[0])
+        ]
 
     # -- lifecycle ------------------------------------------------------------------
     def warmup(self) -> None:

@@ -23,6 +23,7 @@ class ImageOutput:
     task_probability: float
     source: Source
     probabilities: torch.Tensor  # (num_classes,) on CPU
+    task_probabilities: torch.Tensor  # (num_tasks,) on CPU: the router's p(x), one-hot when the task is given
 
 
 class InferenceEngine(Protocol):

@@ -70,7 +70,10 @@ def _child(
             if op == "predict":
                 outs = engine.predict(*args)
                 result: Any = (
-                    [(o.task, o.task_probability, o.source, o.probabilities.numpy()) for o in outs],
+                    [
+                        (o.task, o.task_probability, o.source, o.probabilities.numpy(), o.task_probabilities.numpy())
+                        for o in outs
+                    ],
                     list(lookups),
                 )
                 lookups.clear()
@@ -169,7 +172,7 @@ class ProcessEngine(EngineFrontend):
     ) -> list[ImageOutput]:
         outs, lookups = self._call_raw("predict", x, list(given), x_gate)
         self._report(lookups)
-        return [ImageOutput(t, p, s, torch.from_numpy(probs)) for t, p, s, probs in outs]
+        return [ImageOutput(t, p, s, torch.from_numpy(probs), torch.from_numpy(ps)) for t, p, s, probs, ps in outs]
 
     def warmup(self) -> None:
         self._report(self._call_raw("warmup"))

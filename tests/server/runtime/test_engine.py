@@ -44,9 +44,17 @@ def test_engine_matches_routed_model_gate_and_given(emr_engine):
     assert all(o.source == "gate" for o in out)
     for o, logits in zip(out, ref.logits):
         torch.testing.assert_close(o.probabilities, logits.softmax(-1), atol=1e-5, rtol=1e-4)
+    # the router's whole p(x) row per image, on the CPU: its argmax is the task, its max the task probability
+    p = torch.stack([o.task_probabilities for o in out])
+    assert p.device.type == "cpu" and p.shape == (len(x), len(emr_engine.tasks))
+    torch.testing.assert_close(p, routed.route(g), atol=1e-5, rtol=1e-4)
+    assert p.argmax(1).tolist() == [o.task for o in out] and p.max(1).values.tolist() == [
+        o.task_probability for o in out
+    ]
     given = emr_engine.predict(x, truth)
     for o, t, xi in zip(given, truth, x):
         assert o.task == t and o.source == "given" and o.task_probability == 1.0
+        assert o.task_probabilities.tolist() == [float(i == t) for i in range(len(emr_engine.tasks))]  # one-hot
         alone = routed.classify(xi[None], task=emr_engine.tasks[t]).logits[0].softmax(-1)
         torch.testing.assert_close(o.probabilities, alone, atol=1e-5, rtol=1e-4)
 
