@@ -4,7 +4,7 @@
 
 For every store's CURRENT bundle: one mixed-task batch of pool images (``STORE/pool``
 or the first store's), task given and routed by the gate; gated bundles with both
-strategies. Prints a JSON report; exits 1 on any mismatch.
+mixing modes (exact, sparse). Prints a JSON report; exits 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from PIL import Image
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
 from server.runtime.engine import Engine
+from server.runtime.gated_vit import Mixing
 
 
 def _batch(engine: Engine, pool: Path, n: int = 64):
@@ -31,11 +32,11 @@ def _batch(engine: Engine, pool: Path, n: int = 64):
     return torch.stack(xs), torch.stack(gs) if gs[0] is not None else None, tasks
 
 
-def compare(store: Path, pool: Path, strategy: str = "sparse") -> dict:
-    cpu = Engine(BundleStore(StoreLayout(store)).load(), "cpu", strategy=strategy)
-    gpu = Engine(BundleStore(StoreLayout(store)).load(), "cuda", strategy=strategy)
+def compare(store: Path, pool: Path, mixing: Mixing = "sparse") -> dict:
+    cpu = Engine(BundleStore(StoreLayout(store)).load(), "cpu", mixing=mixing)
+    gpu = Engine(BundleStore(StoreLayout(store)).load(), "cuda", mixing=mixing)
     x, g, tasks = _batch(cpu, pool)
-    out = {"store": store.name, "bundle": cpu.version, "kind": cpu.kind, "strategy": strategy}
+    out = {"store": store.name, "bundle": cpu.version, "kind": cpu.kind, "mixing": mixing}
     modes = [("given", tasks, None)] + ([("routed", [None] * len(tasks), g)] if cpu.has_gate else [])
     for name, given, xg in modes:
         a, b = cpu.predict(x, given, xg), gpu.predict(x, given, xg)
@@ -52,10 +53,10 @@ def main() -> int:
     reports = []
     for store in stores:
         kind = BundleStore(StoreLayout(store)).load(verify=False)
-        strategies = (
+        mixings: list[Mixing] = (
             ["exact", "sparse"] if json.loads((kind.path / "model.json").read_text())["kind"] == "gated" else ["sparse"]
         )
-        reports += [compare(store, pool, s) for s in strategies]
+        reports += [compare(store, pool, s) for s in mixings]
     print(
         json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "reports": reports}, indent=2)
     )

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merging.catalog import run_merge
+from merging.method_index import run_merge
 from merging.pipeline import merge_context
 from model_store.memory import limit_heap_fragmentation
 from model_store.zoo import Zoo

@@ -41,7 +41,7 @@ from merging.methods.tsv import tsv_compress
 from merging.pipeline import write_lowrank
 from model_store.architecture import build_gate, build_model, gate_state
 from model_store.bundle import BundleStore
-from model_store.schema import BundleSpec, BundleTask, EMRSpec, GateSpec
+from model_store.schema import BundleGateSpec, BundleSpec, BundleTask, EMRSpec
 from model_store.settings import StoreLayout
 from server.runtime.engine import Engine
 from server.runtime.host_memory import reuse_freed_memory
@@ -72,7 +72,7 @@ def synthetic_zoo(arch: dict, n: int, seed: int) -> tuple[dict, list[dict], list
 
 def _spec(kind: str, arch: dict, size: int, gate_size: int, tasks: list[str], **fields) -> dict:
     rgb = {"size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
-    gate = GateSpec(arch="efficientnet_lite0", preprocessing={**rgb, "size": gate_size})  # type: ignore[arg-type]
+    gate = BundleGateSpec(arch="efficientnet_lite0", preprocessing={**rgb, "size": gate_size})  # type: ignore[arg-type]
     return BundleSpec.model_validate(
         {
             "kind": kind,

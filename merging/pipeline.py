@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from merging.catalog import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.gating.router import gate_probabilities
+from merging.method_index import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.methods.tsv import LowRankDeltas
 from merging.registry import GateArtifact, MergeContext, MergeResult
 from merging.types import Tensors
@@ -42,11 +42,11 @@ from model_store.data.sources import ImageSet
 from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
 from model_store.schema import (
+    BundleGateSpec,
     BundleKind,
     BundleSpec,
     BundleTask,
     EMRSpec,
-    GateSpec,
     GatingSpec,
     LowRankSpec,
     Preprocessing,
@@ -281,7 +281,7 @@ def write_bundle(
     if result.gate is not None:
         art = result.gate
         draft.add_tensors("gate", art.state)
-        gate = GateSpec(
+        gate = BundleGateSpec(
             arch=art.arch,
             preprocessing=art.preprocessing,
             holdout_accuracy=art.holdout_accuracy,

@@ -1,10 +1,10 @@
 """The merge-method mechanism: context, result, typed parameters, method specs and catalogs.
 
 A method is one pure function ``(MergeContext, params) -> MergeResult`` registered in a
-:class:`Catalog` with its pydantic parameter model and data needs. Catalog modules
-(``merging.methods.catalog``, ``merging.gating.catalog``, ``merging.different_init.catalog``)
-fill their catalogs; :mod:`merging.catalog` is the one index callers look methods up in.
-This module holds no methods and no global state.
+:class:`Catalog` with its pydantic parameter model and data needs. The catalog modules
+``merging.methods.shared_base_methods``, ``merging.gating.gated_methods`` and
+``merging.different_init.different_init_methods`` fill their catalogs; :mod:`merging.method_index`
+is the one index callers look methods up in. This module holds no methods and no global state.
 """
 
 from __future__ import annotations

@@ -320,7 +320,7 @@ class LowRankSpec(_Strict):
     source: Literal["tsv_c", "lora"] = "tsv_c"
 
 
-class GateSpec(_Strict):
+class BundleGateSpec(_Strict):
     """The bundle's gate (router) network and how well it routed."""
 
     arch: GateArch
@@ -346,7 +346,7 @@ class BundleSpec(_Strict):
     emr: EMRSpec | None = None
     gating: GatingSpec | None = None
     lowrank: LowRankSpec | None = None
-    gate: GateSpec | None = None
+    gate: BundleGateSpec | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> BundleSpec:

@@ -136,7 +136,9 @@ class TaskSpec(ModelSpec):
         return [*super().files(), *([self.head] if self.head else [])]
 
 
-class GateSpec(_Spec):
+class ZooGateSpec(_Spec):
+    """The zoo's gate (router) network: its architecture and pretrained weights."""
+
     arch: Literal["mobilenetv2_100", "efficientnet_lite0"]
     init: str | None = Field(default=None, description="ImageNet weights (timm or torchvision naming)")
 
@@ -147,7 +149,7 @@ class ZooSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN)
     base: ModelSpec
     tasks: list[TaskSpec] = Field(min_length=1)
-    gate: GateSpec | None = None
+    gate: ZooGateSpec | None = None
     exif_transpose: bool = Field(
         default=True,
         description="turn calibration/test photos with an EXIF orientation tag upright (as transformers' load_image)",

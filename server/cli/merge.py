@@ -44,7 +44,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from merging.catalog import REGISTRY
+    from merging.method_index import REGISTRY
 
     for name, spec in sorted(REGISTRY.items()):
         params = ", ".join(f"{k}={f.default!r}" for k, f in spec.params.model_fields.items()) or "-"

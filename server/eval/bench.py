@@ -34,9 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from merging import collect_grams, emr_merge, regmean, weight_average
-from merging.catalog import run_merge
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, gate_probabilities, train_gate_for
+from merging.method_index import run_merge
 from merging.methods.tsv import tsv_compress, tsv_merge
 from merging.pipeline import merge_context
 from merging.registry import MergeContext, MergeResult

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from filelock import FileLock
 
 from model_store.bundle import BundleStore
+from model_store.devices import resolve_device
 from server.http.metrics import ServerMetrics
 from server.http.settings import ServerSettings
-from server.runtime.engine import Engine, resolve_device
+from server.runtime.engine import Engine
 from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.models")
@@ -61,7 +62,7 @@ class ModelManager:
                 self.store.load(version),
                 self.device,
                 s.cache_bytes,
-                s.strategy,
+                s.mixing,
                 s.sparse_threshold,
                 self.metrics.cache_lookup,
                 s.cuda_graphs,
@@ -72,7 +73,7 @@ class ModelManager:
                 self.store.load(version),
                 self.device,
                 s.cache_bytes,
-                s.strategy,
+                s.mixing,
                 s.sparse_threshold,
                 self.metrics.cache_lookup,
                 s.cuda_graphs,

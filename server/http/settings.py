@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store.settings import StoreLayout
@@ -48,7 +48,12 @@ class ServerSettings(BaseSettings):
         "thread", description="run the engine in the server process (thread) or in its own process (no shared GIL)"
     )
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
-    strategy: Literal["exact", "sparse"] = "sparse"
+    mixing: Literal["exact", "sparse"] = Field(
+        "sparse",
+        # VITMERGE_STRATEGY: the variable's name before "strategy" came to mean the engine's per-kind executor only
+        validation_alias=AliasChoices("mixing", "VITMERGE_MIXING", "VITMERGE_STRATEGY"),
+        description="gated bundles: how experts are mixed per image (exact, or sparse: small weights dropped)",
+    )
     sparse_threshold: float | None = Field(None, ge=0.0, le=1.0, description="default: the gating benchmark's choice")
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay CUDA graphs of fixed-weight modules (gate, cached task models)"

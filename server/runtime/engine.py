@@ -16,7 +16,6 @@ The engine never writes to the bundle's tensors; a hot swap builds a new engine.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,10 +24,11 @@ from torch import nn
 
 from model_store.bundle import Bundle
 from model_store.data.preprocessing import Images, to_model_input
+from model_store.devices import resolve_device
 from model_store.schema import Preprocessing
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.cuda_graphs import GraphRunner
-from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD
+from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD, Mixing
 from server.runtime.groups import task_groups
 from server.runtime.protocol import ImageOutput, Source
 from server.runtime.strategies import STRATEGIES, KindStrategy, StrategyContext, tensor_bytes
@@ -46,16 +46,6 @@ def distinct_preprocessing(per_task: Sequence[Preprocessing]) -> tuple[list[Prep
             found = len(variants) - 1
         index.append(found)
     return variants, index
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available")
-    return device
 
 
 class EngineFrontend:
@@ -124,13 +114,13 @@ class Engine(EngineFrontend):
         bundle: Bundle,
         device: str | torch.device = "cpu",
         cache_bytes: int = 512 * 2**20,
-        strategy: Literal["exact", "sparse"] = "sparse",
+        mixing: Mixing = "sparse",
         threshold: float | None = None,
         on_cache_lookup: Callable[[bool], None] | None = None,
         cuda_graphs: bool = True,
     ):
         super().__init__(bundle, device)
-        self.strategy = strategy
+        self.mixing = mixing
         self.threshold = DEFAULT_SPARSE_THRESHOLD if threshold is None else threshold
         self.cache = WeightCache(cache_bytes, on_cache_lookup)
         dev = self.device
@@ -143,7 +133,7 @@ class Engine(EngineFrontend):
         self.gate: nn.Module | None = self.models.gate_model().to(dev) if self.models.has_gate else None
         self._gate_run = self._graphed(self.gate) if self.gate is not None else None
         self._variant_of = torch.tensor(self.task_variant, device=dev)
-        ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, strategy, self.threshold)
+        ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, mixing, self.threshold)
         self.kind_strategy: KindStrategy = STRATEGIES[self.kind](ctx)
 
     def _graphed(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

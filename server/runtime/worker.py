@@ -1,4 +1,4 @@
-"""An :class:`~server.engine.Engine` in a child process: the model gets its own GIL.
+"""An :class:`~server.runtime.engine.Engine` in a child process: the model gets its own GIL.
 
 With the inference worker as a thread, its Python-heavy kernel launching competes with
 request decoding and HTTP handling for one interpreter lock (BENCHMARKS.md, "Serving").
@@ -18,13 +18,14 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.multiprocessing  # registers tensor reductions with multiprocessing
 
 from model_store.bundle import Bundle
 from server.runtime.engine import EngineFrontend
+from server.runtime.gated_vit import Mixing
 from server.runtime.protocol import ImageOutput
 
 
@@ -33,7 +34,7 @@ def _child(
     bundle_dir: str,
     device: str,
     cache_bytes: int,
-    strategy: Literal["exact", "sparse"],
+    mixing: Mixing,
     threshold: float | None,
     cuda_graphs: bool,
     malloc_reuse: bool = False,
@@ -52,7 +53,7 @@ def _child(
             load_bundle_dir(Path(bundle_dir), verify=False),
             device,
             cache_bytes,
-            strategy,
+            mixing,
             threshold,
             lookups.append,
             cuda_graphs,
@@ -112,7 +113,7 @@ class ProcessEngine(EngineFrontend):
         bundle: Bundle,
         device: str | torch.device = "cpu",
         cache_bytes: int = 512 * 2**20,
-        strategy: Literal["exact", "sparse"] = "sparse",
+        mixing: Mixing = "sparse",
         threshold: float | None = None,
         on_cache_lookup: Callable[[bool], None] | None = None,
         cuda_graphs: bool = True,
@@ -131,7 +132,7 @@ class ProcessEngine(EngineFrontend):
                 str(bundle.path),
                 str(self.device),
                 cache_bytes,
-                strategy,
+                mixing,
                 threshold,
                 cuda_graphs,
                 malloc_reuse,

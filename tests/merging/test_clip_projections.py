@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from server_helpers import require
 
-from merging.catalog import REGISTRY
-from merging.different_init.catalog import CATALOG as DIFFERENT_INIT
+from merging.different_init.different_init_methods import CATALOG as DIFFERENT_INIT
 from merging.gating.plan import expert_stacks, gating_plan
+from merging.method_index import REGISTRY
 from merging.methods.fisher import estimate_fisher
 from merging.methods.regmean import collect_grams, regmean
 from merging.pipeline import merge_and_publish, merge_context
@@ -34,7 +34,8 @@ from model_store.settings import StoreLayout
 from model_store.zoo import Zoo
 from server.cli import main
 from server.runtime.engine import Engine
-from server.runtime.gated_vit import GatedLinear, GatedViT
+from server.runtime.gated_vit import GatedViT
+from server.runtime.layers.gated import GatedLinear
 
 transformers = require("transformers", "pip install -e '.[test]'")
 TASKS = {"birds": ["owl", "jay", "tit"], "cars": ["van", "bus"], "pets": ["cat", "dog", "rat", "eel"]}
@@ -262,9 +263,9 @@ def test_gated_experts_carry_each_tasks_projection(hf_zoo):
     )
     for t, task in enumerate(TASKS):
         p = F.one_hot(torch.full((len(hf_zoo.x),), t), len(TASKS)).float()
-        for strategy in ("exact", "sparse"):
-            out = model.classify(hf_zoo.x, p, strategy)  # type: ignore[arg-type]
-            assert _diff(torch.stack(out.logits).softmax(-1), hf_zoo.want[task]) < TOL, (task, strategy)
+        for mixing in ("exact", "sparse"):
+            out = model.classify(hf_zoo.x, p, mixing)  # type: ignore[arg-type]
+            assert _diff(torch.stack(out.logits).softmax(-1), hf_zoo.want[task]) < TOL, (task, mixing)
 
 
 def test_regmean_and_fisher_treat_the_projection_as_a_linear(hf_zoo):

@@ -9,7 +9,7 @@ import pytest
 from conftest import build_in_fresh_process
 from server_helpers import AsgiHarness, png_bytes
 
-from merging.catalog import REGISTRY, run_merge
+from merging.method_index import REGISTRY, run_merge
 from merging.pipeline import merge_and_publish, merge_context, shares_init
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout

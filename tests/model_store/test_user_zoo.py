@@ -667,7 +667,7 @@ def test_bench_accuracy_runs_on_the_users_zoo_and_test_images(world, created, tm
 
 
 def _fast_params(method: str) -> dict:
-    from merging.catalog import REGISTRY
+    from merging.method_index import REGISTRY
 
     fields = REGISTRY[method].params.model_fields
     # max_fraction 1: the exact low-rank (LoRA) methods take these fully fine-tuned models at full rank
@@ -676,7 +676,7 @@ def _fast_params(method: str) -> dict:
 
 
 def test_every_registered_method_merges_and_serves_the_users_zoo(world, created, tmp_path):
-    from merging.catalog import REGISTRY
+    from merging.method_index import REGISTRY
     from merging.pipeline import merge_and_publish
     from server.runtime.engine import Engine
 

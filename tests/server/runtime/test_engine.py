@@ -9,9 +9,10 @@ from merging.pipeline import merge_and_publish
 from model_store.bundle import BundleStore
 from model_store.data.builtin import load_split
 from model_store.data.preprocessing import to_model_input
+from model_store.devices import resolve_device
 from model_store.settings import StoreLayout
 from server.runtime.bundle_reader import BundleReader
-from server.runtime.engine import Engine, resolve_device
+from server.runtime.engine import Engine
 from server.runtime.weight_cache import WeightCache
 
 
@@ -124,17 +125,17 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
     assert parts["base"] == parts["tau_unified"] == 4 * weights
 
 
-@pytest.mark.parametrize("strategy", ["exact", "sparse"])
-def test_gated_bundle_per_image_routing(gated_store, strategy):
+@pytest.mark.parametrize("mixing", ["exact", "sparse"])
+def test_gated_bundle_per_image_routing(gated_store, mixing):
     store = BundleStore(StoreLayout(gated_store))
-    engine = Engine(store.load(), "cpu", strategy=strategy, threshold=0.0 if strategy == "sparse" else None)
+    engine = Engine(store.load(), "cpu", mixing=mixing, threshold=0.0 if mixing == "sparse" else None)
     x, g, truth = _mixed_batch(engine, per_task=3)
     batch = engine.predict(x, [None] * len(x), g)
     for i in range(len(x)):
         alone = engine.predict(x[i : i + 1], [None], g[i : i + 1])[0]
         assert alone.task == batch[i].task
         torch.testing.assert_close(alone.probabilities, batch[i].probabilities, atol=1e-5, rtol=1e-4)
-    routed = RoutedModel(BundleReader(engine.bundle), strategy="exact")
+    routed = RoutedModel(BundleReader(engine.bundle), mixing="exact")
     ref = routed.classify(x, g)
     for o, logits in zip(batch, ref.logits):  # sparse with threshold 0 equals exact
         torch.testing.assert_close(o.probabilities, logits.softmax(-1), atol=1e-5, rtol=1e-4)

@@ -7,9 +7,9 @@ from pydantic import Field
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, train_gate_for
 from merging.methods.averaging import weight_average
-from merging.methods.catalog import LoRAParams, TSVCParams, lora_result, tsv_c_result
 from merging.methods.emr import emr_merge
 from merging.methods.regmean import collect_grams, regmean
+from merging.methods.shared_base_methods import LoRAParams, TSVCParams, lora_result, tsv_c_result
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
 
