@@ -17,12 +17,14 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
 * gated: ``backbone.safetensors`` (non-gated tensors), ``experts.safetensors``
   (``(N, ...)`` stacks of the gated tensors)
 * lowrank: ``backbone.safetensors`` (``W_0`` of matrix layers), ``factors.safetensors`` (``B``, ``A``
-  stacks), ``experts.safetensors`` (every task's small tensors)
+  stacks; quantized: their codes and ``.scale`` stacks, ``model.json``'s ``bundle_format`` 3),
+  ``experts.safetensors`` (every task's small tensors)
 * with a gate: ``gate.safetensors``
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,15 +35,18 @@ from tqdm.auto import tqdm
 from merging.gating.router import gate_probabilities
 from merging.method_index import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.methods.tsv import LowRankDeltas
-from merging.registry import GateArtifact, MergeContext, MergeResult
+from merging.registry import GateArtifact, MergeContext, MergeResult, Params
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
 from model_store.bundle import Bundle, BundleDraft, BundleStore
 from model_store.data.attach import calibration_set, test_set
-from model_store.data.sources import ImageSet
+from model_store.data.sources import Holdout, ImageSet
 from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
+from model_store.quantize import quantize_rows
 from model_store.schema import (
+    BUNDLE_FORMAT,
+    QUANTIZED_BUNDLE_FORMAT,
     BundleGateSpec,
     BundleKind,
     BundleSpec,
@@ -51,6 +56,7 @@ from model_store.schema import (
     LowRankSpec,
     Preprocessing,
 )
+from model_store.stored_bytes import stored_bytes
 from model_store.zoo import Zoo
 
 
@@ -119,13 +125,16 @@ def check_data(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> Non
             calibration_set(zoo, task)  # lists the files now: a missing folder fails before any work
 
 
-def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False) -> MergeContext:
+def merge_context(
+    zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False, holdout: Holdout | None = None
+) -> MergeContext:
     """Lazy backbones of the zoo plus calibration access for data-dependent methods.
 
     Calibration images come from each task's calibration source; only the ``limit``
-    images a method asks for are decoded. For zoos without a shared base,
-    ``pretrained`` is the manifest's base (the first model's own pretraining) and
-    ``shared_init`` is False: task-vector methods refuse.
+    images a method asks for are decoded. With ``holdout`` the held-out part of each
+    task's calibration images is left out (label-free selection measures on it). For zoos
+    without a shared base, ``pretrained`` is the manifest's base (the first model's own
+    pretraining) and ``shared_init`` is False: task-vector methods refuse.
     """
     finetuned: list[Tensors] = [zoo.backbone_lazy(t) for t in tasks]
     if bar is not None:
@@ -145,7 +154,7 @@ def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progr
                     f"task '{tasks[i]}' has no calibration images "
                     f"(`vitmerge zoo data --task {tasks[i]} --calibration SRC`)"
                 )
-            sets[i] = images
+            sets[i] = holdout.split(images)[0] if holdout is not None else images
         return sets[i].tensors(prep or zoo.metas[tasks[i]].preprocessing, limit)
 
     return MergeContext(
@@ -200,16 +209,19 @@ def gate_test_accuracy(
     return out
 
 
-def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, dict[str, Any]]:
-    """Per task: the calibration set a merge read (when it read one) and the test set, with file-list hashes."""
+def data_record(
+    zoo: Zoo, tasks: Sequence[str], calibrated: bool, holdout: Holdout | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per task: the calibration set a merge read (when it read one; with ``holdout``, how it was split) and
+    the test set, with file-list hashes."""
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        cal = calibration_set(zoo, task) if calibrated else None
+        cal = calibration_set(zoo, task) if calibrated or holdout is not None else None
         test = test_set(zoo, task)
-        out[task] = {
-            "calibration": cal.record() if cal is not None else None,
-            "test": test.record() if test is not None else None,
-        }
+        record = cal.record() if cal is not None else None
+        if record is not None and holdout is not None:
+            record["holdout"] = holdout.record(cal)  # type: ignore[arg-type]
+        out[task] = {"calibration": record, "test": test.record() if test is not None else None}
     return out
 
 
@@ -226,18 +238,30 @@ def bundle_kind(result: MergeResult) -> BundleKind:
 
 
 def write_lowrank(draft: BundleDraft, deltas: LowRankDeltas) -> LowRankSpec:
-    """Write ``backbone`` (``W_0`` of matrix layers), ``factors`` (stacked ``B``, ``A``), ``experts`` (small ones)."""
+    """Write ``backbone`` (``W_0`` of matrix layers), ``factors`` (stacked ``B``, ``A``; at ``deltas.bits`` < 32
+    their per-row codes and ``.scale`` stacks), ``experts`` (small ones)."""
     keys = deltas.matrix_keys
     draft.add_tensors("backbone", {k: deltas.pretrained[k].float().contiguous() for k in keys})
     factors: dict[str, torch.Tensor] = {}
     for k in keys:
-        factors[f"{k}.B"] = torch.stack([task[k][0] for task in deltas.factors])
-        factors[f"{k}.A"] = torch.stack([task[k][1] for task in deltas.factors])
+        for i, name in enumerate(("B", "A")):
+            stack = torch.stack([task[k][i] for task in deltas.factors])
+            if deltas.bits == 32:
+                factors[f"{k}.{name}"] = stack
+            else:
+                factors[f"{k}.{name}"], factors[f"{k}.{name}.scale"] = quantize_rows(stack, deltas.bits)
     draft.add_tensors("factors", factors)
     small_keys = list(deltas.small[0])
     draft.add_tensors("experts", {k: torch.stack([task[k] for task in deltas.small]) for k in small_keys})
     source = "lora" if deltas.source == "lora" else "tsv_c"
-    return LowRankSpec(ranks=dict(deltas.ranks), rank_fraction=deltas.rank_fraction, source=source)
+    layout = "two per byte, even column in the low nibble, two's complement" if deltas.bits == 4 else None
+    return LowRankSpec(
+        ranks=dict(deltas.ranks),
+        rank_fraction=deltas.rank_fraction,
+        source=source,
+        bits=deltas.bits,
+        int4_layout=layout,
+    )
 
 
 def own_preprocessing(zoo: Zoo, task: str) -> Preprocessing | None:
@@ -289,6 +313,7 @@ def write_bundle(
             test_accuracy=gate_accuracy or {},
         )
     spec = BundleSpec(
+        bundle_format=QUANTIZED_BUNDLE_FORMAT if lowrank is not None and lowrank.bits != 32 else BUNDLE_FORMAT,
         kind=bundle_kind(result),
         architecture=base_meta.architecture,
         preprocessing=base_meta.preprocessing,
@@ -309,6 +334,110 @@ def write_bundle(
     draft.add_json("model", spec.model_dump(mode="json"))
 
 
+@dataclass
+class MergePlan:
+    """A checked merge of one zoo: the method, its raw parameters (zoo defaults filled in), the tasks, and
+    the context every candidate of it merges from (lazy backbones, calibration access, ``memo``)."""
+
+    zoo: Zoo
+    method: str
+    params: dict[str, Any]
+    tasks: list[str]
+    ctx: MergeContext
+    holdout: Holdout | None = None
+
+
+@dataclass
+class Candidate:
+    """A merge written into an unpublished draft."""
+
+    draft: BundleDraft
+    result: MergeResult
+    params: Params
+
+    def preview(self, plan: MergePlan) -> Bundle:
+        return self.draft.preview(plan.method, self.params.model_dump(), plan.tasks)
+
+
+def plan_merge(
+    zoo: Zoo,
+    method: str,
+    params: dict[str, Any] | None = None,
+    tasks: Sequence[str] | None = None,
+    progress: bool = False,
+    bar: Any = None,
+    holdout: Holdout | None = None,
+) -> MergePlan:
+    """Check ``method``, its parameters and the tasks against ``zoo`` (a clear error before any work) and open
+    the merge context; with ``holdout`` the context's calibration access leaves each task's held-out part out."""
+    spec = get_method(method)
+    raw = with_zoo_defaults(zoo, spec.name, params)
+    parse_params(spec.name, raw)
+    chosen = select_tasks(zoo, tasks)
+    check_applicable(zoo, spec.name, chosen)
+    check_data(zoo, spec.name, chosen)
+    ctx = merge_context(zoo, chosen, bar=bar, progress=progress, holdout=holdout)
+    return MergePlan(zoo, spec.name, raw, chosen, ctx, holdout)
+
+
+def build_candidate(plan: MergePlan, store: BundleStore, overrides: dict[str, Any] | None = None) -> Candidate:
+    """Merge ``plan`` with ``overrides`` on its parameters and write the bundle into a new draft (not published;
+    the gate's test accuracy is not measured: nothing here reads test images)."""
+    parsed = parse_params(plan.method, {**plan.params, **(overrides or {})})
+    result = run_merge(plan.method, plan.ctx, parsed)
+    draft = store.draft()
+    try:
+        write_bundle(draft, plan.zoo, plan.tasks, result)
+    except BaseException:
+        draft.discard()
+        raise
+    return Candidate(draft, result, parsed)
+
+
+def _record_gate_accuracy(draft: BundleDraft, accuracy: dict[str, float | None]) -> None:
+    """Write the gate's test accuracy into the draft's ``model.json``."""
+    spec = BundleSpec.model_validate(json.loads((draft.path / "model.json").read_text()))
+    assert spec.gate is not None
+    spec.gate.test_accuracy = accuracy
+    draft.add_json("model", spec.model_dump(mode="json"))
+
+
+def publish_candidate(
+    plan: MergePlan,
+    store: BundleStore,
+    candidate: Candidate,
+    make_current: bool = True,
+    review: Callable[[Bundle], dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> MergeOutcome:
+    """Publish a candidate: its gate's routing accuracy on test images (a report), ``review``'s entries, the data
+    record and the stored bytes go into the bundle; when anything raises, the draft is discarded."""
+    result, parsed = candidate.result, candidate.params
+    out = {k: v for k, v in result.info.items() if k != "params"}
+    try:
+        test_images = getattr(parsed, "gate_test_images", None)
+        gate_acc = None
+        if result.gate is not None and test_images != 0:
+            gate_acc = gate_test_accuracy(result.gate, plan.zoo, plan.tasks, test_images)
+            _record_gate_accuracy(candidate.draft, gate_acc)
+        out["stored_bytes"] = stored_bytes(candidate.preview(plan)).model_dump()
+        if review is not None:
+            out.update(review(candidate.preview(plan)))
+        if gate_acc is not None:
+            out["gate_test_accuracy"] = gate_acc
+        out["data"] = data_record(plan.zoo, plan.tasks, get_method(plan.method).needs_calibration, plan.holdout)
+        out.update(extra or {})
+    except BaseException:
+        candidate.draft.discard()
+        raise
+    zoo_info = {"name": plan.zoo.name, "path": str(plan.zoo.root), "hashes": plan.zoo.file_hashes()}
+    params = parsed.model_dump()
+    version = store.publish(
+        candidate.draft, plan.method, params, zoo=zoo_info, tasks=plan.tasks, extra=out, make_current=make_current
+    )
+    return MergeOutcome(version, result, plan.tasks)
+
+
 def merge_and_publish(
     zoo: Zoo,
     store: BundleStore,
@@ -326,37 +455,7 @@ def merge_and_publish(
     written, unpublished bundle and returns entries for its manifest's ``extra`` (the serving layer's
     agreement with the individual models); when it raises, nothing is published.
     """
-    spec = get_method(method)
-    parsed = parse_params(method, with_zoo_defaults(zoo, spec.name, params))
-    chosen = select_tasks(zoo, tasks)
-    check_applicable(zoo, spec.name, chosen)
-    check_data(zoo, spec.name, chosen)
-    if bar is not None:
-        result = run_merge(spec.name, merge_context(zoo, chosen, bar=bar, progress=progress), parsed)
-    else:
-        with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
-            result = run_merge(spec.name, merge_context(zoo, chosen, bar=tbar, progress=progress), parsed)
-    test_images = getattr(parsed, "gate_test_images", None)
-    gate_acc = (
-        gate_test_accuracy(result.gate, zoo, chosen, test_images)
-        if result.gate is not None and test_images != 0
-        else None
-    )
-    data = data_record(zoo, chosen, spec.needs_calibration)
-    draft = store.draft()
-    extra = {k: v for k, v in result.info.items() if k != "params"}
-    try:
-        write_bundle(draft, zoo, chosen, result, gate_acc)
-        if review is not None:
-            extra.update(review(draft.preview(method, parsed.model_dump(), chosen)))
-    except BaseException:
-        draft.discard()
-        raise
-    zoo_info = {"name": zoo.name, "path": str(zoo.root), "hashes": zoo.file_hashes()}
-    if gate_acc is not None:
-        extra["gate_test_accuracy"] = gate_acc
-    extra["data"] = data
-    version = store.publish(
-        draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current
-    )
-    return MergeOutcome(version, result, chosen)
+    with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress or bar is not None) as tbar:
+        plan = plan_merge(zoo, method, params, tasks, progress, bar if bar is not None else tbar)
+        candidate = build_candidate(plan, store)
+    return publish_candidate(plan, store, candidate, make_current, review)

@@ -32,6 +32,9 @@ class MergeContext:
     given backbone tensors; ``calibration(i, prep, limit)`` returns the first ``limit``
     (None: all) of task i's UNLABELED calibration images, preprocessed with ``prep``
     (None: the task model's preprocessing); only those are decoded.
+
+    ``memo``: work a method may reuse when the same context merges again with other parameters (a grid
+    of candidates: the gate for the same gate parameters, TSV's factors at the largest rank asked so far).
     """
 
     pretrained: Tensors
@@ -43,6 +46,7 @@ class MergeContext:
     progress: bool = False
     heads: Sequence[Tensors] | None = None  # task i's classifier (methods that re-order features adapt it)
     shared_init: bool = True  # False: the models share no pretrained base (task vectors are meaningless)
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -156,7 +156,15 @@ GATE_MEAN_STD = [0.5, 0.5, 0.5]
 
 
 def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
-    """Train the gate on every task's calibration images (labels = task index)."""
+    """Train the gate on every task's calibration images (labels = task index); once per context and
+    gate parameters (``ctx.memo``: a grid of candidates shares it)."""
+    key = ("gate", tuple(sorted(p.model_dump(include=set(GateParams.model_fields)).items())))
+    if key not in ctx.memo:
+        ctx.memo[key] = _train_gate_for(ctx, p)
+    return ctx.memo[key]
+
+
+def _train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
     assert ctx.calibration is not None
     prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN_STD, std=GATE_MEAN_STD)
     images = [ctx.calibration(i, prep, p.gate_max_images) for i in range(len(ctx.finetuned))]

@@ -40,6 +40,8 @@ class MergeJob:
     method: str
     params: dict[str, Any]
     tasks: list[str] | None
+    target_agreement: float | None = None
+    grid: dict[str, list[Any]] | None = None
     state: State = "queued"
     phase: str = "queued"
     progress: float = 0.0
@@ -58,6 +60,8 @@ class MergeJob:
                 "method",
                 "params",
                 "tasks",
+                "target_agreement",
+                "grid",
                 "state",
                 "phase",
                 "progress",
@@ -88,13 +92,25 @@ class MergeJobs:
     def busy(self) -> bool:
         return self._active is not None or self._switching
 
-    def submit(self, method: str, params: dict[str, Any], tasks: list[str] | None) -> MergeJob:
-        """Validate and start a job; 422 for a bad method/params, 409 while another merge runs."""
+    def submit(
+        self,
+        method: str,
+        params: dict[str, Any],
+        tasks: list[str] | None,
+        target_agreement: float | None = None,
+        grid: dict[str, list[Any]] | None = None,
+    ) -> MergeJob:
+        """Validate and start a job; 422 for a bad method/params/grid, 409 while another merge runs."""
         from merging.pipeline import get_method, parse_params  # admin path only
+        from server.runtime.selection import selection_grid
 
         try:
             name = get_method(method).name
             parsed = parse_params(name, params).model_dump()
+            if grid is not None and target_agreement is None:
+                raise ValueError("a grid needs target_agreement (the grid is what the target chooses from)")
+            if target_agreement is not None:
+                selection_grid(name, params, grid)
         except (KeyError, ValueError) as e:
             raise InvalidRequest(
                 e.args[0] if isinstance(e, KeyError) and e.args else str(e), code="invalid_merge_request"
@@ -104,7 +120,7 @@ class MergeJobs:
         self._check_zoo(name, tasks)
         with self._lock:
             self._claim_store()
-            job = MergeJob(uuid.uuid4().hex[:12], name, parsed, tasks)
+            job = MergeJob(uuid.uuid4().hex[:12], name, parsed, tasks, target_agreement, grid)
             self._active = job
             self.jobs[job.id] = job
             while len(self.jobs) > MAX_JOBS_KEPT:
@@ -202,7 +218,14 @@ class MergeJobs:
 
         try:
             job.state, job.phase = "running", "starting merge process"
-            req = MergeRequestSpec(self.manager.settings, job.method, job.params, job.tasks)
+            req = MergeRequestSpec(
+                self.manager.settings,
+                job.method,
+                job.params,
+                job.tasks,
+                target_agreement=job.target_agreement,
+                grid=job.grid,
+            )
             published = run_merge_process(req, on_progress, on_phase, on_start)
             job.phase, job.progress = "loading", 0.85
             engine = self.manager.build_engine(published)

@@ -31,7 +31,12 @@ from server.runtime.engine import Engine
 DEFAULT_AGREEMENT_IMAGES = 256
 
 
-def agreement_images(zoo: Zoo, task: str) -> tuple[ImageSet | None, Literal["test", "calibration"]]:
+#: Which images an agreement was measured on (a task's test images, its calibration images, or the
+#: held-out part of its calibration images that label-free selection reads).
+Split = Literal["test", "calibration", "calibration_holdout"]
+
+
+def agreement_images(zoo: Zoo, task: str) -> tuple[ImageSet | None, Split]:
     """The task's test images, else its calibration images (None when it has neither)."""
     test = test_set(zoo, task)
     return (test, "test") if test is not None else (calibration_set(zoo, task), "calibration")
@@ -43,20 +48,39 @@ def _kl(ref_logp: torch.Tensor, served: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def task_agreement(
-    engine: Engine, zoo: Zoo, task: str, limit: int | None = DEFAULT_AGREEMENT_IMAGES, batch_size: int = 64
-) -> TaskAgreement:
-    """Agreement of ``engine``'s bundle with the zoo's model of ``task`` on the task's first ``limit`` images."""
-    images, split = agreement_images(zoo, task)
-    if images is None:
-        return TaskAgreement(task=task, split=split, images=0)
-    i = engine.task_index(task)
+def reference_log_probs(zoo: Zoo, task: str, images: ImageSet, limit: int | None, batch_size: int = 64) -> torch.Tensor:
+    """The zoo's own model of ``task`` on the first ``limit`` of ``images``: class log-probabilities ``(n, C)``."""
     model = zoo.build_model(task).eval()
     prep = zoo.metas[task].preprocessing
+    outs = [model(to_model_input(chunk, prep)).float().log_softmax(-1) for chunk in images.chunks(limit, batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0, zoo.metas[task].num_classes)
+
+
+@torch.inference_mode()
+def task_agreement(
+    engine: Engine,
+    zoo: Zoo,
+    task: str,
+    limit: int | None = DEFAULT_AGREEMENT_IMAGES,
+    batch_size: int = 64,
+    images: tuple[ImageSet | None, Split] | None = None,
+    reference: torch.Tensor | None = None,
+) -> TaskAgreement:
+    """Agreement of ``engine``'s bundle with the zoo's model of ``task`` on the task's first ``limit`` images.
+
+    ``images``: these images and what they are (default: :func:`agreement_images`); ``reference``: the zoo
+    model's :func:`reference_log_probs` on them, when already computed (a grid of bundles measured on the
+    same images runs the individual model once).
+    """
+    chosen, split = images if images is not None else agreement_images(zoo, task)
+    if chosen is None:
+        return TaskAgreement(task=task, split=split, images=0)
+    i = engine.task_index(task)
+    refs = reference if reference is not None else reference_log_probs(zoo, task, chosen, limit, batch_size)
     n = agree_given = agree_routed = routed_here = 0
     kl_given = kl_routed = 0.0
-    for chunk in images.chunks(limit, batch_size):
-        ref = model(to_model_input(chunk, prep)).float().log_softmax(-1)
+    for chunk in chosen.chunks(limit, batch_size):
+        ref = refs[n : n + len(chunk)]
         x, _ = engine.prepare(chunk, i)
         given = torch.stack([o.probabilities for o in engine.predict(x, [i] * len(ref))])
         agree_given += int((given.argmax(-1) == ref.argmax(-1)).sum())

@@ -33,7 +33,9 @@ def router(state: ServerState) -> APIRouter:
     )
     async def merge(request: Request) -> dict[str, Any]:
         body = await read_merge_request(request)
-        job = await asyncio.to_thread(state.jobs.submit, body.method, body.params, body.tasks)
+        job = await asyncio.to_thread(
+            state.jobs.submit, body.method, body.params, body.tasks, body.target_agreement, body.grid
+        )
         return job.as_dict()
 
     @router.get(
