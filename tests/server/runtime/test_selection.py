@@ -4,6 +4,8 @@ One real selection (tsv_routed, 4 candidates) is run once for the module with sp
 TSV-C's SVDs and on every image read; the tests check what it chose, what it recorded and what it read.
 """
 
+import time
+
 import pytest
 import torch
 
@@ -193,3 +195,39 @@ def test_holdout_split_is_seeded_disjoint_and_covers_every_image(test_zoo_report
     prep = zoo.metas["digits"].preprocessing
     torch.testing.assert_close(got, want_fit.tensors(prep), atol=0, rtol=0)
     assert len(got) + len(want_held) == len(images)
+
+
+def test_the_admin_merge_api_chooses_settings_and_refuses_bad_grids(server_store, test_zoo_dir):
+    """``POST /v1/merge`` with ``target_agreement`` (and a ``grid``): 422 at once for a grid axis the method lacks
+    or a grid without a target; otherwise a job that publishes the chosen candidate with its selection record."""
+    from server_helpers import AsgiHarness
+
+    from server.http.settings import ServerSettings
+
+    zoo = str(test_zoo_dir)
+    settings = ServerSettings(store=server_store, zoo=zoo, admin_token="s3cret", watch_interval_s=0, agreement_images=0)
+    h = AsgiHarness(settings)
+    auth = {"authorization": "Bearer s3cret"}
+    try:
+        body = {"method": "tsv_routed", "params": GATE, "target_agreement": 0.3}
+        for bad, message in (
+            ({**body, "grid": {"k": [1, 2]}}, "grid axis 'k' is not a parameter of 'tsv_routed'"),
+            ({**body, "target_agreement": None, "grid": {"f": [0.1]}}, "a grid needs target_agreement"),
+            ({**body, "target_agreement": 1.5}, "less than or equal to 1"),
+        ):
+            r = h.request("POST", "/v1/merge", json=bad, headers=auth)
+            assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+        r = h.request("POST", "/v1/merge", json={**body, "grid": {"f": [0.25], "bits": [8, 4]}}, headers=auth)
+        assert r.status_code == 202 and r.json()["target_agreement"] == 0.3, r.text
+        deadline = time.monotonic() + 120
+        job = r.json()
+        while job["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = h.request("GET", f"/v1/merge/{job['id']}", headers=auth).json()
+        assert job["state"] == "succeeded" and job["grid"] == {"f": [0.25], "bits": [8, 4]}, job
+        manifest = BundleStore(StoreLayout(server_store)).load(job["version"]).manifest
+        selection = SelectionRecord.model_validate(manifest.extra["selection"])
+        assert selection.chosen == {"f": 0.25, "bits": 4} and len(selection.candidates) == 2  # the smaller one met 0.3
+        assert manifest.params["bits"] == 4 and h.state.manager.version == job["version"]
+    finally:
+        h.close()
