@@ -23,10 +23,12 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from model_store.bundle import Bundle, BundleStore
 from model_store.data.sources import Holdout
@@ -34,13 +36,28 @@ from model_store.settings import StoreLayout
 from model_store.zoo import Zoo
 from server.cli.merge import _parse_param, parse_grid
 from server.eval.accuracy import evaluate_bundle, evaluate_individual, evaluate_routed
-from server.eval.bench import flops
 from server.runtime.engine import Engine
-from server.runtime.selection import CandidateRecord, SelectionError, format_selection, select_and_publish
+from server.runtime.selection import CandidateRecord, SelectionError, choose, format_selection, select_and_publish
 
 
 def candidate_name(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _inplace_addmm_flops(self, a, b, *args, out_val=None, **kwargs) -> int:
+    """``out.addmm_(a, b)``: 2 m k n (torch's counter has no entry for the in-place op the engine's shared GEMM is)."""
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+_inplace_addmm_flops._get_raw = True  # type: ignore[attr-defined]
+
+
+def engine_flops(fn, *args) -> float:
+    """FLOPs of one call through the Engine (torch's counter, 2 per multiply-add, in-place ``addmm_`` included)."""
+    mapping = {torch.ops.aten.addmm_: _inplace_addmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.inference_mode():
+        fn(*args)
+    return float(counter.get_total_flops())
 
 
 def measure_on_test(bundle: Bundle, zoo: Zoo, limit: int | None, batch: int, individual: dict) -> dict[str, Any]:
@@ -59,13 +76,13 @@ def measure_on_test(bundle: Bundle, zoo: Zoo, limit: int | None, batch: int, ind
         "test_given": given,
         "test_routed": {t: v["routed"] for t, v in routed.items() if v} if routed else None,
         "gate_routing": {t: v["gate"] for t, v in routed.items() if v} if routed else None,
-        "gflops_given": flops(engine.predict, x, list(range(n))) / n / 1e9,
+        "gflops_given": engine_flops(engine.predict, x, list(range(n))) / n / 1e9,
         "resident_bytes": sum(engine.resident_bytes().values()),
     }
     if engine.gate_preprocessing is not None:
         gp = engine.gate_preprocessing
         g = torch.randn(n, gp.channels, gp.size, gp.size)
-        row["gflops_routed"] = flops(engine.predict, x, [None] * n, g) / n / 1e9
+        row["gflops_routed"] = engine_flops(engine.predict, x, [None] * n, g) / n / 1e9
     row["eval_s"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -116,22 +133,42 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"| {row['gflops_given']:.3f} / {row.get('gflops_routed', float('nan')):.3f} "
             f"| {row['resident_bytes'] / 2**20:.1f} |"
         )
+    lines += ["", "What other targets would choose from the same held-out records (the same rule):", ""]
+    lines += ["| target | chosen | × one model | test normalised routed |", "|---|---|---|---|"]
+    for target in (result["target"], 0.99, 0.985, 0.98, 0.97, 0.95):
+        records = [
+            CandidateRecord.model_validate(
+                {k: r[k] for k in CandidateRecord.model_fields} | {"meets_target": r["min_agreement"] >= target}
+            )
+            for r in result["candidates"]
+        ]
+        try:
+            pick = choose(records, target)
+        except SelectionError:
+            lines.append(f"| {target} | refused (best held-out agreement below it) | | |")
+            continue
+        row = next(r for r in result["candidates"] if r["params"] == pick.params)
+        lines.append(
+            f"| {target} | {candidate_name(pick.params)} | {pick.x_one_model:.3f} "
+            f"| {row.get('normalised_routed', float('nan')):.2f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(result: dict[str, Any], refs: list[dict[str, Any]], path: Path) -> None:
-    """Normalised routed test accuracy vs stored bytes (x one fp32 model): the grid by bits, references."""
+def plot(result: dict[str, Any], refs: list[dict[str, Any]], path: Path, also: Sequence[dict[str, Any]] = ()) -> None:
+    """Normalised routed test accuracy vs stored bytes (x one fp32 model): the grid by bits (with the candidates of
+    the runs in ``also``: a grid measured in parts), each run's choice, and the reference rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [result, *also]
+    candidates = [r for run in runs for r in run["candidates"]]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = {32: "o", 8: "s", 4: "^"}
     for bits, marker in markers.items():
-        rows = sorted(
-            (r for r in result["candidates"] if r["params"].get("bits") == bits), key=lambda r: r["x_one_model"]
-        )
+        rows = sorted((r for r in candidates if r["params"].get("bits") == bits), key=lambda r: r["x_one_model"])
         if rows:
             ax.plot(
                 [r["x_one_model"] for r in rows],
@@ -141,17 +178,21 @@ def plot(result: dict[str, Any], refs: list[dict[str, Any]], path: Path) -> None
             )
             for r in rows:
                 ax.annotate(f"f={r['params'].get('f')}", (r["x_one_model"], r["normalised_routed"]), fontsize=7)
-    chosen = [r for r in result["candidates"] if r["params"] == result.get("chosen")]
-    if chosen:
-        c, label = chosen[0], f"chosen on held-out calibration images (target {result['target']})"
-        ax.scatter(
-            [c["x_one_model"]], [c["normalised_routed"]], s=220, facecolors="none", edgecolors="red", label=label
-        )
+    for run in runs:
+        chosen = [r for r in run["candidates"] if r["params"] == run.get("chosen")]
+        if chosen:
+            c, label = chosen[0], f"chosen on held-out calibration images (target {run['target']})"
+            ax.scatter(
+                [c["x_one_model"]], [c["normalised_routed"]], s=220, facecolors="none", edgecolors="red", label=label
+            )
+    ys = [r["normalised_routed"] for r in candidates]
     for label in dict.fromkeys(r["label"] for r in refs):
         pts = sorted((r["x_one_model"], r["normalised"]) for r in refs if r["label"] == label)
+        ys += [y for _, y in pts]
         ax.plot(*zip(*pts), linestyle="--", marker="x", label=f"{label} (1000 test images per task)")
     ax.axhline(99.5, color="grey", linewidth=0.8)
     ax.axvline(1.2, color="grey", linewidth=0.8)
+    ax.set_ylim(min(ys) - 0.2, 100.0)
     ax.set_xlabel("stored bytes (x one fp32 model)")
     ax.set_ylabel("normalised accuracy, task NOT given (%)")
     ax.set_title(f"{result['zoo']}: accuracy vs bytes (goal: >= 99.5% at <= 1.2x)")
@@ -159,6 +200,40 @@ def plot(result: dict[str, Any], refs: list[dict[str, Any]], path: Path) -> None
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def recount_flops(zoo: Zoo, params: dict[str, Any], out: Path, references: list[Path]) -> None:
+    """FLOPs per image of every ``f`` of a finished run through the Engine: ``tsv_c`` bundles (the same pass as
+    the routed ones with the task given) and, routed, plus the gate network at its input size."""
+    from merging.pipeline import build_candidate, plan_merge
+    from model_store.architecture import build_gate
+
+    path = out / "lowrank_select.json"
+    result = json.loads(path.read_text())
+    fs = sorted({r["params"]["f"] for r in result["candidates"]}, reverse=True)
+    n = len(zoo.tasks)
+    gate = build_gate(params.get("gate_arch", "efficientnet_lite0"), n).eval()
+    size = int(params.get("gate_size", 64))
+    gate_gflops = engine_flops(gate, torch.randn(1, 3, size, size)) / 1e9
+    counted: dict[float, float] = {}
+    with tempfile.TemporaryDirectory(prefix="lowrank-flops-") as tmp:
+        store = BundleStore(StoreLayout(Path(tmp)), keep=100)
+        plan = plan_merge(zoo, "tsv_c", {"conv": params.get("conv", False)})
+        for f in fs:
+            candidate = build_candidate(plan, store, {"f": f})
+            engine = Engine(candidate.preview(plan), "cpu")
+            prep = engine.preprocessing
+            x = torch.randn(n, prep.channels, prep.size, prep.size)
+            counted[f] = engine_flops(engine.predict, x, list(range(n))) / n / 1e9
+            candidate.draft.discard()
+    for row in result["candidates"]:
+        row["gflops_given"] = counted[row["params"]["f"]]
+        row["gflops_routed"] = counted[row["params"]["f"]] + gate_gflops
+    result["gate_gflops"] = gate_gflops
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out / "lowrank_select.md")
+    plot(result, reference_rows(references), out / "lowrank_select.png")
+    print((out / "lowrank_select.md").read_text())
 
 
 def main() -> None:
@@ -174,9 +249,27 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="mixed-task batch size of the routed evaluation")
     ap.add_argument("--reference", action="append", default=[], type=Path, help="accuracy-*.json of earlier runs")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="re-count FLOPs per image of an existing <out>/lowrank_select.json (one bundle per f, factors as stored "
+        "do not change the pass: they are dequantized at load)",
+    )
+    ap.add_argument(
+        "--also", action="append", default=[], type=Path, help="lowrank_select.json of other parts of the grid (plot)"
+    )
+    ap.add_argument("--replot", action="store_true", help="only redraw <out>/lowrank_select.png (with --also)")
     args = ap.parse_args()
+    also = [json.loads(p.read_text()) for p in args.also]
+    if args.replot:
+        result = json.loads((args.out / "lowrank_select.json").read_text())
+        plot(result, reference_rows(args.reference), args.out / "lowrank_select.png", also)
+        return
     t_start = time.perf_counter()
     zoo = Zoo.load(args.zoo)
+    if args.flops_only:
+        recount_flops(zoo, dict(_parse_param(p) for p in args.param), args.out, args.reference)
+        return
     params = dict(_parse_param(p) for p in args.param)
     individual: dict[str, float | None] = {}
     rows: list[dict[str, Any]] = []
