@@ -77,11 +77,12 @@ def test_imports_flow_one_way(layer, forbidden):
     assert not bad, f"{layer} must not import {forbidden}: {bad}"
 
 
-def test_the_http_server_reaches_merging_only_through_the_pipeline():
+@pytest.mark.parametrize("layer", ["server.http", "server.eval"])
+def test_http_and_eval_reach_merging_only_through_the_pipeline(layer):
     bad = [
         (mod, dep)
         for mod, deps in GRAPH.items()
-        if _within(mod, "server.http")
+        if _within(mod, layer)
         for dep, _ in deps
         if _within(dep, "merging") and dep != "merging.pipeline"
     ]

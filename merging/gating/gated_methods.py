@@ -8,8 +8,8 @@ from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, train_gate_for
 from merging.methods.averaging import weight_average
 from merging.methods.emr import emr_merge
-from merging.methods.regmean import collect_grams, regmean
-from merging.methods.shared_base_methods import LoRAParams, TSVCParams, lora_result, tsv_c_result
+from merging.methods.regmean import regmean
+from merging.methods.shared_base_methods import LoRAParams, TSVCParams, lora_result, task_grams, tsv_c_result
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
 
@@ -70,12 +70,7 @@ def _gating_avg(ctx: MergeContext, p: GatingAvgParams) -> MergeResult:
     needs_shared_base=True,
 )
 def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
-    assert ctx.build_model and ctx.calibration
-    grams = [
-        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
-        for i, m in enumerate(ctx.finetuned)
-    ]
-    return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+    return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha))
 
 
 class TSVRoutedParams(GateParams, TSVCParams):

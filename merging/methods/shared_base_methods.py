@@ -5,6 +5,7 @@ AvgMean, Task Arithmetic, TIES, DARE (+TA / +TIES), RegMean, Fisher, EMR, TSV-C 
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from merging.methods.averaging import task_arithmetic, weight_average
@@ -79,14 +80,26 @@ def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
     return MergeResult(backbone=ties_merge(ctx.pretrained, views, p.k, p.lam))
 
 
+def task_grams(ctx: MergeContext, max_images: int) -> list[dict[str, torch.Tensor]]:
+    """Every task model's RegMean Gram matrices on its first ``max_images`` calibration images (``ctx.cache``
+    keeps them: RegMean and gated RegMean at every ``m`` read the same ones)."""
+    assert ctx.build_model and ctx.calibration
+    out = []
+    for i, (task, weights) in enumerate(zip(ctx.tasks, ctx.finetuned)):
+        key = (task, max_images)
+        if ctx.cache is not None and key in ctx.cache.grams:
+            out.append(ctx.cache.grams[key])
+            continue
+        grams = collect_grams(ctx.build_model(i, weights), ctx.calibration(i, None, max_images))
+        if ctx.cache is not None:
+            ctx.cache.grams[key] = grams
+        out.append(grams)
+    return out
+
+
 @CATALOG.register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
 def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
-    assert ctx.build_model and ctx.calibration
-    grams = [
-        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
-        for i, m in enumerate(ctx.finetuned)
-    ]
-    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha))
 
 
 @CATALOG.register(

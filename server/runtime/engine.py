@@ -168,6 +168,17 @@ class Engine(EngineFrontend):
         return self.kind_strategy.features(x, p)
 
     @torch.inference_mode()
+    def all_head_logits(self, x: torch.Tensor, task: int) -> list[torch.Tensor]:
+        """Every task head's logits (one ``(B, classes)`` per task) on features made with ``task``'s weights:
+        the task-free "joint" accuracy (argmax over every head, FS-Merge Tables 3-4) reads them."""
+        if x.ndim == 5:
+            x = x[:, self.task_variant[task]]
+        p = torch.zeros(x.shape[0], len(self.tasks), device=self.device)
+        p[:, task] = 1.0
+        feats = self.features(x.to(self.device), p)
+        return [F.linear(feats, w, b).float().cpu() for w, b in self.heads]
+
+    @torch.inference_mode()
     def predict(
         self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None
     ) -> list[ImageOutput]:
