@@ -86,6 +86,16 @@ class Preprocessing(_Strict):
             return math.floor(self.size / self.crop_pct)
         return self.size
 
+    def describe(self) -> str:
+        """One line for people: e.g. ``shortest edge 256 -> crop 224, bicubic, mean [...] std [...]``."""
+        edge = {"squash": "squash to", "shortest_edge": "shortest edge", "longest_edge": "longest edge"}[self.resize]
+        crop = f" -> crop {self.size}" if self.resize_target() != self.size or self.resize != "squash" else ""
+        alpha = "" if self.alpha == "drop" else f", alpha {self.alpha}"
+        return (
+            f"{edge} {self.resize_target()}{crop}, {self.interpolation}, mean {[round(v, 4) for v in self.mean]} "
+            f"std {[round(v, 4) for v in self.std]}{alpha}"
+        )
+
     def pixels_equal(self, other: Preprocessing) -> bool:
         """Whether both turn every image into the same tensor (``source`` aside)."""
         return self.model_dump(exclude={"source"}) == other.model_dump(exclude={"source"})

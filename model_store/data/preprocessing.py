@@ -15,6 +15,7 @@ the order every reference pipeline uses:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,7 +52,9 @@ def to_model_input(images: Images, prep: Preprocessing, chunk: int = 256) -> tor
         raise ValueError(f"expected uint8 pixels, got {arr.dtype}")
     out = torch.empty(arr.shape[0], prep.channels, prep.size, prep.size)
     for start in range(0, arr.shape[0], chunk):
-        pixels = torch.from_numpy(np.ascontiguousarray(arr[start : start + chunk]))
+        with warnings.catch_warnings():  # decoded images are read-only views; nothing here writes to them
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            pixels = torch.from_numpy(np.ascontiguousarray(arr[start : start + chunk]))
         out[start : start + chunk] = prepare_batch(pixels.permute(0, 3, 1, 2), prep)
     return out
 

@@ -51,13 +51,15 @@ def _print_zoo_data(zoo) -> None:
     base = zoo.metas[zoo.base]
     print(
         f"  base: {base.architecture.timm_name} {base.architecture.kwargs}  input {base.preprocessing.size} px, "
-        f"{base.preprocessing.channels} channel(s)"
+        f"{base.preprocessing.channels} channel(s); {base.preprocessing.describe()}"
     )
     for task in zoo.tasks:
         meta, data = zoo.metas[task], zoo.task_data(task)
         cal = data.calibration.describe() if data.calibration else "none"
         test = data.test.describe() if data.test else "none"
         print(f"  task {task:<12} {meta.num_classes:>3} classes  calibration: {cal}  test: {test}")
+        if not meta.preprocessing.pixels_equal(base.preprocessing):
+            print(f"       its own preprocessing: {meta.preprocessing.describe()}")
     if zoo.manifest.gate is not None:
         print(f"  gate: {zoo.manifest.gate.arch} (init: {zoo.manifest.gate.source or 'default'})")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -348,6 +349,7 @@ def test_clip_zoo_end_to_end_emr_merge_and_serve(with_projection, tmp_path, caps
         tuned = copy.deepcopy(base)
         _jitter(tuned, 10 + seed, scale=0.03)  # fine-tuned tower, the shared projection untouched
         tuned.save_pretrained(tmp_path / task)
+        shutil.copy(ckpt / "preprocessor_config.json", tmp_path / task)  # fine-tuned with the base's processor
         with torch.no_grad():
             emb = torch.nn.functional.normalize(tuned(pixel_values=x).image_embeds, dim=-1)
         # a zero-shot-like head: each class is one image's (centred) embedding; logit scale 100 folded in

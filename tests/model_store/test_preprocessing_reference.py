@@ -9,9 +9,11 @@ References, run here on real-shaped images (:mod:`reference_images`):
 
 Tolerances are in uint8 levels (a difference of ``d`` levels is ``d / 255 / std`` in the model input):
 Pillow's antialiased filters and torchvision's uint8 kernels differ by rounding, <= 2 levels on
-photos (measured: max 1-2, mean <= 0.007); Pillow's premultiplied RGBA resize <= 4; transformers' PIL
-backend <= 6 on one portrait (its resample of a 2:1 squash; mean 0.1). The served answers then must
-equal the library-run models' (``test_preprocessing_served.py``).
+photos (measured: max 1-2; mean <= 0.007, 0.1 on the portrait squashed 2.3:1.3); transformers' PIL
+backend <= 6 on that portrait. Pillow's premultiplied RGBA resize (open_clip on an RGBA image)
+divides by alpha afterwards, so a 1-level difference becomes 255/alpha levels where the image is
+nearly transparent: measured max 11 (mean 0.004). The served answers then must equal the
+library-run models' (``test_preprocessing_served.py``).
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def test_timm_create_transform(images, extra):
     for name, path in images.items():
         ref = transform(Image.open(path).convert("RGB"))  # timm's loaders convert to RGB
         got_max, got_mean = levels(ours(path, prep), ref, prep)
-        assert got_max <= 2.001 and got_mean <= 0.02, (extra, name, got_max, got_mean)
+        assert got_max <= 2.001 and got_mean <= 0.12, (extra, name, got_max, got_mean)
 
 
 def test_timm_pretrained_configs_are_read_completely():
@@ -155,7 +157,8 @@ def test_open_clip_image_transform(images, mode):
         img = Image.open(path)
         ref = transform(img.convert("RGB") if name in OPEN_CLIP_CONVERTED_FIRST else img)
         got_max, got_mean = levels(ours(path, prep), ref, prep)
-        assert got_max <= (4.001 if name == "rgba.png" else 2.001) and got_mean <= 0.02, (mode, name, got_max, got_mean)
+        worst = 16.001 if name == "rgba.png" else 2.001
+        assert got_max <= worst and got_mean <= 0.12, (mode, name, got_max, got_mean)
 
 
 def test_alpha_modes_follow_each_library(images):

@@ -113,7 +113,9 @@ def test_orderings_that_must_hold(bench):
             routed, gate = rows[f"routed EMR ({arch} gate)"]["accuracy"][t], result["gates"][arch]["accuracy"][t]
             # eps: one image of 100 (batch composition can flip a near-tie)
             assert given - (1 - gate) - 0.011 <= routed <= given + 1e-9, (t, arch, routed, given, gate)
-    assert _avg(rows["EMR (task given)"]) > _avg(rows["AvgMean"]) + 0.05
+    # (EMR vs AvgMean is not asserted here: merges of this 16-px, 2-block zoo land near chance and swap order with
+    # the zoo's training noise -- measured EMR 30.0 vs AvgMean 13.9, and 20.0 vs 21.5 for a zoo trained on inputs
+    # <= 1/255 apart; EMR's lead is measured on the tiny and dinov2-s14 zoos, BENCHMARKS.md)
     # TSV-C: a larger rank keeps more (stores more, costs more FLOPs); routed loses at most the misrouted share
     tsv = [rows[f"TSV-C f={f} (task given)"] for f in ("0.05", "0.1", "0.25 (1/N)")]
     assert [r["stored_M"] for r in tsv] == sorted(r["stored_M"] for r in tsv) and tsv[0]["stored_M"] < tsv[-1][

@@ -7,7 +7,7 @@ import torch
 
 from merging.pipeline import merge_and_publish
 from model_store.bundle import BundleStore
-from model_store.data.attach import test_set
+from model_store.data import attach
 from model_store.settings import StoreLayout
 from server.eval.accuracy import evaluate_bundle, evaluate_individual
 from server.runtime.agreement import agreement_review, measure_agreement, recorded_agreement
@@ -31,7 +31,7 @@ def test_agreement_bounds_the_accuracy_gap(avg_engine, test_zoo_report):
     merged = evaluate_bundle(avg_engine, LIMIT)
     individual = evaluate_individual(avg_engine.models, zoo, LIMIT)
     for task, row in rows.items():
-        assert row.split == "test" and row.images == min(LIMIT, len(test_set(zoo, task)))  # type: ignore[arg-type]
+        assert row.split == "test" and row.images == min(LIMIT, len(attach.test_set(zoo, task)))  # type: ignore[arg-type]
         assert row.top1_given is not None and row.top1_routed is None  # a static bundle has no router
         assert abs(merged[task] - individual[task]) <= 1 - row.top1_given + 1e-9  # type: ignore[operator]
         assert row.kl_given is not None and row.kl_given > 0
@@ -50,7 +50,7 @@ def test_routed_agreement_counts_only_images_routed_to_their_task(server_store_t
     for row in measure_agreement(engine, zoo, 64):
         assert row.top1_routed is not None and row.top1_given is not None
         i = engine.task_index(row.task)
-        images = test_set(zoo, row.task)
+        images = attach.test_set(zoo, row.task)
         assert images is not None
         chunk = next(images.chunks(64, 64))
         x, g = engine.prepare(chunk, None)
