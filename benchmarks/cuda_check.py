@@ -20,7 +20,7 @@ from PIL import Image
 
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.gated_vit import Mixing
 
 
@@ -33,8 +33,8 @@ def _batch(engine: Engine, pool: Path, n: int = 64):
 
 
 def compare(store: Path, pool: Path, mixing: Mixing = "sparse") -> dict:
-    cpu = Engine(BundleStore(StoreLayout(store)).load(), "cpu", mixing=mixing)
-    gpu = Engine(BundleStore(StoreLayout(store)).load(), "cuda", mixing=mixing)
+    cpu = Engine(BundleStore(StoreLayout(store)).load(), EngineOptions("cpu", mixing=mixing))
+    gpu = Engine(BundleStore(StoreLayout(store)).load(), EngineOptions("cuda", mixing=mixing))
     x, g, tasks = _batch(cpu, pool)
     out = {"store": store.name, "bundle": cpu.version, "kind": cpu.kind, "mixing": mixing}
     modes = [("given", tasks, None)] + ([("routed", [None] * len(tasks), g)] if cpu.has_gate else [])

@@ -40,7 +40,7 @@ from model_store.zoo import Zoo
 from model_store.zoo_build.presets import build_zoo
 from server.eval.taskpool import TaskPool
 from server.runtime.bundle_reader import BundleReader
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.gated_vit import GatedViT
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,7 +110,7 @@ def run(zoo: Zoo, store: BundleStore, args: argparse.Namespace) -> dict:
 
     def publish(method: str, params: dict) -> Engine:
         outcome = merge_and_publish(zoo, store, method, params, progress=False, cache=cache)
-        return Engine(store.load(outcome.version), "cpu", mixing="exact")
+        return Engine(store.load(outcome.version), EngineOptions(mixing="exact"))
 
     methods = {"plain": ("avg", {}), "gated": ("gating_regmean", {"m": m, **gate})}
     if not args.one_hot:
@@ -120,7 +120,7 @@ def run(zoo: Zoo, store: BundleStore, args: argparse.Namespace) -> dict:
     pool = TaskPool.of_zoo(zoo, zoo.tasks, args.images, "the gating benchmark")
     batches = mixed_batches(gated, pool, args.batch, args.batches, args.one_hot)
     experts = GatedViT.from_bundle(BundleReader(gated.bundle), "experts")
-    sparse = {t: Engine(gated.bundle, "cpu", mixing="sparse", threshold=t) for t in THRESHOLDS}
+    sparse = {t: Engine(gated.bundle, EngineOptions(mixing="sparse", threshold=t)) for t in THRESHOLDS}
     fns = {"plain ViT": engines["plain"].features}
     if "emr" in engines:
         fns["routed EMR (group by task)"] = engines["emr"].features

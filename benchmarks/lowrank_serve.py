@@ -43,7 +43,7 @@ from model_store.architecture import build_gate, build_model, gate_state
 from model_store.bundle import BundleStore
 from model_store.schema import BundleGateSpec, BundleSpec, BundleTask, EMRSpec
 from model_store.settings import StoreLayout
-from server.runtime.engine import Engine
+from server.runtime.engine import DEFAULT_CACHE_BYTES, Engine, EngineOptions
 from server.runtime.host_memory import reuse_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,8 +53,6 @@ ARCHS = {
     # ViT-B/16 at 224 px: 86 M parameters, 197 tokens
     "vit_b16": ({"timm_name": "vit_base_patch16_224", "kwargs": {}}, 224),
 }
-#: the server's default weight-cache budget (``VITMERGE_CACHE_BYTES``)
-DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
 def synthetic_zoo(arch: dict, n: int, seed: int) -> tuple[dict, list[dict], list[dict]]:
@@ -203,8 +201,12 @@ def main() -> int:
             version = publish(store, "lowrank", arch, size, base, tuned, heads, f, gate, args.conv, args.gate_size)
             engines[f"TSV-C f={f:g}{conv}"] = Engine(store.load(version), device)
         emr = store.load(publish(store, "emr", arch, size, base, tuned, heads, None, gate, gate_size=args.gate_size))
-        engines["EMR (every task cached)"] = Engine(emr, device, cache_bytes=(args.tasks + 1) * one_model)
-        engines["EMR (default 512 MiB cache)"] = Engine(emr, device, cache_bytes=DEFAULT_CACHE_BYTES)
+        engines["EMR (every task cached)"] = Engine(
+            emr, EngineOptions(str(device), cache_bytes=(args.tasks + 1) * one_model)
+        )
+        engines["EMR (default 512 MiB cache)"] = Engine(
+            emr, EngineOptions(str(device), cache_bytes=DEFAULT_CACHE_BYTES)
+        )
         del tuned
         plain = build_model(engines["EMR (every task cached)"].models.architecture, 10).to(device).eval()
         batches = mixed_batches(args.tasks, size, gate_pool, args.batch, args.batches, args.seed)

@@ -39,7 +39,7 @@ from model_store.architecture import build_model
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
 from server.http.readiness import wait_until_ready
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.strategies import EMRStrategy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,7 +258,7 @@ def engine_rows(engine: Engine, batches: list[dict], label: str) -> list[dict]:
     if engine.use_graphs:  # the same engine without CUDA graphs, and the plain ViT WITH one
         from server.runtime.engine import GraphRunner
 
-        eager = Engine(engine.bundle, dev, 1 << 40, cuda_graphs=False)
+        eager = Engine(engine.bundle, EngineOptions(str(dev), cache_bytes=1 << 40, cuda_graphs=False))
         graphed_vit = GraphRunner(vit, torch.cuda.graph_pool_handle())
         extra = [
             (
@@ -482,7 +482,7 @@ def main() -> None:
         print(json.dumps(res["http"], indent=1))
         return
     # (c): the plain ViT in-process at the batch size (a) formed
-    engine = Engine(BundleStore(StoreLayout(args.store)).load(), device, cache_bytes=512 * 2**20)
+    engine = Engine(BundleStore(StoreLayout(args.store)).load(), str(device))
     images = [(engine.task_index(t), np.asarray(Image.open(__import__("io").BytesIO(png)))) for t, png in pool]
     vit = plain_vit(engine)
     res["limit"] = []
@@ -500,7 +500,7 @@ def main() -> None:
     res["memory"] = [memory_rows(engine, batches, "tiny ViT (zoo `tiny`)")]
     if args.vit_b_batches > 0:
         root = synthetic_vit_b_bundle(args.store.parent / ".serve-store-vitb-centred-gate")
-        big = Engine(BundleStore(StoreLayout(root)).load(), device, cache_bytes=512 * 2**20)
+        big = Engine(BundleStore(StoreLayout(root)).load(), str(device))
         rng = np.random.default_rng(0)
         pixels = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(32 * args.vit_b_batches)]
         # each image's task is the one the gate routes it to: task-given and routed rows run the same mix

@@ -15,10 +15,10 @@ from server.cli.common import Parsers, SubParsers, store_layout, zoo_dir
 def cmd_eval(args: argparse.Namespace) -> int:
     from model_store.bundle import BundleStore
     from server.eval.accuracy import evaluate_bundle, evaluate_individual, evaluate_routed, format_table, source_zoo
-    from server.runtime.engine import Engine
+    from server.runtime.engine import Engine, EngineOptions
 
     bundle = BundleStore(store_layout(args)).load(args.bundle)
-    engine = Engine(bundle, "cpu", mixing=args.mixing)
+    engine = Engine(bundle, EngineOptions(mixing=args.mixing))
     models = engine.models
     label = f"{bundle.manifest.method} ({bundle.version})"
     if args.agreement:

@@ -56,7 +56,7 @@ from server.eval.records import (
 )
 from server.eval.taskpool import Outputs, TaskPool
 from server.runtime.agreement import summarise_agreement
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 
 __all__ = ["SECTIONS", "STATIC_METHODS", "AccuracyBenchConfig", "run_accuracy_bench"]
 
@@ -156,7 +156,7 @@ class BenchSession:
         outcome = merge_and_publish(
             self.zoo, self.store, method, params, list(chosen), progress=False, make_current=False, cache=self.cache
         )
-        engine = Engine(self.store.load(outcome.version, verify=False), "cpu", mixing="exact")
+        engine = Engine(self.store.load(outcome.version, verify=False), EngineOptions(mixing="exact"))
         pool = self.pool.subset(chosen)
         stored, gate_params = stored_parameters(engine)
         ev = Evaluation(outcome.version, outcome.merge_seconds, stored, gate_params=gate_params)

@@ -20,7 +20,7 @@ from model_store.bundle import BundleStore
 from model_store.devices import resolve_device
 from server.http.metrics import ServerMetrics
 from server.http.settings import ServerSettings
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.models")
@@ -49,6 +49,19 @@ class ModelManager:
         self._merge_backoff = 0.0
 
     @property
+    def options(self) -> EngineOptions:
+        """How the settings ask engines to run (the device resolved once, at startup)."""
+        s = self.settings
+        return EngineOptions(
+            device=str(self.device),
+            cache_bytes=s.cache_bytes,
+            mixing=s.mixing,
+            threshold=s.sparse_threshold,
+            cuda_graphs=s.cuda_graphs,
+            malloc_reuse=s.malloc_reuse,
+        )
+
+    @property
     def version(self) -> str | None:
         return self.engine.version if self.engine is not None else None
 
@@ -58,26 +71,9 @@ class ModelManager:
         if s.worker == "process":
             from server.runtime.worker import ProcessEngine
 
-            engine: InferenceEngine = ProcessEngine(
-                self.store.load(version),
-                self.device,
-                s.cache_bytes,
-                s.mixing,
-                s.sparse_threshold,
-                self.metrics.cache_lookup,
-                s.cuda_graphs,
-                s.malloc_reuse,
-            )
+            engine: InferenceEngine = ProcessEngine(self.store.load(version), self.options, self.metrics.cache_lookup)
         else:
-            engine = Engine(
-                self.store.load(version),
-                self.device,
-                s.cache_bytes,
-                s.mixing,
-                s.sparse_threshold,
-                self.metrics.cache_lookup,
-                s.cuda_graphs,
-            )
+            engine = Engine(self.store.load(version), self.options, self.metrics.cache_lookup)
         engine.warmup()
         return engine
 
