@@ -17,6 +17,8 @@ No gate is trained here (joint accuracy is the routing-free measure).
     .venv/bin/python benchmarks/diffinit.py [--images 16 --augment 25 --epochs 10 --seed 0]
 
 Writes benchmarks/results/diffinit.{md,json,png}.
+
+Feeds BENCHMARKS.md, section "Differently-initialised models (issue 8)".
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def run_group(zoo: Zoo, group: tuple[str, ...], args: argparse.Namespace, pool: 
         outcome = merge_and_publish(zoo, store, name, params, list(group), progress=False)
         seconds = outcome.merge_seconds
         scores = evaluate_joint(Engine(store.load(outcome.version), "cpu"), sub)
-        info = {k: v for k, v in outcome.result.info.items() if k != "params"}
+        info = outcome.result.info.model_dump(exclude_none=True)
         rows[label] = {
             "scores": scores,
             "mean": summary(scores),

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/gating.py [--zoo tiny] [--batch 32] [--rounds 7] [--gate-epochs 10]
     .venv/bin/python benchmarks/gating.py --zoo dinov2-s14 --one-hot      # the real-size check
 
-Feeds BENCHMARKS.md, "Gated merging and routed EMR on the tiny zoo": the throughput table and the sparse
-threshold sweep (``--zoo tiny``), and its "Real-size check" (``--zoo dinov2-s14 --one-hot``). Accuracy vs m
+Feeds BENCHMARKS.md, section "Gated merging and routed EMR on the tiny zoo": the throughput table and the
+sparse threshold sweep (``--zoo tiny``), and its real-size check (``--zoo dinov2-s14 --one-hot``). Accuracy vs m
 of the gated merges (every m, both gates, task given and routed) is a row group of `vitmerge bench accuracy`.
 
 Every model is a bundle the merge pipeline makes (``gating_regmean`` at m = depth / 2 with the default gate,

@@ -50,7 +50,9 @@ from model_store.schema import (
     EMRSpec,
     GatingSpec,
     LowRankSpec,
+    ManifestExtra,
     Preprocessing,
+    TaskDataRecord,
 )
 from model_store.zoo import Zoo
 
@@ -208,16 +210,15 @@ def gate_test_accuracy(
     return out
 
 
-def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, dict[str, Any]]:
+def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, TaskDataRecord]:
     """Per task: the calibration set a merge read (when it read one) and the test set, with file-list hashes."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, TaskDataRecord] = {}
     for task in tasks:
         cal = calibration_set(zoo, task) if calibrated else None
         test = test_set(zoo, task)
-        out[task] = {
-            "calibration": cal.record() if cal is not None else None,
-            "test": test.record() if test is not None else None,
-        }
+        out[task] = TaskDataRecord(
+            calibration=cal.record() if cal is not None else None, test=test.record() if test is not None else None
+        )
     return out
 
 
@@ -356,18 +357,18 @@ def merge_and_publish(
     )
     data = data_record(zoo, chosen, spec.needs_calibration)
     draft = store.draft()
-    extra = {k: v for k, v in result.info.items() if k != "params"}
+    reviewed: dict[str, Any] = {}
     try:
         write_bundle(draft, zoo, chosen, result, gate_acc)
         if review is not None:
-            extra.update(review(draft.preview(method, parsed.model_dump(), chosen)))
+            reviewed = review(draft.preview(method, parsed.model_dump(), chosen))
+        extra = ManifestExtra.model_validate(
+            {**result.info.model_dump(exclude_none=True), **reviewed, "data": data, "gate_test_accuracy": gate_acc}
+        )
     except BaseException:
         draft.discard()
         raise
     zoo_info = {"name": zoo.name, "path": str(zoo.root), "hashes": zoo.file_hashes()}
-    if gate_acc is not None:
-        extra["gate_test_accuracy"] = gate_acc
-    extra["data"] = data
     version = store.publish(
         draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current
     )

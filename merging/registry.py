@@ -21,7 +21,7 @@ from merging.gating.plan import GatingPlan
 from merging.methods.emr import EMRMerged
 from merging.methods.tsv import LowRankDeltas
 from merging.types import StateDict, Tensors
-from model_store.schema import Preprocessing
+from model_store.schema import MergeInfo, Preprocessing
 
 
 @dataclass
@@ -90,7 +90,7 @@ class MergeResult:
     plan: GatingPlan | None = None
     gate: GateArtifact | None = None
     heads: list[StateDict] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: MergeInfo = field(default_factory=MergeInfo)
 
 
 class Params(BaseModel):
@@ -186,9 +186,7 @@ class Registry(Mapping[str, MethodSpec]):
             raise ValueError(f"merge method '{name}' needs calibration data and model builders")
         if spec.needs_shared_base and not ctx.shared_init:
             raise ValueError(self.refusal(name))
-        result = spec.fn(ctx, parsed)
-        result.info.setdefault("params", parsed.model_dump())
-        return result
+        return spec.fn(ctx, parsed)
 
     def refusal(self, name: str) -> str:
         """Why ``name`` cannot merge models that share no pretrained base."""

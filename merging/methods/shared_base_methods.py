@@ -16,6 +16,7 @@ from merging.methods.regmean import collect_grams, regmean
 from merging.methods.ties import ties_merge
 from merging.methods.tsv import exact_lowrank, tsv_compress, tsv_merge
 from merging.registry import Catalog, MergeContext, MergeResult, NoParams, Params
+from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
 
@@ -119,7 +120,7 @@ def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
 )
 def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
-    return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
+    return MergeResult(emr=merged, info=MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers))))
 
 
 class TSVCParams(Params):
@@ -138,7 +139,7 @@ class TSVMParams(Params):
 def tsv_c_result(ctx: MergeContext, f: float | None, conv: bool = False) -> MergeResult:
     """TSV-C's low-rank deltas at ``f`` (None: ``1/N``, the paper's choice); ``conv``: the patch conv too."""
     deltas = tsv_compress(ctx.pretrained, ctx.finetuned, f if f is not None else 1.0 / len(ctx.finetuned), conv)
-    return MergeResult(lowrank=deltas, info={"rank_fraction": deltas.rank_fraction})
+    return MergeResult(lowrank=deltas, info=MergeInfo(rank_fraction=deltas.rank_fraction))
 
 
 @CATALOG.register(
@@ -161,7 +162,7 @@ class LoRAParams(Params):
 def lora_result(ctx: MergeContext, max_fraction: float) -> MergeResult:
     """Exact low-rank deltas (each layer at its numerical rank); a full-rank task matrix is a clear error."""
     deltas = exact_lowrank(ctx.pretrained, ctx.finetuned, max_fraction, names=ctx.tasks)
-    return MergeResult(lowrank=deltas, info={"ranks": sorted(set(deltas.ranks.values()))})
+    return MergeResult(lowrank=deltas, info=MergeInfo(ranks=sorted(set(deltas.ranks.values()))))
 
 
 @CATALOG.register(

@@ -38,14 +38,14 @@ Accuracies = dict[str, float | None]
 
 def bundle_test_sets(models: BundleReader) -> dict[str, ImageSet | None]:
     """Each task's labeled test images, from the sources the bundle was made with."""
-    records = models.bundle.manifest.extra.get("data")
+    records = models.bundle.manifest.extra.data
     out: dict[str, ImageSet | None] = {}
     for task in models.tasks:
         if records is None:  # bundles made before data sources: the built-in split
             source = DataSource(kind="builtin", location=task) if task in TASKS else None
         else:
-            rec = (records.get(task) or {}).get("test")
-            source = DataSource.model_validate(rec["source"]) if rec else None
+            rec = records.get(task)
+            source = rec.test.source if rec is not None and rec.test is not None else None
         out[task] = None if source is None else open_source(source, "test", models.class_names[task])
     return out
 

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 
 from filelock import FileLock
 
@@ -30,6 +31,16 @@ MERGE_LOCK = ".merge.lock"
 MAX_MERGE_RETRY_S = 300.0
 
 
+class ManagerState(StrEnum):
+    """Where the manager is: starting, merging the startup bundle, loading it, serving (ready), or failed."""
+
+    STARTING = "starting"
+    MERGING = "merging"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
 class ModelManager:
     """Holds the served engine; loads, swaps and (for replicas) follows ``CURRENT``."""
 
@@ -40,9 +51,9 @@ class ModelManager:
         self.device = resolve_device(settings.device)
         self.engine: InferenceEngine | None = None
         self.error: str | None = None
-        self.state = "starting"
-        #: the step a failed :meth:`bootstrap` was in ("loading": CURRENT would not load; "merging": the startup merge)
-        self.failed_step: str | None = None
+        self.state = ManagerState.STARTING
+        #: the step a failed :meth:`bootstrap` was in (LOADING: CURRENT would not load; MERGING: the startup merge)
+        self.failed_step: ManagerState | None = None
         self._load_lock = threading.Lock()
         self._failed_versions: set[str] = set()
         self._retry_at = 0.0  # monotonic time of the next startup retry
@@ -81,7 +92,7 @@ class ModelManager:
         """Serve ``engine`` from the next request on (one reference assignment)."""
         old = self.engine
         self.engine = engine
-        self.state, self.error = "ready", None
+        self.state, self.error = ManagerState.READY, None
         self.metrics.model_info.info(
             {
                 "version": engine.version,
@@ -112,7 +123,7 @@ class ModelManager:
                 with FileLock(str(self.store.layout.root / MERGE_LOCK), thread_local=False):
                     version = self.store.current_version()
                     if version is None:
-                        self.state = "merging"
+                        self.state = ManagerState.MERGING
                         log.info(
                             "store %s has no CURRENT bundle: merging zoo '%s' with %s",
                             self.store.layout.root,
@@ -134,11 +145,12 @@ class ModelManager:
                         except Exception:
                             cleanup_leftovers(self.store, before)
                             raise
-            self.state = "loading"
+            self.state = ManagerState.LOADING
             return self.load_and_swap(version)
         except Exception as e:
-            self.failed_step = self.state if self.state in ("merging", "loading") else "loading"
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            merging = self.state == ManagerState.MERGING
+            self.failed_step = ManagerState.MERGING if merging else ManagerState.LOADING
+            self.state, self.error = ManagerState.FAILED, f"{type(e).__name__}: {e}"
             log.error("startup failed: %s", self.error)
             raise
 
@@ -147,7 +159,7 @@ class ModelManager:
         try:
             await asyncio.to_thread(self.bootstrap, False)
         except Exception:  # noqa: BLE001 - bootstrap recorded the error; /readyz reports it
-            if self.failed_step == "merging":
+            if self.failed_step == ManagerState.MERGING:
                 base = max(self.settings.watch_interval_s, 1.0)
                 self._merge_backoff = min(max(self._merge_backoff * 2, base), MAX_MERGE_RETRY_S)
                 self._retry_at = time.monotonic() + self._merge_backoff
@@ -173,7 +185,7 @@ class ModelManager:
         while True:
             await asyncio.sleep(interval)
             if self.engine is None:
-                if self.state == "failed" and not busy() and time.monotonic() >= self._retry_at:
+                if self.state == ManagerState.FAILED and not busy() and time.monotonic() >= self._retry_at:
                     await self._retry_startup()
                 continue
             if busy():

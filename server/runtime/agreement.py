@@ -125,8 +125,7 @@ def agreement_review(zoo: Zoo, limit: int | None = DEFAULT_AGREEMENT_IMAGES) -> 
 
 def recorded_agreement(bundle: Bundle) -> list[TaskAgreement] | None:
     """The agreement a bundle's manifest recorded at merge time (None: not measured)."""
-    rows = bundle.manifest.extra.get("agreement")
-    return None if rows is None else [TaskAgreement.model_validate(r) for r in rows]
+    return bundle.manifest.extra.agreement
 
 
 def format_agreement(rows: list[TaskAgreement]) -> str:

@@ -32,8 +32,8 @@ from server.runtime.protocol import ImageOutput
 def _child(conn: Any, bundle_dir: str, options: EngineOptions) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
+    from model_store.memory import reuse_freed_memory
     from server.runtime.engine import Engine
-    from server.runtime.host_memory import reuse_freed_memory
 
     if options.malloc_reuse:  # a spawned child starts with glibc's defaults
         reuse_freed_memory()
