@@ -16,6 +16,8 @@ server merges with ``VITMERGE_DEFAULT_METHOD=M`` instead of its default and the 
 ``user_zoo-M.{json,md}``.
 
     .venv/bin/python benchmarks/user_zoo.py [--method tsv_routed] [--score 200]
+
+Feeds BENCHMARKS.md, section "Your own models and data: zoo create -> served routed model (issue 14)".
 """
 
 from __future__ import annotations
