@@ -1,6 +1,6 @@
 """Quantized low-rank bundles and settings chosen without labels, measured on a real zoo (issue 36, SPEC section 9).
 
-Runs ``--target-agreement`` selection (:func:`server.runtime.selection.select_and_publish`) over a grid of
+Runs ``--target-agreement`` selection (:func:`merging.pipeline.select_and_publish`) over a grid of
 ``f`` x ``bits`` for a routed low-rank method, exactly as ``vitmerge merge --target-agreement`` does: one merge
 context, the gate trained once on the FIT part of each task's calibration images, every candidate measured on
 the HELD-OUT part (agreement with the task's own model, no labels). Only after a candidate's record is made
@@ -30,14 +30,16 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from merging.pipeline import select_and_publish
+from merging.selection import CandidateRecord, SelectionError, choose, format_selection
 from model_store.bundle import Bundle, BundleStore
 from model_store.data.sources import Holdout
 from model_store.settings import StoreLayout
 from model_store.zoo import Zoo
-from server.cli.merge import _parse_param, parse_grid
+from server.cli.merge import parse_grid, parse_param
 from server.eval.accuracy import evaluate_bundle, evaluate_individual, evaluate_routed
 from server.runtime.engine import Engine
-from server.runtime.selection import CandidateRecord, SelectionError, choose, format_selection, select_and_publish
+from server.runtime.selection import HeldOutAgreement
 
 
 def candidate_name(params: dict[str, Any]) -> str:
@@ -268,9 +270,9 @@ def main() -> None:
     t_start = time.perf_counter()
     zoo = Zoo.load(args.zoo)
     if args.flops_only:
-        recount_flops(zoo, dict(_parse_param(p) for p in args.param), args.out, args.reference)
+        recount_flops(zoo, dict(parse_param(p) for p in args.param), args.out, args.reference)
         return
-    params = dict(_parse_param(p) for p in args.param)
+    params = dict(parse_param(p) for p in args.param)
     individual: dict[str, float | None] = {}
     rows: list[dict[str, Any]] = []
 
@@ -291,13 +293,24 @@ def main() -> None:
             holdout = Holdout(args.holdout_fraction, args.holdout_seed)
             grid = parse_grid(args.grid)
             outcome, selection = select_and_publish(
-                zoo, store, args.method, params, args.target, grid, None, holdout, True, on_candidate=on_candidate
+                zoo,
+                store,
+                args.method,
+                params,
+                args.target,
+                HeldOutAgreement(zoo, holdout),
+                grid,
+                None,
+                holdout,
+                True,
+                on_candidate=on_candidate,
             )
             result["chosen"] = selection.chosen
             result["selection_table"] = format_selection(selection)
             manifest = store.load(outcome.version).manifest
-            result["gate_test_accuracy"] = manifest.extra.get("gate_test_accuracy")
-            result["data"] = manifest.extra["data"]
+            result["gate_test_accuracy"] = manifest.extra.gate_test_accuracy
+            data = manifest.extra.data or {}
+            result["data"] = {t: record.model_dump(mode="json") for t, record in data.items()}
         except SelectionError as e:
             result["chosen"] = None
             result["refused"] = str(e)

@@ -25,6 +25,7 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +36,12 @@ from tqdm.auto import tqdm
 from merging.gating.router import gate_probabilities
 from merging.method_index import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.methods.tsv import LowRankDeltas
-from merging.registry import GateArtifact, MergeContext, MergeResult, Params
+from merging.registry import GateArtifact, MergeCache, MergeContext, MergeResult, Params
+from merging.selection import SelectionError, choose, rank, selection_grid
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
 from model_store.bundle import Bundle, BundleDraft, BundleStore
-from model_store.data.attach import calibration_set, test_set
+from model_store.data.attach import calibration_set, held_out_set, test_set
 from model_store.data.sources import Holdout, ImageSet
 from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
@@ -51,10 +53,15 @@ from model_store.schema import (
     BundleKind,
     BundleSpec,
     BundleTask,
+    CandidateRecord,
     EMRSpec,
     GatingSpec,
     LowRankSpec,
+    ManifestExtra,
     Preprocessing,
+    SelectionRecord,
+    TaskAgreement,
+    TaskDataRecord,
 )
 from model_store.stored_bytes import stored_bytes
 from model_store.zoo import Zoo
@@ -79,9 +86,12 @@ class _Ticking(Mapping[str, torch.Tensor]):
 
 @dataclass
 class MergeOutcome:
+    """A published merge: its version, what the method returned, the tasks, and the method's run time."""
+
     version: str
     result: MergeResult
     tasks: list[str]
+    merge_seconds: float = 0.0
 
 
 def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
@@ -126,7 +136,12 @@ def check_data(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> Non
 
 
 def merge_context(
-    zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False, holdout: Holdout | None = None
+    zoo: Zoo,
+    tasks: Sequence[str],
+    bar: tqdm | None = None,
+    progress: bool = False,
+    cache: MergeCache | None = None,
+    holdout: Holdout | None = None,
 ) -> MergeContext:
     """Lazy backbones of the zoo plus calibration access for data-dependent methods.
 
@@ -134,8 +149,12 @@ def merge_context(
     images a method asks for are decoded. With ``holdout`` the held-out part of each
     task's calibration images is left out (label-free selection measures on it). For zoos
     without a shared base, ``pretrained`` is the manifest's base (the first model's own
-    pretraining) and ``shared_init`` is False: task-vector methods refuse.
+    pretraining) and ``shared_init`` is False: task-vector methods refuse. ``cache``: gates and Gram
+    matrices shared with other merges of the same zoo (never with ``holdout``: what it holds was fit on
+    every calibration image).
     """
+    if cache is not None and holdout is not None:
+        raise ValueError("a merge with a held-out calibration part cannot share a cache fit on every image")
     finetuned: list[Tensors] = [zoo.backbone_lazy(t) for t in tasks]
     if bar is not None:
         finetuned[0] = _Ticking(finetuned[0], bar)
@@ -167,6 +186,7 @@ def merge_context(
         progress,
         heads=[zoo.head(t) for t in tasks],
         shared_init=shares_init(zoo, tasks),
+        cache=cache,
     )
 
 
@@ -211,17 +231,18 @@ def gate_test_accuracy(
 
 def data_record(
     zoo: Zoo, tasks: Sequence[str], calibrated: bool, holdout: Holdout | None = None
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, TaskDataRecord]:
     """Per task: the calibration set a merge read (when it read one; with ``holdout``, how it was split) and
     the test set, with file-list hashes."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, TaskDataRecord] = {}
     for task in tasks:
         cal = calibration_set(zoo, task) if calibrated or holdout is not None else None
         test = test_set(zoo, task)
-        record = cal.record() if cal is not None else None
-        if record is not None and holdout is not None:
-            record["holdout"] = holdout.record(cal)  # type: ignore[arg-type]
-        out[task] = {"calibration": record, "test": test.record() if test is not None else None}
+        out[task] = TaskDataRecord(
+            calibration=cal.record() if cal is not None else None,
+            holdout=holdout.record(cal) if cal is not None and holdout is not None else None,
+            test=test.record() if test is not None else None,
+        )
     return out
 
 
@@ -354,6 +375,7 @@ class Candidate:
     draft: BundleDraft
     result: MergeResult
     params: Params
+    seconds: float = 0.0  # the method's run time
 
     def preview(self, plan: MergePlan) -> Bundle:
         return self.draft.preview(plan.method, self.params.model_dump(), plan.tasks)
@@ -367,16 +389,18 @@ def plan_merge(
     progress: bool = False,
     bar: Any = None,
     holdout: Holdout | None = None,
+    cache: MergeCache | None = None,
 ) -> MergePlan:
     """Check ``method``, its parameters and the tasks against ``zoo`` (a clear error before any work) and open
-    the merge context; with ``holdout`` the context's calibration access leaves each task's held-out part out."""
+    the merge context; with ``holdout`` the context's calibration access leaves each task's held-out part out;
+    ``cache``: gates and Gram matrices shared with other merges of the zoo (not with ``holdout``)."""
     spec = get_method(method)
     raw = with_zoo_defaults(zoo, spec.name, params)
     parse_params(spec.name, raw)
     chosen = select_tasks(zoo, tasks)
     check_applicable(zoo, spec.name, chosen)
     check_data(zoo, spec.name, chosen)
-    ctx = merge_context(zoo, chosen, bar=bar, progress=progress, holdout=holdout)
+    ctx = merge_context(zoo, chosen, bar=bar, progress=progress, cache=cache, holdout=holdout)
     return MergePlan(zoo, spec.name, raw, chosen, ctx, holdout)
 
 
@@ -384,14 +408,16 @@ def build_candidate(plan: MergePlan, store: BundleStore, overrides: dict[str, An
     """Merge ``plan`` with ``overrides`` on its parameters and write the bundle into a new draft (not published;
     the gate's test accuracy is not measured: nothing here reads test images)."""
     parsed = parse_params(plan.method, {**plan.params, **(overrides or {})})
+    start = time.perf_counter()
     result = run_merge(plan.method, plan.ctx, parsed)
+    seconds = time.perf_counter() - start
     draft = store.draft()
     try:
         write_bundle(draft, plan.zoo, plan.tasks, result)
     except BaseException:
         draft.discard()
         raise
-    return Candidate(draft, result, parsed)
+    return Candidate(draft, result, parsed, seconds)
 
 
 def _record_gate_accuracy(draft: BundleDraft, accuracy: dict[str, float | None]) -> None:
@@ -413,29 +439,38 @@ def publish_candidate(
     """Publish a candidate: its gate's routing accuracy on test images (a report), ``review``'s entries, the data
     record and the stored bytes go into the bundle; when anything raises, the draft is discarded."""
     result, parsed = candidate.result, candidate.params
-    out = {k: v for k, v in result.info.items() if k != "params"}
     try:
         test_images = getattr(parsed, "gate_test_images", None)
         gate_acc = None
         if result.gate is not None and test_images != 0:
             gate_acc = gate_test_accuracy(result.gate, plan.zoo, plan.tasks, test_images)
             _record_gate_accuracy(candidate.draft, gate_acc)
-        out["stored_bytes"] = stored_bytes(candidate.preview(plan)).model_dump()
-        if review is not None:
-            out.update(review(candidate.preview(plan)))
-        if gate_acc is not None:
-            out["gate_test_accuracy"] = gate_acc
-        out["data"] = data_record(plan.zoo, plan.tasks, get_method(plan.method).needs_calibration, plan.holdout)
-        out.update(extra or {})
+        reviewed = review(candidate.preview(plan)) if review is not None else {}
+        data = data_record(plan.zoo, plan.tasks, get_method(plan.method).needs_calibration, plan.holdout)
+        manifest_extra = ManifestExtra.model_validate(
+            {
+                **result.info.model_dump(exclude_none=True),
+                **reviewed,
+                "data": data,
+                "gate_test_accuracy": gate_acc,
+                "stored_bytes": stored_bytes(candidate.preview(plan)),
+                **(extra or {}),
+            }
+        )
     except BaseException:
         candidate.draft.discard()
         raise
     zoo_info = {"name": plan.zoo.name, "path": str(plan.zoo.root), "hashes": plan.zoo.file_hashes()}
-    params = parsed.model_dump()
     version = store.publish(
-        candidate.draft, plan.method, params, zoo=zoo_info, tasks=plan.tasks, extra=out, make_current=make_current
+        candidate.draft,
+        plan.method,
+        parsed.model_dump(),
+        zoo=zoo_info,
+        tasks=plan.tasks,
+        extra=manifest_extra,
+        make_current=make_current,
     )
-    return MergeOutcome(version, result, plan.tasks)
+    return MergeOutcome(version, result, plan.tasks, candidate.seconds)
 
 
 def merge_and_publish(
@@ -448,14 +483,110 @@ def merge_and_publish(
     make_current: bool = True,
     bar: Any = None,
     review: Callable[[Bundle], dict[str, Any]] | None = None,
+    cache: MergeCache | None = None,
 ) -> MergeOutcome:
     """Merge ``zoo`` with ``method`` and publish the bundle; returns its version.
 
     ``bar`` (anything with ``update(n)``, e.g. a job's progress) replaces the tqdm bar. ``review`` sees the
     written, unpublished bundle and returns entries for its manifest's ``extra`` (the serving layer's
-    agreement with the individual models); when it raises, nothing is published.
+    agreement with the individual models); when it raises, nothing is published. ``cache``: gates and Gram
+    matrices shared with other merges of the same zoo (the accuracy benchmark).
     """
     with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress or bar is not None) as tbar:
-        plan = plan_merge(zoo, method, params, tasks, progress, bar if bar is not None else tbar)
+        plan = plan_merge(zoo, method, params, tasks, progress, bar if bar is not None else tbar, cache=cache)
         candidate = build_candidate(plan, store)
     return publish_candidate(plan, store, candidate, make_current, review)
+
+
+#: Label-free selection's measurement of a candidate (the serving layer's: :mod:`server.runtime.selection`):
+#: each task's agreement with its own model on that task's held-out calibration images.
+MeasureAgreement = Callable[[Bundle], list[TaskAgreement]]
+#: Called with every measured candidate (its swept parameters, the draft bundle, its record): a benchmark
+#: measures more on it (e.g. test accuracy), after the choice-relevant numbers are recorded.
+OnCandidate = Callable[[dict[str, Any], Bundle, CandidateRecord], None]
+
+
+def candidate_record(
+    overrides: dict[str, Any], bundle: Bundle, rows: list[TaskAgreement], target: float
+) -> CandidateRecord:
+    """A measured candidate: its stored bytes and its worst task's agreement (routed when the bundle routes,
+    else with the task given) against ``target``."""
+    size = stored_bytes(bundle)
+    routed = any(r.top1_routed is not None for r in rows)
+    values = [(r.top1_routed if routed else r.top1_given) or 0.0 for r in rows]
+    worst = min(range(len(values)), key=values.__getitem__)
+    return CandidateRecord(
+        params=overrides,
+        stored_bytes=size.total,
+        x_one_model=size.x_one_model,
+        agreement=rows,
+        min_agreement=values[worst],
+        worst_task=rows[worst].task,
+        meets_target=values[worst] >= target,
+    )
+
+
+def select_and_publish(
+    zoo: Zoo,
+    store: BundleStore,
+    method: str,
+    params: dict[str, Any] | None,
+    target: float,
+    measure: MeasureAgreement,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    tasks: Sequence[str] | None = None,
+    holdout: Holdout | None = None,
+    progress: bool = False,
+    make_current: bool = True,
+    bar: Any = None,
+    review: Callable[[Bundle], dict[str, Any]] | None = None,
+    on_candidate: OnCandidate | None = None,
+) -> tuple[MergeOutcome, SelectionRecord]:
+    """Settings chosen without labels (SPEC section 9): publish the smallest candidate (stored bytes) of a grid
+    over the method's ``f`` / ``bits`` / ``router_k`` whose agreement, as ``measure`` gives it on each task's
+    held-out calibration images, reaches ``target`` on every task.
+
+    The candidates share one merge context whose calibration access leaves the held-out part out (the gate
+    trains once, TSV's SVDs run once at the largest ``f``); no test image is read to choose. The choice, the
+    grid with every candidate's bytes and agreement, and the split are recorded in the manifest. Nothing is
+    published when no candidate reaches the target (:class:`SelectionError` naming the best reached) or
+    anything fails; every draft but the best so far is discarded as soon as it is beaten.
+    """
+    if not 0.0 < target <= 1.0:
+        raise SelectionError(f"the target agreement must be in (0, 1], got {target}")
+    holdout = holdout or Holdout()
+    plan = plan_merge(zoo, method, params, tasks, progress, bar, holdout)
+    axes, overrides = selection_grid(plan.method, plan.params, grid)
+    held = {t: len(held_out_set(zoo, t, holdout)) for t in plan.tasks}  # every task has some: checked first
+    records: list[CandidateRecord] = []
+    best: tuple[Candidate, CandidateRecord] | None = None
+    try:
+        for over in tqdm(overrides, desc=f"select {plan.method}", disable=not progress):
+            candidate = build_candidate(plan, store, over)
+            bundle = candidate.preview(plan)
+            record = candidate_record(over, bundle, measure(bundle), target)
+            records.append(record)
+            if on_candidate is not None:
+                on_candidate(over, bundle, record)
+            if record.meets_target and (best is None or rank(record) < rank(best[1])):
+                if best is not None:
+                    best[0].draft.discard()
+                best = (candidate, record)
+            else:
+                candidate.draft.discard()
+        chosen = choose(records, target)
+    except BaseException:
+        if best is not None:
+            best[0].draft.discard()
+        raise
+    assert best is not None and best[1] is chosen
+    selection = SelectionRecord(
+        target_agreement=target,
+        measure="routed" if any(r.top1_routed is not None for r in chosen.agreement) else "given",
+        holdout={"fraction": holdout.fraction, "seed": holdout.seed, "images": held},
+        grid=axes,
+        candidates=records,
+        chosen=chosen.params,
+    )
+    outcome = publish_candidate(plan, store, best[0], make_current, review, extra={"selection": selection})
+    return outcome, selection

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,21 +157,35 @@ class GateParams(Params):
 GATE_MEAN_STD = [0.5, 0.5, 0.5]
 
 
+def gate_cache_key(tasks: Sequence[str], p: GateParams) -> tuple:
+    """What a trained gate depends on: the tasks and every gate parameter (``gate_test_images`` only scores it)."""
+    return (tuple(tasks), *(getattr(p, f) for f in GateParams.model_fields if f != "gate_test_images"))
+
+
 def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
-    """Train the gate on every task's calibration images (labels = task index); once per context and
-    gate parameters (``ctx.memo``: a grid of candidates shares it)."""
-    key = ("gate", tuple(sorted(p.model_dump(include=set(GateParams.model_fields)).items())))
-    if key not in ctx.memo:
-        ctx.memo[key] = _train_gate_for(ctx, p)
-    return ctx.memo[key]
-
-
-def _train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
+    """Train the gate on every task's calibration images (labels = task index); once per key: ``ctx.cache`` keeps
+    it for other merges of the zoo, else ``ctx.memo`` for other candidates of this context (a grid shares it)."""
+    key = gate_cache_key(ctx.tasks, p)
+    gates: dict[tuple[Any, ...], GateArtifact] = (
+        ctx.cache.gates if ctx.cache is not None else ctx.memo.setdefault("gates", {})
+    )
+    if key in gates:
+        return gates[key]
     assert ctx.calibration is not None
+    start = time.perf_counter()
     prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN_STD, std=GATE_MEAN_STD)
     images = [ctx.calibration(i, prep, p.gate_max_images) for i in range(len(ctx.finetuned))]
     init = ctx.gate_init(p.gate_arch) if ctx.gate_init is not None else None
     lr = p.gate_lr if p.gate_lr is not None else (2e-3 if init is not None else 1e-2)
     cfg = GateConfig(arch=p.gate_arch, epochs=p.gate_epochs, lr=lr, seed=p.gate_seed)
     trained = train_gate(images, cfg, init, progress=ctx.progress)
-    return GateArtifact(gate_state(trained.model), p.gate_arch, prep, trained.holdout_accuracy, trained.epochs_run)
+    art = GateArtifact(
+        gate_state(trained.model),
+        p.gate_arch,
+        prep,
+        trained.holdout_accuracy,
+        trained.epochs_run,
+        time.perf_counter() - start,
+    )
+    gates[key] = art
+    return art

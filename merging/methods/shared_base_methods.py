@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from pydantic import Field
 
 from merging.methods.averaging import task_arithmetic, weight_average
@@ -18,6 +19,7 @@ from merging.methods.ties import ties_merge
 from merging.methods.tsv import LowRankDeltas, exact_lowrank, tsv_compress, tsv_merge
 from merging.registry import Catalog, MergeContext, MergeResult, NoParams, Params
 from model_store.quantize import Bits
+from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
 
@@ -82,14 +84,26 @@ def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
     return MergeResult(backbone=ties_merge(ctx.pretrained, views, p.k, p.lam))
 
 
+def task_grams(ctx: MergeContext, max_images: int) -> list[dict[str, torch.Tensor]]:
+    """Every task model's RegMean Gram matrices on its first ``max_images`` calibration images (``ctx.cache``
+    keeps them: RegMean and gated RegMean at every ``m`` read the same ones)."""
+    assert ctx.build_model and ctx.calibration
+    out = []
+    for i, (task, weights) in enumerate(zip(ctx.tasks, ctx.finetuned)):
+        key = (task, max_images)
+        if ctx.cache is not None and key in ctx.cache.grams:
+            out.append(ctx.cache.grams[key])
+            continue
+        grams = collect_grams(ctx.build_model(i, weights), ctx.calibration(i, None, max_images))
+        if ctx.cache is not None:
+            ctx.cache.grams[key] = grams
+        out.append(grams)
+    return out
+
+
 @CATALOG.register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
 def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
-    assert ctx.build_model and ctx.calibration
-    grams = [
-        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
-        for i, m in enumerate(ctx.finetuned)
-    ]
-    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha))
 
 
 @CATALOG.register(
@@ -109,7 +123,7 @@ def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
 )
 def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
-    return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
+    return MergeResult(emr=merged, info=MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers))))
 
 
 class LowRankBitsParams(Params):
@@ -142,7 +156,7 @@ def tsv_c_result(ctx: MergeContext, f: float | None, conv: bool = False, bits: B
         deltas = cached if f == cached.rank_fraction else cached.truncated(f)
     else:
         deltas = ctx.memo[key] = tsv_compress(ctx.pretrained, ctx.finetuned, f, conv)
-    return MergeResult(lowrank=replace(deltas, bits=bits), info={"rank_fraction": deltas.rank_fraction})
+    return MergeResult(lowrank=replace(deltas, bits=bits), info=MergeInfo(rank_fraction=deltas.rank_fraction))
 
 
 @CATALOG.register(
@@ -169,7 +183,7 @@ def lora_result(ctx: MergeContext, max_fraction: float, bits: Bits = 32) -> Merg
     if key not in ctx.memo:
         ctx.memo[key] = exact_lowrank(ctx.pretrained, ctx.finetuned, max_fraction, names=ctx.tasks)
     deltas: LowRankDeltas = ctx.memo[key]
-    return MergeResult(lowrank=replace(deltas, bits=bits), info={"ranks": sorted(set(deltas.ranks.values()))})
+    return MergeResult(lowrank=replace(deltas, bits=bits), info=MergeInfo(ranks=sorted(set(deltas.ranks.values()))))
 
 
 @CATALOG.register(

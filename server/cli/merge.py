@@ -8,7 +8,7 @@ import json
 from server.cli.common import Parsers, SubParsers, any_zoo, store_layout
 
 
-def _parse_param(item: str) -> tuple[str, object]:
+def parse_param(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise ValueError(f"--param expects key=value, got '{item}'")
     key, raw = item.split("=", 1)
@@ -23,8 +23,8 @@ def parse_grid(items: list[str]) -> dict[str, list[object]]:
     """``--grid KEY=V1,V2`` items -> axes (values parsed as JSON where they are, else strings)."""
     grid: dict[str, list[object]] = {}
     for item in items:
-        key, raw = _parse_param(item)
-        values = [_parse_param(f"{key}={v}")[1] for v in str(raw).split(",") if v.strip()]
+        key, raw = parse_param(item)
+        values = [parse_param(f"{key}={v}")[1] for v in str(raw).split(",") if v.strip()]
         if not values:
             raise ValueError(f"--grid {key}= has no values")
         grid[key] = values
@@ -32,14 +32,15 @@ def parse_grid(items: list[str]) -> dict[str, list[object]]:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from merging.pipeline import merge_and_publish
+    from merging.pipeline import merge_and_publish, select_and_publish
+    from merging.selection import format_selection
     from model_store.bundle import BundleStore
     from model_store.data.sources import Holdout
     from model_store.settings import StoreSettings
     from server.runtime.agreement import agreement_review, format_agreement, recorded_agreement
-    from server.runtime.selection import format_selection, select_and_publish
+    from server.runtime.selection import HeldOutAgreement
 
-    params = dict(_parse_param(p) for p in args.param)
+    params = dict(parse_param(p) for p in args.param)
     zoo = any_zoo(args, args.zoo)
     store = BundleStore(store_layout(args), keep=StoreSettings().keep_versions)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
@@ -47,15 +48,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.grid and args.target_agreement is None:
         raise ValueError("--grid needs --target-agreement (the grid is what the target chooses from)")
     if args.target_agreement is not None:
+        holdout = Holdout(args.holdout_fraction, args.holdout_seed)
         outcome, selection = select_and_publish(
             zoo,
             store,
             args.method,
             params,
             args.target_agreement,
+            HeldOutAgreement(zoo, holdout),
             parse_grid(args.grid),
             tasks,
-            Holdout(args.holdout_fraction, args.holdout_seed),
+            holdout,
             progress=not args.quiet,
             make_current=not args.no_current,
             review=review,

@@ -95,17 +95,22 @@ def _child(req: MergeRequestSpec, conn: Connection) -> None:
         bar = None if req.progress else _PipeProgress(conn, len(zoo.backbone_lazy(zoo.base)))
         review = _agreement(zoo, req.settings.agreement_images, conn) if req.settings.agreement_images else None
         if req.target_agreement is not None:
-            from server.runtime.selection import select_and_publish
+            from merging.pipeline import select_and_publish
+            from model_store.data.sources import Holdout
+            from server.runtime.selection import HeldOutAgreement
 
             conn.send(("phase", "choosing settings on held-out calibration images"))
+            holdout = Holdout()
             outcome, _ = select_and_publish(
                 zoo,
                 store,
                 req.method,
                 req.params,
                 req.target_agreement,
+                HeldOutAgreement(zoo, holdout),
                 req.grid,
                 req.tasks,
+                holdout,
                 progress=req.progress,
                 make_current=req.make_current,
                 bar=bar,

@@ -162,16 +162,17 @@ def test_quantized_bundles_store_per_row_codes_packed_and_their_stored_bytes(tes
         assert set(ref.ranks.values()) == ({3, 1} if bits == 4 else {12})  # odd ranks (3; the conv's 1): padded
     for name in versions:
         bundle = store.load(versions[name])
-        recorded = bundle.manifest.extra["stored_bytes"]
+        recorded = bundle.manifest.extra.stored_bytes
+        assert recorded is not None
         names = [file.removesuffix(".safetensors") for file in bundle.manifest.files if file.endswith(".safetensors")]
         by_hand = {n: sum(t.numel() * t.element_size() for t in bundle.tensors(n).values()) for n in names}
-        assert recorded["files"] == by_hand and recorded["total"] == sum(by_hand.values())
-        assert recorded["one_model_fp32"] == one_model
-        assert recorded["x_one_model"] == pytest.approx(recorded["total"] / one_model, rel=1e-6)
+        assert recorded.files == by_hand and recorded.total == sum(by_hand.values())
+        assert recorded.one_model_fp32 == one_model
+        assert recorded.x_one_model == pytest.approx(recorded.total / one_model, rel=1e-6)
         if name in ("tsv_c", "tsv_c_conv", "tsv_routed"):
             raw = json.loads((bundle.path / "model.json").read_text())
             assert raw["bundle_format"] == 2 and "bits" not in raw["lowrank"]
-    sizes = {n: store.load(v).manifest.extra["stored_bytes"]["files"]["factors"] for n, v in versions.items()}
+    sizes = {n: store.load(v).manifest.extra.stored_bytes.files["factors"] for n, v in versions.items()}  # type: ignore[union-attr]
     assert sizes["tsv_c_8bit"] < sizes["tsv_c"] / 3  # 1 byte a number + a float scale per row vs 4 bytes
 
 

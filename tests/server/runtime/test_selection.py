@@ -12,21 +12,15 @@ import torch
 import merging.gating.router as router_module
 import merging.methods.shared_base_methods as tsv_methods
 from merging.methods.tsv import tsv_compress
-from merging.pipeline import merge_context
+from merging.pipeline import merge_context, select_and_publish
+from merging.selection import CandidateRecord, SelectionError, choose, selection_grid
 from model_store.bundle import BundleStore
 from model_store.data.attach import calibration_set
 from model_store.data.sources import Holdout, ImageSet
 from model_store.schema import Preprocessing
 from model_store.settings import StoreLayout
 from server.cli import main
-from server.runtime.selection import (
-    CandidateRecord,
-    SelectionError,
-    SelectionRecord,
-    choose,
-    select_and_publish,
-    selection_grid,
-)
+from server.runtime.selection import HeldOutAgreement
 
 #: a gate that trains in ~2 s yet routes well enough for agreements to differ between candidates
 #: (3 epochs at 32 px); its test accuracy is not measured (no test image is read anywhere here)
@@ -67,7 +61,7 @@ def selected(test_zoo_report, tmp_path_factory):
         mp.setattr(ImageSet, "pixels", pixels)
         mp.setattr(router_module, "train_gate", train_gate)
         mp.setattr(tsv_methods, "tsv_compress", tsv)
-        outcome, selection = select_and_publish(zoo, store, "tsv_routed", GATE, TARGET, GRID)
+        outcome, selection = select_and_publish(zoo, store, "tsv_routed", GATE, TARGET, HeldOutAgreement(zoo), GRID)
     return store, outcome, selection, reads, gates, svds
 
 
@@ -90,9 +84,9 @@ def test_selection_publishes_the_smallest_candidate_that_meets_the_target_on_eve
     bundle = store.load(outcome.version)
     m = bundle.manifest
     assert {k: m.params[k] for k in chosen.params} == chosen.params
-    assert m.extra["stored_bytes"]["total"] == chosen.stored_bytes
-    assert SelectionRecord.model_validate(m.extra["selection"]) == selection
-    assert m.extra["selection"]["grid"] == GRID and m.extra["selection"]["target_agreement"] == TARGET
+    assert m.extra.stored_bytes is not None and m.extra.stored_bytes.total == chosen.stored_bytes
+    assert m.extra.selection == selection and not m.extra.legacy
+    assert m.extra.selection.grid == GRID and m.extra.selection.target_agreement == TARGET
 
 
 def test_selection_fits_on_the_fit_part_only_and_records_the_split(test_zoo_report, selected):
@@ -104,14 +98,15 @@ def test_selection_fits_on_the_fit_part_only_and_records_the_split(test_zoo_repo
     assert svds == [0.25] and len(gates) == 1
     half = router_module.GATE_MEAN_STD
     prep = Preprocessing(size=GATE["gate_size"], channels=3, mean=half, std=half)
-    data = store.load(outcome.version).manifest.extra["data"]
+    data = store.load(outcome.version).manifest.extra.data
+    assert data is not None
     for i, task in enumerate(zoo.tasks):
         fit, held = Holdout().split(calibration_set(zoo, task))
         torch.testing.assert_close(gates[0][i], fit.tensors(prep, GATE["gate_max_images"]), atol=0, rtol=0)
-        split = data[task]["calibration"]["holdout"]
-        assert split["fit_images"] == len(fit) and split["held_out_images"] == len(held)
+        split = data[task].holdout
+        assert split is not None and split.fit_images == len(fit) and split.held_out_images == len(held)
         assert selection.holdout["images"][task] == len(held)
-        assert split["fraction"] == 0.2 and split["seed"] == 0 and split["held_out_sha256"] == held.fingerprint()
+        assert split.fraction == 0.2 and split.seed == 0 and split.held_out_sha256 == held.fingerprint()
         assert all(a.images == len(held) for r in selection.candidates for a in r.agreement if a.task == task)
 
 
@@ -226,7 +221,8 @@ def test_the_admin_merge_api_chooses_settings_and_refuses_bad_grids(server_store
             job = h.request("GET", f"/v1/merge/{job['id']}", headers=auth).json()
         assert job["state"] == "succeeded" and job["grid"] == {"f": [0.25], "bits": [8, 4]}, job
         manifest = BundleStore(StoreLayout(server_store)).load(job["version"]).manifest
-        selection = SelectionRecord.model_validate(manifest.extra["selection"])
+        selection = manifest.extra.selection
+        assert selection is not None
         assert selection.chosen == {"f": 0.25, "bits": 4} and len(selection.candidates) == 2  # the smaller one met 0.3
         assert manifest.params["bits"] == 4 and h.state.manager.version == job["version"]
     finally:
