@@ -13,7 +13,9 @@ FLOPs per image through the Engine, resident bytes of the engine (factors dequan
         --target 0.995 --out benchmarks/results/dinov2-select
 
 Writes ``<out>/lowrank_select.{json,md,png}``; the plot puts the grid (routed, normalised) against the rows of
-earlier accuracy benchmarks given with ``--reference`` (their ``accuracy-*.json``).
+earlier accuracy benchmarks given with ``--reference`` (their ``accuracy-*.json``) and other parts of the grid
+given with ``--also`` (``--replot`` only redraws it).
+Feeds BENCHMARKS.md, section "Quantized low-rank factors and settings chosen without labels (issue 36)".
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def plot(result: dict[str, Any], refs: list[dict[str, Any]], path: Path, also: S
 
     runs = [result, *also]
     candidates = [r for run in runs for r in run["candidates"]]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 7))
     markers = {32: "o", 8: "s", 4: "^"}
     for bits, marker in markers.items():
         rows = sorted((r for r in candidates if r["params"].get("bits") == bits), key=lambda r: r["x_one_model"])
@@ -198,7 +200,7 @@ def plot(result: dict[str, Any], refs: list[dict[str, Any]], path: Path, also: S
     ax.set_xlabel("stored bytes (x one fp32 model)")
     ax.set_ylabel("normalised accuracy, task NOT given (%)")
     ax.set_title(f"{result['zoo']}: accuracy vs bytes (goal: >= 99.5% at <= 1.2x)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below: no point hidden
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
