@@ -582,20 +582,49 @@ def test_queue_full_429_and_timeout_504(server_store_template, test_zoo_dir, sam
         h.close()
 
 
-def test_metrics_exposition(harness, samples):
-    harness.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])})
+#: series that grow by one per image (``per="image"``), per engine batch (``per="batch"``) or per request
+COUNTED = {
+    ("vitmerge_requests_total", 'method="POST",route="/v1/classify",status="200"'): "request",
+    ("vitmerge_request_latency_seconds_count", 'route="/v1/classify"'): "request",
+    ("vitmerge_queue_wait_seconds_count", ""): "image",
+    ("vitmerge_predictions_total", ""): "image",
+    ("vitmerge_batch_size_sum", ""): "image",
+    ("vitmerge_batch_size_count", ""): "batch",
+    ("vitmerge_inference_seconds_count", ""): "batch",
+}
+
+
+def _counts(harness) -> dict:
     text = harness.request("GET", "/metrics").text
-    assert metric_value(text, "vitmerge_requests_total", 'method="POST",route="/v1/classify",status="200"') >= 1
-    for name in (
-        "vitmerge_request_latency_seconds_count",
-        "vitmerge_queue_wait_seconds_count",
-        "vitmerge_inference_seconds_count",
-        "vitmerge_batch_size_count",
-        "vitmerge_queue_depth",
-        "vitmerge_predictions_total",
-        "vitmerge_weight_cache_lookups_total",
-    ):
-        assert metric_value(text, name) >= 0
+
+    def value(name: str, labels: str) -> float:
+        try:
+            return metric_value(text, name, labels)
+        except KeyError:  # a labelled series appears with its first sample
+            return 0.0
+
+    return {key: value(*key) for key in COUNTED}
+
+
+def test_metrics_count_every_request_image_and_batch(harness, samples):
+    """N classifies, one at a time (one batch each), then one request of 3 images (one batch of 3)."""
+    before = _counts(harness)
+    n = 5
+    for task, png, _ in samples[:n]:
+        r = harness.request("POST", "/v1/classify", files={"image": ("x.png", png)}, data={"task": task})
+        assert r.status_code == 200 and r.json()["timing"]["batch_sizes"] == [1], r.text
+    after = _counts(harness)
+    assert {k: after[k] - before[k] for k in COUNTED} == {k: n for k in COUNTED}
+    r = harness.request("POST", "/v1/classify", json={"images": [_b64(png) for _, png, _ in samples[:3]]})
+    assert r.status_code == 200 and r.json()["timing"]["batch_sizes"] == [3], r.text
+    grown = {k: v - after[k] for k, v in _counts(harness).items()}
+    assert grown == {k: {"request": 1, "image": 3, "batch": 1}[per] for k, per in COUNTED.items()}, grown
+    text = harness.request("GET", "/metrics").text
+    assert metric_value(text, "vitmerge_queue_depth") == 0  # nothing waits once every request was answered
+    assert metric_value(text, "vitmerge_batch_size_bucket", 'le="2.0"') == metric_value(
+        text, "vitmerge_batch_size_bucket", 'le="1.0"'
+    )  # no batch of 2 ever ran here; the batch of 3 is in the le="4.0" bucket
+    assert metric_value(text, "vitmerge_weight_cache_lookups_total") > 0
     assert "vitmerge_model_info{" in text and 'version="v1"' in text
     assert metric_value(text, "vitmerge_ready") == 1
 

@@ -129,6 +129,9 @@ def test_a_failed_merge_at_any_phase_changes_nothing_on_a_full_store(harness, pn
     assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="failed"') == 3
     assert metric_value(text, "vitmerge_merge_jobs_total", 'outcome="succeeded"') == 1
     assert metric_value(text, "vitmerge_model_swaps_total") == 1  # the one successful merge swapped once
+    r = h.request("POST", LOAD, json={"parameters": {"version": "v2"}}, headers=AUTH)  # and a switch back: one more
+    assert r.status_code == 200 and h.state.manager.version == "v2" == store.current_version(), r.text
+    assert metric_value(h.request("GET", "/metrics").text, "vitmerge_model_swaps_total") == 2
 
 
 def test_switching_to_a_corrupt_version_answers_422_and_changes_nothing(harness, png):
