@@ -89,14 +89,29 @@ def test_watcher_keeps_serving_when_current_moves_to_a_corrupt_version(two_versi
 
     store = tmp_path / "store"
     shutil.copytree(two_versions, store)
-    h = AsgiHarness(_settings(store, test_zoo_dir, watch_interval_s=0.1))
+    h = AsgiHarness(_settings(store, test_zoo_dir, watch_interval_s=0.05))
+    manager = h.state.manager
+    polls, loads = [], []
+    real_poll, real_load = manager.current_changed, manager.load_and_swap
+
+    def counted_poll():
+        polls.append(1)
+        return real_poll()
+
+    def counted_load(version):
+        loads.append(version)
+        return real_load(version)
+
+    manager.current_changed, manager.load_and_swap = counted_poll, counted_load  # spies: the real calls run
     try:
-        assert h.state.manager.version == "v1"
+        assert manager.version == "v1"
         _corrupt(store, "v2")
         (store / "CURRENT").write_text("v2\n")  # another replica (or a person) points CURRENT at a broken version
-        _wait(lambda: "v2" in h.state.manager._failed_versions, what="the watcher to try v2")
-        time.sleep(0.3)  # several more polls: the failed version is not retried in a loop
-        assert h.state.manager.version == "v1"
+        _wait(lambda: len(loads) >= 1, what="the watcher to try v2")
+        seen = len(polls)
+        _wait(lambda: len(polls) >= seen + 10, what="ten more polls")
+        assert loads == ["v2"], loads  # tried once: a failed version is not retried in a loop
+        assert manager.version == "v1"
         r = h.request("POST", "/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"})
         assert r.status_code == 200 and r.json()["model_version"] == "v1"
         assert h.request("GET", "/readyz").json()["model_version"] == "v1"
