@@ -1,15 +1,20 @@
-"""Does the suite catch these bugs? Apply one mutation at a time, run the test that must catch it, restore.
+"""Does the suite catch these bugs? Apply one mutation at a time, run the tests that must catch it, restore.
 
-Prints ``red`` (the test failed: good) or ``GREEN`` (the bug went unnoticed) per mutation.
+Prints ``red`` (the tests failed: good) or ``GREEN`` (the bug went unnoticed) per mutation; exits 1 if any
+mutation stayed green. Each mutation runs only its own tests (a file, or ``file::test``), with the repository
+first on ``PYTHONPATH`` (so that servers and merge processes the tests start run the mutated code too).
 
-    .venv/bin/python scripts/mutation_check.py            # all (~7 min here)
-    .venv/bin/python scripts/mutation_check.py M1 M4      # some
+    .venv/bin/python scripts/mutation_check.py            # all (~20 min here)
+    .venv/bin/python scripts/mutation_check.py M1 M16     # some
 """
 
+import os
 import pathlib
 import subprocess
 import sys
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: (name, file, code, its mutation, the tests that must fail: one node id, or several separated by spaces)
 M = [
     (
         "M1 prune deletes CURRENT",
@@ -21,8 +26,8 @@ M = [
     (
         "M2 publish keeps a failed draft",
         "model_store/bundle.py",
-        "        except BaseException:\n            draft.discard()\n            raise\n        self.prune()",
-        "        except BaseException:\n            raise\n        self.prune()",
+        "        except BaseException:\n            draft.discard()\n            raise\n",
+        "        except BaseException:\n            raise\n",
         "tests/model_store/test_bundle.py::test_failure_inside_publish_discards_the_draft_and_changes_nothing",
     ),
     (
@@ -65,7 +70,7 @@ M = [
         "server/http/state.py",
         "        if self.batcher is not None and self.batcher.stopping:",
         "        if False:",
-        "tests/server/http/test_resilience.py::test_requests_arriving_while_draining_get_503",
+        "tests/server/http/test_resilience.py::test_stop_answers_every_queued_request_and_refuses_new_ones",
     ),
     (
         "M13 watcher forgets failed versions",
@@ -103,21 +108,111 @@ M = [
         "tests/server/eval/test_bench_accuracy.py::test_table_has_every_row_and_column",
     ),
 ]
+# -- issue 34: the promises of auth, a failed merge, drain, metrics, soft gating, retries and file modes
+M += [
+    (
+        "M16 a merge job's parameters readable without the admin token",
+        "server/http/routes/admin.py",
+        'summary="a merge job\'s state (admin)",\n        dependencies=[Depends(admin)],',
+        'summary="a merge job\'s state (admin)",',
+        "tests/server/http/test_auth.py",
+    ),
+    (
+        "M17 anyone switches the served version on every replica (/v2 load without auth)",
+        "server/http/routes/v2.py",
+        'parameters.version (default CURRENT) (admin)",\n        dependencies=[Depends(admin)],',
+        'parameters.version (default CURRENT) (admin)",',
+        "tests/server/http/test_auth.py",
+    ),
+    (
+        "M18 /v2 infer without the API key",
+        "server/http/routes/v2.py",
+        "        require_api_key(request, settings)\n        engine = await pinned(name, version)",
+        "        engine = await pinned(name, version)",
+        "tests/server/http/test_auth.py",
+    ),
+    (
+        "M19 publish prunes before the new version is loaded (a failed merge deletes a rollback target)",
+        "model_store/bundle.py",
+        "        if make_current:  # not CURRENT yet: prune nothing",
+        "        if True:  # not CURRENT yet: prune nothing",
+        "tests/model_store/test_bundle.py tests/server/http/test_merge_jobs.py",
+    ),
+    (
+        "M20 the drain loop removed (stop cancels queued requests)",
+        "server/http/batcher.py",
+        "        while self.busy and time.monotonic() < deadline and self._task is not None and not self._task.done():"
+        "\n            await asyncio.sleep(0.01)\n",
+        "",
+        "tests/server/http/test_resilience.py::test_stop_answers_every_queued_request_and_refuses_new_ones",
+    ),
+    (
+        "M21 the drain ends while the last batch still runs",
+        "server/http/batcher.py",
+        "return self._pending > 0 or self._running > 0 or self._incoming > 0",
+        "return self._pending > 0",
+        "tests/server/http/test_resilience.py::test_stop_answers_every_queued_request_and_refuses_new_ones",
+    ),
+    (
+        "M22 queue wait not observed",
+        "server/http/batcher.py",
+        "            self.metrics.queue_wait.observe(result.queue_s)\n",
+        "",
+        "tests/server/http/test_api.py::test_metrics_count_every_request_image_and_batch",
+    ),
+    (
+        "M23 hot swaps not counted",
+        "server/http/model_manager.py",
+        "            self.metrics.swaps.inc()",
+        "            pass",
+        "tests/server/http/test_merge_jobs.py",
+    ),
+    (
+        "M24 soft gating mixes the experts by p^2 / sum p^2",
+        "server/runtime/gated_vit.py",
+        "        p = p.to(x.dtype)\n        if strategy",
+        "        p = (p * p / (p * p).sum(1, keepdim=True)).to(x.dtype)\n        if strategy",
+        "tests/server/runtime/test_soft_gating.py",
+    ),
+    (
+        "M25 the watcher's retry guard removed (a failed CURRENT is reloaded every poll)",
+        "server/http/model_manager.py",
+        "if current is None or current == self.version or current in self._failed_versions:",
+        "if current is None or current == self.version:",
+        "tests/server/http/test_resilience.py::test_watcher_keeps_serving_when_current_moves_to_a_corrupt_version",
+    ),
+    (
+        "M26 published files narrowed to owner and group (0640)",
+        "model_store/files.py",
+        "PUBLISHED_FILE_MODE = 0o644",
+        "PUBLISHED_FILE_MODE = 0o640",
+        "tests/model_store/test_file_modes.py",
+    ),
+    (
+        "M27 CURRENT written with the writer's umask",
+        "model_store/bundle.py",
+        'atomic_write_text(self.layout.current, version + "\\n", mode=PUBLISHED_FILE_MODE)',
+        'atomic_write_text(self.layout.current, version + "\\n")',
+        "tests/model_store/test_file_modes.py",
+    ),
+]
 only = sys.argv[1:]
 failed_to_catch = 0
 for name, path, old, new, test in M:
     if only and name.split()[0] not in only:
         continue
-    p = pathlib.Path(path)
+    p = ROOT / path
     src = p.read_text()
     assert src.count(old) == 1, (name, src.count(old))
     p.write_text(src.replace(old, new))
     try:
         r = subprocess.run(
-            [".venv/bin/python", "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test],
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *test.split()],
             capture_output=True,
             text=True,
             timeout=900,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
         )
     finally:
         p.write_text(src)

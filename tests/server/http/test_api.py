@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import httpx
 import numpy as np
 import pytest
 from conftest import SMALL_GATE
@@ -106,6 +107,16 @@ def test_raw_image_body_with_query_task_and_alias_route(harness, samples):
     _check(r.json()["predictions"][0], _direct(harness.state.manager.engine, img, task), harness.state.manager.engine)
 
 
+def test_a_multipart_image_part_without_a_filename_is_an_image(harness, samples):
+    task, png, img = samples[0]
+    files = {"images": (None, png, "image/png")}  # a part without a filename: Starlette hands it over as text
+    sent = httpx.Request("POST", "http://x/v1/classify", files=files, data={"task": task})
+    assert b"filename" not in sent.read()
+    r = harness.request("POST", "/v1/classify", files=files, data={"task": task})
+    assert r.status_code == 200, r.text
+    _check(r.json()["predictions"][0], _direct(harness.state.manager.engine, img, task), harness.state.manager.engine)
+
+
 def test_rgb_jpeg_and_large_images_are_converted(harness, samples):
     rgb = np.stack([samples[0][2]] * 3, -1)
     big = np.kron(samples[0][2], np.ones((8, 8), dtype=np.uint8))  # 224x224, under the pixel cap
@@ -126,7 +137,13 @@ def test_tasks_models_health_and_docs(harness):
     assert harness.request("GET", "/readyz").json()["model_version"] == engine.version
     spec = harness.request("GET", "/openapi.json").json()
     assert {"/v1/classify", "/v1/merge", "/v1/merge/{job_id}", "/v1/tasks", "/v1/models"} <= set(spec["paths"])
-    assert "multipart/form-data" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+    # the document describes the served bundle: its tasks and version are what the server accepts
+    assert body["application/json"]["schema"]["properties"]["task"]["anyOf"][0]["enum"] == engine.tasks
+    assert body["application/json"]["schema"]["properties"]["images"]["maxItems"] == 16  # max_images
+    ready = spec["paths"]["/v2/models/{name}/versions/{version}/ready"]["get"]["parameters"]
+    assert {p["name"]: p["schema"]["enum"] for p in ready} == {"name": ["vitmerge"], "version": ["v1", "1"]}
     assert harness.request("GET", "/docs").status_code == 200
 
 
