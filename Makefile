@@ -26,7 +26,8 @@ demo-zoo: setup
 	$(BIN)/vitmerge zoo build --preset tiny --force --out model_store/embedded_zoos/tiny
 
 # the container test plan (deploy/smoke.sh): build the image, run it, compose with nginx + 2 replicas +
-# Prometheus, podman kube play of deploy/k8s; ~9 min here, so not part of `make test`. Needs podman + root.
+# Prometheus, podman kube play of deploy/k8s; ~9 min here, so not part of `make test`. Needs root (installs podman,
+# runc and debootstrap with apt-get when they are missing).
 smoke: setup
 	bash deploy/smoke.sh
 

@@ -4,7 +4,9 @@
 
 For every store's CURRENT bundle: one mixed-task batch of pool images (``STORE/pool``
 or the first store's), task given and routed by the gate; gated bundles with both
-strategies. Prints a JSON report; exits 1 on any mismatch.
+mixing modes (exact, sparse). Prints a JSON report; exits 1 on any mismatch.
+
+Feeds BENCHMARKS.md, section "Serving (issue 5)" (its CUDA path check).
 """
 
 from __future__ import annotations
@@ -20,22 +22,24 @@ from PIL import Image
 
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
-from server.runtime.engine import Engine
+from server.runtime.bundle_reader import BundleReader
+from server.runtime.engine import Engine, EngineOptions
+from server.runtime.gated_vit import Mixing
 
 
 def _batch(engine: Engine, pool: Path, n: int = 64):
     files = sorted(pool.glob("*.png"))[:: max(1, len(sorted(pool.glob("*.png"))) // n)][:n]
     imgs = [np.asarray(Image.open(io.BytesIO(f.read_bytes()))) for f in files]
     tasks = [engine.task_index(f.name.split("_")[0]) for f in files]
-    xs, gs = zip(*(engine.preprocess(im, True) for im in imgs))
+    xs, gs = zip(*(engine.preprocess(im, None) for im in imgs))
     return torch.stack(xs), torch.stack(gs) if gs[0] is not None else None, tasks
 
 
-def compare(store: Path, pool: Path, strategy: str = "sparse") -> dict:
-    cpu = Engine(BundleStore(StoreLayout(store)).load(), "cpu", strategy=strategy)
-    gpu = Engine(BundleStore(StoreLayout(store)).load(), "cuda", strategy=strategy)
+def compare(store: Path, pool: Path, mixing: Mixing = "sparse") -> dict:
+    cpu = Engine(BundleStore(StoreLayout(store)).load(), EngineOptions("cpu", mixing=mixing))
+    gpu = Engine(BundleStore(StoreLayout(store)).load(), EngineOptions("cuda", mixing=mixing))
     x, g, tasks = _batch(cpu, pool)
-    out = {"store": store.name, "bundle": cpu.version, "kind": cpu.kind, "strategy": strategy}
+    out = {"store": store.name, "bundle": cpu.version, "kind": cpu.kind, "mixing": mixing}
     modes = [("given", tasks, None)] + ([("routed", [None] * len(tasks), g)] if cpu.has_gate else [])
     for name, given, xg in modes:
         a, b = cpu.predict(x, given, xg), gpu.predict(x, given, xg)
@@ -51,11 +55,9 @@ def main() -> int:
     pool = next(s / "pool" for s in stores if (s / "pool").exists())
     reports = []
     for store in stores:
-        kind = BundleStore(StoreLayout(store)).load(verify=False)
-        strategies = (
-            ["exact", "sparse"] if json.loads((kind.path / "model.json").read_text())["kind"] == "gated" else ["sparse"]
-        )
-        reports += [compare(store, pool, s) for s in strategies]
+        kind = BundleReader(BundleStore(StoreLayout(store)).load(verify=False)).kind
+        mixings: list[Mixing] = ["exact", "sparse"] if kind == "gated" else ["sparse"]
+        reports += [compare(store, pool, s) for s in mixings]
     print(
         json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "reports": reports}, indent=2)
     )

@@ -17,6 +17,7 @@
 # Settings (environment): SMOKE_WORK (default /var/tmp/vitmerge-smoke), BASE_IMAGE, VITMERGE_IMAGE,
 # NGINX_IMAGE, PROMETHEUS_IMAGE, TORCH_INDEX (default empty: pip's own indexes), SMOKE_LOCK (a file
 # flock-ed while torch work runs; default /tmp/vitmerge-cpu.lock), SMOKE_KEEP_STORE=1 (reuse the host store).
+# `bash deploy/smoke.sh --prerequisites` only installs what the plan needs (as root: podman, runc, debootstrap).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -58,6 +59,28 @@ compose() {
 }
 ctr_ip() { podman inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$1"; }
 
+# podman, runc and debootstrap come from Debian's packages, installed here when run as root (as `make setup` installs
+# nginx); anyone else is told the command to run
+prerequisites() {
+    printf '\n== 0. prerequisites\n'
+    # shellcheck source=scripts/apt.sh
+    . "$REPO/scripts/apt.sh"
+    have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+    have podman || apt_install /usr/bin/podman podman
+    have runc || apt_install /usr/sbin/runc runc
+    have debootstrap || apt_install /usr/sbin/debootstrap debootstrap
+    local tool
+    for tool in podman runc debootstrap; do
+        have "$tool" || {
+            echo "$tool is missing: run make smoke as root, or install it: sudo apt-get install -y podman runc debootstrap"
+            exit 2
+        }
+    done
+    echo "podman, runc and debootstrap are installed"
+}
+prerequisites
+[ "${1:-}" = --prerequisites ] && exit 0
+
 created_env=0
 cleanup() {
     set +e
@@ -72,8 +95,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "0. prerequisites"
-command -v podman >/dev/null || { echo "podman is missing: apt-get install -y podman runc debootstrap"; exit 2; }
 [ -x "$PY" ] || { echo "no .venv: run make setup"; exit 2; }
 podman info --format 'podman {{.Version.Version}}, runtime {{.Host.OCIRuntime.Name}}, cgroups {{.Host.CgroupsVersion}}'
 if [ ! -x "$WORK/pcvenv/bin/podman-compose" ]; then

@@ -2,7 +2,8 @@
 
 Every function accepts any ``Mapping[str, Tensor]``; passing lazy mappings (e.g.
 ``model_store.lazy_tensors.LazySafetensors``) makes the data-free merges stream
-tensor by tensor. Definitions follow shared/SPEC.md sections 1-3. Imports only ``model_store``.
+tensor by tensor. The methods and their parameters are described in README.md ("Merging library");
+the package imports only ``model_store``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from merging.methods.ties import ties_merge
 
 # The method index (and through it gate training) loads on first use (PEP 562).
 _LAZY = {
-    "REGISTRY": "merging.catalog",
-    "get_method": "merging.catalog",
-    "parse_params": "merging.catalog",
-    "run_merge": "merging.catalog",
+    "REGISTRY": "merging.method_index",
+    "get_method": "merging.method_index",
+    "parse_params": "merging.method_index",
+    "run_merge": "merging.method_index",
     "MergeContext": "merging.registry",
     "MergeResult": "merging.registry",
 }

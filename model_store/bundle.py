@@ -45,7 +45,7 @@ from model_store.files import (
     sha256_file,
     utc_timestamp,
 )
-from model_store.schema import BundleManifest, FileEntry
+from model_store.schema import BundleManifest, FileEntry, ManifestExtra
 from model_store.settings import StoreLayout
 
 MANIFEST = "manifest.json"
@@ -82,6 +82,15 @@ class BundleDraft:
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if p.is_file() and p.name != MANIFEST)
+
+    def preview(self, method: str, params: dict[str, Any] | None = None, tasks: list[str] | None = None) -> Bundle:
+        """The draft as a :class:`Bundle` (version ``draft``, files not hashed) to evaluate before publishing."""
+        files = {p.name: FileEntry(sha256="0" * 64, bytes=p.stat().st_size) for p in self.files()}
+        manifest = BundleManifest(
+            version="draft", method=method, params=params or {}, tasks=tasks or [], created_at=utc_timestamp(),
+            files=files,
+        )  # fmt: skip
+        return Bundle(self.path, manifest)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -141,7 +150,7 @@ class BundleStore:
         params: dict[str, Any] | None = None,
         zoo: dict[str, Any] | None = None,
         tasks: list[str] | None = None,
-        extra: dict[str, Any] | None = None,
+        extra: ManifestExtra | None = None,
         make_current: bool = True,
     ) -> str:
         """Publish ``draft`` as the next version and (by default) make it current.
@@ -160,7 +169,7 @@ class BundleStore:
                     tasks=tasks or [],
                     created_at=utc_timestamp(),
                     files=files,
-                    extra=extra or {},
+                    extra=extra or ManifestExtra(),
                 )
                 (draft.path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
                 make_world_readable(draft.path)  # servers running as another uid read it (safetensors writes 0600)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FORMAT_VERSION = 1  # the `format_version` of every schema below (a Literal[1] field)
+#: ``format_version`` of what this code writes: 2 since preprocessing says resize mode, crop, rescale and
+#: alpha (:class:`Preprocessing`); format 1 (a square squash) still reads.
+FORMAT_VERSION: Literal[2] = 2
 
 #: The gate (router) networks a zoo or bundle may hold: timm names, the default first.
 GateArch = Literal["efficientnet_lite0", "mobilenetv2_100"]
@@ -16,14 +19,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Preprocessing(_Strict):
-    """How raw pixels become the model's input tensor."""
+#: Resampling filters (Pillow's, as torchvision runs them on uint8 tensors): ``nearest`` is Pillow's
+#: NEAREST (torchvision's ``nearest-exact``). Pillow's BOX and HAMMING have no tensor kernel: refused at import.
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+#: ``squash``: to ``resize_size`` x ``resize_size`` (aspect lost); ``shortest_edge``: the shorter side to
+#: ``resize_size``, the longer ``int(resize_size * long / short)`` (torchvision ``Resize(int)``, transformers
+#: ``shortest_edge``); ``longest_edge``: the longer side to ``resize_size``, both ``round(side / ratio)``
+#: (timm / open_clip ``ResizeKeepRatio(longest=1)``).
+ResizeMode = Literal["squash", "shortest_edge", "longest_edge"]
+#: What an image with transparency becomes: ``drop`` the alpha (Pillow ``convert("RGB")``, timm's loader);
+#: ``white``: composite onto white (transformers' ``do_convert_rgb``); ``premultiplied``: resized with
+#: premultiplied alpha, then dropped (Pillow's own RGBA resize: open_clip's preprocess on an RGBA image).
+AlphaMode = Literal["drop", "white", "premultiplied"]
 
-    size: int = Field(gt=0, description="square input side in pixels")
+
+class Preprocessing(_Strict):
+    """How raw pixels become the model's input tensor (SPEC section 10), as the checkpoint's library does it.
+
+    On uint8 pixels, in this order: channels (gray -> RGB by repetition, colour -> gray by ITU-R 601
+    luma, transparency by ``alpha``); resize (``resize`` to :meth:`resize_target`, antialiased, as
+    Pillow); center crop to ``size`` x ``size`` (padding with ``fill`` where the image is smaller,
+    the offset rounded by ``crop_rounding``); then ``x * rescale_factor`` normalised by mean/std.
+    A format-1 spec (size, channels, mean, std, interpolation) reads as a squash to ``size``.
+    """
+
+    size: int = Field(gt=0, description="the model's square input side in pixels (after the crop)")
     channels: Literal[1, 3]
     mean: list[float]
     std: list[float]
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    interpolation: Interpolation = "bilinear"
+    resize: ResizeMode = "squash"
+    resize_size: int | None = Field(
+        default=None, gt=0, description="the resize target edge; None: floor(size / crop_pct), else size"
+    )
+    crop_pct: float | None = Field(
+        default=None, gt=0, le=1, description="timm's crop_pct: resize to floor(size / crop_pct), crop size"
+    )
+    crop_rounding: Literal["round", "floor"] = Field(
+        default="round",
+        description="center-crop offset: torchvision/timm/open_clip round((H - size) / 2); transformers floors it",
+    )
+    fill: list[int] = Field(
+        default_factory=lambda: [0], description="pad value (0-255, one or one per channel) around a small image"
+    )
+    rescale_factor: float = Field(default=1 / 255, gt=0, description="uint8 -> float scale before mean/std")
+    alpha: AlphaMode = "drop"
+    source: str | None = Field(
+        default=None, exclude_if=lambda v: v is None, description="where these values were read (for people)"
+    )
 
     @model_validator(mode="after")
     def _per_channel(self) -> Preprocessing:
@@ -31,7 +74,31 @@ class Preprocessing(_Strict):
             raise ValueError(f"mean and std need {self.channels} values (one per channel)")
         if any(s <= 0 for s in self.std):
             raise ValueError("std values must be > 0")
+        if len(self.fill) not in (1, self.channels) or any(not 0 <= v <= 255 for v in self.fill):
+            raise ValueError(f"fill needs 1 or {self.channels} values in 0..255")
         return self
+
+    def resize_target(self) -> int:
+        """The resize edge: ``resize_size``, else ``floor(size / crop_pct)`` with a crop_pct, else ``size``."""
+        if self.resize_size is not None:
+            return self.resize_size
+        if self.crop_pct is not None:
+            return math.floor(self.size / self.crop_pct)
+        return self.size
+
+    def describe(self) -> str:
+        """One line for people: e.g. ``shortest edge 256 -> crop 224, bicubic, mean [...] std [...]``."""
+        edge = {"squash": "squash to", "shortest_edge": "shortest edge", "longest_edge": "longest edge"}[self.resize]
+        crop = f" -> crop {self.size}" if self.resize_target() != self.size or self.resize != "squash" else ""
+        alpha = "" if self.alpha == "drop" else f", alpha {self.alpha}"
+        return (
+            f"{edge} {self.resize_target()}{crop}, {self.interpolation}, mean {[round(v, 4) for v in self.mean]} "
+            f"std {[round(v, 4) for v in self.std]}{alpha}"
+        )
+
+    def pixels_equal(self, other: Preprocessing) -> bool:
+        """Whether both turn every image into the same tensor (``source`` aside)."""
+        return self.model_dump(exclude={"source"}) == other.model_dump(exclude={"source"})
 
 
 class Architecture(_Strict):
@@ -44,8 +111,8 @@ class Architecture(_Strict):
         default=None,
         gt=0,
         exclude_if=lambda v: v is None,
-        description="CLIP towers: a shared linear projection to this many dimensions and an L2 normalisation run "
-        "before the head (``fc_norm.proj.weight``, part of the backbone); None: no projection",
+        description="CLIP towers: a linear projection to this many dimensions and an L2 normalisation run "
+        "before the head (``fc_norm.proj.weight``, part of each model's backbone); None: no projection",
     )
 
     @field_validator("kwargs")
@@ -111,7 +178,7 @@ class TaskData(_Strict):
 class ModelMeta(_Strict):
     """``meta.json`` of one zoo model (the base or a task model)."""
 
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = FORMAT_VERSION
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     role: Literal["base", "task"]
     task: str | None = None
@@ -160,6 +227,9 @@ class ZooManifest(_Strict):
     created_at: str
     gate: GateInit | None = None
     spec: str | None = Field(default=None, description="the zoo spec file this zoo was created from")
+    exif_transpose: bool = Field(
+        default=True, description="data sources turn photos with an EXIF orientation upright when decoding them"
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -174,6 +244,92 @@ class FileEntry(_Strict):
     bytes: int = Field(ge=0)
 
 
+class TaskAgreement(_Strict):
+    """How often a bundle answers like the user's own model of one task, on that task's images (no labels).
+
+    ``top1_given``: share of images where the bundle with the task given picks the individual model's top-1;
+    ``top1_routed``: share routed to this task AND picking that top-1 (None: the bundle has no router);
+    ``kl_*``: mean KL(individual || bundle) of the class probabilities (routed: over images routed here).
+    """
+
+    task: str
+    split: Literal["test", "calibration"]
+    images: int = Field(ge=0)
+    top1_given: float | None = Field(default=None, ge=0.0, le=1.0)
+    top1_routed: float | None = Field(default=None, ge=0.0, le=1.0)
+    kl_given: float | None = Field(default=None, ge=0.0)
+    kl_routed: float | None = Field(default=None, ge=0.0)
+
+
+def _omit_none(**kwargs: Any) -> Any:
+    """An optional field left out of the JSON while unset (a manifest shows what its merge reported)."""
+    return Field(default=None, exclude_if=lambda v: v is None, **kwargs)
+
+
+class SetRecord(_Strict):
+    """What a bundle keeps of an image set a merge or its evaluation reads: where from, how many, which."""
+
+    source: DataSource
+    images: int = Field(ge=0)
+    sha256: str = Field(description="of the file list (relative path, size, label) or of the built-in split")
+
+
+class TaskDataRecord(_Strict):
+    """A task's calibration set (when the merge read one) and its test set (None: the task has none)."""
+
+    calibration: SetRecord | None = None
+    test: SetRecord | None = None
+
+
+class MergeInfo(_Strict):
+    """What a merge method reports about its result (kept flat in the bundle manifest's ``extra``)."""
+
+    rescalers: dict[str, float] | None = _omit_none(description="EMR: each task's rescaler lambda_t")
+    rank_fraction: float | None = _omit_none(description="TSV-C: the rank fraction f")
+    ranks: list[int] | None = _omit_none(description="LoRA: the distinct per-layer ranks")
+    gated_attn_blocks: list[int] | None = _omit_none(description="gated merges: attention blocks kept per task")
+    gated_mlp_blocks: list[int] | None = _omit_none(description="gated merges: MLP blocks kept per task")
+    similarity: dict[str, list[tuple[int, float]]] | None = _omit_none(
+        description="gated merges: (block, weight similarity) per kind, lowest first"
+    )
+    sweeps: int | None = _omit_none(description="MuDSC: matching sweeps run")
+    converged: bool | None = _omit_none(description="MuDSC: whether the matching converged")
+    merge_seconds: float | None = _omit_none()
+    optimised_parameters: int | None = _omit_none(description="trained merges: parameters optimised")
+    training_images: int | None = _omit_none(description="trained merges: images (with augmentations) seen")
+    final_loss: float | None = _omit_none(description="trained merges: the last epoch's loss")
+
+
+#: ``extra_format`` of the manifest extras this code writes
+EXTRA_FORMAT: Literal[1] = 1
+
+
+class ManifestExtra(MergeInfo):
+    """``manifest.json``'s ``extra``: the method's :class:`MergeInfo` (flat), each task's data sets, the gate's
+    routing accuracy on test images and the bundle's agreement with each task's own model (issue 33).
+
+    Keys of older manifests that are none of these are kept in ``legacy`` (never written by this code)."""
+
+    extra_format: Literal[1] = EXTRA_FORMAT
+    data: dict[str, TaskDataRecord] | None = _omit_none()
+    gate_test_accuracy: dict[str, float | None] | None = _omit_none(
+        description="share of each task's test images the gate routes to it (None: no test images)"
+    )
+    agreement: list[TaskAgreement] | None = _omit_none()
+    legacy: dict[str, Any] | None = _omit_none()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_unknown(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        known = set(cls.model_fields)
+        unknown = {k: v for k, v in value.items() if k not in known}
+        if not unknown:
+            return value
+        return {**{k: v for k, v in value.items() if k in known}, "legacy": {**(value.get("legacy") or {}), **unknown}}
+
+
 class BundleManifest(_Strict):
     """``manifest.json`` of a merged bundle."""
 
@@ -185,14 +341,15 @@ class BundleManifest(_Strict):
     tasks: list[str] = Field(default_factory=list)
     created_at: str
     files: dict[str, FileEntry]
-    extra: dict[str, Any] = Field(default_factory=dict)
+    extra: ManifestExtra = Field(default_factory=ManifestExtra)
 
 
 #: How a bundle makes task weights (``model.json``'s ``kind``).
 BundleKind = Literal["static", "emr", "gated", "lowrank"]
 
-#: ``bundle_format`` of the ``model.json`` this code writes; readers accept exactly this one.
-BUNDLE_FORMAT: Literal[1] = 1
+#: ``bundle_format`` of the ``model.json`` this code writes (2: per-task preprocessing, the full
+#: :class:`Preprocessing`); readers accept 1 and 2.
+BUNDLE_FORMAT: Literal[2] = 2
 
 
 class BundleTask(_Strict):
@@ -201,6 +358,11 @@ class BundleTask(_Strict):
     name: str = Field(min_length=1)
     class_names: list[str] = Field(min_length=2)
     individual_test_accuracy: float | None = None
+    preprocessing: Preprocessing | None = Field(
+        default=None,
+        exclude_if=lambda v: v is None,
+        description="the task model's own preprocessing where it differs from the bundle's (same size and channels)",
+    )
 
 
 class EMRSpec(_Strict):
@@ -227,7 +389,7 @@ class LowRankSpec(_Strict):
     source: Literal["tsv_c", "lora"] = "tsv_c"
 
 
-class GateSpec(_Strict):
+class BundleGateSpec(_Strict):
     """The bundle's gate (router) network and how well it routed."""
 
     arch: GateArch
@@ -245,7 +407,7 @@ class BundleSpec(_Strict):
     (``W_0 + B_t A_t`` per matrix layer, task t's own small tensors).
     """
 
-    bundle_format: Literal[1] = BUNDLE_FORMAT
+    bundle_format: Literal[1, 2] = BUNDLE_FORMAT
     kind: BundleKind
     architecture: Architecture
     preprocessing: Preprocessing
@@ -253,7 +415,7 @@ class BundleSpec(_Strict):
     emr: EMRSpec | None = None
     gating: GatingSpec | None = None
     lowrank: LowRankSpec | None = None
-    gate: GateSpec | None = None
+    gate: BundleGateSpec | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> BundleSpec:
@@ -266,7 +428,17 @@ class BundleSpec(_Strict):
             raise ValueError("a gated bundle needs gating.gated_keys")
         if self.kind == "lowrank" and self.lowrank is None:
             raise ValueError("a lowrank bundle needs lowrank.ranks")
+        for t in self.tasks:
+            for field in ("size", "channels"):
+                if t.preprocessing is not None and getattr(t.preprocessing, field) != getattr(
+                    self.preprocessing, field
+                ):
+                    raise ValueError(f"task '{t.name}': preprocessing.{field} differs from the bundle's")
         return self
+
+    def task_preprocessing(self) -> list[Preprocessing]:
+        """Each task's input preprocessing, in task order (the bundle's where a task has none of its own)."""
+        return [t.preprocessing or self.preprocessing for t in self.tasks]
 
     @property
     def task_names(self) -> list[str]:

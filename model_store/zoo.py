@@ -112,6 +112,15 @@ class Zoo:
                     f"{base.architecture.timm_name} {base.architecture.kwargs}; every task model must be "
                     "fine-tuned from the base's architecture"
                 )
+            for field in ("size", "channels"):  # one engine pass takes one input shape; mean/std/crop may differ
+                mine, theirs = getattr(meta.preprocessing, field), getattr(base.preprocessing, field)
+                if mine != theirs:
+                    raise ZooFormatError(
+                        f"{self.root / 'models' / task / 'meta.json'}: preprocessing.{field}: task '{task}' takes "
+                        f"{mine}, the base {theirs}; every task of a zoo must take the base's input size and channels "
+                        "(one engine pass runs a mixed batch); override it with the task's `preprocessing:` in the "
+                        "zoo spec if the checkpoint's value is wrong"
+                    )
             shapes = self.backbone_shapes(task)
             if shapes != base_shapes:
                 diff = sorted(set(shapes.items()) ^ set(base_shapes.items()))[:3]

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from model_store.errors import ModelStoreError, ZooFormatError
 from model_store.files import PUBLISHED_FILE_MODE, write_json
-from model_store.schema import GateInit, Preprocessing
+from model_store.schema import AlphaMode, GateInit, Interpolation, Preprocessing, ResizeMode
 from model_store.zoo import Zoo
 
 SPEC_SUFFIXES = (".yaml", ".yml")
@@ -48,16 +48,30 @@ class _Spec(BaseModel):
 
 
 class PreprocessingOverride(_Spec):
-    """Fields that replace the checkpoint's own preprocessing (any subset)."""
+    """Fields that replace the checkpoint's own preprocessing (any subset; see :class:`Preprocessing`)."""
 
     size: int | None = Field(default=None, gt=0)
     channels: Literal[1, 3] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    interpolation: Literal["bilinear", "bicubic"] | None = None
+    interpolation: Interpolation | None = None
+    resize: ResizeMode | None = None
+    resize_size: int | None = Field(default=None, gt=0)
+    crop_pct: float | None = Field(default=None, gt=0, le=1)
+    crop_rounding: Literal["round", "floor"] | None = None
+    fill: list[int] | None = None
+    rescale_factor: float | None = Field(default=None, gt=0)
+    alpha: AlphaMode | None = None
 
     def apply(self, prep: Preprocessing) -> Preprocessing:
-        return Preprocessing.model_validate({**prep.model_dump(), **self.model_dump(exclude_none=True)})
+        """``prep`` with the fields this block sets; ``source`` says so."""
+        fields = self.model_dump(exclude_none=True)
+        if not fields:
+            return prep
+        if "crop_pct" in fields and "resize_size" not in fields:  # a new crop_pct re-derives the resize edge
+            fields["resize_size"] = None
+        source = f"{prep.source or 'checkpoint'}; zoo spec: {', '.join(sorted(fields))}"
+        return Preprocessing.model_validate({**prep.model_dump(), **fields, "source": source})
 
 
 class ModelSpec(_Spec):
@@ -122,7 +136,9 @@ class TaskSpec(ModelSpec):
         return [*super().files(), *([self.head] if self.head else [])]
 
 
-class GateSpec(_Spec):
+class ZooGateSpec(_Spec):
+    """The zoo's gate (router) network: its architecture and pretrained weights."""
+
     arch: Literal["mobilenetv2_100", "efficientnet_lite0"]
     init: str | None = Field(default=None, description="ImageNet weights (timm or torchvision naming)")
 
@@ -133,7 +149,11 @@ class ZooSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN)
     base: ModelSpec
     tasks: list[TaskSpec] = Field(min_length=1)
-    gate: GateSpec | None = None
+    gate: ZooGateSpec | None = None
+    exif_transpose: bool = Field(
+        default=True,
+        description="turn calibration/test photos with an EXIF orientation tag upright (as transformers' load_image)",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -197,32 +217,35 @@ def spec_hash(spec: ZooSpec, spec_dir: Path) -> str:
 
 def _import_one(m: ModelSpec, spec_dir: Path, zoo_dir: Path, name: str, role: str) -> None:
     """Import one model of the spec (with its data sources, for tasks)."""
+    from model_store.importers.common import ImportTarget
+
     path = _resolve(spec_dir, m.path)
     task = m if isinstance(m, TaskSpec) else None
-    data = {"calibration": task.calibration, "test": task.test, "data_dir": spec_dir} if task else {}
-    classes = task.classes if task else None
-    adjust = m.preprocessing.apply if m.preprocessing else None
+    target = ImportTarget(
+        zoo_dir,
+        name,
+        "task" if role == "task" else "base",
+        class_names=task.classes if task else None,
+        adjust_preprocessing=m.preprocessing.apply if m.preprocessing else None,
+        calibration=task.calibration if task else None,
+        test=task.test if task else None,
+        data_dir=spec_dir,
+    )
     if m.format == "hf":
-        from model_store.importers.hf_vit import hf_checkpoint_preprocessing, import_hf_vit
+        from model_store.importers.hf_vit import import_hf_vit
 
-        prep = adjust(hf_checkpoint_preprocessing(path)) if adjust else None
-        import_hf_vit(path, zoo_dir, name, role, None, classes, prep, **data)  # type: ignore[arg-type]
+        import_hf_vit(path, target)
     elif m.format == "clip":
         from model_store.importers.clip import import_clip
 
         opt = lambda v: _resolve(spec_dir, v) if v else None  # noqa: E731
         import_clip(
             path,
-            zoo_dir,
-            name,
-            role,
+            target,
             head=opt(task.head if task else None),
             logit_scale=task.logit_scale if task else None,
             projection=opt(m.projection),
             open_clip_config=opt(m.open_clip_config),
-            class_names=classes,
-            adjust_preprocessing=adjust,
-            **data,  # type: ignore[arg-type]
         )
     elif m.format == "peft":
         from model_store.errors import CheckpointImportError
@@ -230,16 +253,12 @@ def _import_one(m: ModelSpec, spec_dir: Path, zoo_dir: Path, name: str, role: st
 
         if task is None:
             raise CheckpointImportError("a PEFT adapter is a task model: the base must be its HF ViT (format hf)")
-        base = _resolve(spec_dir, m.base_checkpoint) if m.base_checkpoint else None
-        import_peft(path, zoo_dir, name, base, None, classes, adjust_preprocessing=adjust, **data)  # type: ignore[arg-type]
+        import_peft(path, target, _resolve(spec_dir, m.base_checkpoint) if m.base_checkpoint else None)
     else:
-        from model_store.importers.timm_checkpoint import default_preprocessing, import_timm
-        from model_store.schema import Architecture
+        from model_store.importers.timm_checkpoint import import_timm
 
         assert m.model_name is not None
-        arch = Architecture(timm_name=m.model_name, kwargs=m.model_kwargs)
-        prep = adjust(default_preprocessing(arch)) if adjust else None
-        import_timm(path, m.model_name, zoo_dir, name, role, m.model_kwargs, None, classes, prep, **data)  # type: ignore[arg-type]
+        import_timm(path, m.model_name, target, m.model_kwargs)
 
 
 def create_zoo(
@@ -280,6 +299,7 @@ def create_zoo(
                 "spec": str(spec_path),
                 "config_hash": spec_hash(spec, spec_dir),
                 "tasks": [t.name for t in spec.tasks],
+                "exif_transpose": spec.exif_transpose,
             }
         )
         write_json(tmp / "zoo.json", manifest.model_dump(mode="json"))

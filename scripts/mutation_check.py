@@ -46,7 +46,7 @@ M = [
     ),
     (
         "M6 RegMean returns AvgMean",
-        "merging/methods/catalog.py",
+        "merging/methods/shared_base_methods.py",
         "    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))",
         "    return MergeResult(backbone=weight_average(ctx.finetuned))",
         "tests/merging/test_pipeline.py::test_static_merges_keep_their_known_order_against_averaging",

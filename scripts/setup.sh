@@ -40,19 +40,9 @@ else
   say "offline data packages up to date"
 fi
 
-apt_install() {  # apt_install CHECK_PATH PACKAGE...
-  local check=$1; shift
-  if [ -e "$check" ]; then return 0; fi
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    say "installing Debian packages: $*"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1; then
-      apt-get update -qq >/dev/null 2>&1 || true
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
-    fi
-  else
-    say "WARNING: $check is missing and this user cannot apt-get; run: sudo apt-get install -y $*"
-  fi
-}
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
 apt_install /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz dataset-fashion-mnist
 apt_install /usr/sbin/nginx nginx-light  # the loopback load-balancer test (tests/test_cluster.py)
+apt_install /usr/bin/chromedriver chromium chromium-driver  # the playground in a browser (tests/server/http/test_browser.py)
 say "ready"

@@ -4,7 +4,7 @@ Not used by the server: tests compare :class:`server.runtime.engine.Engine` with
 
 * EMR and static bundles: ``t = argmax p(x)`` per image, images grouped by task,
   each group runs task t's weights (EMR: ``theta_0 + lam_t M_t tau_uni``) and head t.
-* gated bundles: :class:`server.gated_vit.GatedViT` mixes the gated tensors per
+* gated bundles: :class:`server.runtime.gated_vit.GatedViT` mixes the gated tensors per
   image with ``p(x)`` (``exact`` or ``sparse``) and applies head ``argmax p``.
 
 A request that names its task skips the gate. Per-task models are standalone timm
@@ -39,11 +39,11 @@ class RoutedModel:
     def __init__(
         self,
         models: BundleReader,
-        strategy: Literal["exact", "sparse"] = "sparse",
+        mixing: Literal["exact", "sparse"] = "sparse",
         threshold: float = DEFAULT_SPARSE_THRESHOLD,
     ):
         self.models = models
-        self.strategy, self.threshold = strategy, threshold
+        self.mixing, self.threshold = mixing, threshold
         self.gate: nn.Module | None = models.gate_model() if models.has_gate else None
         self._task_models: dict[str, nn.Module] = {}
         self.gated: GatedViT | None = None
@@ -76,7 +76,7 @@ class RoutedModel:
             p = self.route(x_gate)
         tasks = p.argmax(1)
         if self.gated is not None:
-            out = self.gated.classify(x, p, self.strategy, self.threshold)
+            out = self.gated.classify(x, p, self.mixing, self.threshold)
             return Routed(out.tasks, p.gather(1, out.tasks[:, None]).squeeze(1), out.logits)
         logits: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
         for t, idx in task_groups(tasks):

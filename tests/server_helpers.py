@@ -122,6 +122,7 @@ class LiveServer:
         port: int | None = None,
     ):
         self.port = port or free_port()
+        self.store = store
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = store / f"serve-{self.port}.log"
         script = Path(sys.executable).parent / "vitmerge"  # the console script: exactly the Dockerfile's entrypoint
@@ -216,3 +217,36 @@ def wait_for(cond, timeout: float = 60, what: str = "condition") -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+#: as root (no sandbox), headless, and with no network of its own: nothing but the page's own requests
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1100",
+)
+
+
+def headless_chromium(profile: Path):
+    """Debian's Chromium driven by selenium through Debian's chromedriver, with a fresh profile in ``profile``.
+
+    FAILS (never skips) when the set-up did not install them; the browser's console is logged (``get_log``)."""
+    webdriver = require("selenium.webdriver", "pip install selenium==4.51.0")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        require_file(path, "apt-get install -y chromium chromium-driver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))  # a given driver: no Selenium Manager

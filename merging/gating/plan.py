@@ -4,6 +4,8 @@ Gated (each stores N expert copies, mixed per image by the gate's ``p(x)``):
 
 * embeddings: ``patch_embed.*``, ``cls_token``, ``reg_token``, ``pos_embed``;
 * every norm: ``norm_pre``, ``blocks.*.norm1/norm2``, ``norm``, ``fc_norm``;
+* a CLIP tower's visual projection (``fc_norm.proj.weight``): it sits right before each
+  task's head, and fine-tuned CLIP towers each carry their own;
 * the ``m`` attention blocks and the ``m`` MLP blocks with the LOWEST weight
   similarity (Eq. 4; ranked separately): all of ``blocks.b.attn.*`` with the
   block's layer scale ``ls1``, resp. ``blocks.b.mlp.*`` with ``ls2``.
@@ -21,6 +23,7 @@ import torch
 
 from merging.methods.similarity import rank_blocks
 from merging.types import StateDict, Tensors
+from model_store.architecture import PROJECTION_KEY
 
 _EMBED_RE = re.compile(r"^(patch_embed\.|cls_token$|reg_token$|pos_embed$)")
 _NORM_RE = re.compile(r"(^|\.)(norm|norm_pre|fc_norm|norm\d+)\.(weight|bias)$")
@@ -37,8 +40,10 @@ class GatingPlan:
 
 
 def is_always_gated(key: str) -> bool:
-    """Embeddings and norms (outside gated blocks too)."""
-    return bool(_EMBED_RE.match(key) or (_NORM_RE.search(key) and ".attn." not in key and ".mlp." not in key))
+    """Embeddings, norms (outside gated blocks too) and a CLIP tower's projection."""
+    if key == PROJECTION_KEY or _EMBED_RE.match(key):
+        return True
+    return bool(_NORM_RE.search(key) and ".attn." not in key and ".mlp." not in key)
 
 
 def gating_plan(finetuned: Sequence[Tensors], m: int) -> GatingPlan:

@@ -1,3 +1,4 @@
-"""Pure merge methods over state dicts (task vectors, averaging, TIES, DARE, EMR, RegMean, Fisher, similarity).
+"""Pure merge methods over state dicts (task vectors, averaging, TIES, DARE, EMR, RegMean, Fisher, TSV, similarity).
 
-Imports only ``merging.types`` and ``model_store``; the catalog module registers them."""
+The method modules import only ``merging.types`` and ``model_store``; ``shared_base_methods`` (which also
+imports ``merging.registry``) registers them."""

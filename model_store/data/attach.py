@@ -61,7 +61,7 @@ def attach_data(
 def calibration_set(zoo: Zoo, task: str) -> ImageSet | None:
     """The task's calibration images (None when it has no calibration source)."""
     src = zoo.task_data(task).calibration
-    return None if src is None else open_source(src, "calibration")
+    return None if src is None else open_source(src, "calibration", exif_transpose=zoo.manifest.exif_transpose)
 
 
 def require_test_set(zoo: Zoo, task: str, purpose: str = "this") -> ImageSet:
@@ -78,4 +78,8 @@ def require_test_set(zoo: Zoo, task: str, purpose: str = "this") -> ImageSet:
 def test_set(zoo: Zoo, task: str) -> ImageSet | None:
     """The task's labeled test images (None when it has no test source)."""
     src = zoo.task_data(task).test
-    return None if src is None else open_source(src, "test", zoo.metas[task].class_names)
+    return (
+        None
+        if src is None
+        else open_source(src, "test", zoo.metas[task].class_names, exif_transpose=zoo.manifest.exif_transpose)
+    )

@@ -33,7 +33,8 @@ from model_store.data.builtin import TASKS, SplitSpec, load_split
 from model_store.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 from model_store.data.preprocessing import to_model_input
 from model_store.errors import DataSourceError, ImageDecodeError
-from model_store.schema import DataSource, Preprocessing
+from model_store.schema import DataSource, Preprocessing, SetRecord
+from model_store.settings import DataSettings
 
 Role = Literal["calibration", "test"]
 BUILTIN_PREFIX = "builtin:"
@@ -96,6 +97,7 @@ class ImageSet:
     arrays: np.ndarray | None
     labels: np.ndarray | None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_transpose: bool = True
 
     def __len__(self) -> int:
         return len(self.paths) if self.paths is not None else len(self.arrays)  # type: ignore[arg-type]
@@ -107,33 +109,37 @@ class ImageSet:
         assert self.paths is not None
         path = self.paths[i]
         try:
-            return decode_image(path.read_bytes(), self.max_pixels, what=str(path))
+            return decode_image(path.read_bytes(), self.max_pixels, str(path), exif_transpose=self.exif_transpose)
         except OSError as e:
             raise DataSourceError(f"{self.role} image {path} cannot be read: {e}") from e
         except ImageDecodeError as e:
             raise DataSourceError(f"{self.role} image {e}") from e
 
-    def iter_pixels(self, limit: int | None = None) -> Iterator[np.ndarray]:
-        for i in range(self.count(limit)):
-            yield self.pixels(i)
-
     def count(self, limit: int | None = None) -> int:
         return len(self) if limit is None else min(limit, len(self))
 
+    def chunks(self, limit: int | None = None, size: int = 256) -> Iterator[np.ndarray | list[np.ndarray]]:
+        """The first ``limit`` images as uint8 pixels, ``size`` at a time: a slice of the built-in array, or a
+        list of decoded files (any sizes) -- what :func:`~model_store.data.preprocessing.to_model_input` takes."""
+        n = self.count(limit)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            if self.arrays is not None:
+                yield self.arrays[start:stop]
+            else:
+                yield [self.pixels(i) for i in range(start, stop)]
+
     def tensors(self, prep: Preprocessing, limit: int | None = None) -> torch.Tensor:
-        """The first ``limit`` images as model input ``(n, C, S, S)`` (files decoded one at a time)."""
+        """The first ``limit`` images as model input ``(n, C, S, S)``."""
         return self.tensors_for([prep], limit)[0]
 
     def tensors_for(self, preps: Sequence[Preprocessing], limit: int | None = None) -> list[torch.Tensor]:
         """The first ``limit`` images once per preprocessing in ``preps`` (e.g. the ViT's and the gate's);
         each file is decoded once."""
-        n = self.count(limit)
-        if self.arrays is not None:
-            return [to_model_input(self.arrays[:n], p) for p in preps]
         outs: list[list[torch.Tensor]] = [[] for _ in preps]
-        for img in self.iter_pixels(n):
+        for chunk in self.chunks(limit):
             for out, p in zip(outs, preps):
-                out.append(to_model_input(img[None], p))
+                out.append(to_model_input(chunk, p))
         return [torch.cat(o) if o else torch.empty(0, p.channels, p.size, p.size) for o, p in zip(outs, preps)]
 
     def label_tensor(self, limit: int | None = None) -> torch.Tensor:
@@ -167,9 +173,9 @@ class ImageSet:
             h.update(np.ascontiguousarray(self.arrays[:, :4]).tobytes() if self.arrays is not None else b"")
         return h.hexdigest()
 
-    def record(self) -> dict[str, object]:
+    def record(self) -> SetRecord:
         """What a bundle manifest keeps of this set (to audit and repeat a merge)."""
-        return {"source": self.source.model_dump(mode="json"), "images": len(self), "sha256": self.fingerprint()}
+        return SetRecord(source=self.source, images=len(self), sha256=self.fingerprint())
 
 
 def _shuffled(items: list, seed: int) -> list:
@@ -245,18 +251,25 @@ def _read_imagefolder(root: Path, class_names: Sequence[str]) -> tuple[list[Path
 
 
 def open_source(
-    source: DataSource, role: Role, class_names: Sequence[str] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: DataSource,
+    role: Role,
+    class_names: Sequence[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    exif_transpose: bool = True,
 ) -> ImageSet:
-    """List a source's images (and labels for test); refuses empty or mislabeled sources."""
+    """List a source's images (and labels for test); refuses empty or mislabeled sources.
+
+    ``exif_transpose``: photos with an EXIF orientation are turned upright when decoded (the zoo's setting).
+    """
     if role == "test" and not class_names:
         raise DataSourceError("test images need the task's class names")
     if source.kind == "builtin":
-        data = load_split(source.location, role, SplitSpec(seed=source.seed))
+        data = load_split(source.location, role, SplitSpec(seed=source.seed), cache_root=DataSettings().cache_root())
         if role == "test" and class_names is not None and len(class_names) != len(data.class_names):
             raise DataSourceError(
                 f"builtin:{source.location} has {len(data.class_names)} classes, the task has {len(class_names)}"
             )
-        return ImageSet(source, role, None, data.images, data.labels, max_pixels)
+        return ImageSet(source, role, None, data.images, data.labels, max_pixels, exif_transpose)
     root = Path(source.location)
     if not root.exists():
         raise DataSourceError(f"{role} source {root} does not exist")
@@ -275,4 +288,4 @@ def open_source(
     pairs = _shuffled(list(zip(paths, labels if labels is not None else [None] * len(paths))), source.seed)
     ordered = [p for p, _ in pairs]
     arr = None if labels is None else np.asarray([lab for _, lab in pairs], dtype=np.int64)
-    return ImageSet(source, role, ordered, None, arr, max_pixels)
+    return ImageSet(source, role, ordered, None, arr, max_pixels, exif_transpose)

@@ -19,7 +19,6 @@ model's pre-logits are ``normalize(P f)`` and its head is a linear layer on them
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from model_store.architecture import PROJECTION_KEY, StateDict, build_model
 from model_store.errors import CheckpointImportError
 from model_store.importers.common import (
+    ImportTarget,
     check_fits_zoo,
     read_head,
     read_hf_config,
@@ -37,14 +37,11 @@ from model_store.importers.common import (
     read_state_dict,
     save_imported,
 )
+from model_store.importers.hf_processor import CLIP_MEAN, CLIP_STD, processor_preprocessing
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
-#: OpenAI CLIP's normalisation (every CLIP and open_clip default).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _SIZES = {384: "small", 512: "medium", 768: "base", 1024: "large", 1280: "huge"}
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
@@ -180,15 +177,44 @@ def _weights(ckpt_dir: Path, names: tuple[str, ...]) -> Path:
 
 
 def hf_clip_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
-    """Mean, std and resample from ``preprocessor_config.json`` (CLIP's, bicubic, without one); the model's size."""
-    proc = ckpt_dir / "preprocessor_config.json"
-    cfg = read_json(proc) if proc.exists() else {}
+    """The checkpoint's ``preprocessor_config.json`` read completely (CLIPImageProcessor's defaults without one)."""
+    size, channels = int(arch.kwargs["img_size"]), int(arch.kwargs["in_chans"])
+    return processor_preprocessing(ckpt_dir, size, channels, default_class="CLIPImageProcessor")
+
+
+def open_clip_preprocessing(pre_cfg: dict, size: int, channels: int, where: str) -> Preprocessing:
+    """open_clip's eval ``image_transform`` from its ``preprocess_cfg`` (size, mean, std, interpolation,
+    resize_mode shortest | longest | squash, fill_color); OpenAI's defaults for what it leaves out.
+
+    Pillow resizes an RGBA image with premultiplied alpha before open_clip drops the alpha (``alpha``);
+    a palette image Pillow resizes nearest-neighbour, which vitmerge does not copy (README).
+    """
+    mode = pre_cfg.get("resize_mode", "shortest")
+    interp = pre_cfg.get("interpolation", "bicubic")
+    want = pre_cfg.get("size", size)
+    want = want[-1] if isinstance(want, (list, tuple)) and len(set(want)) == 1 else want
+    problems = {
+        "resize_mode": mode not in ("shortest", "longest", "squash"),
+        "interpolation": interp not in ("bicubic", "bilinear"),
+        "size": want != size,
+        "mode": pre_cfg.get("mode", "RGB") != "RGB",
+    }
+    bad = [k for k, v in problems.items() if v]
+    if bad:
+        raise CheckpointImportError(
+            f"{where}: preprocess_cfg field '{bad[0]}' ({pre_cfg.get(bad[0])!r}) is not one vitmerge reproduces "
+            f"(resize_mode shortest|longest|squash, interpolation bicubic|bilinear, size {size}, mode RGB)"
+        )
     return Preprocessing(
-        size=arch.kwargs["img_size"],
-        channels=arch.kwargs["in_chans"],
-        mean=[float(v) for v in cfg.get("image_mean", CLIP_MEAN)],
-        std=[float(v) for v in cfg.get("image_std", CLIP_STD)],
-        interpolation=_RESAMPLE.get(int(cfg.get("resample", 3)), "bicubic"),
+        size=size,
+        channels=channels,
+        mean=[float(v) for v in pre_cfg.get("mean", CLIP_MEAN)],
+        std=[float(v) for v in pre_cfg.get("std", CLIP_STD)],
+        interpolation=interp,
+        resize={"shortest": "shortest_edge", "longest": "longest_edge", "squash": "squash"}[mode],
+        fill=[int(pre_cfg.get("fill_color", 0))],
+        alpha="premultiplied",
+        source=f"{where} (open_clip image_transform, resize_mode {mode})",
     )
 
 
@@ -298,13 +324,8 @@ def open_clip_tower(path: str | Path, config: str | Path | None = None) -> ClipT
         channels=channels,
         projection_dim=int(visual["visual.proj"].shape[1]) if "visual.proj" in visual else None,
     )
-    prep = Preprocessing(
-        size=patch * grid,
-        channels=channels,
-        mean=[float(v) for v in pre_cfg.get("mean", CLIP_MEAN)],
-        std=[float(v) for v in pre_cfg.get("std", CLIP_STD)],
-        interpolation="bilinear" if pre_cfg.get("interpolation") == "bilinear" else "bicubic",
-    )
+    where = f"{config or sibling} preprocess_cfg" if pre_cfg else f"{path} (OpenAI CLIP defaults)"
+    prep = open_clip_preprocessing(pre_cfg, patch * grid, channels, where)
     return ClipTower(openai_visual_to_timm(visual, arch), arch, prep, f"import:clip:open_clip:{path.name}")
 
 
@@ -338,35 +359,22 @@ def with_projection(tower: ClipTower, source: ClipTower) -> ClipTower:
     return replace(tower, state={**tower.state, PROJECTION_KEY: proj}, arch=arch)
 
 
-def _same(prep: Preprocessing) -> Preprocessing:
-    return prep
-
-
 def import_clip(
     checkpoint: str | Path,
-    zoo_dir: str | Path,
-    name: str,
-    role: str = "task",
+    target: ImportTarget,
     head: str | Path | None = None,
     logit_scale: float | None = None,
     projection: str | Path | None = None,
     open_clip_config: str | Path | None = None,
-    task: str | None = None,
-    class_names: list[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
-    adjust_preprocessing: Callable[[Preprocessing], Preprocessing] | None = None,
 ) -> Zoo:
-    """Add a CLIP image tower (+ its linear head, for a task) to a zoo.
+    """Add a CLIP image tower (+ its linear head, for a task) to ``target``'s zoo.
 
     Task logits are ``logit_scale * (W normalize(P f)) + b`` with a projection ``P``
     (``W f + b`` on the pooled features without one); ``projection`` takes ``P`` from
-    another checkpoint for a tower saved without it; ``adjust_preprocessing`` edits the
-    checkpoint's preprocessing (a zoo spec's override). Refused before anything is written
+    another checkpoint for a tower saved without it. Refused before anything is written
     when the tower does not fit the zoo's models (the first differing tensor named).
     """
+    role, zoo_dir, name = target.role, target.zoo_dir, target.name
     tower = load_clip_tower(checkpoint, open_clip_config)
     if projection is not None:
         tower = with_projection(tower, load_clip_tower(projection))
@@ -379,17 +387,4 @@ def import_clip(
         raise CheckpointImportError("a base model has no head; drop --head")
     heads = read_head(head, tower.embed_dim, logit_scale) if head is not None else {}
     check_fits_zoo(zoo_dir, name, tower.state, tower.arch)
-    return save_imported(
-        zoo_dir,
-        name,
-        role,
-        {**tower.state, **heads},
-        tower.arch,
-        preprocessing or (adjust_preprocessing or _same)(tower.prep),
-        tower.source,
-        task,
-        class_names,
-        calibration,
-        test,
-        data_dir,
-    )
+    return save_imported(target, {**tower.state, **heads}, tower.arch, tower.prep, tower.source)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 
-from model_store.architecture import PROJECTION_KEY, StateDict, build_model, head_prefix, load_into, split_head
+from model_store.architecture import StateDict, build_model, head_prefix, load_into, split_head
 from model_store.data.attach import task_data_from
 from model_store.errors import CheckpointImportError
 from model_store.schema import Architecture, LoraAdapter, ModelMeta, Preprocessing, Provenance, TaskData
@@ -75,27 +78,54 @@ def id2label_classes(config: dict, state: StateDict) -> list[str] | None:
     return labels if labels and head is not None and len(labels) == head.shape[0] else None
 
 
+@dataclass(frozen=True)
+class ImportTarget:
+    """Where an imported model goes and as what (every importer takes one).
+
+    ``zoo_dir``/``name``/``role``: the zoo directory, the model's name there, ``base`` or ``task``. A task
+    model's ``task`` name (default ``name``), ``class_names`` (default: the checkpoint's own, else 0..C-1),
+    ``calibration``/``test`` data sources (``builtin:NAME``, a folder, a CSV; relative to ``data_dir``,
+    default the working directory). Preprocessing: ``preprocessing`` replaces the checkpoint's own;
+    ``adjust_preprocessing`` edits it (a zoo spec's override).
+    """
+
+    zoo_dir: str | Path
+    name: str
+    role: Literal["base", "task"] = "task"
+    task: str | None = None
+    class_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None
+    adjust_preprocessing: Callable[[Preprocessing], Preprocessing] | None = None
+    calibration: str | None = None
+    test: str | None = None
+    data_dir: str | Path | None = None
+
+    def preprocessing_for(self, own: Preprocessing) -> Preprocessing:
+        """The model's preprocessing: the override, else the checkpoint's ``own`` (edited when asked)."""
+        if self.preprocessing is not None:
+            return self.preprocessing
+        return self.adjust_preprocessing(own) if self.adjust_preprocessing is not None else own
+
+
 def save_imported(
-    zoo_dir: str | Path,
-    name: str,
-    role: str,
+    target: ImportTarget,
     state: StateDict,
     arch: Architecture,
     prep: Preprocessing,
     source: str,
-    task: str | None = None,
     class_names: list[str] | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
     lora: LoraAdapter | None = None,
 ) -> Zoo:
-    """Validate ``state`` by a strict load into ``arch`` and add it to the zoo at ``zoo_dir``.
+    """Validate ``state`` by a strict load into ``arch`` and add it to ``target``'s zoo.
 
-    ``calibration``/``test`` are data sources (``builtin:NAME``, a folder, a CSV; relative
-    to ``data_dir``, default the working directory), checked before anything is written.
+    ``prep``: the checkpoint's own preprocessing (``target`` may replace or edit it); ``class_names``: the
+    checkpoint's own (``target.class_names`` win). Data sources are checked before anything is written.
     ``lora``: the adapter the model was made from (kept in its provenance).
     """
+    role, name, task = target.role, target.name, target.task
+    calibration, test, data_dir = target.calibration, target.test, target.data_dir
+    class_names = target.class_names or class_names
+    prep = target.preprocessing_for(prep)
     if role not in ("base", "task"):
         raise CheckpointImportError(f"role must be 'base' or 'task', got '{role}'")
     probe = build_model(arch, 0)
@@ -127,7 +157,7 @@ def save_imported(
         provenance=Provenance(source=source, lora=lora),
         data=data,
     )
-    writer = ZooWriter(zoo_dir)
+    writer = ZooWriter(target.zoo_dir)
     writer.add_model(meta, backbone, head or None)
     return writer.register(meta)
 
@@ -145,9 +175,10 @@ def check_fits_zoo(zoo_dir: str | Path, name: str, backbone: StateDict, arch: Ar
     """Refuse, before anything is written, a model whose backbone does not fit the zoo's models.
 
     The reference is the zoo's base (else its first task, other than ``name``); the error
-    names the first tensor that is missing, extra or of another shape, then an
-    architecture difference; tensors that must be equal in every model (a CLIP tower's
-    shared projection, :data:`~model_store.architecture.PROJECTION_KEY`) are compared by value.
+    names the first tensor that is missing, extra or of another shape (a CLIP tower's
+    projection :data:`~model_store.architecture.PROJECTION_KEY` of another width included),
+    then an architecture difference. Values may differ: a fine-tuned projection is a task's
+    own 2-D weight like any other, merged by every method.
     """
     if not (Path(zoo_dir) / "zoo.json").exists():
         return
@@ -169,16 +200,6 @@ def check_fits_zoo(zoo_dir: str | Path, name: str, backbone: StateDict, arch: Ar
             f"architecture {arch.model_dump(mode='json')} differs from '{ref}''s "
             f"{zoo.metas[ref].architecture.model_dump(mode='json')} in zoo {zoo.root}"
         )
-    if PROJECTION_KEY in backbone:
-        theirs = zoo.backbone_lazy(ref)[PROJECTION_KEY]
-        if not torch.equal(theirs, backbone[PROJECTION_KEY]):
-            diff = (theirs.float() - backbone[PROJECTION_KEY].float()).abs().max().item()
-            raise CheckpointImportError(
-                f"'{PROJECTION_KEY}' (the CLIP visual projection) differs from '{ref}''s (max |diff| {diff:.3g}): "
-                "the projection stays in the backbone only when every model of a zoo has the same one, and "
-                "per-task projections are not supported; import this tower with the zoo's projection "
-                "(--projection SRC) if it was not fine-tuned, or put it in a zoo of its own"
-            )
 
 
 def _shape(shape: tuple[int, ...] | None) -> str:

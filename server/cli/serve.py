@@ -24,7 +24,7 @@ def serve_settings(args: argparse.Namespace):
         "device": args.device,
         "max_batch_size": args.max_batch_size,
         "max_wait_ms": args.max_wait_ms,
-        "strategy": args.strategy,
+        "mixing": args.mixing,
         "cache_bytes": args.cache_bytes,
         "watch_interval_s": args.watch_interval,
         "worker": args.worker,
@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.WARNING if args.quiet else logging.INFO
     )  # one line per request
     if settings.malloc_reuse:  # before any worker thread starts (threads keep the arena they got)
-        from server.runtime.host_memory import reuse_freed_memory
+        from model_store.memory import reuse_freed_memory
 
         reuse_freed_memory()
     app = create_app(settings, progress=not args.quiet)
@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             examples = write_examples(engine, settings.layout.root / "examples")
         except Exception:  # noqa: BLE001 - examples are a convenience
             examples = {}
-        print(ready_message(engine, base_url, examples), flush=True)
+        print(ready_message(engine, base_url, examples, settings.playground), flush=True)
 
     state.on_ready.append(announce)
     print(
@@ -133,7 +133,12 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
         "--max-wait-ms", type=float, default=None, help="dynamic batching: max wait for a batch to fill (default 5)"
     )
     p.add_argument(
-        "--strategy", choices=["exact", "sparse"], default=None, help="gated bundles: routing strategy (default sparse)"
+        "--mixing",
+        "--strategy",  # the flag's name before "strategy" came to mean the engine's per-kind executor only
+        dest="mixing",
+        choices=["exact", "sparse"],
+        default=None,
+        help="gated bundles: how experts are mixed per image (default sparse)",
     )
     p.add_argument(
         "--cache-bytes", type=int, default=None, help="LRU budget for materialised task weights (default 512 MiB)"

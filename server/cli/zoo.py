@@ -51,13 +51,15 @@ def _print_zoo_data(zoo) -> None:
     base = zoo.metas[zoo.base]
     print(
         f"  base: {base.architecture.timm_name} {base.architecture.kwargs}  input {base.preprocessing.size} px, "
-        f"{base.preprocessing.channels} channel(s)"
+        f"{base.preprocessing.channels} channel(s); {base.preprocessing.describe()}"
     )
     for task in zoo.tasks:
         meta, data = zoo.metas[task], zoo.task_data(task)
         cal = data.calibration.describe() if data.calibration else "none"
         test = data.test.describe() if data.test else "none"
         print(f"  task {task:<12} {meta.num_classes:>3} classes  calibration: {cal}  test: {test}")
+        if not meta.preprocessing.pixels_equal(base.preprocessing):
+            print(f"       its own preprocessing: {meta.preprocessing.describe()}")
     if zoo.manifest.gate is not None:
         print(f"  gate: {zoo.manifest.gate.arch} (init: {zoo.manifest.gate.source or 'default'})")
 
@@ -85,16 +87,28 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def _projection(zoo) -> str:
-    """Where a CLIP zoo's visual projection lives (the import refuses models whose projections differ)."""
+    """Where a CLIP zoo's visual projection lives, and which task models fine-tuned their own."""
+    import torch
+
     from model_store.architecture import PROJECTION_KEY
 
     dims = {m.architecture.projection_dim for m in zoo.metas.values()}
     if dims == {None} or not dims:
         return "none"
     width = {m.architecture.kwargs.get("embed_dim") for m in zoo.metas.values()}
+    where = (
+        f"in each model's backbone ('{PROJECTION_KEY}', {'/'.join(map(str, dims))} x "
+        f"{'/'.join(map(str, width))}), then L2-normalised"
+    )
+    names = [n for n in [zoo.manifest.base, *zoo.tasks] if n]
+    ref = zoo.backbone_lazy(names[0])[PROJECTION_KEY]
+    own = [t for t in zoo.tasks if t != names[0] and not torch.equal(zoo.backbone_lazy(t)[PROJECTION_KEY], ref)]
+    if not own:
+        return f"{where}; the same in every model"
+    differ = f"fine-tuned by {len(own)} of {len(zoo.tasks)} task(s)" if zoo.manifest.base else "differs in task(s)"
     return (
-        f"shared by every model, in the backbone ('{PROJECTION_KEY}', {'/'.join(map(str, dims))} x "
-        f"{'/'.join(map(str, width))}; merges leave it as is: every task vector is zero there), then L2-normalised"
+        f"{where}; {differ} ({', '.join(own)}): each task's own, merged as a 2-D weight like every linear "
+        "layer (EMR masks, TSV low-rank factors, a gated expert per task, static merges)"
     )
 
 

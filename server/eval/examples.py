@@ -26,11 +26,14 @@ def write_examples(engine: Engine, directory: Path) -> dict[str, Path]:
     return out
 
 
-def ready_message(engine: Engine, base_url: str, examples: dict[str, Path]) -> str:
+def ready_message(engine: Engine, base_url: str, examples: dict[str, Path], playground: bool = True) -> str:
+    """What ``vitmerge serve`` prints once the model is ready: the bundle, the playground page, curl lines."""
     lines = [
         f"vitmerge: serving bundle {engine.version} ({engine.method}, tasks {', '.join(engine.tasks)}) on "
         f"{engine.device} at {base_url}  (API docs: {base_url}/docs)"
     ]
+    if playground:
+        lines.append(f"  open the playground in a browser (drop images, see the router's choice): {base_url}/")
     if examples:
         task, path = next(iter(examples.items()))
         lines.append("  try it (the gate picks the task):")

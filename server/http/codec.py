@@ -81,10 +81,10 @@ def decode_json(body: bytes) -> Any:
     return data
 
 
-def decode_image(data: bytes, max_pixels: int, what: str = "image") -> np.ndarray:
-    """Bytes of one PNG/JPEG/GIF/BMP/WEBP/TIFF -> ``(H, W)`` or ``(H, W, 3)`` uint8 (HTTP errors)."""
+def decode_image(data: bytes, max_pixels: int, what: str = "image", exif_transpose: bool = True) -> np.ndarray:
+    """Bytes of one PNG/JPEG/GIF/BMP/WEBP/TIFF -> ``(H, W[, 3 or 4])`` uint8 (HTTP errors)."""
     try:
-        return _decode(data, max_pixels, what)
+        return _decode(data, max_pixels, what, exif_transpose=exif_transpose)
     except ImageTooLargeError as e:
         raise PayloadTooLarge(str(e), code="image_too_large") from e
     except ImageDecodeError as e:

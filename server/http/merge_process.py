@@ -67,6 +67,19 @@ class _PipeProgress:
             self.conn.send(("progress", frac))
 
 
+def _agreement(zoo: Any, images: int, conn: Connection) -> Callable[[Any], dict[str, Any]]:
+    """The pipeline's review hook: the new bundle's agreement with the zoo's models (phase reported)."""
+    from server.runtime.agreement import agreement_review
+
+    measure = agreement_review(zoo, images)
+
+    def review(bundle: Any) -> dict[str, Any]:
+        conn.send(("phase", "measuring agreement"))
+        return measure(bundle)
+
+    return review
+
+
 def _child(req: MergeRequestSpec, conn: Connection) -> None:
     """Child entry point: resolve the zoo, merge, publish; send ``done``/``error`` back."""
     try:
@@ -78,8 +91,17 @@ def _child(req: MergeRequestSpec, conn: Connection) -> None:
         conn.send(("phase", "merging"))
         store = BundleStore(req.settings.layout, keep=req.settings.keep_versions)
         bar = None if req.progress else _PipeProgress(conn, len(zoo.backbone_lazy(zoo.base)))
+        review = _agreement(zoo, req.settings.agreement_images, conn) if req.settings.agreement_images else None
         outcome = merge_and_publish(
-            zoo, store, req.method, req.params, req.tasks, progress=req.progress, make_current=req.make_current, bar=bar
+            zoo,
+            store,
+            req.method,
+            req.params,
+            req.tasks,
+            progress=req.progress,
+            make_current=req.make_current,
+            bar=bar,
+            review=review,
         )
         conn.send(("done", outcome.version))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text

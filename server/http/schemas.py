@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_store.schema import TaskAgreement
+
 MAX_TOP_K = 20
 
 
@@ -33,6 +35,9 @@ class TaskPrediction(BaseModel):
     index: int
     probability: float = Field(description="p(task | image) from the gate; 1.0 when given")
     source: Literal["gate", "given"]
+    probabilities: dict[str, float] = Field(
+        description="p(task | image) of every served task (task name -> p): the gate's softmax; one-hot when given"
+    )
 
 
 class ClassScore(BaseModel):
@@ -105,6 +110,11 @@ class ModelVersion(BaseModel):
     created_at: str
     current: bool
     serving: bool
+    agreement: list[TaskAgreement] | None = Field(
+        None,
+        description="per task, how often this bundle's top-1 equals the task's own model's on the task's images "
+        "(measured at merge, no labels read; None: not measured)",
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store.settings import StoreLayout
@@ -30,6 +30,9 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="optional bearer token / X-API-Key required by /v1/classify and /v2 infer"
     )
+    playground: bool = Field(
+        True, description="serve the playground page at / (read-only: classify, tasks, versions); false = 404"
+    )
     model_name: str = Field(
         "vitmerge",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
@@ -45,7 +48,12 @@ class ServerSettings(BaseSettings):
         "thread", description="run the engine in the server process (thread) or in its own process (no shared GIL)"
     )
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
-    strategy: Literal["exact", "sparse"] = "sparse"
+    mixing: Literal["exact", "sparse"] = Field(
+        "sparse",
+        # VITMERGE_STRATEGY: the variable's name before "strategy" came to mean the engine's per-kind executor only
+        validation_alias=AliasChoices("mixing", "VITMERGE_MIXING", "VITMERGE_STRATEGY"),
+        description="gated bundles: how experts are mixed per image (exact, or sparse: small weights dropped)",
+    )
     sparse_threshold: float | None = Field(None, ge=0.0, le=1.0, description="default: the gating benchmark's choice")
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay CUDA graphs of fixed-weight modules (gate, cached task models)"
@@ -82,6 +90,19 @@ class ServerSettings(BaseSettings):
     max_images: int = Field(64, ge=1, description="images per request")
     max_image_pixels: int = Field(4096 * 4096, ge=64, description="width*height cap per image (decompression bombs)")
     decode_threads: int = Field(4, ge=1)
+    exif_transpose: bool = Field(
+        True,
+        description="turn photos with an EXIF orientation tag upright before preprocessing (as transformers' "
+        "load_image does); false: use the stored pixel order",
+    )
+
+    # merges
+    agreement_images: int = Field(
+        256,
+        ge=0,
+        description="admin merges record the bundle's top-1 agreement with each task's own model on this many "
+        "of the task's test (else calibration) images; 0 skips it",
+    )
 
     # replicas (shared store): poll CURRENT and hot-swap when it changes; 0 disables
     watch_interval_s: float = Field(2.0, ge=0.0)

@@ -9,10 +9,11 @@ from server.http.settings import ServerSettings
 
 
 def resolve_zoo(settings: ServerSettings, build_missing: bool = True, progress: bool = True) -> Zoo:
-    """The configured source zoo: a spec file, a directory, a zoo in the store, or a preset built on demand.
+    """The configured source zoo, tried in this order: a spec file, a directory holding ``zoo.json``, a preset
+    (built into the store, or copied from the shipped one, on first use), a zoo of that name in the store.
 
-    A zoo spec (YAML) is created in the store on first use and re-created when the spec
-    or its checkpoints changed (``build_missing=False``: only an up-to-date one is returned).
+    ``build_missing=False`` builds nothing: a spec's zoo must be in the store and up to date with the spec and
+    its checkpoints, and a preset counts only when the store already holds it.
     """
     value = settings.zoo
     path = Path(value)

@@ -15,7 +15,7 @@ from model_store.architecture import StateDict, build_gate, build_model, folded_
 from model_store.bitpack import unpack_mask
 from model_store.bundle import Bundle
 from model_store.errors import BundleIntegrityError
-from model_store.schema import Architecture, BundleSpec, GateSpec, Preprocessing
+from model_store.schema import Architecture, BundleGateSpec, BundleSpec, Preprocessing
 
 
 def read_spec(bundle: Bundle) -> BundleSpec:
@@ -93,7 +93,7 @@ class BundleReader:
         return self._gate_spec.preprocessing
 
     @property
-    def _gate_spec(self) -> GateSpec:
+    def _gate_spec(self) -> BundleGateSpec:
         if self.spec.gate is None:
             raise KeyError(f"bundle {self.bundle.version} has no gate")
         return self.spec.gate

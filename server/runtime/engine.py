@@ -1,21 +1,14 @@
-"""The inference engine: one loaded bundle on one device.
+"""The inference engine: one loaded bundle on one device -- the only inference path (server, eval, benchmarks).
 
-``predict`` takes a batch of preprocessed images, each with a given task or none:
+:meth:`EngineFrontend.prepare` turns uint8 images into the engine's input with each task's own
+preprocessing (:mod:`model_store.data.preprocessing`); ``predict`` takes such a batch, each image
+with a given task or none:
 
 1. **route** -- images without a task go through the gate, ``p(x)`` per image
    (never averaged over the batch); given tasks get a one-hot ``p``;
-2. **group** by ``argmax p`` and run the right weights, once per task per batch;
+2. **features** -- the bundle kind's strategy (:mod:`server.runtime.strategies`: ``static``,
+   ``emr``, ``gated``, ``lowrank``) runs each image with its routed task's weights;
 3. **head** -- each image gets the classifier of its task.
-
-Strategies by bundle kind (one engine, small strategies):
-
-* ``static`` -- one shared backbone, run once for the whole batch;
-* ``emr``    -- task t's backbone ``theta_0 + lam_t * M_t * tau_uni`` is materialised
-  on the device from flat buffers (a few kernels for the whole model) into a module
-  built on the meta device whose parameters ARE the materialised views (no copy);
-  modules live in an LRU :class:`~server.weight_cache.WeightCache` under a byte budget;
-* ``gated``  -- :class:`~server.gated_vit.GatedViT` mixes expert tensors per image
-  (``exact`` or ``sparse``).
 
 The engine never writes to the bundle's tensors; a hot swap builds a new engine.
 """
@@ -23,7 +16,7 @@ The engine never writes to the bundle's tensors; a hot swap builds a new engine.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,41 +24,65 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_store.bundle import Bundle
-from model_store.data.preprocessing import to_model_input
+from model_store.data.preprocessing import Images, to_model_input
+from model_store.devices import resolve_device
 from model_store.schema import Preprocessing
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.cuda_graphs import GraphRunner
-from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD
+from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD, Mixing
 from server.runtime.groups import task_groups
 from server.runtime.protocol import ImageOutput, Source
 from server.runtime.strategies import STRATEGIES, KindStrategy, StrategyContext, tensor_bytes
 from server.runtime.weight_cache import WeightCache, weights_nbytes
 
 
-def preprocess_image(
-    image: np.ndarray, prep: Preprocessing, gate_prep: Preprocessing | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One uint8 image -> the ViT's input ``(C, S, S)`` and, when ``gate_prep`` is given, the gate's."""
-    batch = image[None]
-    x = to_model_input(batch, prep)[0]
-    return x, (to_model_input(batch, gate_prep)[0] if gate_prep is not None else None)
+def distinct_preprocessing(per_task: Sequence[Preprocessing]) -> tuple[list[Preprocessing], list[int]]:
+    """The distinct input preprocessings of a bundle's tasks (the bundle's own first) and each task's index."""
+    variants: list[Preprocessing] = []
+    index: list[int] = []
+    for prep in per_task:
+        found = next((i for i, v in enumerate(variants) if v.pixels_equal(prep)), None)
+        if found is None:
+            variants.append(prep)
+            found = len(variants) - 1
+        index.append(found)
+    return variants, index
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available")
-    return device
+#: the LRU budget of materialised per-task weights (EMR) by default
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs its bundle: one object for :class:`Engine`, the process worker and its child.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``; ``cache_bytes``: the LRU
+    budget of materialised per-task weights (0: rebuild every batch); ``mixing``/``threshold``: how a gated
+    bundle mixes its experts per image (``threshold`` None: :data:`DEFAULT_SPARSE_THRESHOLD`);
+    ``cuda_graphs``: on CUDA, replay graphs of fixed-weight modules; ``malloc_reuse``: the process worker's
+    child tunes glibc malloc (:func:`model_store.memory.reuse_freed_memory`).
+    """
+
+    device: str = "cpu"
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    mixing: Mixing = "sparse"
+    threshold: float | None = None
+    cuda_graphs: bool = True
+    malloc_reuse: bool = False
+
+    @classmethod
+    def of(cls, value: EngineOptions | str | torch.device) -> EngineOptions:
+        """``value`` itself, or the default options on the device it names."""
+        return value if isinstance(value, EngineOptions) else cls(device=str(value))
 
 
 class EngineFrontend:
     """What the server needs to know about a loaded bundle without touching its weights:
     version, tasks, classes, preprocessing (shared by :class:`Engine` and the process proxy)."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device):
+    def __init__(self, bundle: Bundle, options: EngineOptions | str | torch.device = "cpu"):
+        self.options = EngineOptions.of(options)
         self.models = BundleReader(bundle)
         self.bundle = bundle
         self.version = bundle.version
@@ -74,8 +91,14 @@ class EngineFrontend:
         self.tasks = self.models.tasks
         self.class_names = self.models.class_names
         self.preprocessing: Preprocessing = self.models.preprocessing
+        self.task_preprocessing: list[Preprocessing] = self.models.spec.task_preprocessing()
         self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.device = resolve_device(self.options.device)
+        variants, index = distinct_preprocessing([self.preprocessing, *self.task_preprocessing])
+        #: the distinct model-input preprocessings (the bundle's first) and each task's among them: a routed
+        #: image is prepared once per variant, and gets its routed task's after routing (one variant: 4-D input)
+        self.input_variants: list[Preprocessing] = variants
+        self.task_variant: list[int] = index[1:]
 
     @property
     def has_gate(self) -> bool:
@@ -88,38 +111,60 @@ class EngineFrontend:
     def task_index(self, name: str) -> int:
         return self.tasks.index(name)
 
-    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 ``(H, W[, C])`` -> the ViT's input ``(C, S, S)`` (+ the gate's when needed)."""
-        return preprocess_image(image, self.preprocessing, self.gate_preprocessing if need_gate else None)
+    def prepare(self, images: Images, task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 images (a batch, or a list of any sizes) -> the engine's input for ``task`` (None: routed).
+
+        Returns ``(x, x_gate)``: ``x`` is ``(B, C, S, S)``, or ``(B, V, C, S, S)`` with one slice per input
+        variant when the tasks differ in preprocessing (a given task's input in every slice; a routed image's
+        once per variant, chosen after routing); ``x_gate`` the gate's input for routed images, else None.
+        """
+        if isinstance(task, bool):  # the old ``need_gate`` flag would read as task 0 or 1
+            raise TypeError("prepare/preprocess take a task index or None (routed), not a bool")
+        if task is not None:
+            x = to_model_input(images, self.task_preprocessing[task])
+            if len(self.input_variants) > 1:
+                x = x.unsqueeze(1).expand(-1, len(self.input_variants), -1, -1, -1)
+            return x, None
+        xs = [to_model_input(images, prep) for prep in self.input_variants]
+        x = xs[0] if len(xs) == 1 else torch.stack(xs, 1)
+        gate = to_model_input(images, self.gate_preprocessing) if self.gate_preprocessing is not None else None
+        return x, gate
+
+    def preprocess(self, image: np.ndarray, task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One uint8 ``(H, W[, C])`` image -> :meth:`prepare`'s ``(x, x_gate)`` without the batch dimension."""
+        x, gate = self.prepare(image[None], task)
+        return x[0], (gate[0] if gate is not None else None)
 
 
 class Engine(EngineFrontend):
-    """Routes, groups and classifies batches with one bundle's weights."""
+    """Routes, groups and classifies batches with one bundle's weights.
+
+    ``options``: an :class:`EngineOptions`, or just a device (the default options there);
+    ``on_cache_lookup(hit)``: called on every lookup of the per-task weight cache (metrics).
+    """
 
     def __init__(
         self,
         bundle: Bundle,
-        device: str | torch.device = "cpu",
-        cache_bytes: int = 512 * 2**20,
-        strategy: Literal["exact", "sparse"] = "sparse",
-        threshold: float | None = None,
+        options: EngineOptions | str | torch.device = "cpu",
         on_cache_lookup: Callable[[bool], None] | None = None,
-        cuda_graphs: bool = True,
     ):
-        super().__init__(bundle, device)
-        self.strategy = strategy
-        self.threshold = DEFAULT_SPARSE_THRESHOLD if threshold is None else threshold
-        self.cache = WeightCache(cache_bytes, on_cache_lookup)
+        super().__init__(bundle, options)
+        opts = self.options
+        self.mixing = opts.mixing
+        self.threshold = DEFAULT_SPARSE_THRESHOLD if opts.threshold is None else opts.threshold
+        self.cache = WeightCache(opts.cache_bytes, on_cache_lookup)
         dev = self.device
         self.heads: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t in self.tasks:
             head = self.models.head(t)
             self.heads.append((head["head.weight"].float().to(dev), head["head.bias"].float().to(dev)))
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.use_graphs = opts.cuda_graphs and self.device.type == "cuda"
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.gate: nn.Module | None = self.models.gate_model().to(dev) if self.models.has_gate else None
         self._gate_run = self._graphed(self.gate) if self.gate is not None else None
-        ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, strategy, self.threshold)
+        self._variant_of = torch.tensor(self.task_variant, device=dev)
+        ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, self.mixing, self.threshold)
         self.kind_strategy: KindStrategy = STRATEGIES[self.kind](ctx)
 
     def _graphed(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -154,24 +199,40 @@ class Engine(EngineFrontend):
         return self.kind_strategy.features(x, p)
 
     @torch.inference_mode()
+    def all_head_logits(self, x: torch.Tensor, task: int) -> list[torch.Tensor]:
+        """Every task head's logits (one ``(B, classes)`` per task) on features made with ``task``'s weights:
+        the task-free "joint" accuracy (argmax over every head, FS-Merge Tables 3-4) reads them."""
+        if x.ndim == 5:
+            x = x[:, self.task_variant[task]]
+        p = torch.zeros(x.shape[0], len(self.tasks), device=self.device)
+        p[:, task] = 1.0
+        feats = self.features(x.to(self.device), p)
+        return [F.linear(feats, w, b).float().cpu() for w, b in self.heads]
+
+    @torch.inference_mode()
     def predict(
         self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None
     ) -> list[ImageOutput]:
-        """Classify a batch ``x`` ``(B, C, S, S)``; ``given[i]`` is image i's task or None (gate)."""
+        """Classify a batch ``x`` (:meth:`prepare`'s: ``(B, C, S, S)`` or ``(B, V, C, S, S)``); ``given[i]`` is
+        image i's task or None (routed)."""
         if x.shape[0] != len(given):
             raise ValueError(f"{x.shape[0]} images but {len(given)} task entries")
         x = x.to(self.device, non_blocking=True)
         p, sources = self.route(given, x_gate)
-        feats = self.features(x, p)
         best_p, best = p.max(1)
+        if x.ndim == 5:  # tasks differ in preprocessing: each image's routed task's input
+            x = x[torch.arange(x.shape[0], device=x.device), self._variant_of[best].to(x.device)]
+        feats = self.features(x, p)
         tasks = best.cpu()
         outs = []
         groups = task_groups(tasks)
         for t, idx in groups:
             w, b = self.heads[t]
             outs.append(F.linear(feats[idx.to(feats.device)], w, b).float().softmax(-1).reshape(-1))
-        host = torch.cat([best_p.float(), *outs]).cpu()  # one device->host copy per batch
-        task_prob, flat = host[: len(tasks)], host[len(tasks) :]
+        rows, cols = len(tasks), len(self.tasks)  # p: (images, tasks)
+        host = torch.cat([best_p.float(), p.float().reshape(-1), *outs]).cpu()  # one device->host copy per batch
+        task_prob, p_host = host[:rows], host[rows : rows * (1 + cols)].view(rows, cols)
+        flat = host[rows * (1 + cols) :]
         probs: list[torch.Tensor] = [torch.empty(0)] * x.shape[0]
         offset = 0
         for t, idx in groups:
@@ -181,7 +242,9 @@ class Engine(EngineFrontend):
             for j, i in enumerate(idx.tolist()):
                 probs[i] = block[j]
         tasks_list = tasks.tolist()
-        return [ImageOutput(tasks_list[i], float(task_prob[i]), sources[i], probs[i]) for i in range(x.shape[0])]
+        return [
+            ImageOutput(tasks_list[i], float(task_prob[i]), sources[i], probs[i], p_host[i]) for i in range(x.shape[0])
+        ]
 
     # -- lifecycle ------------------------------------------------------------------
     def warmup(self) -> None:

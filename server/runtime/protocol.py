@@ -23,6 +23,7 @@ class ImageOutput:
     task_probability: float
     source: Source
     probabilities: torch.Tensor  # (num_classes,) on CPU
+    task_probabilities: torch.Tensor  # (num_tasks,) on CPU: the router's p(x), one-hot when the task is given
 
 
 class InferenceEngine(Protocol):
@@ -34,6 +35,8 @@ class InferenceEngine(Protocol):
     tasks: list[str]
     class_names: dict[str, list[str]]
     preprocessing: Preprocessing
+    task_preprocessing: list[Preprocessing]
+    input_variants: list[Preprocessing]
     gate_preprocessing: Preprocessing | None
     device: torch.device
 
@@ -45,7 +48,7 @@ class InferenceEngine(Protocol):
 
     def task_index(self, name: str) -> int: ...
 
-    def preprocess(self, image: np.ndarray, need_gate: bool) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def preprocess(self, image: np.ndarray, task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def predict(
         self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None

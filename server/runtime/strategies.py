@@ -7,7 +7,7 @@
   LRU :class:`~server.runtime.weight_cache.WeightCache` under a byte budget; images are grouped
   by task and each group runs its task's module;
 * :class:`GatedStrategy` -- :class:`~server.runtime.gated_vit.GatedViT` mixes expert tensors per
-  image (``exact`` or ``sparse``);
+  image (mixing ``exact`` or ``sparse``);
 * :class:`LowRankStrategy` -- low-rank task deltas in ONE pass (SPEC section 7): every linear
   layer runs its shared ``W_0`` once for the whole mixed batch plus rank-r corrections
   ``B_t A_t`` per task group; small tensors are gathered per image.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from torch import nn
 from model_store.architecture import build_model
 from model_store.bitpack import pack_mask, unpack_mask
 from server.runtime.bundle_reader import BundleReader
-from server.runtime.gated_vit import GatedViT
+from server.runtime.gated_vit import GatedViT, Mixing
 from server.runtime.groups import task_groups
 from server.runtime.weight_cache import WeightCache, Weights
 
@@ -48,7 +48,7 @@ class StrategyContext:
     device: torch.device
     cache: WeightCache
     graphed: Callable[[nn.Module], Run]  # the module itself, or a CUDA-graph runner over it
-    mixing: Literal["exact", "sparse"] = "sparse"
+    mixing: Mixing = "sparse"
     threshold: float = 0.1
 
 

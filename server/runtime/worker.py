@@ -1,4 +1,4 @@
-"""An :class:`~server.engine.Engine` in a child process: the model gets its own GIL.
+"""An :class:`~server.runtime.engine.Engine` in a child process: the model gets its own GIL.
 
 With the inference worker as a thread, its Python-heavy kernel launching competes with
 request decoding and HTTP handling for one interpreter lock (BENCHMARKS.md, "Serving").
@@ -17,46 +17,30 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.multiprocessing  # registers tensor reductions with multiprocessing
 
 from model_store.bundle import Bundle
-from server.runtime.engine import EngineFrontend
+from server.runtime.engine import EngineFrontend, EngineOptions
 from server.runtime.protocol import ImageOutput
 
 
-def _child(
-    conn: Any,
-    bundle_dir: str,
-    device: str,
-    cache_bytes: int,
-    strategy: Literal["exact", "sparse"],
-    threshold: float | None,
-    cuda_graphs: bool,
-    malloc_reuse: bool = False,
-) -> None:
+def _child(conn: Any, bundle_dir: str, options: EngineOptions) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
+    from model_store.memory import reuse_freed_memory
     from server.runtime.engine import Engine
-    from server.runtime.host_memory import reuse_freed_memory
 
-    if malloc_reuse:  # a spawned child starts with glibc's defaults
+    if options.malloc_reuse:  # a spawned child starts with glibc's defaults
         reuse_freed_memory()
     lookups: list[bool] = []
     try:
         torch.set_grad_enabled(False)
-        engine = Engine(
-            load_bundle_dir(Path(bundle_dir), verify=False),
-            device,
-            cache_bytes,
-            strategy,
-            threshold,
-            lookups.append,
-            cuda_graphs,
-        )
+        engine = Engine(load_bundle_dir(Path(bundle_dir), verify=False), options, lookups.append)
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -70,7 +54,10 @@ def _child(
             if op == "predict":
                 outs = engine.predict(*args)
                 result: Any = (
-                    [(o.task, o.task_probability, o.source, o.probabilities.numpy()) for o in outs],
+                    [
+                        (o.task, o.task_probability, o.source, o.probabilities.numpy(), o.task_probabilities.numpy())
+                        for o in outs
+                    ],
                     list(lookups),
                 )
                 lookups.clear()
@@ -107,32 +94,18 @@ class ProcessEngine(EngineFrontend):
     def __init__(
         self,
         bundle: Bundle,
-        device: str | torch.device = "cpu",
-        cache_bytes: int = 512 * 2**20,
-        strategy: Literal["exact", "sparse"] = "sparse",
-        threshold: float | None = None,
+        options: EngineOptions | str | torch.device = "cpu",
         on_cache_lookup: Callable[[bool], None] | None = None,
-        cuda_graphs: bool = True,
-        malloc_reuse: bool = False,
     ):
-        """``malloc_reuse``: tune the child's ``malloc`` (:func:`~server.runtime.host_memory.reuse_freed_memory`)."""
-        super().__init__(bundle, device)  # metadata only: no tensors in this process
+        """The child gets ``options`` (its device resolved here: ``auto`` means the same device in both)."""
+        super().__init__(bundle, options)  # metadata only: no tensors in this process
         self._on_cache_lookup = on_cache_lookup
         self._lock = threading.Lock()
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(
             target=_child,
-            args=(
-                child,
-                str(bundle.path),
-                str(self.device),
-                cache_bytes,
-                strategy,
-                threshold,
-                cuda_graphs,
-                malloc_reuse,
-            ),
+            args=(child, str(bundle.path), replace(self.options, device=str(self.device))),
             name=f"vitmerge-engine-{bundle.version}",
             daemon=True,
         )
@@ -169,7 +142,7 @@ class ProcessEngine(EngineFrontend):
     ) -> list[ImageOutput]:
         outs, lookups = self._call_raw("predict", x, list(given), x_gate)
         self._report(lookups)
-        return [ImageOutput(t, p, s, torch.from_numpy(probs)) for t, p, s, probs in outs]
+        return [ImageOutput(t, p, s, torch.from_numpy(probs), torch.from_numpy(ps)) for t, p, s, probs, ps in outs]
 
     def warmup(self) -> None:
         self._report(self._call_raw("warmup"))

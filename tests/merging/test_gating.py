@@ -36,15 +36,15 @@ def _gated_vit(zoo, m, mode="mix"):
 
 
 @pytest.mark.parametrize("mode", ["mix", "experts"])
-@pytest.mark.parametrize("strategy", ["exact", "sparse"])
-def test_all_blocks_gated_with_one_hot_p_is_the_fine_tuned_model(zoo, inputs, mode, strategy):
+@pytest.mark.parametrize("mixing", ["exact", "sparse"])
+def test_all_blocks_gated_with_one_hot_p_is_the_fine_tuned_model(zoo, inputs, mode, mixing):
     depth = zoo.metas[zoo.base].architecture.kwargs["depth"]
     gated, plan, _ = _gated_vit(zoo, depth, mode)
     assert len(plan.attn_blocks) == len(plan.mlp_blocks) == depth
     for t, task in enumerate(zoo.tasks):
         p = torch.zeros(len(inputs), len(zoo.tasks))
         p[:, t] = 1.0
-        out = gated.classify(inputs, p, strategy)
+        out = gated.classify(inputs, p, mixing)
         with torch.no_grad():
             ref = zoo.build_model(task)(inputs)
         assert max(float((out.logits[i] - ref[i]).abs().max()) for i in range(len(inputs))) < 1e-5
@@ -71,12 +71,12 @@ def test_m0_with_one_hot_p_is_avgmean_plus_the_tasks_embeddings_and_norms(zoo, i
 def test_mixed_batch_equals_one_image_at_a_time(zoo, inputs, mode):
     gated, _, _ = _gated_vit(zoo, 1, mode)
     p = torch.softmax(3 * torch.randn(len(inputs), len(zoo.tasks), generator=torch.Generator().manual_seed(0)), -1)
-    for strategy, threshold in (("exact", 0.0), ("sparse", 0.2), ("sparse", 0.0)):
-        batch = gated.features(inputs, p, strategy, threshold)
+    for mixing, threshold in (("exact", 0.0), ("sparse", 0.2), ("sparse", 0.0)):
+        batch = gated.features(inputs, p, mixing, threshold)
         single = torch.cat(
-            [gated.features(inputs[i : i + 1], p[i : i + 1], strategy, threshold) for i in range(len(inputs))]
+            [gated.features(inputs[i : i + 1], p[i : i + 1], mixing, threshold) for i in range(len(inputs))]
         )
-        assert torch.allclose(batch, single, atol=1e-5), strategy
+        assert torch.allclose(batch, single, atol=1e-5), mixing
     exact = gated.features(inputs, p, "exact")
     assert torch.allclose(gated.features(inputs, p, "sparse", 0.0), exact, atol=1e-5)  # threshold 0 == exact
     one_hot = torch.nn.functional.one_hot(p.argmax(1), len(zoo.tasks)).float()
@@ -141,7 +141,8 @@ def test_mixing_scratch_is_reused_bounded_and_safe_across_modes(zoo, inputs):
 def test_gated_patch_embedding_mixes_per_image(stride):
     from torch import nn
 
-    from server.runtime.gated_vit import GatedConv2d, Routing
+    from server.runtime.layers.gated import GatedConv2d
+    from server.runtime.layers.routing import Routing
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(3, 8, 2, 4, 4, generator=g), torch.randn(3, 8, generator=g)

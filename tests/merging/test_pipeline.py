@@ -6,7 +6,7 @@ test_gating.py; training a gate per method here would cost minutes.
 
 import pytest
 
-from merging.catalog import REGISTRY, get_method
+from merging.method_index import REGISTRY, get_method
 from merging.pipeline import merge_and_publish
 from model_store.bundle import BundleStore
 from model_store.errors import BundleIntegrityError

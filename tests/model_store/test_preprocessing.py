@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model_store.data.preprocessing import to_model_input
 from model_store.schema import Preprocessing
@@ -16,12 +17,13 @@ def test_gray_to_rgb_resize_and_normalise():
     assert torch.allclose(x[:, 2], torch.full((2, 16, 16), 0.5))
 
 
-def test_rgb_to_gray_uses_luma():
-    imgs = np.zeros((1, 4, 4, 3), dtype=np.uint8)
-    imgs[..., 1] = 255  # pure green
-    x = to_model_input(imgs, Preprocessing(size=4, channels=1, mean=[0.0], std=[1.0]))
+def test_rgb_to_gray_is_pillows_luma():
+    imgs = np.random.default_rng(0).integers(0, 256, (1, 4, 4, 3), dtype=np.uint8)
+    imgs[0, 0, 0] = (0, 255, 0)  # pure green: 150 (0.587 * 255 rounded)
+    x = to_model_input(imgs, Preprocessing(size=4, channels=1, mean=[0.0], std=[1.0], rescale_factor=1.0))
     assert x.shape == (1, 1, 4, 4)
-    assert torch.allclose(x, torch.full_like(x, 0.587), atol=1e-6)
+    want = np.asarray(Image.fromarray(imgs[0]).convert("L"), dtype=np.float32)
+    assert torch.equal(x[0, 0], torch.from_numpy(want)) and x[0, 0, 0, 0] == 150
 
 
 def test_chunking_gives_identical_results():

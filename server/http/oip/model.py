@@ -72,6 +72,11 @@ def metadata(engine: InferenceEngine, name: str, versions: list[str]) -> ModelMe
             "tasks": engine.tasks,
             "classes": engine.class_names,
             "preprocessing": prep.model_dump(),
+            "task_preprocessing": {  # tasks whose own preprocessing differs from the bundle's (PIXELS follow it)
+                t: tp.model_dump()
+                for t, tp in zip(engine.tasks, engine.task_preprocessing)
+                if not tp.pixels_equal(prep)
+            },
         },
     )
 
@@ -143,7 +148,9 @@ def _pixels(t: Tensor, engine: InferenceEngine) -> torch.Tensor:
     return torch.from_numpy(np.array(t.value, dtype=np.float32))
 
 
-def decode_inputs(inputs: dict[str, Tensor], engine: InferenceEngine, max_images: int, max_pixels: int) -> Images:
+def decode_inputs(
+    inputs: dict[str, Tensor], engine: InferenceEngine, max_images: int, max_pixels: int, exif_transpose: bool = True
+) -> Images:
     """The request's tensors -> per-image model (and gate) inputs and tasks; 4xx naming what is wrong."""
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
@@ -161,12 +168,18 @@ def decode_inputs(inputs: dict[str, Tensor], engine: InferenceEngine, max_images
     if given[0] == "IMAGE":
         xs, gates = [], []
         for i, blob in enumerate(_image_blobs(source)):
-            x, g = engine.preprocess(decode_image(blob, max_pixels, what=f"IMAGE[{i}]"), tasks[i] is None)
+            x, g = engine.preprocess(decode_image(blob, max_pixels, f"IMAGE[{i}]", exif_transpose), tasks[i])
             xs.append(x)
             gates.append(g)
         return Images(xs, gates, tasks)
     x = _pixels(source, engine)
     routed = [i for i, t in enumerate(tasks) if t is None]
+    if routed and len(engine.input_variants) > 1:
+        raise InvalidTensor(
+            "this bundle's tasks differ in preprocessing, so routed 'PIXELS' (one tensor per image) cannot be served "
+            "exactly: send 'IMAGE' (encoded files) or name each image's TASK (then PIXELS follow that task's "
+            "preprocessing)"
+        )
     gate_prep = engine.gate_preprocessing
     gate_rows = renormalise(x[routed], engine.preprocessing, gate_prep) if routed and gate_prep is not None else None
     pixel_gates: list[torch.Tensor | None] = [None] * n

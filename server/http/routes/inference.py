@@ -42,10 +42,9 @@ def router(state: ServerState) -> APIRouter:
                 f"bundle {engine.version} has no gate: name the task (one of {', '.join(engine.tasks)})",
                 code="task_required",
             )
-        need_gate = task is None
 
         def decode() -> Decoded:
-            xs, gates = decode_all(blobs, engine, need_gate, state.settings.max_image_pixels)
+            xs, gates = decode_all(blobs, engine, task, state.settings)
             return xs, gates, [task] * len(xs)
 
         results, decoded = await state.classify(engine, decode)

@@ -54,6 +54,7 @@ def router(state: ServerState) -> APIRouter:
                         created_at=m.created_at,
                         current=v == current,
                         serving=v == serving,
+                        agreement=m.extra.agreement,
                     )
                 )
             return ModelsResponse(current=current, serving=serving, versions=versions)

@@ -146,7 +146,9 @@ def _inference_routes(state: ServerState, served: Served) -> APIRouter:
 
         def decode() -> Decoded:
             tensors = {t.name: decode_input(t, chunks.get(t.name)) for t in req.inputs}
-            images = oip.decode_inputs(tensors, engine, settings.max_images, settings.max_image_pixels)
+            images = oip.decode_inputs(
+                tensors, engine, settings.max_images, settings.max_image_pixels, settings.exif_transpose
+            )
             return images.xs, images.gates, images.tasks
 
         start = time.perf_counter()

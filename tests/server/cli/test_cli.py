@@ -84,6 +84,25 @@ def test_store_location_from_environment(tmp_path, monkeypatch):
     assert resolve_store().root.name == "store"
 
 
+def test_gated_mixing_from_flags_and_environment(monkeypatch):
+    """``--mixing`` / ``VITMERGE_MIXING``; the former names ``--strategy`` / ``VITMERGE_STRATEGY`` still work."""
+    from server.cli import build_parser, serve_settings
+
+    parser = build_parser()
+    monkeypatch.delenv("VITMERGE_MIXING", raising=False)
+    monkeypatch.delenv("VITMERGE_STRATEGY", raising=False)
+    args = parser.parse_args(["serve"])
+    assert serve_settings(args).mixing == "sparse"
+    assert serve_settings(parser.parse_args(["serve", "--mixing", "exact"])).mixing == "exact"
+    assert serve_settings(parser.parse_args(["serve", "--strategy", "exact"])).mixing == "exact"
+    monkeypatch.setenv("VITMERGE_STRATEGY", "exact")
+    assert serve_settings(args).mixing == "exact"
+    monkeypatch.delenv("VITMERGE_STRATEGY")
+    monkeypatch.setenv("VITMERGE_MIXING", "exact")
+    assert serve_settings(args).mixing == "exact"
+    assert serve_settings(parser.parse_args(["serve", "--mixing", "sparse"])).mixing == "sparse"
+
+
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "server.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "zoo" in out.stdout and "import" in out.stdout

@@ -54,7 +54,7 @@ def samples():
 
 
 def _direct(engine: Engine, img: np.ndarray, task: str | None):
-    x, g = engine.preprocess(img, task is None)
+    x, g = engine.preprocess(img, None if task is None else engine.task_index(task))
     return engine.predict(x[None], [None if task is None else engine.task_index(task)], None if g is None else g[None])[
         0
     ]
@@ -64,6 +64,9 @@ def _check(pred: dict, direct, engine: Engine) -> None:
     assert pred["task"]["index"] == direct.task and pred["task"]["name"] == engine.tasks[direct.task]
     assert pred["task"]["source"] == direct.source
     assert pred["task"]["probability"] == pytest.approx(direct.task_probability, abs=1e-5)
+    want_p = dict(zip(engine.tasks, direct.task_probabilities.tolist()))
+    assert list(pred["task"]["probabilities"]) == engine.tasks  # every task, in the served order
+    assert pred["task"]["probabilities"] == pytest.approx(want_p, abs=1e-5)
     top = int(direct.probabilities.argmax())
     assert (
         pred["class"]["index"] == top and pred["class"]["label"] == engine.class_names[engine.tasks[direct.task]][top]
@@ -448,6 +451,7 @@ def test_api_key_guards_classify_when_configured(server_store_template, test_zoo
                 "index": 0,
                 "probability": 1.0,
                 "source": "given",
+                "probabilities": {t: float(t == samples[0][0]) for t in h.state.manager.engine.tasks},
             }, r.text
         assert h.request("GET", "/readyz").status_code == 200  # probes need no key
     finally:

@@ -32,7 +32,7 @@ def pool(server_store_template):
     for task in engine.tasks:
         for img in load_split(task, "test", limit=8).images:
             for given in (None, task):
-                x, g = engine.preprocess(img, given is None)
+                x, g = engine.preprocess(img, None if given is None else engine.task_index(given))
                 out = engine.predict(
                     x[None], [None if given is None else engine.task_index(given)], None if g is None else g[None]
                 )[0]

@@ -126,7 +126,7 @@ def _classes(store: Path, version: str, images: list[bytes], task: str) -> list[
     engine = Engine(BundleStore(StoreLayout(store)).load(version), "cpu")
     out = []
     for blob in images:
-        x, _ = engine.preprocess(decode_image(blob, 1 << 24), False)
+        x, _ = engine.preprocess(decode_image(blob, 1 << 24), engine.task_index(task))
         out.append(int(engine.predict(x[None], [engine.task_index(task)])[0].probabilities.argmax()))
     return out
 
@@ -363,7 +363,7 @@ def test_cuda_engine_matches_the_cpu_engine(server_store_template, gated_store, 
     pix = [decode_image(b, 1 << 24) for b in images]
     for n in CUDA_BATCHES:
         given = [i % len(cpu.tasks) if i % 3 == 0 else None for i in range(n)]
-        pre = [cpu.preprocess(pix[i % len(pix)], given[i] is None) for i in range(n)]
+        pre = [cpu.preprocess(pix[i % len(pix)], given[i]) for i in range(n)]
         x = torch.stack([a for a, _ in pre])
         routed = [g for (_, g), t in zip(pre, given) if t is None]
         x_gate = torch.stack(routed) if routed else None  # type: ignore[arg-type]

@@ -179,7 +179,9 @@ def test_pixels_input_matches_image_input(triton, server, two_version_store, sam
     from model_store.data.decode import decode_image
 
     arrays = [decode_image(p, 1 << 24) for _, p in samples]
-    pixels = np.stack([engine.preprocess(a, False)[0].numpy() for a in arrays]).astype(np.float32)
+    pixels = np.stack(
+        [engine.preprocess(a, engine.task_index(t))[0].numpy() for a, (t, _) in zip(arrays, samples)]
+    ).astype(np.float32)
     for tasks in ([t for t, _ in samples], [""] * len(samples)):
         x = httpclient.InferInput("PIXELS", list(pixels.shape), "FP32")
         x.set_data_from_numpy(pixels)

@@ -9,9 +9,10 @@ from merging.pipeline import merge_and_publish
 from model_store.bundle import BundleStore
 from model_store.data.builtin import load_split
 from model_store.data.preprocessing import to_model_input
+from model_store.devices import resolve_device
 from model_store.settings import StoreLayout
 from server.runtime.bundle_reader import BundleReader
-from server.runtime.engine import Engine, resolve_device
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.weight_cache import WeightCache
 
 
@@ -32,7 +33,7 @@ def _mixed_batch(engine: Engine, per_task: int = 6):
 @pytest.fixture(scope="module")
 def emr_engine(server_store_template):
     store = BundleStore(StoreLayout(server_store_template))
-    return Engine(store.load(), "cpu", cache_bytes=2**30)
+    return Engine(store.load(), EngineOptions(cache_bytes=2**30))
 
 
 def test_engine_matches_routed_model_gate_and_given(emr_engine):
@@ -44,9 +45,17 @@ def test_engine_matches_routed_model_gate_and_given(emr_engine):
     assert all(o.source == "gate" for o in out)
     for o, logits in zip(out, ref.logits):
         torch.testing.assert_close(o.probabilities, logits.softmax(-1), atol=1e-5, rtol=1e-4)
+    # the router's whole p(x) row per image, on the CPU: its argmax is the task, its max the task probability
+    p = torch.stack([o.task_probabilities for o in out])
+    assert p.device.type == "cpu" and p.shape == (len(x), len(emr_engine.tasks))
+    torch.testing.assert_close(p, routed.route(g), atol=1e-5, rtol=1e-4)
+    assert p.argmax(1).tolist() == [o.task for o in out] and p.max(1).values.tolist() == [
+        o.task_probability for o in out
+    ]
     given = emr_engine.predict(x, truth)
     for o, t, xi in zip(given, truth, x):
         assert o.task == t and o.source == "given" and o.task_probability == 1.0
+        assert o.task_probabilities.tolist() == [float(i == t) for i in range(len(emr_engine.tasks))]  # one-hot
         alone = routed.classify(xi[None], task=emr_engine.tasks[t]).logits[0].softmax(-1)
         torch.testing.assert_close(o.probabilities, alone, atol=1e-5, rtol=1e-4)
 
@@ -95,13 +104,13 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
     store = BundleStore(StoreLayout(server_store_template))
     x, _, truth = _mixed_batch(Engine(store.load(), "cpu"), per_task=2)
     lookups = []
-    cold = Engine(store.load(), "cpu", cache_bytes=0, on_cache_lookup=lookups.append)
+    cold = Engine(store.load(), EngineOptions(cache_bytes=0), on_cache_lookup=lookups.append)
     a = cold.predict(x, truth)
     b = cold.predict(x, truth)
     assert (
         cold.cache.hits == 0 and cold.cache.misses == 2 * len(set(truth)) and cold.resident_bytes()["weight_cache"] == 0
     )
-    warm = Engine(store.load(), "cpu", cache_bytes=2**30)
+    warm = Engine(store.load(), EngineOptions(cache_bytes=2**30))
     warm.predict(x, truth)
     c = warm.predict(x, truth)
     assert warm.cache.misses == len(set(truth)) and warm.cache.hits == len(set(truth))
@@ -116,17 +125,17 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
     assert parts["base"] == parts["tau_unified"] == 4 * weights
 
 
-@pytest.mark.parametrize("strategy", ["exact", "sparse"])
-def test_gated_bundle_per_image_routing(gated_store, strategy):
+@pytest.mark.parametrize("mixing", ["exact", "sparse"])
+def test_gated_bundle_per_image_routing(gated_store, mixing):
     store = BundleStore(StoreLayout(gated_store))
-    engine = Engine(store.load(), "cpu", strategy=strategy, threshold=0.0 if strategy == "sparse" else None)
+    engine = Engine(store.load(), EngineOptions(mixing=mixing, threshold=0.0 if mixing == "sparse" else None))
     x, g, truth = _mixed_batch(engine, per_task=3)
     batch = engine.predict(x, [None] * len(x), g)
     for i in range(len(x)):
         alone = engine.predict(x[i : i + 1], [None], g[i : i + 1])[0]
         assert alone.task == batch[i].task
         torch.testing.assert_close(alone.probabilities, batch[i].probabilities, atol=1e-5, rtol=1e-4)
-    routed = RoutedModel(BundleReader(engine.bundle), strategy="exact")
+    routed = RoutedModel(BundleReader(engine.bundle), mixing="exact")
     ref = routed.classify(x, g)
     for o, logits in zip(batch, ref.logits):  # sparse with threshold 0 equals exact
         torch.testing.assert_close(o.probabilities, logits.softmax(-1), atol=1e-5, rtol=1e-4)
@@ -165,6 +174,8 @@ def test_a_format_1_bundle_written_before_the_typed_spec_loads_and_answers_the_s
 
     src = emr_engine.bundle
     old = json.loads((src.path / "model.json").read_text())
+    old["bundle_format"] = 1  # a format-1 preprocessing: a square squash
+    old["preprocessing"] = {k: old["preprocessing"][k] for k in ("size", "channels", "mean", "std", "interpolation")}
     old["tasks"] = [{"name": t["name"], "class_names": t["class_names"]} for t in old["tasks"]]
     old["emr"].pop("mask_bit_order")
     for key in ("test_accuracy", "holdout_accuracy", "epochs_run"):
@@ -184,7 +195,7 @@ def test_a_format_1_bundle_written_before_the_typed_spec_loads_and_answers_the_s
     for a, b in zip(engine.predict(x, [None] * len(x), g), emr_engine.predict(x, [None] * len(x), g)):
         assert a.task == b.task
         torch.testing.assert_close(a.probabilities, b.probabilities)
-    for bad in ({**old, "bundle_format": 2}, {**old, "kind": "moe"}, {k: v for k, v in old.items() if k != "emr"}):
+    for bad in ({**old, "bundle_format": 3}, {**old, "kind": "moe"}, {k: v for k, v in old.items() if k != "emr"}):
         version = publish(bad)
         with pytest.raises(BundleIntegrityError, match="unsupported model.json"):
             Engine(store.load(version), "cpu")

@@ -20,7 +20,9 @@ from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.engine import Engine
-from server.runtime.gated_vit import GatedViT, LowRankLinear, Routing
+from server.runtime.gated_vit import GatedViT
+from server.runtime.layers.lowrank import LowRankLinear
+from server.runtime.layers.routing import Routing
 from server.runtime.strategies import LowRankStrategy
 
 #: the engine's devices under test: CUDA joins where one is present (a lent GPU machine), never in CI

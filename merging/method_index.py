@@ -6,9 +6,9 @@ its methods, for callers that only need one.
 
 from __future__ import annotations
 
-from merging.different_init.catalog import CATALOG as DIFFERENT_INIT
-from merging.gating.catalog import CATALOG as GATED
-from merging.methods.catalog import CATALOG as SHARED_BASE
+from merging.different_init.different_init_methods import CATALOG as DIFFERENT_INIT
+from merging.gating.gated_methods import CATALOG as GATED
+from merging.methods.shared_base_methods import CATALOG as SHARED_BASE
 from merging.registry import Registry
 
 REGISTRY = Registry(SHARED_BASE, GATED, DIFFERENT_INIT)

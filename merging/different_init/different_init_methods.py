@@ -11,7 +11,6 @@ bundle the server routes with the gate.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from pydantic import Field
@@ -23,6 +22,8 @@ from merging.different_init.permutation import ViTShape
 from merging.gating.router import GateParams, train_gate_for
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
+from model_store.architecture import PROJECTION_KEY
+from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
 
@@ -60,6 +61,27 @@ class DistillParams(TrainedParams):
     lr: float = Field(1e-4, gt=0.0)
 
 
+def check_plain_vit(ctx: MergeContext, method: str, plain: bool = True) -> None:
+    """ValueError naming what ``method`` cannot merge, before any work.
+
+    Every method here maps each model's features (its pre-logits) onto the residual stream, so a
+    CLIP tower's projection is refused; ``plain`` (unit matching, the FS-Merge fold) also refuses a
+    pre-norm (``norm_pre``) and a patch embedding without bias, which they do not match or fold.
+    """
+    keys = set(ctx.finetuned[0])  # names only: no tensor is read
+    found = [f"'{PROJECTION_KEY}'"] if PROJECTION_KEY in keys else []
+    if plain and "norm_pre.weight" in keys:
+        found.append("'norm_pre.weight'")
+    if plain and "patch_embed.proj.weight" in keys and "patch_embed.proj.bias" not in keys:
+        found.append("no 'patch_embed.proj.bias'")
+    if found:
+        raise ValueError(
+            f"{method} merges plain timm ViTs; these models have {', '.join(found)} (as CLIP towers do): "
+            "fine-tunes of one pretrained CLIP tower share a base, merge them with a task-vector method "
+            "(e.g. emr, tsv_c, ties)"
+        )
+
+
 def _states(ctx: MergeContext) -> list[StateDict]:
     return [{k: v.float() for k, v in m.items()} for m in ctx.finetuned]
 
@@ -76,7 +98,7 @@ def _heads(ctx: MergeContext, states: list[StateDict]) -> list[StateDict]:
 
 
 def _result(
-    ctx: MergeContext, p: GatedParams, backbone: StateDict, heads: list[StateDict], info: dict[str, Any]
+    ctx: MergeContext, p: GatedParams, backbone: StateDict, heads: list[StateDict], info: MergeInfo
 ) -> MergeResult:
     gate = train_gate_for(ctx, p) if p.gate else None
     return MergeResult(backbone=backbone, heads=heads, gate=gate, info=info)
@@ -84,6 +106,7 @@ def _result(
 
 def _mudsc(ctx: MergeContext, p: MuDSCParams, mode: Mode) -> MergeResult:
     assert ctx.build_model and ctx.calibration
+    check_plain_vit(ctx, f"mudsc_{mode}")
     start = time.perf_counter()
     states = _states(ctx)
     models = [ctx.build_model(i, s) for i, s in enumerate(states)]
@@ -91,12 +114,12 @@ def _mudsc(ctx: MergeContext, p: MuDSCParams, mode: Mode) -> MergeResult:
     images = torch.cat([ctx.calibration(i, None, p.max_images) for i in range(len(states))])
     acts = [collect_activations(m, images, shape) for m in models]
     res = mudsc_merge(states, acts, shape, _heads(ctx, states), p.alpha, mode, p.max_sweeps, p.seed)
-    info = {
-        "sweeps": res.sweeps,
-        "converged": res.converged,
-        "merge_seconds": round(time.perf_counter() - start, 3),
-        "optimised_parameters": 0,
-    }
+    info = MergeInfo(
+        sweeps=res.sweeps,
+        converged=res.converged,
+        merge_seconds=round(time.perf_counter() - start, 3),
+        optimised_parameters=0,
+    )
     return _result(ctx, p, res.merged, res.heads, info)
 
 
@@ -127,20 +150,21 @@ def _feature_data(ctx: MergeContext, p: TrainedParams, states: list[StateDict]) 
     return build_feature_set(models, images, p.augment, p.seed)
 
 
-def _trained(ctx: MergeContext, p: TrainedParams, run) -> MergeResult:
+def _trained(ctx: MergeContext, p: TrainedParams, run, method: str) -> MergeResult:
     assert ctx.build_model
+    check_plain_vit(ctx, method, plain=method != "distill")
     start = time.perf_counter()
     states = _states(ctx)
     data = _feature_data(ctx, p, states)
     cfg = FitConfig(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, weight_decay=p.weight_decay, seed=p.seed)
     out: FoldedMerge = run(states, ctx.build_model(0, states[0]), data, cfg)
     heads = [fold_head(h, a) for h, a in zip(_heads(ctx, states), out.adapters)]
-    info = {
-        "merge_seconds": round(time.perf_counter() - start, 3),
-        "optimised_parameters": out.optimised_parameters,
-        "training_images": len(data),
-        "final_loss": out.history[-1] if out.history else None,
-    }
+    info = MergeInfo(
+        merge_seconds=round(time.perf_counter() - start, 3),
+        optimised_parameters=out.optimised_parameters,
+        training_images=len(data),
+        final_loss=out.history[-1] if out.history else None,
+    )
     return _result(ctx, p, out.backbone, heads, info)
 
 
@@ -151,14 +175,14 @@ def _trained(ctx: MergeContext, p: TrainedParams, run) -> MergeResult:
     "FS-Merge: Foldable SuperNet trained on a few unlabeled images, folded (different inits)",
 )
 def _fs_merge(ctx: MergeContext, p: FSMergeParams) -> MergeResult:
-    return _trained(ctx, p, lambda s, t, d, c: fs_merge(s, t, d, p.rank, c, ctx.progress))
+    return _trained(ctx, p, lambda s, t, d, c: fs_merge(s, t, d, p.rank, c, ctx.progress), "fs_merge")
 
 
 @CATALOG.register(
     "fs_merge_seq", FSMergeParams, True, "FS-Merge seq.: merges the models one at a time (less memory; different inits)"
 )
 def _fs_merge_seq(ctx: MergeContext, p: FSMergeParams) -> MergeResult:
-    return _trained(ctx, p, lambda s, t, d, c: fs_merge_seq(s, t, d, p.rank, c, ctx.progress))
+    return _trained(ctx, p, lambda s, t, d, c: fs_merge_seq(s, t, d, p.rank, c, ctx.progress), "fs_merge_seq")
 
 
 @CATALOG.register(
@@ -168,4 +192,4 @@ def _fs_merge_seq(ctx: MergeContext, p: FSMergeParams) -> MergeResult:
     "Distillation into the first model's weights, same data/budget as FS-Merge (baseline)",
 )
 def _distill(ctx: MergeContext, p: DistillParams) -> MergeResult:
-    return _trained(ctx, p, lambda s, t, d, c: distill(s[0], t, d, len(s), c, ctx.progress))
+    return _trained(ctx, p, lambda s, t, d, c: distill(s[0], t, d, len(s), c, ctx.progress), "distill")
