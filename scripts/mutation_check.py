@@ -1,8 +1,9 @@
 """Does the suite catch these bugs? Apply one mutation at a time, run the tests that must catch it, restore.
 
-Prints ``red`` (the tests failed: good) or ``GREEN`` (the bug went unnoticed) per mutation; exits 1 if any
-mutation stayed green. Each mutation runs only its own tests (a file, or ``file::test``), with the repository
-first on ``PYTHONPATH`` (so that servers and merge processes the tests start run the mutated code too).
+Prints ``red`` (a test failed: good), ``GREEN`` (the bug went unnoticed) or ``ERROR`` (pytest could not run the
+tests: no verdict) per mutation; exits 1 unless every mutation was caught. Each mutation runs only its own
+tests (a file, or ``file::test``), with the repository first on ``PYTHONPATH`` (so that servers and merge
+processes the tests start run the mutated code too).
 
     .venv/bin/python scripts/mutation_check.py            # all (~20 min here)
     .venv/bin/python scripts/mutation_check.py M1 M16     # some
@@ -12,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: (name, file, code, its mutation, the tests that must fail: one node id, or several separated by spaces)
@@ -47,7 +49,8 @@ M = [
     (
         "M6 RegMean returns AvgMean",
         "merging/methods/shared_base_methods.py",
-        "    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))",
+        "    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha"
+        "))",
         "    return MergeResult(backbone=weight_average(ctx.finetuned))",
         "tests/merging/test_pipeline.py::test_static_merges_keep_their_known_order_against_averaging",
     ),
@@ -61,8 +64,8 @@ M = [
     (
         "M10 eval --limit scores the individual models on every image",
         "server/eval/accuracy.py",
-        "        out[task] = accuracy(zoo.build_model(task), images.tensors(prep, limit), images.label_tensor(limit))",
-        "        out[task] = accuracy(zoo.build_model(task), images.tensors(prep), images.label_tensor())",
+        "    pool = TaskPool.of_bundle(models, limit)\n    return pool.reference_accuracy",
+        "    pool = TaskPool.of_bundle(models)\n    return pool.reference_accuracy",
         "tests/model_store/test_user_zoo.py::test_eval_compares_like_with_like_on_the_users_test_images",
     ),
     (
@@ -103,8 +106,8 @@ M = [
     (
         "M9 accuracy bench ignores --limit",
         "server/eval/bench.py",
-        "        xs.append(images.tensors(prep, limit))\n        raw.append(images)",
-        "        xs.append(images.tensors(prep))\n        raw.append(images)",
+        'self.pool = TaskPool.of_zoo(zoo, zoo.tasks, cfg.limit, "the accuracy benchmark")',
+        'self.pool = TaskPool.of_zoo(zoo, zoo.tasks, None, "the accuracy benchmark")',
         "tests/server/eval/test_bench_accuracy.py::test_table_has_every_row_and_column",
     ),
 ]
@@ -170,8 +173,8 @@ M += [
     (
         "M24 soft gating mixes the experts by p^2 / sum p^2",
         "server/runtime/gated_vit.py",
-        "        p = p.to(x.dtype)\n        if strategy",
-        "        p = (p * p / (p * p).sum(1, keepdim=True)).to(x.dtype)\n        if strategy",
+        "        p = p.to(x.dtype)\n        if mixing",
+        "        p = (p * p / (p * p).sum(1, keepdim=True)).to(x.dtype)\n        if mixing",
         "tests/server/runtime/test_soft_gating.py",
     ),
     (
@@ -198,6 +201,7 @@ M += [
 ]
 only = sys.argv[1:]
 failed_to_catch = 0
+started = time.monotonic()
 for name, path, old, new, test in M:
     if only and name.split()[0] not in only:
         continue
@@ -205,6 +209,7 @@ for name, path, old, new, test in M:
     src = p.read_text()
     assert src.count(old) == 1, (name, src.count(old))
     p.write_text(src.replace(old, new))
+    t0 = time.monotonic()
     try:
         r = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *test.split()],
@@ -217,6 +222,10 @@ for name, path, old, new, test in M:
     finally:
         p.write_text(src)
     last = [line for line in r.stdout.splitlines() if "passed" in line or "failed" in line or "error" in line][-1:]
-    print(f"{'red  ' if r.returncode else 'GREEN'} {name}: {last}", flush=True)
-    failed_to_catch += r.returncode == 0
+    # pytest exits 1 when a test failed; 2+ (collection error, interrupted, usage) is no verdict on the mutation
+    verdict = {0: "GREEN", 1: "red  "}.get(r.returncode, "ERROR")
+    print(f"{verdict} {name} ({time.monotonic() - t0:.0f} s): {last}", flush=True)
+    failed_to_catch += r.returncode != 1
+print(f"{'every mutation caught' if not failed_to_catch else f'{failed_to_catch} NOT caught'}", end=" ")
+print(f"({time.monotonic() - started:.0f} s)")
 sys.exit(1 if failed_to_catch else 0)
