@@ -154,7 +154,7 @@ M += [
         "server/http/batcher.py",
         "return self._pending > 0 or self._running > 0 or self._incoming > 0",
         "return self._pending > 0",
-        "tests/server/http/test_resilience.py::test_stop_answers_every_queued_request_and_refuses_new_ones",
+        "tests/server/http/test_resilience.py::test_stop_waits_for_the_batch_on_the_worker_with_nothing_queued",
     ),
     (
         "M22 queue wait not observed",

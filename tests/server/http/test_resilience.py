@@ -268,6 +268,32 @@ def test_stop_answers_every_queued_request_and_refuses_new_ones(server_store_tem
     assert (batcher.pending, batcher.running, batcher.decoding) == (0, 0, 0)
 
 
+def test_stop_waits_for_the_batch_on_the_worker_with_nothing_queued(server_store_template, test_zoo_dir, images):
+    """The last batch, taken off the queue and running, is admitted work too: the stop keeps the event loop
+    serving (a round trip through it returns) and waits until the batch is answered, 200."""
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, max_batch_size=1, max_wait_ms=0))
+    blocking = BlockingEngine(h.state.manager.engine)
+    h.state.manager.engine = blocking
+    batcher = h.state.batcher
+    try:
+        post = h.client.post("/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"})
+        admitted = asyncio.run_coroutine_threadsafe(post, h.loop)
+        wait_for(lambda: blocking.entered.is_set() and batcher.running == 1, what="the batch on the worker")
+        assert batcher.pending == 0  # nothing queued: only the running batch keeps the stop waiting
+        stop = asyncio.run_coroutine_threadsafe(h.state.stop(), h.loop)
+        wait_for(lambda: batcher.stopping, what="the stop to begin")
+        h.call(asyncio.sleep(0.05), timeout=15)  # the loop still runs (a stop that gave up would block it)
+        assert not stop.done() and batcher.running == 1
+        blocking.release.set()
+        answer = admitted.result(60)
+        stop.result(60)
+    finally:
+        blocking.release.set()
+        h.close()
+    assert answer.status_code == 200, answer.text
+    assert (batcher.pending, batcher.running, batcher.decoding) == (0, 0, 0)
+
+
 def test_two_replicas_on_an_empty_store_merge_once_and_streamed_bodies_are_capped(test_zoo_dir, tmp_path):
     store = tmp_path / "empty"
     store.mkdir()  # the servers' logs go here; no zoos, no bundles, no CURRENT
