@@ -5,7 +5,7 @@ tests: no verdict) per mutation; exits 1 unless every mutation was caught. Each 
 tests (a file, or ``file::test``), with the repository first on ``PYTHONPATH`` (so that servers and merge
 processes the tests start run the mutated code too).
 
-    .venv/bin/python scripts/mutation_check.py            # all (~20 min here)
+    .venv/bin/python scripts/mutation_check.py            # all (~12.5 min here)
     .venv/bin/python scripts/mutation_check.py M1 M16     # some
 """
 

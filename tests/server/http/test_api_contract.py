@@ -66,6 +66,11 @@ def _operations(url: str) -> set[str]:
 def test_every_operation_keeps_its_documented_contract(server, tmp_path):
     operations = _operations(server.url)
     assert len(operations) == 20, sorted(operations)
+    # the pages for people (playground, Swagger UI, ReDoc) are HTML outside the API's contract: served, not listed
+    for page in ("/", "/docs", "/redoc"):
+        r = httpx.get(f"{server.url}{page}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html"), page
+        assert not any(op.endswith(f" {page}") for op in operations), page
     done, tested = _run(server.url, tmp_path / "open.xml")
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-12000:] + done.stderr[-3000:]
