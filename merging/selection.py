@@ -8,6 +8,7 @@ the measurement as a hook: measuring needs the serving Engine, :mod:`server.runt
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from model_store.schema import CandidateRecord, SelectionRecord
 
 __all__ = [
     "DEFAULT_GRID",
+    "MAX_CANDIDATES",
     "CandidateRecord",
     "SelectionError",
     "SelectionRecord",
@@ -31,6 +33,10 @@ DEFAULT_GRID: dict[str, tuple[Any, ...]] = {
     "bits": (32, 8, 4),
     "router_k": (1, 2, 3),
 }
+
+
+#: The most candidates a grid may have (each is a merge and a measurement).
+MAX_CANDIDATES = 64
 
 
 class SelectionError(ValueError):
@@ -54,7 +60,8 @@ def selection_grid(
 
     ``grid`` names axes and values (others of :data:`DEFAULT_GRID` the method has keep their defaults); every
     candidate is validated here, before any work. :class:`SelectionError` for an axis the method lacks, an
-    empty axis, a bad value, or a grid of one method without any axis to sweep.
+    empty axis, a bad value, more than :data:`MAX_CANDIDATES` candidates, or a grid of one method without any
+    axis to sweep.
     """
     name = get_method(method).name
     fields = get_method(name).params.model_fields
@@ -66,12 +73,17 @@ def selection_grid(
             )
         if not values:
             raise SelectionError(f"grid axis '{axis}' has no values")
+        if not all(isinstance(v, bool | int | float | str) for v in values):
+            raise SelectionError(f"grid axis '{axis}': values must be numbers, booleans or strings")
         axes[axis] = list(dict.fromkeys(values))
     if not axes:
         raise SelectionError(
             f"'{name}' has none of the parameters a grid sweeps by default ({', '.join(DEFAULT_GRID)}); name some with "
             "grid axes"
         )
+    size = math.prod(len(v) for v in axes.values())
+    if size > MAX_CANDIDATES:
+        raise SelectionError(f"the grid has {size} candidates; at most {MAX_CANDIDATES} (each is a merge)")
     keys = list(axes)
     candidates = [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
     for c in candidates:

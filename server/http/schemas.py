@@ -82,7 +82,7 @@ class MergeRequest(BaseModel):
         "whose routed top-1 agreement with each task's own model reaches this on every task's held-out "
         "calibration images (e.g. 0.995)",
     )
-    grid: dict[str, list[Any]] | None = Field(
+    grid: dict[str, Annotated[list[bool | int | float | str], Field(min_length=1, max_length=64)]] | None = Field(
         None, description='with target_agreement: values per swept parameter, e.g. {"f": [0.03, 0.06], "bits": [8, 4]}'
     )
 
@@ -93,7 +93,7 @@ class MergeJobView(BaseModel):
     params: dict[str, Any]
     tasks: list[str] | None
     target_agreement: float | None = None
-    grid: dict[str, list[Any]] | None = None
+    grid: dict[str, list[bool | int | float | str]] | None = None
     state: Literal["queued", "running", "succeeded", "failed"]
     phase: str
     progress: float

@@ -158,6 +158,8 @@ def test_grids_are_checked_before_any_work():
         ({"k": [1]}, "grid axis 'k' is not a parameter of 'tsv_routed'"),
         ({"bits": [16]}, "grid candidate"),
         ({"f": []}, "has no values"),
+        ({"f": [[0.1]]}, "values must be numbers"),
+        ({"f": [i / 100 for i in range(1, 23)], "bits": [32, 8, 4]}, "66 candidates; at most 64"),
     ):
         with pytest.raises(SelectionError, match=message):
             selection_grid("tsv_routed", {}, grid)
