@@ -9,8 +9,16 @@ table gives the median batch time (and the best) per configuration, and the rati
 on one machine. EMR runs twice: with a weight cache holding every task's materialised model (its
 fastest setting, N + 1 models of memory) and with the server's default cache (512 MiB).
 
+``--routers`` picks how the TSV-C bundles route (each its own bundle and rows): ``gate`` (the CNN gate),
+``rerun`` and ``shared`` (the backbone router at block ``--router-k``, SPEC section 8: blocks 1..k run again per
+task group, or the bundle drops the deltas of the embeddings and blocks 1..k and the prefix is shared). The
+synthetic backbone router's head is fitted (least squares) to route each benchmark image to its task, as the
+synthetic gate is centred to; every routed row is checked to run the task-given rows' task mix. ``--no-emr``
+leaves out the EMR rows.
+
     .venv/bin/python benchmarks/lowrank_serve.py [--arch vit_s14|vit_b16] [--tasks 5] [--batch 32]
-        [--fractions 0.05,0.1,0.2] [--conv] [--gate-size 64] [--passes 1] [--rounds 10] [--batches 2] [--device cpu]
+        [--fractions 0.05,0.1,0.2] [--conv] [--gate-size 64] [--routers gate,rerun,shared] [--router-k 1]
+        [--router-hidden 0] [--no-emr] [--passes 1] [--rounds 10] [--batches 2] [--device cpu]
         [--malloc glibc|tuned]
 
 ``--malloc glibc`` (the default, as ``vitmerge serve`` runs by default) keeps glibc's defaults;
@@ -18,7 +26,8 @@ fastest setting, N + 1 models of memory) and with the server's default cache (51
 to every configuration of the run alike -- this run's EMR cache churn then grew the heap past 24 GB
 (killed) at ViT-B/16, so expect it to fit only small runs.
 
-Writes benchmarks/results/lowrank_serve-<arch>[-conv].{md,json,png}.
+Writes benchmarks/results/lowrank_serve-<arch>[-conv][-<routers>].{md,json,png} (the routers in the name when
+they are not just ``gate``).
 """
 
 from __future__ import annotations
@@ -36,12 +45,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from merging.gating.backbone_router import shared_prefix_deltas
 from merging.methods.emr import emr_merge
 from merging.methods.tsv import tsv_compress
 from merging.pipeline import write_lowrank
 from model_store.architecture import build_gate, build_model, gate_state
+from model_store.backbone_router import RouterHead, ViTPrefix, pool_tokens, prefix_keys
 from model_store.bundle import BundleStore
-from model_store.schema import BundleGateSpec, BundleSpec, BundleTask, EMRSpec
+from model_store.schema import Architecture, BundleGateSpec, BundleRouterSpec, BundleSpec, BundleTask, EMRSpec
 from model_store.settings import StoreLayout
 from server.runtime.engine import Engine
 from server.runtime.host_memory import reuse_freed_memory
@@ -70,7 +81,9 @@ def synthetic_zoo(arch: dict, n: int, seed: int) -> tuple[dict, list[dict], list
     return base, tuned, heads
 
 
-def _spec(kind: str, arch: dict, size: int, gate_size: int, tasks: list[str], **fields) -> dict:
+def _spec(
+    kind: str, arch: dict, size: int, gate_size: int, tasks: list[str], router: BundleRouterSpec | None = None, **fields
+) -> dict:
     rgb = {"size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
     gate = BundleGateSpec(arch="efficientnet_lite0", preprocessing={**rgb, "size": gate_size})  # type: ignore[arg-type]
     return BundleSpec.model_validate(
@@ -79,10 +92,30 @@ def _spec(kind: str, arch: dict, size: int, gate_size: int, tasks: list[str], **
             "architecture": arch,
             "preprocessing": rgb,
             "tasks": [BundleTask(name=t, class_names=[str(c) for c in range(10)]) for t in tasks],
-            "gate": gate,
+            "gate": gate if router is None else None,
+            "router": router,
             **fields,
         }
     ).model_dump(mode="json")
+
+
+@torch.inference_mode()
+def synthetic_router(arch: dict, base: dict, k: int, hidden: int, batches: list[dict], n_tasks: int, seed: int) -> dict:
+    """A backbone router head (``head/<name>``) on ``theta_0``'s tokens after block ``k`` that routes every image
+    of ``batches`` to its task: the last layer fitted by least squares to one-hot targets (a random first layer
+    with ``hidden``)."""
+    prefix = ViTPrefix(Architecture.model_validate(arch), k, base)
+    z = torch.cat([pool_tokens(prefix(b["x"])) for b in batches])
+    target = torch.nn.functional.one_hot(torch.tensor([t for b in batches for t in b["t"]]), n_tasks).float()
+    torch.manual_seed(seed)
+    head = RouterHead(z.shape[1], n_tasks, hidden)
+    last = head.net if hidden == 0 else head.net[2]  # type: ignore[index]
+    feats = z if hidden == 0 else head.net[1](head.net[0](z))  # type: ignore[index]
+    ones = torch.ones(len(feats), 1)
+    sol = torch.linalg.lstsq(torch.cat([feats, ones], 1), 10 * (target - 0.5)).solution
+    last.weight.copy_(sol[:-1].T)
+    last.bias.copy_(sol[-1])
+    return {f"head/{n}": t.detach().clone() for n, t in head.state_dict().items()}
 
 
 def publish(
@@ -97,16 +130,27 @@ def publish(
     gate: dict,
     conv: bool = False,
     gate_size: int = 64,
+    router: BundleRouterSpec | None = None,
+    router_head: dict | None = None,
 ) -> str:
-    """A lowrank (TSV-C at ``f``, the patch conv compressed too with ``conv``) or EMR bundle with a gate."""
+    """A lowrank (TSV-C at ``f``, the patch conv compressed too with ``conv``) or EMR bundle with a gate, or
+    (lowrank) with the backbone ``router`` whose head is ``router_head``."""
     tasks = [f"task{i}" for i in range(len(tuned))]
     draft = store.draft()
     draft.add_tensors("heads", {f"{t}/{k}": v for t, h in zip(tasks, heads) for k, v in h.items()})
-    draft.add_tensors("gate", gate)
+    if router is None:
+        draft.add_tensors("gate", gate)
     if kind == "lowrank":
         assert f is not None
         deltas = tsv_compress(base, tuned, f, conv=conv)
-        spec = _spec("lowrank", arch, size, gate_size, tasks, lowrank=write_lowrank(draft, deltas))
+        if router is not None:
+            assert router_head is not None
+            if router.variant == "shared_prefix":
+                deltas = shared_prefix_deltas(deltas, router.k)
+            held = set(deltas.ranks) | set(deltas.shared)  # theta_0 in backbone.safetensors
+            own = {f"theta0/{k}": base[k] for k in prefix_keys(list(base), router.k) if k not in held}
+            draft.add_tensors("router", {**router_head, **own})
+        spec = _spec("lowrank", arch, size, gate_size, tasks, router, lowrank=write_lowrank(draft, deltas))
     else:
         merged = emr_merge(base, tuned)
         draft.add_tensors("base", base)
@@ -179,6 +223,10 @@ def main() -> int:
     ap.add_argument("--fractions", default="0.05,0.1,0.2")
     ap.add_argument("--conv", action="store_true", help="TSV-C compresses the patch-embedding conv too")
     ap.add_argument("--gate-size", type=int, default=64, help="the gate's input size (px)")
+    ap.add_argument("--routers", default="gate", help="TSV-C bundles' routers: gate, rerun, shared (comma list)")
+    ap.add_argument("--router-k", type=int, default=1, help="the backbone router's block")
+    ap.add_argument("--router-hidden", type=int, default=0, help="the backbone router head's hidden width")
+    ap.add_argument("--no-emr", action="store_true", help="leave out the EMR rows")
     ap.add_argument("--passes", type=int, default=1, help="also time the plain ViT split into this many passes")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--batches", type=int, default=2)
@@ -194,20 +242,38 @@ def main() -> int:
     device = torch.device(args.device)
     base, tuned, heads = synthetic_zoo(arch, args.tasks, args.seed)
     one_model = sum(v.numel() * 4 for v in base.values()) + heads[0]["head.weight"].numel() * 4
+    routers = [r for r in args.routers.split(",") if r]
+    unknown = set(routers) - {"gate", "rerun", "shared"}
+    if unknown:
+        ap.error(f"unknown routers {sorted(unknown)}: use gate, rerun, shared")
     with tempfile.TemporaryDirectory() as tmp:
         store = BundleStore(StoreLayout(Path(tmp)), keep=20)
         engines: dict[str, Engine] = {}
         conv = " conv" if args.conv else ""
         gate, gate_pool = synthetic_gate(args.tasks, args.gate_size, args.seed)
-        for f in tqdm(fractions, desc="merge TSV-C bundles", unit="bundle"):
-            version = publish(store, "lowrank", arch, size, base, tuned, heads, f, gate, args.conv, args.gate_size)
-            engines[f"TSV-C f={f:g}{conv}"] = Engine(store.load(version), device)
-        emr = store.load(publish(store, "emr", arch, size, base, tuned, heads, None, gate, gate_size=args.gate_size))
-        engines["EMR (every task cached)"] = Engine(emr, device, cache_bytes=(args.tasks + 1) * one_model)
-        engines["EMR (default 512 MiB cache)"] = Engine(emr, device, cache_bytes=DEFAULT_CACHE_BYTES)
-        del tuned
-        plain = build_model(engines["EMR (every task cached)"].models.architecture, 10).to(device).eval()
         batches = mixed_batches(args.tasks, size, gate_pool, args.batch, args.batches, args.seed)
+        head = synthetic_router(arch, base, args.router_k, args.router_hidden, batches, args.tasks, args.seed)
+        for f in tqdm(fractions, desc="merge TSV-C bundles", unit="bundle"):
+            for r in routers:
+                spec = None
+                if r != "gate":
+                    variant = "rerun" if r == "rerun" else "shared_prefix"
+                    spec = BundleRouterSpec(
+                        k=args.router_k, variant=variant, hidden=args.router_hidden, theta0_file="backbone"
+                    )
+                version = publish(
+                    store, "lowrank", arch, size, base, tuned, heads, f, gate, args.conv, args.gate_size, spec, head
+                )
+                label = "" if r == "gate" else f" + backbone router k={args.router_k} {spec.variant}"  # type: ignore[union-attr]
+                engines[f"TSV-C f={f:g}{conv}{label}"] = Engine(store.load(version), device)
+        if not args.no_emr:
+            emr = store.load(
+                publish(store, "emr", arch, size, base, tuned, heads, None, gate, gate_size=args.gate_size)
+            )
+            engines["EMR (every task cached)"] = Engine(emr, device, cache_bytes=(args.tasks + 1) * one_model)
+            engines["EMR (default 512 MiB cache)"] = Engine(emr, device, cache_bytes=DEFAULT_CACHE_BYTES)
+        del tuned
+        plain = build_model(Architecture.model_validate(arch), 10).to(device).eval()
         configs = {"plain ViT (one model, no routing)": lambda b: plain(b["x"].to(device))}
         if args.passes > 1:  # the reference split into smaller passes (cache locality on a CPU)
             configs[f"plain ViT in {args.passes} passes"] = lambda b: torch.cat(
@@ -215,14 +281,16 @@ def main() -> int:
             )
         for name, e in engines.items():
             configs[f"{name}, task given"] = lambda b, e=e: e.predict(b["x"], b["t"])
-            configs[f"{name}, routed by the gate"] = lambda b, e=e: e.predict(b["x"], [None] * len(b["t"]), b["g"])
+            by = "the gate" if e.has_gate else "the backbone router"
+            gate_in = (lambda b: b["g"]) if e.has_gate else (lambda b: None)
+            configs[f"{name}, routed by {by}"] = lambda b, e=e, g=gate_in: e.predict(b["x"], [None] * len(b["t"]), g(b))
         with torch.inference_mode():
             for fn in configs.values():  # warm-up: caches filled, graphs captured
                 fn(batches[0])
             for e in engines.values():  # routed rows run the task-given rows' task mix
                 for b in batches:
-                    routed = [o.task for o in e.predict(b["x"], [None] * len(b["t"]), b["g"])]
-                    assert routed == b["t"], "the gate does not route the batch's tasks"
+                    routed = [o.task for o in e.predict(b["x"], [None] * len(b["t"]), b["g"] if e.has_gate else None)]
+                    assert routed == b["t"], "the router does not route the batch's tasks"
             times = interleaved(configs, batches, args.rounds, f"interleaved rounds ({args.arch})")
         plain_median = statistics.median(times["plain ViT (one model, no routing)"])
         plain_best = min(times["plain ViT (one model, no routing)"])
@@ -255,7 +323,8 @@ def main() -> int:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"lowrank_serve-{args.arch}{'-conv' if args.conv else ''}"
+    tag = "" if routers == ["gate"] else "-" + "-".join(routers)
+    stem = RESULTS / f"lowrank_serve-{args.arch}{'-conv' if args.conv else ''}{tag}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = render(res)
     stem.with_suffix(".md").write_text(md)

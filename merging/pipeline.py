@@ -9,7 +9,7 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
 
 * ``model.json``        the typed :class:`~model_store.schema.BundleSpec`: kind (static | emr | gated |
   lowrank), architecture, preprocessing (and each task's own where it differs), tasks + classes,
-  EMR rescalers, gating plan, low-rank ranks, gate config and accuracy
+  EMR rescalers, gating plan, low-rank ranks, gate (or backbone router) config and accuracy
 * ``heads.safetensors`` every task's classifier, keys ``<task>/<tensor>``
 * static: ``backbone.safetensors``
 * emr: ``base.safetensors`` (theta_0), ``tau_unified.safetensors``,
@@ -17,8 +17,10 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
 * gated: ``backbone.safetensors`` (non-gated tensors), ``experts.safetensors``
   (``(N, ...)`` stacks of the gated tensors)
 * lowrank: ``backbone.safetensors`` (``W_0`` of matrix layers), ``factors.safetensors`` (``B``, ``A``
-  stacks), ``experts.safetensors`` (every task's small tensors)
-* with a gate: ``gate.safetensors``
+  stacks), ``experts.safetensors`` (every task's small tensors); with a backbone router's shared prefix,
+  ``backbone`` also holds ``theta_0``'s embeddings and blocks ``1..k`` (no factors or experts there)
+* with a gate: ``gate.safetensors``; with a backbone router: ``router.safetensors`` (its head and the
+  prefix tensors of ``theta_0`` the bundle does not hold otherwise; :class:`~model_store.schema.BundleRouterSpec`)
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from tqdm.auto import tqdm
 from merging.gating.router import gate_probabilities
 from merging.method_index import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.methods.tsv import LowRankDeltas
-from merging.registry import GateArtifact, MergeContext, MergeResult
+from merging.registry import GateArtifact, MergeContext, MergeResult, RouterArtifact
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
+from model_store.backbone_router import BackboneRouter, RouterHead, ViTPrefix, prefix_keys
 from model_store.bundle import Bundle, BundleDraft, BundleStore
 from model_store.data.attach import calibration_set, test_set
 from model_store.data.sources import ImageSet
@@ -44,6 +47,7 @@ from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
 from model_store.schema import (
     BundleGateSpec,
     BundleKind,
+    BundleRouterSpec,
     BundleSpec,
     BundleTask,
     EMRSpec,
@@ -158,6 +162,7 @@ def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progr
         progress,
         heads=[zoo.head(t) for t in tasks],
         shared_init=shares_init(zoo, tasks),
+        base_preprocessing=zoo.metas[zoo.base].preprocessing if zoo.base else None,
     )
 
 
@@ -200,6 +205,57 @@ def gate_test_accuracy(
     return out
 
 
+@torch.inference_mode()
+def router_test_accuracy(
+    router: RouterArtifact, zoo: Zoo, tasks: Sequence[str], limit: int | None = None
+) -> dict[str, float | None]:
+    """Share of each task's TEST images (the first ``limit``) the backbone router routes to that task
+    (None: the task has no test images); ``theta_0`` is the zoo's base, the input its preprocessing."""
+    base = zoo.metas[zoo.base]
+    model = BackboneRouter(
+        ViTPrefix(base.architecture, router.k, dict(zoo.backbone(zoo.base))), RouterHead.from_state(router.head)
+    )
+    out: dict[str, float | None] = {}
+    for i, task in enumerate(tasks):
+        images = test_set(zoo, task)
+        if images is None:
+            out[task] = None
+            continue
+        routed = [model(chunk).argmax(-1) for chunk in images.tensors(base.preprocessing, limit).split(256)]
+        out[task] = float((torch.cat(routed) == i).float().mean()) if routed else None
+    return out
+
+
+def write_router(
+    draft: BundleDraft,
+    zoo: Zoo,
+    kind: BundleKind,
+    router: RouterArtifact,
+    theta0: Tensors,
+    test_accuracy: dict[str, float | None] | None = None,
+) -> BundleRouterSpec:
+    """Write ``router.safetensors``: the head (``head/<name>``) and ``theta0/<key>`` for each of ``theta_0``'s
+    prefix tensors that ``theta0`` (what the bundle's ``base`` (emr) or ``backbone`` (lowrank) file holds of
+    ``theta_0``) lacks."""
+    base = zoo.backbone(zoo.base)
+    theta0_file = {"emr": "base", "lowrank": "backbone"}.get(kind)
+    held = set(theta0) if theta0_file is not None else set()
+    missing = [k for k in prefix_keys(list(base), router.k) if k not in held]
+    tensors = {f"head/{k}": v for k, v in router.head.items()}
+    tensors |= {f"theta0/{k}": base[k].float() for k in missing}
+    draft.add_tensors("router", tensors)
+    return BundleRouterSpec(
+        k=router.k,
+        variant=router.variant,
+        hidden=router.hidden,
+        theta0_file=theta0_file,
+        holdout_accuracy=router.holdout_accuracy,
+        epochs_run=router.epochs_run,
+        calibration_images=router.calibration_images,
+        test_accuracy=test_accuracy or {},
+    )
+
+
 def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, dict[str, Any]]:
     """Per task: the calibration set a merge read (when it read one) and the test set, with file-list hashes."""
     out: dict[str, dict[str, Any]] = {}
@@ -228,7 +284,8 @@ def bundle_kind(result: MergeResult) -> BundleKind:
 def write_lowrank(draft: BundleDraft, deltas: LowRankDeltas) -> LowRankSpec:
     """Write ``backbone`` (``W_0`` of matrix layers), ``factors`` (stacked ``B``, ``A``), ``experts`` (small ones)."""
     keys = deltas.matrix_keys
-    draft.add_tensors("backbone", {k: deltas.pretrained[k].float().contiguous() for k in keys})
+    shared = {k: v.float().contiguous() for k, v in deltas.shared.items()}  # a shared prefix: theta_0 as it is
+    draft.add_tensors("backbone", {**{k: deltas.pretrained[k].float().contiguous() for k in keys}, **shared})
     factors: dict[str, torch.Tensor] = {}
     for k in keys:
         factors[f"{k}.B"] = torch.stack([task[k][0] for task in deltas.factors])
@@ -258,9 +315,11 @@ def write_bundle(
     base_meta = zoo.metas[zoo.base]
     heads = dict(zip(tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in tasks}
     draft.add_tensors("heads", {f"{t}/{k}": v for t in tasks for k, v in heads[t].items()})
-    emr = gating = gate = lowrank = None
+    emr = gating = gate = lowrank = router = None
+    theta0: Tensors = {}  # what the bundle holds of theta_0 under its own names (a router's prefix reads it)
     if result.emr is not None:
-        draft.add_tensors("base", dict(zoo.backbone(zoo.base)))
+        theta0 = dict(zoo.backbone(zoo.base))
+        draft.add_tensors("base", dict(theta0))
         draft.add_tensors("tau_unified", result.emr.tau_unified)
         draft.add_tensors(
             "masks", {f"{t}/{k}": v for t, packed in zip(tasks, result.emr.packed_masks) for k, v in packed.items()}
@@ -268,6 +327,7 @@ def write_bundle(
         emr = EMRSpec(rescalers=dict(zip(tasks, result.emr.rescalers)))
     if result.lowrank is not None:
         lowrank = write_lowrank(draft, result.lowrank)
+        theta0 = {k: result.lowrank.pretrained[k] for k in result.lowrank.matrix_keys} | result.lowrank.shared
     if result.backbone is not None:
         draft.add_tensors("backbone", result.backbone)
     if result.experts is not None:
@@ -288,6 +348,8 @@ def write_bundle(
             epochs_run=art.epochs_run,
             test_accuracy=gate_accuracy or {},
         )
+    if result.router is not None:
+        router = write_router(draft, zoo, bundle_kind(result), result.router, theta0, gate_accuracy)
     spec = BundleSpec(
         kind=bundle_kind(result),
         architecture=base_meta.architecture,
@@ -305,6 +367,7 @@ def write_bundle(
         lowrank=lowrank,
         gating=gating,
         gate=gate,
+        router=router,
     )
     draft.add_json("model", spec.model_dump(mode="json"))
 
@@ -337,11 +400,11 @@ def merge_and_publish(
         with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
             result = run_merge(spec.name, merge_context(zoo, chosen, bar=tbar, progress=progress), parsed)
     test_images = getattr(parsed, "gate_test_images", None)
-    gate_acc = (
-        gate_test_accuracy(result.gate, zoo, chosen, test_images)
-        if result.gate is not None and test_images != 0
-        else None
-    )
+    gate_acc = None
+    if result.gate is not None and test_images != 0:
+        gate_acc = gate_test_accuracy(result.gate, zoo, chosen, test_images)
+    elif result.router is not None and test_images != 0:
+        gate_acc = router_test_accuracy(result.router, zoo, chosen, test_images)
     data = data_record(zoo, chosen, spec.needs_calibration)
     draft = store.draft()
     extra = {k: v for k, v in result.info.items() if k != "params"}
@@ -354,7 +417,7 @@ def merge_and_publish(
         raise
     zoo_info = {"name": zoo.name, "path": str(zoo.root), "hashes": zoo.file_hashes()}
     if gate_acc is not None:
-        extra["gate_test_accuracy"] = gate_acc
+        extra["gate_test_accuracy" if result.gate is not None else "router_test_accuracy"] = gate_acc
     extra["data"] = data
     version = store.publish(
         draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current

@@ -43,6 +43,7 @@ class MergeContext:
     progress: bool = False
     heads: Sequence[Tensors] | None = None  # task i's classifier (methods that re-order features adapt it)
     shared_init: bool = True  # False: the models share no pretrained base (task vectors are meaningless)
+    base_preprocessing: Preprocessing | None = None  # the base model's (the bundle's) input preprocessing
 
 
 @dataclass
@@ -57,6 +58,19 @@ class GateArtifact:
 
 
 @dataclass
+class RouterArtifact:
+    """A trained backbone router (SPEC section 8): its head's weights, the block it reads, how it did."""
+
+    head: StateDict
+    k: int
+    hidden: int
+    variant: str
+    holdout_accuracy: float
+    epochs_run: int
+    calibration_images: int
+
+
+@dataclass
 class MergeResult:
     """What a merge produces (any combination the method needs).
 
@@ -64,7 +78,7 @@ class MergeResult:
     * ``emr``: EMR's unified task vector + per-task masks and rescalers;
     * ``lowrank``: per-task low-rank factors of every matrix layer + small tensors (TSV-C);
     * ``experts``: ``(N, ...)`` stacks of gated tensors, ``plan`` says which;
-    * ``gate``: the trained gate network;
+    * ``gate``: the trained gate network; ``router``: the trained backbone router (a bundle has one or neither);
     * ``heads``: per task (``ctx.tasks`` order), classifiers adapted to the merged
       features (methods that permute or re-mix features); None: the original heads.
     """
@@ -75,6 +89,7 @@ class MergeResult:
     experts: StateDict | None = None
     plan: GatingPlan | None = None
     gate: GateArtifact | None = None
+    router: RouterArtifact | None = None
     heads: list[StateDict] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 

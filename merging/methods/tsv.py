@@ -70,6 +70,8 @@ class LowRankDeltas:
     rank_fraction: float | None  # TSV-C's f; None: ranks chosen per layer (exact low-rank deltas)
     ranks: dict[str, int] = field(default_factory=dict)
     source: str = "tsv_c"
+    #: ``theta_0``'s tensors every task runs as they are (no delta: a backbone router's shared prefix)
+    shared: StateDict = field(default_factory=dict)
 
     @property
     def matrix_keys(self) -> list[str]:
@@ -81,12 +83,14 @@ class LowRankDeltas:
             k: self.pretrained[k].float() + (b @ a).reshape(self.pretrained[k].shape)
             for k, (b, a) in self.factors[i].items()
         }
-        return {**out, **{k: v.float() for k, v in self.small[i].items()}}
+        return {**out, **{k: v.float() for k, v in self.small[i].items()}, **self.shared}
 
     def stored_numbers(self) -> int:
-        """Numbers stored beyond ``theta_0``'s matrix layers: factors + small tensors of every task."""
+        """Numbers stored beyond ``theta_0``'s compressed matrix layers: factors + small tensors of every task +
+        the shared tensors."""
         factors = sum(b.numel() + a.numel() for task in self.factors for b, a in task.values())
-        return factors + sum(v.numel() for task in self.small for v in task.values())
+        shared = sum(v.numel() for v in self.shared.values())
+        return factors + sum(v.numel() for task in self.small for v in task.values()) + shared
 
 
 Factors = tuple[torch.Tensor, torch.Tensor]

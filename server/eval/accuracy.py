@@ -127,7 +127,7 @@ def evaluate_routed(
     head picks its class. Returns per task ``{"routed": acc, "gate": acc}`` (None:
     the task has no test images; the gate still may route other tasks' images to it).
     """
-    if engine.gate_preprocessing is None:
+    if not engine.has_router:
         raise ValueError(
             f"bundle {engine.version} has no gate; merge with emr_routed or gating_* for routed evaluation"
         )
@@ -138,17 +138,19 @@ def evaluate_routed(
         if images is None:
             continue
         for chunk in images.chunks(limit):
-            x_chunk, g_chunk = engine.prepare(chunk, None)
-            assert g_chunk is not None
+            x_chunk, g_chunk = engine.prepare(chunk, None)  # g_chunk: None with a backbone router
             xs.append(x_chunk)
-            gs.append(g_chunk)
+            if g_chunk is not None:
+                gs.append(g_chunk)
         tasks.append(torch.full((images.count(limit),), i))
         labels.append(images.label_tensor(limit))
     if not xs:
         return dict.fromkeys(engine.tasks)
-    x, g, t, y = torch.cat(xs), torch.cat(gs), torch.cat(tasks), torch.cat(labels)
+    x, t, y = torch.cat(xs), torch.cat(tasks), torch.cat(labels)
+    g = torch.cat(gs) if gs else None
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    pred_task, pred_class = predict_classes(engine, x[order], [None] * len(order), g[order], batch_size)
+    g = g[order] if g is not None else None
+    pred_task, pred_class = predict_classes(engine, x[order], [None] * len(order), g, batch_size)
     t, y = t[order], y[order]
     result: dict[str, dict[str, float] | None] = {}
     for i, task in enumerate(engine.tasks):

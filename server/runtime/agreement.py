@@ -62,7 +62,7 @@ def task_agreement(
         agree_given += int((given.argmax(-1) == ref.argmax(-1)).sum())
         kl_given += float(_kl(ref, given).sum())
         n += len(ref)
-        if engine.has_gate:
+        if engine.has_router:
             x, gate = engine.prepare(chunk, None)
             outs = engine.predict(x, [None] * len(ref), gate)
             here = [j for j, o in enumerate(outs) if o.task == i]
@@ -77,7 +77,7 @@ def task_agreement(
         images=n,
         top1_given=agree_given / n if n else None,
         kl_given=max(kl_given / n, 0.0) if n else None,
-        top1_routed=agree_routed / n if n and engine.has_gate else None,
+        top1_routed=agree_routed / n if n and engine.has_router else None,
         kl_routed=max(kl_routed / routed_here, 0.0) if routed_here else None,
     )
 
