@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from merging.gating.backbone_router import shared_prefix_deltas
 from merging.methods.emr import emr_merge
-from merging.methods.tsv import tsv_compress
+from merging.methods.tsv import LowRankDeltas, tsv_compress
 from merging.pipeline import write_lowrank
 from model_store.architecture import build_gate, build_model, gate_state
 from model_store.backbone_router import RouterHead, ViTPrefix, pool_tokens, prefix_keys
@@ -132,9 +132,10 @@ def publish(
     gate_size: int = 64,
     router: BundleRouterSpec | None = None,
     router_head: dict | None = None,
+    deltas: LowRankDeltas | None = None,
 ) -> str:
-    """A lowrank (TSV-C at ``f``, the patch conv compressed too with ``conv``) or EMR bundle with a gate, or
-    (lowrank) with the backbone ``router`` whose head is ``router_head``."""
+    """A lowrank (TSV-C at ``f``, the patch conv compressed too with ``conv``; ``deltas``: those, already made) or
+    EMR bundle with a gate, or (lowrank) with the backbone ``router`` whose head is ``router_head``."""
     tasks = [f"task{i}" for i in range(len(tuned))]
     draft = store.draft()
     draft.add_tensors("heads", {f"{t}/{k}": v for t, h in zip(tasks, heads) for k, v in h.items()})
@@ -142,7 +143,7 @@ def publish(
         draft.add_tensors("gate", gate)
     if kind == "lowrank":
         assert f is not None
-        deltas = tsv_compress(base, tuned, f, conv=conv)
+        deltas = deltas if deltas is not None else tsv_compress(base, tuned, f, conv=conv)
         if router is not None:
             assert router_head is not None
             if router.variant == "shared_prefix":
@@ -254,6 +255,7 @@ def main() -> int:
         batches = mixed_batches(args.tasks, size, gate_pool, args.batch, args.batches, args.seed)
         head = synthetic_router(arch, base, args.router_k, args.router_hidden, batches, args.tasks, args.seed)
         for f in tqdm(fractions, desc="merge TSV-C bundles", unit="bundle"):
+            deltas = tsv_compress(base, tuned, f, conv=args.conv)  # one SVD pass per f, every router's bundle
             for r in routers:
                 spec = None
                 if r != "gate":
@@ -262,7 +264,20 @@ def main() -> int:
                         k=args.router_k, variant=variant, hidden=args.router_hidden, theta0_file="backbone"
                     )
                 version = publish(
-                    store, "lowrank", arch, size, base, tuned, heads, f, gate, args.conv, args.gate_size, spec, head
+                    store,
+                    "lowrank",
+                    arch,
+                    size,
+                    base,
+                    tuned,
+                    heads,
+                    f,
+                    gate,
+                    args.conv,
+                    args.gate_size,
+                    spec,
+                    head,
+                    deltas,
                 )
                 label = "" if r == "gate" else f" + backbone router k={args.router_k} {spec.variant}"  # type: ignore[union-attr]
                 engines[f"TSV-C f={f:g}{conv}{label}"] = Engine(store.load(version), device)
