@@ -13,6 +13,9 @@ With ``--litserve``, a side-by-side table: the same zoo's N task models served b
 vitmerge, task given, the same base64-JSON request to both, same machine, same run.
 
 Writes benchmarks/results/http_stack.{md,json}.
+
+Feeds BENCHMARKS.md, section
+"HTTP stack: asyncio + h11 vs uvloop + httptools, orjson, and LitServe side by side (issue 19)".
 """
 
 from __future__ import annotations
@@ -22,9 +25,7 @@ import base64
 import json
 import os
 import platform
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,35 +36,11 @@ import httpx
 from PIL import Image
 
 from model_store.data.builtin import load_split
-from server.http.readiness import wait_until_ready
+from server.http.live import ServeProcess, build_demo_store, free_port, hey
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 STACKS = {"asyncio + h11": ("asyncio", "h11"), "uvloop + httptools": ("uvloop", "httptools")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``vitmerge serve`` with one HTTP stack, on a free port."""
-
-    def __init__(self, store: Path, loop: str, parser: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "VITMERGE_HTTP_LOOP": loop, "VITMERGE_HTTP_PARSER": parser}
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(self.port)]
-        cmd += ["--device", "cpu", "--watch-interval", "0", "--quiet"]
-        self.log = store / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        wait_until_ready(self.url, 600, self.proc, self.log.read_text)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 class LitServeZoo:
@@ -89,29 +66,6 @@ class LitServeZoo:
         self.proc.wait(30)
 
 
-def hey(url: str, body: Path, n: int, c: int, media: str = "image/png", headers: list[str] | None = None) -> dict:
-    """Run ``hey`` and parse req/s, p50, p99 and the status codes (``headers``: extra ``"Name: value"``)."""
-    extra = [a for h in headers or [] for a in ("-H", h)]
-    out = subprocess.run(
-        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", media, *extra, "-D", str(body), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    pct = {int(p): 1000 * float(s) for p, s in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
-    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
-    return {"rps": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes}
-
-
-def build_demo_store(store: Path) -> None:
-    """The demo zoo (shipped in the package) merged with routed EMR, a short gate training, into ``store``."""
-    cli = [sys.executable, "-m", "server.cli"]
-    subprocess.run([*cli, "zoo", "build", "--preset", "tiny", "--store", str(store), "--quiet"], cwd=REPO, check=True)
-    merge = [*cli, "merge", "--store", str(store), "--zoo", "tiny"]
-    subprocess.run([*merge, "--method", "emr_routed", "--param", "gate_epochs=3", "--quiet"], cwd=REPO, check=True)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=1500)
@@ -130,7 +84,7 @@ def main() -> int:
             build_demo_store(store)
         png = Path(tmp) / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
-        servers = {name: Server(store, *stack) for name, stack in STACKS.items()}
+        servers = {name: ServeProcess(store, *stack) for name, stack in STACKS.items()}
         rows: list[dict] = []
         side: list[dict] = []
         try:
@@ -161,7 +115,9 @@ def main() -> int:
     return 0
 
 
-def litserve_rows(args: argparse.Namespace, vitmerge: Server, store: Path, tmp: Path, levels: list[int]) -> list[dict]:
+def litserve_rows(
+    args: argparse.Namespace, vitmerge: ServeProcess, store: Path, tmp: Path, levels: list[int]
+) -> list[dict]:
     """Task given, one base64 image per JSON request: vitmerge (routed-EMR bundle) vs LitServe (N models)."""
     img = base64.b64encode((tmp / "digit.png").read_bytes()).decode()
     (tmp / "vitmerge.json").write_text(json.dumps({"images": [img], "task": "digits"}))

@@ -8,6 +8,10 @@ Run with a Python that has ``litserve`` (it pins its own uvicorn, so it lives in
 ``POST /predict`` with ``{"image": "<base64 PNG>", "task": "<name>"}`` (the task must be given: there is
 no gate) answers ``{"task", "class", "probability"}``. A batch runs each task's own model once on that
 task's images (the N models stay resident).
+
+Feeds BENCHMARKS.md, section
+"HTTP stack: asyncio + h11 vs uvloop + httptools, orjson, and LitServe side by side (issue 19)"
+(run by ``http_stack.py --litserve``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ fresh server starts on the same store (it only loads ``CURRENT``) and its RSS is
 Writes ``benchmarks/results/merge_rss.{json,md}``.
 
     .venv/bin/python benchmarks/merge_rss.py [--zoo tiny] [--merges 2]
+
+Feeds BENCHMARKS.md, section "Server memory after merges (merges in a child process)".
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ and 16; the forms alternate per (mode, concurrency) cell, 1/10 of the requests a
     .venv/bin/python benchmarks/protocols.py [--requests 1000] [--concurrency 1,4,16] [--store DIR]
 
 Writes benchmarks/results/protocols.{md,json}.
+
+Feeds BENCHMARKS.md, section "Request formats: /v1 vs the Open Inference Protocol (/v2) (issue 20)".
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from http_stack import RESULTS, Server, build_demo_store, hey
 from PIL import Image
 
 from model_store.data.builtin import load_split
+from server.http.live import ServeProcess, build_demo_store, hey
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def bodies(png: bytes, task: str | None, tmp: Path) -> dict[str, tuple[str, Path, str, list[str]]]:
@@ -90,7 +94,7 @@ def main() -> int:
         png_path = tmp / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png_path)
         png = png_path.read_bytes()
-        server = Server(store, "asyncio", "h11")
+        server = ServeProcess(store, "asyncio", "h11")
         try:
             for mode, task in (("task given", "digits"), ("routed", None)):
                 forms = bodies(png, task, tmp)

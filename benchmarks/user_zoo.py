@@ -16,6 +16,8 @@ server merges with ``VITMERGE_DEFAULT_METHOD=M`` instead of its default and the 
 ``user_zoo-M.{json,md}``.
 
     .venv/bin/python benchmarks/user_zoo.py [--method tsv_routed] [--score 200]
+
+Feeds BENCHMARKS.md, section "Your own models and data: zoo create -> served routed model (issue 14)".
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def export_user_world() -> Path:
             "model_name": arch.timm_name,
             "model_kwargs": arch.kwargs,
             "path": "ckpt/base.safetensors",
-            "preprocessing": zoo.metas[zoo.base].preprocessing.model_dump(exclude={"size", "channels"}),
+            "preprocessing": zoo.metas[zoo.base].preprocessing.model_dump(exclude={"size", "channels", "source"}),
         },
         "tasks": tasks,
     }

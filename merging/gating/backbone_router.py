@@ -200,7 +200,7 @@ def route_result(ctx: MergeContext, p: RouterParams, result: MergeResult) -> Mer
                 "use router_variant='rerun' with this method"
             )
         result.lowrank = shared_prefix_deltas(result.lowrank, p.router_k)
-        result.info["shared_prefix_blocks"] = p.router_k
+        result.info.shared_prefix_blocks = p.router_k
     result.router = train_backbone_router(
         ctx, p.router_k, p.router_hidden, p.router_variant, p.gate_max_images, p.router_epochs, p.router_lr, p.gate_seed
     )

@@ -9,10 +9,11 @@ from merging.gating.backbone_router import RouterParams, route_result
 from merging.gating.plan import expert_stacks, gating_plan
 from merging.methods.averaging import weight_average
 from merging.methods.emr import emr_merge
-from merging.methods.regmean import collect_grams, regmean
-from merging.methods.shared_base_methods import LoRAParams, TSVCParams, lora_result, tsv_c_result
+from merging.methods.regmean import regmean
+from merging.methods.shared_base_methods import LoRAParams, TSVCParams, lora_result, task_grams, tsv_c_result
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
+from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
 
@@ -35,18 +36,17 @@ class GatingRegMeanParams(GatingAvgParams):
 )
 def _emr_routed(ctx: MergeContext, p: RouterParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
-    return route_result(ctx, p, MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))}))
+    info = MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers)))
+    return route_result(ctx, p, MergeResult(emr=merged, info=info))
 
 
 def _gated(ctx: MergeContext, p: GatingAvgParams, static: StateDict) -> MergeResult:
     plan = gating_plan(ctx.finetuned, p.m)
     experts = expert_stacks(ctx.finetuned, plan.gated_keys)
     backbone = {k: v for k, v in static.items() if k not in experts}
-    info = {
-        "gated_attn_blocks": list(plan.attn_blocks),
-        "gated_mlp_blocks": list(plan.mlp_blocks),
-        "similarity": plan.similarity,
-    }
+    info = MergeInfo(
+        gated_attn_blocks=list(plan.attn_blocks), gated_mlp_blocks=list(plan.mlp_blocks), similarity=plan.similarity
+    )
     return route_result(ctx, p, MergeResult(backbone=backbone, experts=experts, plan=plan, info=info))
 
 
@@ -69,12 +69,7 @@ def _gating_avg(ctx: MergeContext, p: GatingAvgParams) -> MergeResult:
     needs_shared_base=True,
 )
 def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
-    assert ctx.build_model and ctx.calibration
-    grams = [
-        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
-        for i, m in enumerate(ctx.finetuned)
-    ]
-    return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+    return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha))
 
 
 class TSVRoutedParams(RouterParams, TSVCParams):

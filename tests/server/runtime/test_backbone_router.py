@@ -33,7 +33,7 @@ from model_store.data.preprocessing import to_model_input
 from model_store.schema import BundleSpec
 from model_store.settings import StoreLayout
 from server.runtime.bundle_reader import BundleReader
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.gated_vit import GatedViT
 from server.runtime.strategies import LowRankStrategy
 
@@ -130,7 +130,7 @@ def test_p_is_the_base_prefix_pooled_and_the_head_per_image_whatever_the_batch(
     torch.testing.assert_close(alone.task_probabilities, want[0], atol=1e-5, rtol=1e-4)
     spec = engine.models.router_spec
     assert spec.k == 1 and set(spec.test_accuracy) == set(zoo.tasks)
-    assert engine.models.bundle.manifest.extra["router_test_accuracy"] == spec.test_accuracy
+    assert engine.models.bundle.manifest.extra.router_test_accuracy == spec.test_accuracy
 
 
 def _plain_lowrank(reader: BundleReader, task: int) -> torch.nn.Module:
@@ -152,7 +152,7 @@ def test_rerun_serves_a_routed_image_exactly_its_routed_task_model(test_zoo_repo
     """rerun: blocks 1..k run again with the task's weights -- the routed task's own model (for a gated bundle:
     the gated model mixing with the router's p, as with a gate)."""
     store, versions = router_store
-    engine = Engine(store.load(versions[name]), device, cache_bytes=2**30)
+    engine = Engine(store.load(versions[name]), EngineOptions(device, cache_bytes=2**30))
     reader = engine.models
     assert reader.router_spec.variant == "rerun"
     x, truth = _batch(test_zoo_report.zoo)
@@ -326,14 +326,14 @@ def test_the_routed_pass_makes_no_host_sync_inside_its_layer_loops(router_store,
     makes no host sync. shared_prefix: the pass syncs once between block k and block k+1 (the routed task
     groups' sizes); none in the prefix, none from block k+1 to the final norm."""
     store, versions = router_store
-    rerun = Engine(store.load(versions["tsv_rerun"]), device, cuda_graphs=False)
+    rerun = Engine(store.load(versions["tsv_rerun"]), EngineOptions(device, cuda_graphs=False))
     vit = rerun.kind_strategy.gated.vit  # type: ignore[attr-defined]
     n, prep = len(rerun.tasks), rerun.preprocessing
     x = torch.randn(8, prep.channels, prep.size, prep.size, device=device)
     with _syncs_between(vit.patch_embed, vit.norm) as seen:
         outs = rerun.predict(x, [None] * 8)
     assert seen == [] and len({o.task for o in outs}) >= 1
-    shared = Engine(store.load(versions["tsv_shared"]), device, cuda_graphs=False)
+    shared = Engine(store.load(versions["tsv_shared"]), EngineOptions(device, cuda_graphs=False))
     vit = shared.kind_strategy.gated.vit  # type: ignore[attr-defined]
     given = [i % n if i % 2 else None for i in range(8)]
     with _syncs_between(vit.patch_embed, vit.blocks[0]) as prefix, _syncs_between(vit.blocks[1], vit.norm) as rest:
