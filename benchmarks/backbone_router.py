@@ -9,9 +9,16 @@ also trains the merge's default CNN gate (EfficientNet-Lite0, ImageNet init) at 
 calibration images, for a same-run comparison.
 
     .venv/bin/python benchmarks/backbone_router.py --zoo dinov2-s14 [--ks 1,2,3] [--hidden 0,256]
-        [--images 1000] [--gate-size 96] [--store DIR]
+        [--images 1000] [--gate-size 96] [--store DIR] [--merge-f 0.045 --merge-k 3 --merge-hidden 256]
 
-Writes benchmarks/results/backbone_router-<zoo>.{json,md}.
+``--merge-f`` also merges ``tsv_routed`` (rank fraction f, patch conv compressed) with the backbone router at
+``--merge-k`` / ``--merge-hidden`` in both variants (``rerun``, ``shared_prefix``) into a temporary store and
+serves every test image through the Engine, task given and routed on shuffled mixed batches, normalised by
+the individual models on the same images (what ``shared_prefix`` costs in accuracy).
+
+Writes benchmarks/results/backbone_router-<zoo>[-served].{json,md} (``-served`` with ``--merge-f``).
+
+Feeds BENCHMARKS.md, section "Backbone router (issue 36)".
 """
 
 from __future__ import annotations
@@ -56,6 +63,9 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=1000, help="calibration images per task (the merge default)")
     ap.add_argument("--gate-size", type=int, default=0, help="also train the CNN gate at this size (0: not)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge-f", type=float, default=0.0, help="also merge and serve tsv_routed at this f (0: not)")
+    ap.add_argument("--merge-k", type=int, default=3)
+    ap.add_argument("--merge-hidden", type=int, default=256)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     zoo = Zoo.load(StoreLayout(Path(args.store)).zoos / args.zoo)
@@ -109,7 +119,9 @@ def main() -> int:
                 "test": total,
             }
         )
+    served = served_accuracy(zoo, args) if args.merge_f else []
     res = {
+        "served": served,
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "zoo": args.zoo,
@@ -120,12 +132,65 @@ def main() -> int:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"backbone_router-{args.zoo}"
+    stem = RESULTS / f"backbone_router-{args.zoo}{'-served' if args.merge_f else ''}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = render(res)
     stem.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def _normalised(acc: dict, ref: dict) -> float:
+    """Mean over tasks of accuracy / the individual model's accuracy."""
+    pairs = [t for t in ref if ref[t] and acc.get(t) is not None]
+    return sum(acc[t] / ref[t] for t in pairs) / len(pairs)
+
+
+def served_accuracy(zoo: Zoo, args: argparse.Namespace) -> list[dict]:
+    """``tsv_routed`` with the backbone router, both variants, served on every test image (task given and
+    routed), normalised by the individual models."""
+    import tempfile
+
+    from merging.pipeline import merge_and_publish
+    from model_store.bundle import BundleStore
+    from server.eval.taskpool import TaskPool
+    from server.runtime.engine import Engine
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = BundleStore(StoreLayout(Path(tmp)), keep=4)
+        ref: dict | None = None
+        for variant in ("rerun", "shared_prefix"):
+            params = {
+                "f": args.merge_f,
+                "conv": True,
+                "router": "backbone",
+                "router_k": args.merge_k,
+                "router_hidden": args.merge_hidden,
+                "router_variant": variant,
+                "gate_max_images": args.images,
+                "gate_test_images": 0,
+                "gate_seed": args.seed,
+            }
+            outcome = merge_and_publish(zoo, store, "tsv_routed", params, progress=False)
+            engine = Engine(store.load(outcome.version), "cpu")
+            pool = TaskPool.of_bundle(engine.models)
+            if ref is None:
+                ref = pool.reference_accuracy(pool.reference(zoo))
+            given = pool.given_accuracy(pool.given(engine))
+            routed = pool.routed_accuracy(pool.routed(engine, 64, args.seed))
+            rows.append(
+                {
+                    "bundle": f"tsv_routed f={args.merge_f:g} conv, backbone k={args.merge_k} "
+                    f"hidden {args.merge_hidden} {variant}",
+                    "given": _normalised(given, ref),
+                    "routed": _normalised({t: r["routed"] for t, r in routed.items() if r is not None}, ref),
+                    "routing": {t: r["gate"] for t, r in routed.items() if r is not None},
+                    "merge_s": outcome.merge_seconds,
+                }
+            )
+            print(rows[-1], flush=True)
+    return rows
 
 
 def render(res: dict) -> str:
@@ -146,6 +211,21 @@ def render(res: dict) -> str:
             f"| {r['router']} | {r['params']:,} | {100 * r['holdout']:.2f} | {r['epochs']} | {r['train_s']:.1f} | "
             f"{cells} | **{100 * r['test']:.2f}** |"
         )
+    if res.get("served"):
+        lines += [
+            "",
+            "Served through the Engine on every test image (normalised accuracy: mean over tasks of accuracy / the "
+            "individual model's on the same images; routed on shuffled mixed batches of 64):",
+            "",
+            "| bundle | task given (norm.) | routed (norm.) | routing accuracy (mean over tasks) | merge s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in res["served"]:
+            routing = sum(r["routing"].values()) / len(r["routing"])
+            lines.append(
+                f"| {r['bundle']} | {100 * r['given']:.2f} | **{100 * r['routed']:.2f}** | {100 * routing:.2f} "
+                f"| {r['merge_s']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -10,14 +10,14 @@ on one machine. EMR runs twice: with a weight cache holding every task's materia
 fastest setting, N + 1 models of memory) and with the server's default cache (512 MiB).
 
 ``--routers`` picks how the TSV-C bundles route (each its own bundle and rows): ``gate`` (the CNN gate),
-``rerun`` and ``shared`` (the backbone router at block ``--router-k``, SPEC section 8: blocks 1..k run again per
+``rerun`` and ``shared`` (the backbone router at each block of ``--router-k``, SPEC section 8: blocks 1..k run again per
 task group, or the bundle drops the deltas of the embeddings and blocks 1..k and the prefix is shared). The
 synthetic backbone router's head is fitted (least squares) to route each benchmark image to its task, as the
 synthetic gate is centred to; every routed row is checked to run the task-given rows' task mix. ``--no-emr``
 leaves out the EMR rows.
 
     .venv/bin/python benchmarks/lowrank_serve.py [--arch vit_s14|vit_b16] [--tasks 5] [--batch 32]
-        [--fractions 0.05,0.1,0.2] [--conv] [--gate-size 64] [--routers gate,rerun,shared] [--router-k 1]
+        [--fractions 0.05,0.1,0.2] [--conv] [--gate-size 64] [--routers gate,rerun,shared] [--router-k 1,3]
         [--router-hidden 0] [--no-emr] [--passes 1] [--rounds 10] [--batches 2] [--device cpu] [--malloc glibc|tuned]
 
 ``--malloc glibc`` (the default, as ``vitmerge serve`` runs by default) keeps glibc's defaults;
@@ -28,9 +28,9 @@ to every configuration of the run alike -- this run's EMR cache churn then grew 
 Writes benchmarks/results/lowrank_serve-<arch>[-conv][-<routers>].{md,json,png} (the routers in the name when
 they are not just ``gate``).
 
-Feeds BENCHMARKS.md, sections
-"Low-rank task deltas: TSV-C, TSV-M, TSV routed, one-pass serving (issue 21)" (throughput and memory) and
-"Backbone router (issue 36)" (``--routers``).
+Feeds BENCHMARKS.md, section
+"Low-rank task deltas: TSV-C, TSV-M, TSV routed, one-pass serving (issue 21)" (throughput and memory); the
+``--routers`` rows also feed the section "Backbone router (issue 36)".
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument("--conv", action="store_true", help="TSV-C compresses the patch-embedding conv too")
     ap.add_argument("--gate-size", type=int, default=64, help="the gate's input size (px)")
     ap.add_argument("--routers", default="gate", help="TSV-C bundles' routers: gate, rerun, shared (comma list)")
-    ap.add_argument("--router-k", type=int, default=1, help="the backbone router's block")
+    ap.add_argument("--router-k", default="1", help="the backbone router's block (comma list: a bundle each)")
     ap.add_argument("--router-hidden", type=int, default=0, help="the backbone router head's hidden width")
     ap.add_argument("--no-emr", action="store_true", help="leave out the EMR rows")
     ap.add_argument("--passes", type=int, default=1, help="also time the plain ViT split into this many passes")
@@ -133,28 +133,30 @@ def main() -> int:
         conv = " conv" if args.conv else ""
         gate, gate_pool = synthetic_gate(args.tasks, args.gate_size, args.seed)
         batches = mixed_batches(args.tasks, size, gate_pool, args.batch, args.batches, args.seed)
-        head = synthetic_router(
-            arch,
-            base,
-            args.router_k,
-            args.router_hidden,
-            torch.cat([b["x"] for b in batches]),
-            [t for b in batches for t in b["t"]],
-            args.seed,
-        )
+        ks = [int(k) for k in args.router_k.split(",") if k]
+        images, owners = torch.cat([b["x"] for b in batches]), [t for b in batches for t in b["t"]]
+        heads_k = {k: synthetic_router(arch, base, k, args.router_hidden, images, owners, args.seed) for k in ks}
         for f in tqdm(fractions, desc="merge TSV-C bundles", unit="bundle"):
             deltas = tsv_compress(base, zoo[1], f, conv=args.conv)  # one SVD pass per f, every router's bundle
-            for r in routers:
-                spec = None
-                label = ""
+            for r, k in [("gate", 0)] * ("gate" in routers) + [(r, k) for r in routers if r != "gate" for k in ks]:
+                spec, label = None, ""
                 if r != "gate":
                     variant = "rerun" if r == "rerun" else "shared_prefix"
-                    spec = BundleRouterSpec(
-                        k=args.router_k, variant=variant, hidden=args.router_hidden, theta0_file="backbone"
-                    )
-                    label = f" + backbone router k={args.router_k} {variant}"
+                    spec = BundleRouterSpec(k=k, variant=variant, hidden=args.router_hidden, theta0_file="backbone")
+                    label = f" + backbone router k={k} {variant}"
                 version = publish_synthetic(
-                    store, "synthetic-tsv_c", arch, size, zoo, gate, f, args.conv, args.gate_size, spec, head, deltas
+                    store,
+                    "synthetic-tsv_c",
+                    arch,
+                    size,
+                    zoo,
+                    gate,
+                    f,
+                    args.conv,
+                    args.gate_size,
+                    spec,
+                    heads_k.get(k),
+                    deltas,
                 )
                 engines[f"TSV-C f={f:g}{conv}{label}"] = Engine(store.load(version), device)
         if not args.no_emr:

@@ -119,16 +119,7 @@ def publish_synthetic(
         draft.add_tensors("gate", gate)
     elif f is None or router_head is None:
         raise ValueError("a synthetic backbone router needs a low-rank bundle (f) and its head")
-    spec = BundleSpec(
-        kind="emr" if f is None else "lowrank",
-        architecture=arch,
-        preprocessing=rgb,
-        tasks=[BundleTask(name=t, class_names=[str(c) for c in range(CLASSES)]) for t in tasks],
-        gate=None
-        if router is not None
-        else BundleGateSpec(arch="efficientnet_lite0", preprocessing=rgb.model_copy(update={"size": gate_size})),
-        router=router,
-    )
+    fields: dict[str, Any] = {}
     if f is not None:
         deltas = deltas if deltas is not None else tsv_compress(base, tuned, f, conv=conv)
         if router is not None:
@@ -137,13 +128,23 @@ def publish_synthetic(
             held = set(deltas.ranks) | set(deltas.shared)  # theta_0 in backbone.safetensors
             own = {f"theta0/{k}": base[k] for k in prefix_keys(list(base), router.k) if k not in held}
             draft.add_tensors("router", {**cast(StateDict, router_head), **own})
-        spec.lowrank = write_lowrank(draft, deltas)
+        fields["lowrank"] = write_lowrank(draft, deltas)
     else:
         merged = emr_merge(base, tuned)
         draft.add_tensors("base", base)
         draft.add_tensors("tau_unified", merged.tau_unified)
         masks = {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()}
         draft.add_tensors("masks", masks)
-        spec.emr = EMRSpec(rescalers=dict(zip(tasks, merged.rescalers)))
-    draft.add_json("model", BundleSpec.model_validate(spec.model_dump()).model_dump(mode="json"))
+        fields["emr"] = EMRSpec(rescalers=dict(zip(tasks, merged.rescalers)))
+    gate_spec = BundleGateSpec(arch="efficientnet_lite0", preprocessing=rgb.model_copy(update={"size": gate_size}))
+    spec = BundleSpec(  # validated with its kind's fields (a lowrank bundle's ranks, an EMR bundle's rescalers)
+        kind="emr" if f is None else "lowrank",
+        architecture=arch,
+        preprocessing=rgb,
+        tasks=[BundleTask(name=t, class_names=[str(c) for c in range(CLASSES)]) for t in tasks],
+        gate=gate_spec if router is None else None,
+        router=router,
+        **fields,
+    )
+    draft.add_json("model", spec.model_dump(mode="json"))
     return store.publish(draft, method, tasks=tasks)

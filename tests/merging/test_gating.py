@@ -168,7 +168,7 @@ def test_backbone_router_head_trains_on_standardised_features_and_folds_them_in(
     scale = torch.logspace(-3, 3, 12)  # per-dimension scales over six orders of magnitude
     centres = torch.randn(3, 12, generator=g) * 3
     feats = [(centres[t] + torch.randn(40, 12, generator=g)) * scale for t in range(3)]
-    cfg = HeadConfig(hidden=hidden, epochs=60, seed=1)
+    cfg = HeadConfig(hidden=hidden, epochs=60, batch_size=16, seed=1)
     trained = train_head(feats, cfg)
     assert trained.holdout_accuracy == 1.0 and trained.epochs_run <= 60
     acc = [float((trained.head(f).argmax(1) == t).float().mean()) for t, f in enumerate(feats)]

@@ -40,12 +40,19 @@ from server.runtime.strategies import LowRankStrategy
 #: the engine's devices under test: CUDA joins where one is present (a lent GPU machine), never in CI
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 #: a router that trains in a second on the `test` zoo, scored on 50 test images per task
-ROUTER = {"router": "backbone", "router_k": 1, "gate_max_images": 200, "gate_test_images": 50, "router_epochs": 30}
+ROUTER = {
+    "router": "backbone",
+    "router_k": 1,
+    "router_hidden": 0,
+    "gate_max_images": 200,
+    "gate_test_images": 50,
+    "router_epochs": 30,
+}
 METHODS = {
     "tsv_rerun": ("tsv_routed", {"f": 0.25, **ROUTER}),
     "tsv_shared": (
         "tsv_routed",
-        {"f": 0.25, "conv": True, "router_variant": "shared_prefix", "router_hidden": 16, **ROUTER},
+        {**ROUTER, "f": 0.25, "conv": True, "router_variant": "shared_prefix", "router_hidden": 16},
     ),
     "emr": ("emr_routed", ROUTER),
     "gating_avg": ("gating_avg", {"m": 1, **ROUTER}),
