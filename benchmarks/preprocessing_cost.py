@@ -9,7 +9,7 @@ tree, in-process, on a demo-zoo request image (28 px gray PNG) and a 512 x 384 p
     .venv/bin/python benchmarks/preprocessing_cost.py [--baseline 458d993] [--requests 2000]
         [--concurrency 16] [--rounds 3] [--store DIR]
 
-Feeds BENCHMARKS.md, "Preprocessing as the checkpoint's library does it". Writes
+Feeds BENCHMARKS.md, section "What it costs per request". Writes
 benchmarks/results/preprocessing_cost.{md,json}. Every server it starts is stopped (its whole
 process group) on success, failure and Ctrl-C.
 """

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from server.http.codec import configure_pillow
 from server.http.errors import APIError, install_error_handlers
 from server.http.middleware import ServingMiddleware
+from server.http.openapi import served_openapi
 from server.http.routes import admin, inference, models, ops, pages, v2
 from server.http.settings import ServerSettings
 from server.http.state import ServerState
@@ -48,6 +49,7 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
         redoc_url=None,
     )
     app.state.vitmerge = state
+    app.openapi = served_openapi(app, state)  # type: ignore[method-assign]  # the served bundle's tasks, versions
     install_error_handlers(app)
     app.add_middleware(ServingMiddleware, state=state)
     for group in (ops, models, inference, admin, v2, pages):
