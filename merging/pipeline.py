@@ -9,7 +9,7 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
 
 * ``model.json``        the typed :class:`~model_store.schema.BundleSpec`: kind (static | emr | gated |
   lowrank), architecture, preprocessing (and each task's own where it differs), tasks + classes,
-  EMR rescalers, gating plan, low-rank ranks, gate config and accuracy
+  EMR rescalers, gating plan, low-rank ranks, gate (or backbone router) config and accuracy
 * ``heads.safetensors`` every task's classifier, keys ``<task>/<tensor>``
 * static: ``backbone.safetensors``
 * emr: ``base.safetensors`` (theta_0), ``tau_unified.safetensors``,
@@ -18,8 +18,10 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
   (``(N, ...)`` stacks of the gated tensors)
 * lowrank: ``backbone.safetensors`` (``W_0`` of matrix layers), ``factors.safetensors`` (``B``, ``A``
   stacks; quantized: their codes and ``.scale`` stacks, ``model.json``'s ``bundle_format`` 3),
-  ``experts.safetensors`` (every task's small tensors)
-* with a gate: ``gate.safetensors``
+  ``experts.safetensors`` (every task's small tensors); with a backbone router's shared prefix,
+  ``backbone`` also holds ``theta_0``'s embeddings and blocks ``1..k`` (no factors or experts there)
+* with a gate: ``gate.safetensors``; with a backbone router: ``router.safetensors`` (its head and the
+  prefix tensors of ``theta_0`` the bundle does not hold otherwise; :class:`~model_store.schema.BundleRouterSpec`)
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ from tqdm.auto import tqdm
 from merging.gating.router import gate_probabilities
 from merging.method_index import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.methods.tsv import LowRankDeltas
-from merging.registry import GateArtifact, MergeCache, MergeContext, MergeResult, Params
+from merging.registry import GateArtifact, MergeCache, MergeContext, MergeResult, Params, RouterArtifact
 from merging.selection import SelectionError, choose, rank, selection_grid
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
+from model_store.backbone_router import BackboneRouter, RouterHead, ViTPrefix, prefix_keys
 from model_store.bundle import Bundle, BundleDraft, BundleStore
 from model_store.data.attach import calibration_set, held_out_set, test_set
 from model_store.data.sources import Holdout, ImageSet
@@ -51,6 +54,7 @@ from model_store.schema import (
     QUANTIZED_BUNDLE_FORMAT,
     BundleGateSpec,
     BundleKind,
+    BundleRouterSpec,
     BundleSpec,
     BundleTask,
     CandidateRecord,
@@ -187,6 +191,7 @@ def merge_context(
         heads=[zoo.head(t) for t in tasks],
         shared_init=shares_init(zoo, tasks),
         cache=cache,
+        base_preprocessing=zoo.metas[zoo.base].preprocessing if zoo.base else None,
     )
 
 
@@ -229,6 +234,57 @@ def gate_test_accuracy(
     return out
 
 
+@torch.inference_mode()
+def router_test_accuracy(
+    router: RouterArtifact, zoo: Zoo, tasks: Sequence[str], limit: int | None = None
+) -> dict[str, float | None]:
+    """Share of each task's TEST images (the first ``limit``) the backbone router routes to that task
+    (None: the task has no test images); ``theta_0`` is the zoo's base, the input its preprocessing."""
+    base = zoo.metas[zoo.base]
+    model = BackboneRouter(
+        ViTPrefix(base.architecture, router.k, dict(zoo.backbone(zoo.base))), RouterHead.from_state(router.head)
+    )
+    out: dict[str, float | None] = {}
+    for i, task in enumerate(tasks):
+        images = test_set(zoo, task)
+        if images is None:
+            out[task] = None
+            continue
+        routed = [model(chunk).argmax(-1) for chunk in images.tensors(base.preprocessing, limit).split(256)]
+        out[task] = float((torch.cat(routed) == i).float().mean()) if routed else None
+    return out
+
+
+def write_router(
+    draft: BundleDraft,
+    zoo: Zoo,
+    kind: BundleKind,
+    router: RouterArtifact,
+    theta0: Tensors,
+    test_accuracy: dict[str, float | None] | None = None,
+) -> BundleRouterSpec:
+    """Write ``router.safetensors``: the head (``head/<name>``) and ``theta0/<key>`` for each of ``theta_0``'s
+    prefix tensors that ``theta0`` (what the bundle's ``base`` (emr) or ``backbone`` (lowrank) file holds of
+    ``theta_0``) lacks."""
+    base = zoo.backbone(zoo.base)
+    theta0_file = {"emr": "base", "lowrank": "backbone"}.get(kind)
+    held = set(theta0) if theta0_file is not None else set()
+    missing = [k for k in prefix_keys(list(base), router.k) if k not in held]
+    tensors = {f"head/{k}": v for k, v in router.head.items()}
+    tensors |= {f"theta0/{k}": base[k].float() for k in missing}
+    draft.add_tensors("router", tensors)
+    return BundleRouterSpec(
+        k=router.k,
+        variant=router.variant,
+        hidden=router.hidden,
+        theta0_file=theta0_file,
+        holdout_accuracy=router.holdout_accuracy,
+        epochs_run=router.epochs_run,
+        calibration_images=router.calibration_images,
+        test_accuracy=test_accuracy or {},
+    )
+
+
 def data_record(
     zoo: Zoo, tasks: Sequence[str], calibrated: bool, holdout: Holdout | None = None
 ) -> dict[str, TaskDataRecord]:
@@ -262,7 +318,8 @@ def write_lowrank(draft: BundleDraft, deltas: LowRankDeltas) -> LowRankSpec:
     """Write ``backbone`` (``W_0`` of matrix layers), ``factors`` (stacked ``B``, ``A``; at ``deltas.bits`` < 32
     their per-row codes and ``.scale`` stacks), ``experts`` (small ones)."""
     keys = deltas.matrix_keys
-    draft.add_tensors("backbone", {k: deltas.pretrained[k].float().contiguous() for k in keys})
+    shared = {k: v.float().contiguous() for k, v in deltas.shared.items()}  # a shared prefix: theta_0 as it is
+    draft.add_tensors("backbone", {**{k: deltas.pretrained[k].float().contiguous() for k in keys}, **shared})
     factors: dict[str, torch.Tensor] = {}
     for k in keys:
         for i, name in enumerate(("B", "A")):
@@ -303,9 +360,11 @@ def write_bundle(
     base_meta = zoo.metas[zoo.base]
     heads = dict(zip(tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in tasks}
     draft.add_tensors("heads", {f"{t}/{k}": v for t in tasks for k, v in heads[t].items()})
-    emr = gating = gate = lowrank = None
+    emr = gating = gate = lowrank = router = None
+    theta0: Tensors = {}  # what the bundle holds of theta_0 under its own names (a router's prefix reads it)
     if result.emr is not None:
-        draft.add_tensors("base", dict(zoo.backbone(zoo.base)))
+        theta0 = dict(zoo.backbone(zoo.base))
+        draft.add_tensors("base", dict(theta0))
         draft.add_tensors("tau_unified", result.emr.tau_unified)
         draft.add_tensors(
             "masks", {f"{t}/{k}": v for t, packed in zip(tasks, result.emr.packed_masks) for k, v in packed.items()}
@@ -313,6 +372,7 @@ def write_bundle(
         emr = EMRSpec(rescalers=dict(zip(tasks, result.emr.rescalers)))
     if result.lowrank is not None:
         lowrank = write_lowrank(draft, result.lowrank)
+        theta0 = {k: result.lowrank.pretrained[k] for k in result.lowrank.matrix_keys} | result.lowrank.shared
     if result.backbone is not None:
         draft.add_tensors("backbone", result.backbone)
     if result.experts is not None:
@@ -333,6 +393,8 @@ def write_bundle(
             epochs_run=art.epochs_run,
             test_accuracy=gate_accuracy or {},
         )
+    if result.router is not None:
+        router = write_router(draft, zoo, bundle_kind(result), result.router, theta0, gate_accuracy)
     spec = BundleSpec(
         bundle_format=QUANTIZED_BUNDLE_FORMAT if lowrank is not None and lowrank.bits != 32 else BUNDLE_FORMAT,
         kind=bundle_kind(result),
@@ -351,6 +413,7 @@ def write_bundle(
         lowrank=lowrank,
         gating=gating,
         gate=gate,
+        router=router,
     )
     draft.add_json("model", spec.model_dump(mode="json"))
 
@@ -421,10 +484,11 @@ def build_candidate(plan: MergePlan, store: BundleStore, overrides: dict[str, An
 
 
 def _record_gate_accuracy(draft: BundleDraft, accuracy: dict[str, float | None]) -> None:
-    """Write the gate's test accuracy into the draft's ``model.json``."""
+    """Write the gate's (or the backbone router's) test accuracy into the draft's ``model.json``."""
     spec = BundleSpec.model_validate(json.loads((draft.path / "model.json").read_text()))
-    assert spec.gate is not None
-    spec.gate.test_accuracy = accuracy
+    routing = spec.gate if spec.gate is not None else spec.router
+    assert routing is not None
+    routing.test_accuracy = accuracy
     draft.add_json("model", spec.model_dump(mode="json"))
 
 
@@ -445,6 +509,10 @@ def publish_candidate(
         if result.gate is not None and test_images != 0:
             gate_acc = gate_test_accuracy(result.gate, plan.zoo, plan.tasks, test_images)
             _record_gate_accuracy(candidate.draft, gate_acc)
+        elif result.router is not None and test_images != 0:
+            gate_acc = router_test_accuracy(result.router, plan.zoo, plan.tasks, test_images)
+            _record_gate_accuracy(candidate.draft, gate_acc)
+        accuracy_key = "gate_test_accuracy" if result.gate is not None else "router_test_accuracy"
         reviewed = review(candidate.preview(plan)) if review is not None else {}
         data = data_record(plan.zoo, plan.tasks, get_method(plan.method).needs_calibration, plan.holdout)
         manifest_extra = ManifestExtra.model_validate(
@@ -452,7 +520,7 @@ def publish_candidate(
                 **result.info.model_dump(exclude_none=True),
                 **reviewed,
                 "data": data,
-                "gate_test_accuracy": gate_acc,
+                accuracy_key: gate_acc,
                 "stored_bytes": stored_bytes(candidate.preview(plan)),
                 **(extra or {}),
             }

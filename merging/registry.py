@@ -73,6 +73,20 @@ class MergeContext:
     shared_init: bool = True  # False: the models share no pretrained base (task vectors are meaningless)
     cache: MergeCache | None = None  # gates and Gram matrices shared with other merges of the same zoo
     memo: dict[Any, Any] = field(default_factory=dict)
+    base_preprocessing: Preprocessing | None = None  # the base model's (the bundle's) input preprocessing
+
+
+@dataclass
+class RouterArtifact:
+    """A trained backbone router (SPEC section 8): its head's weights, the block it reads, how it did."""
+
+    head: StateDict
+    k: int
+    hidden: int
+    variant: str
+    holdout_accuracy: float
+    epochs_run: int
+    calibration_images: int
 
 
 @dataclass
@@ -83,7 +97,7 @@ class MergeResult:
     * ``emr``: EMR's unified task vector + per-task masks and rescalers;
     * ``lowrank``: per-task low-rank factors of every matrix layer + small tensors (TSV-C);
     * ``experts``: ``(N, ...)`` stacks of gated tensors, ``plan`` says which;
-    * ``gate``: the trained gate network;
+    * ``gate``: the trained gate network; ``router``: the trained backbone router (a bundle has one or neither);
     * ``heads``: per task (``ctx.tasks`` order), classifiers adapted to the merged
       features (methods that permute or re-mix features); None: the original heads.
     """
@@ -94,6 +108,7 @@ class MergeResult:
     experts: StateDict | None = None
     plan: GatingPlan | None = None
     gate: GateArtifact | None = None
+    router: RouterArtifact | None = None
     heads: list[StateDict] | None = None
     info: MergeInfo = field(default_factory=MergeInfo)
 

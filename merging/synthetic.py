@@ -2,7 +2,8 @@
 
 A synthetic zoo is ``theta_0`` of a timm architecture plus N task models ``theta_0 + delta_t`` (Gaussian
 deltas) with random 10-class heads; :func:`publish_synthetic` merges it (TSV-C low-rank deltas or EMR) into a
-typed bundle with a gate from :func:`synthetic_gate`. Used by ``benchmarks/lowrank_serve.py`` and
+typed bundle with a gate from :func:`synthetic_gate`, or (low-rank) with a backbone router whose head
+:func:`synthetic_router` fits to the benchmark's images (SPEC section 8). Used by ``benchmarks/lowrank_serve.py`` and
 ``benchmarks/serve.py``.
 """
 
@@ -12,13 +13,23 @@ from typing import Any, cast
 
 import torch
 
+from merging.gating.backbone_router import shared_prefix_deltas
 from merging.methods.emr import emr_merge
-from merging.methods.tsv import tsv_compress
+from merging.methods.tsv import LowRankDeltas, tsv_compress
 from merging.pipeline import write_lowrank
 from merging.types import StateDict
 from model_store.architecture import build_gate, build_model, gate_state
+from model_store.backbone_router import RouterHead, ViTPrefix, pool_tokens, prefix_keys
 from model_store.bundle import BundleStore
-from model_store.schema import Architecture, BundleGateSpec, BundleSpec, BundleTask, EMRSpec, Preprocessing
+from model_store.schema import (
+    Architecture,
+    BundleGateSpec,
+    BundleRouterSpec,
+    BundleSpec,
+    BundleTask,
+    EMRSpec,
+    Preprocessing,
+)
 
 #: classes of every synthetic task
 CLASSES = 10
@@ -61,6 +72,26 @@ def synthetic_gate(n_tasks: int, gate_size: int, seed: int, pool: int = 512) -> 
     return gate_state(gate), by_task
 
 
+@torch.inference_mode()
+def synthetic_router(
+    arch: Architecture, base: StateDict, k: int, hidden: int, images: torch.Tensor, tasks: list[int], seed: int
+) -> StateDict:
+    """A backbone router head (``head/<name>``) on ``theta_0``'s tokens after block ``k`` that routes each of
+    ``images`` to its entry of ``tasks``: the last layer fitted by least squares to one-hot targets (a random
+    first layer with ``hidden``)."""
+    z = pool_tokens(ViTPrefix(arch, k, base)(images))
+    target = torch.nn.functional.one_hot(torch.tensor(tasks), int(max(tasks)) + 1).float()
+    torch.manual_seed(seed)
+    head = RouterHead(z.shape[1], target.shape[1], hidden)
+    net = cast(Any, head.net)
+    last = net if hidden == 0 else net[2]
+    feats = z if hidden == 0 else net[1](net[0](z))
+    sol = torch.linalg.lstsq(torch.cat([feats, torch.ones(len(feats), 1)], 1), 10 * (target - 0.5)).solution
+    last.weight.copy_(sol[:-1].T)
+    last.bias.copy_(sol[-1])
+    return {f"head/{n}": t.detach().clone() for n, t in head.state_dict().items()}
+
+
 def publish_synthetic(
     store: BundleStore,
     method: str,
@@ -71,30 +102,49 @@ def publish_synthetic(
     f: float | None = None,
     conv: bool = False,
     gate_size: int = 64,
+    router: BundleRouterSpec | None = None,
+    router_head: StateDict | None = None,
+    deltas: LowRankDeltas | None = None,
 ) -> str:
     """Publish ``zoo`` (:func:`synthetic_zoo`'s) as a bundle with ``gate``: ``f`` given, TSV-C low-rank deltas at
-    rank fraction ``f`` (the patch conv compressed too with ``conv``); None: EMR. Returns the version."""
+    rank fraction ``f`` (the patch conv compressed too with ``conv``; ``deltas``: those, already made); None: EMR.
+    With ``router`` (low-rank only), the backbone router whose head is ``router_head`` instead of the gate.
+    Returns the version."""
     base, tuned, heads = zoo
     tasks = [f"task{i}" for i in range(len(tuned))]
     rgb = Preprocessing(size=size, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
     draft = store.draft()
     draft.add_tensors("heads", {f"{t}/{k}": v for t, h in zip(tasks, heads) for k, v in h.items()})
-    draft.add_tensors("gate", gate)
-    spec = BundleSpec(
-        kind="emr" if f is None else "lowrank",
-        architecture=arch,
-        preprocessing=rgb,
-        tasks=[BundleTask(name=t, class_names=[str(c) for c in range(CLASSES)]) for t in tasks],
-        gate=BundleGateSpec(arch="efficientnet_lite0", preprocessing=rgb.model_copy(update={"size": gate_size})),
-    )
+    if router is None:
+        draft.add_tensors("gate", gate)
+    elif f is None or router_head is None:
+        raise ValueError("a synthetic backbone router needs a low-rank bundle (f) and its head")
+    fields: dict[str, Any] = {}
     if f is not None:
-        spec.lowrank = write_lowrank(draft, tsv_compress(base, tuned, f, conv=conv))
+        deltas = deltas if deltas is not None else tsv_compress(base, tuned, f, conv=conv)
+        if router is not None:
+            if router.variant == "shared_prefix":
+                deltas = shared_prefix_deltas(deltas, router.k)
+            held = set(deltas.ranks) | set(deltas.shared)  # theta_0 in backbone.safetensors
+            own = {f"theta0/{k}": base[k] for k in prefix_keys(list(base), router.k) if k not in held}
+            draft.add_tensors("router", {**cast(StateDict, router_head), **own})
+        fields["lowrank"] = write_lowrank(draft, deltas)
     else:
         merged = emr_merge(base, tuned)
         draft.add_tensors("base", base)
         draft.add_tensors("tau_unified", merged.tau_unified)
         masks = {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()}
         draft.add_tensors("masks", masks)
-        spec.emr = EMRSpec(rescalers=dict(zip(tasks, merged.rescalers)))
-    draft.add_json("model", BundleSpec.model_validate(spec.model_dump()).model_dump(mode="json"))
+        fields["emr"] = EMRSpec(rescalers=dict(zip(tasks, merged.rescalers)))
+    gate_spec = BundleGateSpec(arch="efficientnet_lite0", preprocessing=rgb.model_copy(update={"size": gate_size}))
+    spec = BundleSpec(  # validated with its kind's fields (a lowrank bundle's ranks, an EMR bundle's rescalers)
+        kind="emr" if f is None else "lowrank",
+        architecture=arch,
+        preprocessing=rgb,
+        tasks=[BundleTask(name=t, class_names=[str(c) for c in range(CLASSES)]) for t in tasks],
+        gate=gate_spec if router is None else None,
+        router=router,
+        **fields,
+    )
+    draft.add_json("model", spec.model_dump(mode="json"))
     return store.publish(draft, method, tasks=tasks)

@@ -323,6 +323,9 @@ class MergeInfo(_Strict):
     optimised_parameters: int | None = _omit_none(description="trained merges: parameters optimised")
     training_images: int | None = _omit_none(description="trained merges: images (with augmentations) seen")
     final_loss: float | None = _omit_none(description="trained merges: the last epoch's loss")
+    shared_prefix_blocks: int | None = _omit_none(
+        description="backbone router, shared_prefix: blocks 1..k (and the embeddings) hold no task deltas"
+    )
 
 
 class CandidateRecord(_Strict):
@@ -363,6 +366,9 @@ class ManifestExtra(MergeInfo):
     data: dict[str, TaskDataRecord] | None = _omit_none()
     gate_test_accuracy: dict[str, float | None] | None = _omit_none(
         description="share of each task's test images the gate routes to it (None: no test images)"
+    )
+    router_test_accuracy: dict[str, float | None] | None = _omit_none(
+        description="share of each task's test images the backbone router routes to it (None: no test images)"
     )
     agreement: list[TaskAgreement] | None = _omit_none()
     stored_bytes: StoredBytes | None = _omit_none()
@@ -470,6 +476,39 @@ class BundleGateSpec(_Strict):
     test_accuracy: dict[str, float | None] = Field(default_factory=dict)
 
 
+#: How a backbone router's tasks continue after block k (SPEC section 8): ``rerun`` runs blocks ``1..k`` again per
+#: task group with the task's own weights (exact task models); ``shared_prefix``: the bundle has no task deltas in
+#: the embeddings and blocks ``1..k`` (``theta_0`` there), so the router's pass is every image's prefix (low-rank
+#: bundles only).
+RouterVariant = Literal["rerun", "shared_prefix"]
+
+
+class BundleRouterSpec(_Strict):
+    """The bundle's backbone router (SPEC section 8): ``p(x) = softmax(h(z(x)))`` from ``theta_0``'s first blocks.
+
+    ``z(x)``: the tokens after block ``k`` of ``theta_0`` (patch embedding, embeddings, blocks ``1..k``) pooled as
+    ``[LN(cls), LN(mean of the patch tokens)]`` (LayerNorm without affine parameters, eps 1e-6), on the bundle's
+    own preprocessing (:attr:`BundleSpec.preprocessing`). ``router.safetensors`` holds the head ``h``
+    (``head/<name>``: ``net.weight`` / ``net.bias`` when linear, ``net.0.*`` and ``net.2.*`` around a GELU with a
+    hidden layer) and ``theta0/<key>`` for each prefix tensor of ``theta_0`` that ``theta0_file`` does not hold.
+    """
+
+    format_version: Literal[1] = 1
+    kind: Literal["backbone"] = "backbone"
+    k: int = Field(ge=1, description="the router reads the tokens after this block")
+    variant: RouterVariant
+    hidden: int = Field(0, ge=0, le=256, description="the head's hidden width (0: linear)")
+    pooling: Literal["cls+mean, layernorm"] = "cls+mean, layernorm"
+    theta0_file: str | None = Field(
+        description="the bundle file holding theta_0's other prefix tensors under their own names (emr: base, "
+        "lowrank: backbone); None: router.safetensors holds all of them"
+    )
+    holdout_accuracy: float | None = None
+    epochs_run: int | None = None
+    calibration_images: int | None = Field(default=None, description="calibration images per task it trained on")
+    test_accuracy: dict[str, float | None] = Field(default_factory=dict)
+
+
 class BundleSpec(_Strict):
     """``model.json``: the contract between the merge pipeline (writer) and the serving runtime (reader).
 
@@ -487,6 +526,7 @@ class BundleSpec(_Strict):
     gating: GatingSpec | None = None
     lowrank: LowRankSpec | None = None
     gate: BundleGateSpec | None = None
+    router: BundleRouterSpec | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> BundleSpec:
@@ -501,6 +541,10 @@ class BundleSpec(_Strict):
             raise ValueError("a lowrank bundle needs lowrank.ranks")
         if self.lowrank is not None and self.lowrank.bits != 32 and self.bundle_format < QUANTIZED_BUNDLE_FORMAT:
             raise ValueError(f"quantized low-rank factors need bundle_format {QUANTIZED_BUNDLE_FORMAT}")
+        if self.gate is not None and self.router is not None:
+            raise ValueError("a bundle routes with a gate or a backbone router, not both")
+        if self.router is not None and self.router.variant == "shared_prefix" and self.kind != "lowrank":
+            raise ValueError("router variant shared_prefix needs a lowrank bundle")
         for t in self.tasks:
             for field in ("size", "channels"):
                 if t.preprocessing is not None and getattr(t.preprocessing, field) != getattr(
@@ -516,3 +560,8 @@ class BundleSpec(_Strict):
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
+
+    @property
+    def router_kind(self) -> Literal["gate", "backbone"] | None:
+        """How the bundle routes images without a task: a CNN ``gate``, a ``backbone`` router, or not (None)."""
+        return "gate" if self.gate is not None else "backbone" if self.router is not None else None

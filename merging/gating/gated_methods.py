@@ -1,11 +1,12 @@
-"""Catalog of the methods that route with a gate: routed EMR and gated whole-ViT merging (SPEC sections 3-4)."""
+"""Catalog of the routed methods: routed EMR, gated whole-ViT merging, routed low-rank deltas (SPEC sections 3-4,
+7-8); each routes with the CNN gate or the backbone router (``router=gate|backbone``)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 
+from merging.gating.backbone_router import RouterParams, route_result
 from merging.gating.plan import expert_stacks, gating_plan
-from merging.gating.router import GateParams, train_gate_for
 from merging.methods.averaging import weight_average
 from merging.methods.emr import emr_merge
 from merging.methods.regmean import regmean
@@ -17,7 +18,7 @@ from model_store.schema import MergeInfo
 CATALOG = Catalog()
 
 
-class GatingAvgParams(GateParams):
+class GatingAvgParams(RouterParams):
     m: int = Field(1, ge=0, description="attention and MLP blocks gated (lowest similarity first)")
 
 
@@ -28,26 +29,25 @@ class GatingRegMeanParams(GatingAvgParams):
 
 @CATALOG.register(
     "emr_routed",
-    GateParams,
+    RouterParams,
     True,
-    "EMR + a gate that picks the task (routed EMR, the server default)",
+    "EMR + a router (gate or backbone) that picks the task (routed EMR, the server default)",
     needs_shared_base=True,
 )
-def _emr_routed(ctx: MergeContext, p: GateParams) -> MergeResult:
+def _emr_routed(ctx: MergeContext, p: RouterParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
-    gate = train_gate_for(ctx, p)
-    return MergeResult(emr=merged, gate=gate, info=MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers))))
+    info = MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers)))
+    return route_result(ctx, p, MergeResult(emr=merged, info=info))
 
 
 def _gated(ctx: MergeContext, p: GatingAvgParams, static: StateDict) -> MergeResult:
     plan = gating_plan(ctx.finetuned, p.m)
     experts = expert_stacks(ctx.finetuned, plan.gated_keys)
     backbone = {k: v for k, v in static.items() if k not in experts}
-    gate = train_gate_for(ctx, p)
     info = MergeInfo(
         gated_attn_blocks=list(plan.attn_blocks), gated_mlp_blocks=list(plan.mlp_blocks), similarity=plan.similarity
     )
-    return MergeResult(backbone=backbone, experts=experts, plan=plan, gate=gate, info=info)
+    return route_result(ctx, p, MergeResult(backbone=backbone, experts=experts, plan=plan, info=info))
 
 
 @CATALOG.register(
@@ -72,35 +72,32 @@ def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
     return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha))
 
 
-class TSVRoutedParams(GateParams, TSVCParams):
-    """TSV-C's rank fraction ``f`` and the gate's parameters."""
+class TSVRoutedParams(RouterParams, TSVCParams):
+    """TSV-C's rank fraction ``f`` and the router's parameters."""
 
 
 @CATALOG.register(
     "tsv_routed",
     TSVRoutedParams,
     True,
-    "TSV-C low-rank task deltas + a gate that picks the task; served in one pass per mixed batch",
+    "TSV-C low-rank task deltas + a router (gate or backbone) that picks the task; served in one pass per mixed batch",
     needs_shared_base=True,
 )
 def _tsv_routed(ctx: MergeContext, p: TSVRoutedParams) -> MergeResult:
-    result = tsv_c_result(ctx, p.f, p.conv, p.bits)
-    result.gate = train_gate_for(ctx, p)
-    return result
+    return route_result(ctx, p, tsv_c_result(ctx, p.f, p.conv, p.bits))
 
 
-class LoRARoutedParams(GateParams, LoRAParams):
-    """The exact low-rank deltas' rank limit and the gate's parameters."""
+class LoRARoutedParams(RouterParams, LoRAParams):
+    """The exact low-rank deltas' rank limit and the router's parameters."""
 
 
 @CATALOG.register(
     "lora_routed",
     LoRARoutedParams,
     True,
-    "LoRA-tuned zoos: exact low-rank task deltas + a gate that picks the task; served in one pass per mixed batch",
+    "LoRA-tuned zoos: exact low-rank task deltas + a router (gate or backbone) that picks the task; served in one pass "
+    "per mixed batch",
     needs_shared_base=True,
 )
 def _lora_routed(ctx: MergeContext, p: LoRARoutedParams) -> MergeResult:
-    result = lora_result(ctx, p.max_fraction, p.bits)
-    result.gate = train_gate_for(ctx, p)
-    return result
+    return route_result(ctx, p, lora_result(ctx, p.max_fraction, p.bits))

@@ -55,7 +55,8 @@ class GateTraining:
     history: list[float] = field(default_factory=list)
 
 
-def _split(n: int, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def holdout_split(n: int, fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded split of ``n`` rows into (training, held-out) indices; the held-out part is ``fraction`` (>= 1 row)."""
     perm = torch.randperm(n, generator=gen)
     k = max(1, int(round(fraction * n))) if n > 1 else 0
     return perm[k:], perm[:k]
@@ -75,7 +76,7 @@ def train_gate(
     for task, x in enumerate(images):
         if len(x) < 2:
             raise ValueError(f"task {task} has {len(x)} calibration images; the gate needs at least 2")
-        tr, ho = _split(len(x), cfg.holdout_fraction, gen)
+        tr, ho = holdout_split(len(x), cfg.holdout_fraction, gen)
         tr_x.append(x[tr])
         ho_x.append(x[ho])
         tr_y.append(torch.full((len(tr),), task))

@@ -72,6 +72,8 @@ class LowRankDeltas:
     ranks: dict[str, int] = field(default_factory=dict)
     source: str = "tsv_c"
     bits: Bits = 32  # how the bundle stores the factors (SPEC section 9); ``factors`` stay float32 here
+    #: ``theta_0``'s tensors every task runs as they are (no delta: a backbone router's shared prefix)
+    shared: StateDict = field(default_factory=dict)
 
     @property
     def matrix_keys(self) -> list[str]:
@@ -85,7 +87,7 @@ class LowRankDeltas:
             + (fake_quantize(b, self.bits) @ fake_quantize(a, self.bits)).reshape(self.pretrained[k].shape)
             for k, (b, a) in self.factors[i].items()
         }
-        return {**out, **{k: v.float() for k, v in self.small[i].items()}}
+        return {**out, **{k: v.float() for k, v in self.small[i].items()}, **self.shared}
 
     def truncated(self, f: float) -> LowRankDeltas:
         """TSV-C at a smaller rank fraction ``f``, from these factors (``B = U S^{1/2}`` and ``A = S^{1/2} V^T``
@@ -103,9 +105,11 @@ class LowRankDeltas:
         return replace(self, factors=factors, rank_fraction=f, ranks=ranks)
 
     def stored_numbers(self) -> int:
-        """Numbers stored beyond ``theta_0``'s matrix layers: factors + small tensors of every task."""
+        """Numbers stored beyond ``theta_0``'s compressed matrix layers: factors + small tensors of every task +
+        the shared tensors."""
         factors = sum(b.numel() + a.numel() for task in self.factors for b, a in task.values())
-        return factors + sum(v.numel() for task in self.small for v in task.values())
+        shared = sum(v.numel() for v in self.shared.values())
+        return factors + sum(v.numel() for task in self.small for v in task.values()) + shared
 
 
 Factors = tuple[torch.Tensor, torch.Tensor]

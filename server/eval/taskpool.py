@@ -110,10 +110,11 @@ class TaskPool:
 
     @torch.inference_mode()
     def routed(self, engine: Engine, batch_size: int = 64, seed: int = 0) -> Outputs:
-        """Every task's images shuffled (``seed``) into mixed batches of ``batch_size``, routed by the gate."""
-        if engine.gate_preprocessing is None:
+        """Every task's images shuffled (``seed``) into mixed batches of ``batch_size``, routed by the bundle's
+        router (the gate, or the backbone router: no gate input then)."""
+        if not engine.has_router:
             raise ValueError(
-                f"bundle {engine.version} has no gate; merge with emr_routed or gating_* for routed evaluation"
+                f"bundle {engine.version} has no router; merge with emr_routed or gating_* for routed evaluation"
             )
         xs, gs, owner = [], [], []
         for task in self.tasks:
@@ -122,19 +123,19 @@ class TaskPool:
                 continue
             for chunk in images.chunks(self.limit):
                 x, g = engine.prepare(chunk, None)
-                assert g is not None
                 xs.append(x)
-                gs.append(g)
+                if g is not None:
+                    gs.append(g)
             owner += [task] * images.count(self.limit)
         out: Outputs = {t: None if self.sets[t] is None else [] for t in self.tasks}
         if not xs:
             return out
-        x, g = torch.cat(xs), torch.cat(gs)
+        x, g = torch.cat(xs), (torch.cat(gs) if gs else None)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
         shuffled: list[ImageOutput] = []
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
-            shuffled += engine.predict(x[idx], [None] * len(idx), g[idx])
+            shuffled += engine.predict(x[idx], [None] * len(idx), g[idx] if g is not None else None)
         by_position: list[ImageOutput | None] = [None] * len(x)
         for pos, o in zip(order.tolist(), shuffled):
             by_position[pos] = o

@@ -218,8 +218,8 @@ def _run_batch(items: list[WorkItem]) -> list[ItemResult]:
         engine = items[idx[0]].engine
         t0 = time.perf_counter()
         x = torch.stack([items[i].x for i in idx])
-        gates = [items[i].x_gate for i in idx if items[i].task is None]
-        x_gate = torch.stack([g for g in gates if g is not None]) if gates else None
+        gates = [g for i in idx if items[i].task is None and (g := items[i].x_gate) is not None]
+        x_gate = torch.stack(gates) if gates else None  # None: no routed image, or a backbone router (reads x)
         outputs = engine.predict(x, [items[i].task for i in idx], x_gate)
         seconds = time.perf_counter() - t0
         for i, out in zip(idx, outputs):

@@ -16,7 +16,7 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str | None = Field(None, min_length=1, description="task name; skips the gate for every image")
+    task: str | None = Field(None, min_length=1, description="task name; skips the router for every image")
     top_k: int = Field(1, ge=1, le=MAX_TOP_K, description="classes returned per image")
 
 
@@ -33,10 +33,12 @@ class ClassifyJSON(ClassifyOptions):
 class TaskPrediction(BaseModel):
     name: str
     index: int
-    probability: float = Field(description="p(task | image) from the gate; 1.0 when given")
-    source: Literal["gate", "given"]
+    probability: float = Field(description="p(task | image) from the router; 1.0 when given")
+    source: Literal["gate", "given"] = Field(
+        description="gate: routed by the bundle's router (the CNN gate or the backbone router); given: named"
+    )
     probabilities: dict[str, float] = Field(
-        description="p(task | image) of every served task (task name -> p): the gate's softmax; one-hot when given"
+        description="p(task | image) of every served task (task name -> p): the router's softmax; one-hot when given"
     )
 
 
@@ -112,7 +114,10 @@ class TaskInfo(BaseModel):
 
 class TasksResponse(BaseModel):
     model_version: str
-    gate: bool
+    gate: bool = Field(description="whether images may come without a task (the bundle routes them)")
+    router: Literal["gate", "backbone"] | None = Field(
+        None, description="how the bundle routes: a CNN gate, a backbone router (SPEC section 8), or not at all"
+    )
     tasks: list[TaskInfo]
 
 

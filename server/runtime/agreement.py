@@ -117,7 +117,7 @@ def task_agreement(
     i = engine.task_index(task)
     refs = reference if reference is not None else reference_log_probs(zoo, task, chosen, limit, batch_size)
     given: list[ImageOutput] = []
-    routed: list[ImageOutput] | None = [] if engine.has_gate else None
+    routed: list[ImageOutput] | None = [] if engine.has_router else None
     for chunk in chosen.chunks(limit, batch_size):
         x, _ = engine.prepare(chunk, i)
         given += engine.predict(x, [i] * len(x))

@@ -6,6 +6,7 @@ Static bundles share one backbone; EMR bundles materialise task t's backbone as
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
 
 import torch
@@ -13,11 +14,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from model_store.architecture import StateDict, build_gate, build_model, folded_gate, load_into
+from model_store.backbone_router import BackboneRouter, RouterHead, ViTPrefix, is_prefix_key
 from model_store.bitpack import unpack_mask
 from model_store.bundle import Bundle
 from model_store.errors import BundleIntegrityError
 from model_store.quantize import dequantize_rows
-from model_store.schema import Architecture, BundleGateSpec, BundleSpec, Preprocessing
+from model_store.schema import Architecture, BundleGateSpec, BundleRouterSpec, BundleSpec, Preprocessing
 
 
 def read_spec(bundle: Bundle) -> BundleSpec:
@@ -73,7 +75,10 @@ class BundleReader:
             i = self.tasks.index(task)
             factors = self.lowrank_factors()
             base = self.bundle.tensors("backbone")
-            low = {k: w.float() + (factors[k][0][i] @ factors[k][1][i]).reshape(w.shape) for k, w in base.items()}
+            low = {  # a shared prefix's tensors have no factors: theta_0 as it is
+                k: w.float() + (factors[k][0][i] @ factors[k][1][i]).reshape(w.shape) if k in factors else w
+                for k, w in base.items()
+            }
             return {**low, **{k: v[i] for k, v in self.bundle.tensors("experts").items()}}
         if self.kind == "gated":  # the model with p one-hot on this task
             i = self.tasks.index(task)
@@ -102,7 +107,43 @@ class BundleReader:
 
     @property
     def has_gate(self) -> bool:
+        """Whether the bundle routes with a CNN gate (which reads its own input, ``x_gate``)."""
         return self.spec.gate is not None
+
+    @property
+    def has_router(self) -> bool:
+        """Whether the bundle routes images without a task at all (a CNN gate or a backbone router)."""
+        return self.spec.router_kind is not None
+
+    @property
+    def router_spec(self) -> BundleRouterSpec:
+        if self.spec.router is None:
+            raise KeyError(f"bundle {self.bundle.version} has no backbone router")
+        return self.spec.router
+
+    def router_head(self) -> RouterHead:
+        """The backbone router's head ``h`` (eval mode)."""
+        _ = self.router_spec  # a KeyError without a backbone router
+        tensors = self.bundle.tensors("router")
+        return RouterHead.from_state({k.removeprefix("head/"): v for k, v in tensors.items() if k.startswith("head/")})
+
+    def router_prefix(self, shared: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``theta_0``'s embeddings and blocks ``1..k`` for the router: ``shared`` (``theta_0``'s tensors another
+        module of the engine already holds, by name; a per-task stack of another shape is not taken), else
+        ``theta0/<key>`` of ``router.safetensors``, else the spec's ``theta0_file``."""
+        spec = self.router_spec
+        out: dict[str, torch.Tensor] = {}
+        if spec.theta0_file is not None:
+            out |= {k: v for k, v in self.bundle.tensors(spec.theta0_file).items() if is_prefix_key(k, spec.k)}
+        out |= {
+            k.removeprefix("theta0/"): v for k, v in self.bundle.tensors("router").items() if k.startswith("theta0/")
+        }
+        return out | {k: v for k, v in (shared or {}).items() if k in out and v.shape == out[k].shape}
+
+    def router_model(self, shared: Mapping[str, torch.Tensor] | None = None) -> BackboneRouter:
+        """The backbone router as a module: ``theta_0``'s prefix (sharing ``shared``'s tensors), pooling, head."""
+        prefix = ViTPrefix(self.architecture, self.router_spec.k, self.router_prefix(shared))
+        return BackboneRouter(prefix, self.router_head()).eval()
 
     @cached_property
     def gate_preprocessing(self) -> Preprocessing:

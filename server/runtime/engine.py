@@ -4,8 +4,11 @@
 preprocessing (:mod:`model_store.data.preprocessing`); ``predict`` takes such a batch, each image
 with a given task or none:
 
-1. **route** -- images without a task go through the gate, ``p(x)`` per image
-   (never averaged over the batch); given tasks get a one-hot ``p``;
+1. **route** -- images without a task go through the bundle's router, ``p(x)`` per image (never
+   averaged over the batch): the CNN gate (on its own input ``x_gate``), or the backbone router
+   (SPEC section 8) on ``x`` itself -- ``rerun``: ``theta_0``'s blocks ``1..k`` and the head before the
+   strategy; ``shared_prefix``: the low-rank pass runs its shared prefix for the whole batch, the head
+   reads its tokens, and the pass continues per routed task. Given tasks get a one-hot ``p``;
 2. **features** -- the bundle kind's strategy (:mod:`server.runtime.strategies`: ``static``,
    ``emr``, ``gated``, ``lowrank``) runs each image with its routed task's weights;
 3. **head** -- each image gets the classifier of its task.
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_store.backbone_router import RouterHead, pool_tokens
 from model_store.bundle import Bundle
 from model_store.data.preprocessing import Images, to_model_input
 from model_store.devices import resolve_device
@@ -32,7 +36,7 @@ from server.runtime.cuda_graphs import GraphRunner
 from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD, Mixing
 from server.runtime.groups import task_groups
 from server.runtime.protocol import ImageOutput, Source
-from server.runtime.strategies import STRATEGIES, KindStrategy, StrategyContext, tensor_bytes
+from server.runtime.strategies import STRATEGIES, KindStrategy, LowRankStrategy, StrategyContext, tensor_bytes
 from server.runtime.weight_cache import WeightCache, weights_nbytes
 
 
@@ -93,6 +97,8 @@ class EngineFrontend:
         self.preprocessing: Preprocessing = self.models.preprocessing
         self.task_preprocessing: list[Preprocessing] = self.models.spec.task_preprocessing()
         self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
+        #: how images without a task are routed: a CNN ``gate``, a ``backbone`` router, or not at all (None)
+        self.router_kind = self.models.spec.router_kind
         self.device = resolve_device(self.options.device)
         variants, index = distinct_preprocessing([self.preprocessing, *self.task_preprocessing])
         #: the distinct model-input preprocessings (the bundle's first) and each task's among them: a routed
@@ -102,7 +108,13 @@ class EngineFrontend:
 
     @property
     def has_gate(self) -> bool:
+        """Whether routed images need the CNN gate's own input (``x_gate``)."""
         return self.gate_preprocessing is not None
+
+    @property
+    def has_router(self) -> bool:
+        """Whether images may come without a task (the bundle has a gate or a backbone router)."""
+        return self.router_kind is not None
 
     @property
     def alive(self) -> bool:
@@ -116,7 +128,8 @@ class EngineFrontend:
 
         Returns ``(x, x_gate)``: ``x`` is ``(B, C, S, S)``, or ``(B, V, C, S, S)`` with one slice per input
         variant when the tasks differ in preprocessing (a given task's input in every slice; a routed image's
-        once per variant, chosen after routing); ``x_gate`` the gate's input for routed images, else None.
+        once per variant, chosen after routing); ``x_gate`` the CNN gate's input for routed images, else None
+        (a backbone router reads ``x``: the bundle's own preprocessing, slice 0).
         """
         if isinstance(task, bool):  # the old ``need_gate`` flag would read as task 0 or 1
             raise TypeError("prepare/preprocess take a task index or None (routed), not a bool")
@@ -166,32 +179,97 @@ class Engine(EngineFrontend):
         self._variant_of = torch.tensor(self.task_variant, device=dev)
         ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, self.mixing, self.threshold)
         self.kind_strategy: KindStrategy = STRATEGIES[self.kind](ctx)
+        #: the backbone router: the whole module (``rerun``) or, with a shared prefix, its head only
+        self.router: nn.Module | None = None
+        self.router_head: RouterHead | None = None
+        self._router_run: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._router_shared: set[int] = set()  # data pointers of the tensors the router shares with the strategy
+        if self.models.spec.router is not None:
+            self._load_router()
+
+    def _load_router(self) -> None:
+        """The backbone router on the device; its prefix shares ``theta_0``'s tensors the strategy holds."""
+        if self.models.router_spec.variant == "shared_prefix":
+            if not isinstance(self.kind_strategy, LowRankStrategy) or not self.kind_strategy.prefix_blocks:
+                raise ValueError(f"bundle {self.version}: a shared-prefix router needs a lowrank bundle")
+            self.router_head = self.models.router_head().to(self.device)
+            return
+        shared = self.kind_strategy.shared_weights() if hasattr(self.kind_strategy, "shared_weights") else {}
+        self.router = self.models.router_model(shared).to(self.device)
+        self._router_shared = {t.data_ptr() for t in shared.values()}
+        self._router_run = self._graphed(self.router)
 
     def _graphed(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         """``module`` itself, or on CUDA a :class:`GraphRunner` over it (fixed weights only)."""
         return GraphRunner(module, self._graph_pool) if self.use_graphs else module
 
     # -- the hot path ---------------------------------------------------------------
-    @torch.inference_mode()
-    def route(self, given: Sequence[int | None], x_gate: torch.Tensor | None) -> tuple[torch.Tensor, list[Source]]:
-        """``p`` ``(B, N)``: one-hot for given tasks, the gate's softmax for the rest."""
+    def _given(self, given: Sequence[int | None]) -> tuple[torch.Tensor, list[Source], list[int]]:
+        """One-hot ``p`` rows for the given tasks (zeros for the rest), each image's source, the routed rows."""
         p = torch.zeros(len(given), len(self.tasks), device=self.device)
         sources: list[Source] = []
-        routed = [i for i, g in enumerate(given) if g is None]
         for i, g in enumerate(given):
             sources.append("gate" if g is None else "given")
             if g is not None:
                 p[i, g] = 1.0
-        if routed:
-            if self.gate is None:
-                raise ValueError(f"bundle {self.version} has no gate: name the task")
+        routed = [i for i, g in enumerate(given) if g is None]
+        if routed and not self.has_router:
+            raise ValueError(f"bundle {self.version} has no gate: name the task")
+        return p, sources, routed
+
+    @torch.inference_mode()
+    def route(
+        self, given: Sequence[int | None], x_gate: torch.Tensor | None = None, x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[Source]]:
+        """``p`` ``(B, N)``: one-hot for given tasks, the router's softmax for the rest (the CNN gate reads
+        ``x_gate``, one row per routed image; a backbone router the routed rows of ``x``)."""
+        p, sources, routed = self._given(given)
+        if not routed:
+            return p, sources
+        if self.gate is not None:
             if x_gate is None or x_gate.shape[0] != len(routed):
                 raise ValueError(f"expected gate input for {len(routed)} images")
             assert self._gate_run is not None
             p[routed] = (
                 self._gate_run(x_gate.to(self.device).contiguous(memory_format=torch.channels_last)).float().softmax(-1)
             )
+            return p, sources
+        if x is None or x.shape[0] != len(given):
+            raise ValueError(f"the backbone router reads the images: expected x of {len(given)} images")
+        rows = torch.tensor(routed, device=self.device)
+        xr = (x[:, 0] if x.ndim == 5 else x).to(self.device)[rows]  # the bundle's own preprocessing
+        if self._router_run is not None:
+            p[rows] = self._router_run(xr).float().softmax(-1)
+        else:
+            p[rows] = self._head_probabilities(self._low_rank.prefix(xr))
         return p, sources
+
+    @property
+    def _low_rank(self) -> LowRankStrategy:
+        assert isinstance(self.kind_strategy, LowRankStrategy)
+        return self.kind_strategy
+
+    def _head_probabilities(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The shared-prefix router's ``p`` from the prefix's tokens after block k."""
+        assert self.router_head is not None
+        return self.router_head(pool_tokens(tokens)).float().softmax(-1)
+
+    def _shared_prefix_pass(
+        self, x: torch.Tensor, given: Sequence[int | None]
+    ) -> tuple[torch.Tensor, list[Source], torch.Tensor]:
+        """Routing and features in ONE pass (a shared-prefix router): the prefix for the whole batch, ``p`` of the
+        routed rows from its tokens, then the rest per routed task. Returns ``(p, sources, features)``."""
+        p, sources, routed = self._given(given)
+        tokens = self._low_rank.prefix(x[:, 0] if x.ndim == 5 else x)
+        if routed:
+            rows = torch.tensor(routed, device=self.device)
+            p[rows] = self._head_probabilities(tokens[rows])
+        if x.ndim == 5:  # a routed image whose task has its own preprocessing: its prefix again, on that input
+            variant = self._variant_of[p.argmax(1)]
+            redo = (variant != 0).nonzero().flatten()  # a host sync, only for bundles whose tasks differ in input
+            if len(redo):
+                tokens[redo] = self._low_rank.prefix(x[redo, variant[redo]])
+        return p, sources, self._low_rank.features_after(tokens, p)
 
     @torch.inference_mode()
     def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -218,11 +296,15 @@ class Engine(EngineFrontend):
         if x.shape[0] != len(given):
             raise ValueError(f"{x.shape[0]} images but {len(given)} task entries")
         x = x.to(self.device, non_blocking=True)
-        p, sources = self.route(given, x_gate)
-        best_p, best = p.max(1)
-        if x.ndim == 5:  # tasks differ in preprocessing: each image's routed task's input
-            x = x[torch.arange(x.shape[0], device=x.device), self._variant_of[best].to(x.device)]
-        feats = self.features(x, p)
+        if self.router_head is not None:  # a shared prefix: the router's pass is every image's prefix
+            p, sources, feats = self._shared_prefix_pass(x, given)
+            best_p, best = p.max(1)
+        else:
+            p, sources = self.route(given, x_gate, x)
+            best_p, best = p.max(1)
+            if x.ndim == 5:  # tasks differ in preprocessing: each image's routed task's input
+                x = x[torch.arange(x.shape[0], device=x.device), self._variant_of[best].to(x.device)]
+            feats = self.features(x, p)
         tasks = best.cpu()
         outs = []
         groups = task_groups(tasks)
@@ -248,17 +330,25 @@ class Engine(EngineFrontend):
 
     # -- lifecycle ------------------------------------------------------------------
     def warmup(self) -> None:
-        """One forward per task (and through the gate) so the first request is not slow."""
+        """One forward per task (and through the router) so the first request is not slow."""
         prep = self.preprocessing
         x = torch.zeros(len(self.tasks), prep.channels, prep.size, prep.size)
+        if len(self.input_variants) > 1:
+            x = x.unsqueeze(1).expand(-1, len(self.input_variants), -1, -1, -1)
         self.predict(x, list(range(len(self.tasks))))
         if self.gate_preprocessing is not None:
             gp = self.gate_preprocessing
             self.predict(x[:1], [None], torch.zeros(1, gp.channels, gp.size, gp.size))
+        elif self.has_router:
+            self.predict(x[:1], [None])
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes of tensors this engine holds, by part (weights cache included)."""
         parts: dict[str, int] = {"heads": sum(weights_nbytes({"w": w, "b": b}) for w, b in self.heads)}
         if self.gate is not None:
             parts["gate"] = tensor_bytes(self.gate)
+        router = self.router if self.router is not None else self.router_head
+        if router is not None:  # what the router holds beyond the tensors it shares with the strategy
+            own = [t for t in router.state_dict().values() if t.data_ptr() not in self._router_shared]
+            parts["router"] = sum(t.numel() * t.element_size() for t in own)
         return {**parts, **self.kind_strategy.resident_bytes()}

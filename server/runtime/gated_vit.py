@@ -165,7 +165,16 @@ class GatedViT(nn.Module):
             offset += flat.shape[1]
         return torch.cat(parts, 1) if parts else torch.zeros(self.num_experts, 0)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Final-norm tokens of images ``x``, or with ``start > 0`` of ``x`` = the tokens after block ``start``."""
+        vit = self.vit
+        if start > 0:
+            return vit.norm(vit.blocks[start:](x))
+        return vit.norm(vit.blocks(self._embed(x)))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens before the first block: patch embedding, class token and positions (mixed per image where
+        gated), ``norm_pre``."""
         vit, r = self.vit, self.routing
         x = vit.patch_embed(x)
         batch = x.shape[0]
@@ -179,12 +188,25 @@ class GatedViT(nn.Module):
             x = torch.cat([cls, x + pos], dim=1)
         else:
             x = torch.cat([cls, x], dim=1) + pos
-        x = vit.norm_pre(x)
-        x = vit.blocks(x)
-        return vit.norm(x)
+        return vit.norm_pre(x)
 
-    def _pre_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_head(self.forward_features(x), pre_logits=True)
+    def static_prefix(self, k: int) -> bool:
+        """Whether the embeddings and blocks ``1..k`` hold no per-task tensor (a shared prefix)."""
+        parts = [self.vit.patch_embed, self.vit.norm_pre, *self.vit.blocks[:k]]
+        per_task = (GatedLinear, GatedLayerNorm, GatedLayerScale, GatedConv2d, LowRankLinear)
+        stacks = self.cls_stack is not None or self.pos_stack is not None
+        return not stacks and not any(isinstance(m, per_task) for part in parts for m in part.modules())
+
+    @torch.inference_mode()
+    def prefix(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Tokens after block ``k`` for the whole batch: the shared prefix needs no routing (a ValueError when
+        the embeddings or blocks ``1..k`` hold per-task tensors)."""
+        if not self.static_prefix(k):
+            raise ValueError(f"blocks 1..{k} or the embeddings of this model hold per-task tensors: no shared prefix")
+        return self.vit.blocks[:k](self._embed(x))
+
+    def _pre_logits(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.vit.forward_head(self.forward_features(x, start), pre_logits=True)
 
     def _run(
         self,
@@ -192,6 +214,7 @@ class GatedViT(nn.Module):
         p: torch.Tensor | None = None,
         expert: int | None = None,
         groups: list[Group] | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
         r = self.routing
         r.p, r.expert, r.groups = p, expert, groups
@@ -203,7 +226,7 @@ class GatedViT(nn.Module):
             if self._runs_experts:  # the pass's one host sync, before the layer loop
                 r.active = (p != 0).any(0).nonzero().flatten().tolist()
         try:
-            return self._pre_logits(x)
+            return self._pre_logits(x, start)
         finally:
             r.p, r.expert, r.groups, r.table, r.index, r.active = None, None, None, None, None, None
             if r.scratch_bytes > self.keep_scratch_bytes:
@@ -216,16 +239,18 @@ class GatedViT(nn.Module):
         p: torch.Tensor,
         mixing: Mixing = "exact",
         threshold: float = DEFAULT_SPARSE_THRESHOLD,
+        start: int = 0,
     ) -> torch.Tensor:
-        """Pre-logit features ``(B, D)`` with per-image routing ``p`` ``(B, N)``."""
+        """Pre-logit features ``(B, D)`` with per-image routing ``p`` ``(B, N)``; with ``start > 0``, ``x`` is the
+        batch's tokens after block ``start`` (a shared prefix's output) and the pass continues from there."""
         if p.shape != (x.shape[0], self.num_experts):
             raise ValueError(f"p must have shape ({x.shape[0]}, {self.num_experts}), got {tuple(p.shape)}")
         p = p.to(x.dtype)
         if mixing == "exact":
-            return self._run(x, p=p)
-        return self._sparse(x, p, threshold)
+            return self._run(x, p=p, start=start)
+        return self._sparse(x, p, threshold, start)
 
-    def _sparse(self, x: torch.Tensor, p: torch.Tensor, threshold: float) -> torch.Tensor:
+    def _sparse(self, x: torch.Tensor, p: torch.Tensor, threshold: float, start: int = 0) -> torch.Tensor:
         """Drop small experts, sort the batch by remaining expert set, run ONE pass.
 
         Ungated layers see the whole batch; a gated linear layer runs once per group (a
@@ -241,12 +266,12 @@ class GatedViT(nn.Module):
         sets, counts = torch.unique_consecutive(code[order], return_counts=True)
         experts = [[i for i in range(n) if c >> i & 1] for c in sets.tolist()]
         if len(experts) == 1 and len(experts[0]) == 1:
-            return self._run(x, expert=experts[0][0])
-        groups, start = [], 0
+            return self._run(x, expert=experts[0][0], start=start)
+        groups, row = [], 0
         for ex, count in zip(experts, counts.tolist()):
-            groups.append((slice(start, start + count), ex[0] if len(ex) == 1 else None))
-            start += count
-        feats = self._run(x[order], p=kept[order], groups=groups)
+            groups.append((slice(row, row + count), ex[0] if len(ex) == 1 else None))
+            row += count
+        feats = self._run(x[order], p=kept[order], groups=groups, start=start)
         out = torch.empty_like(feats)
         out[order] = feats
         return out
@@ -258,12 +283,13 @@ class GatedViT(nn.Module):
         heads = [models.head(t) for t in models.tasks]
         lowrank = None
         static, experts = dict(b.tensors("backbone")), dict(b.tensors("experts"))
-        if models.kind == "lowrank":
+        if models.kind == "lowrank":  # backbone: W_0 of the layers with factors (and a shared prefix as it is)
             factors = models.lowrank_factors()  # float32: quantized factors are dequantized at load
-            for k in [k for k, w in static.items() if w.ndim != 2]:  # a compressed conv: per-task weights
+            compressed = [k for k in static if k in factors]
+            for k in [k for k in compressed if static[k].ndim != 2]:  # a compressed conv: per-task weights
                 w = static.pop(k).float()
                 experts[k] = w + torch.bmm(*factors[k]).reshape(-1, *w.shape)
-            lowrank = {k.removesuffix(".weight"): factors[k] for k in static}
+            lowrank = {k.removesuffix(".weight"): factors[k] for k in static if k in compressed}
         return cls(models.architecture, static, experts, heads, linear_mode, lowrank=lowrank)
 
     @torch.inference_mode()

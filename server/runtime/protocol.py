@@ -12,6 +12,7 @@ import torch
 
 from model_store.schema import BundleKind, Preprocessing
 
+#: how an image's task was decided: ``gate`` = by the bundle's router (the CNN gate or the backbone router), or given
 Source = Literal["gate", "given"]
 
 
@@ -38,10 +39,14 @@ class InferenceEngine(Protocol):
     task_preprocessing: list[Preprocessing]
     input_variants: list[Preprocessing]
     gate_preprocessing: Preprocessing | None
+    router_kind: Literal["gate", "backbone"] | None
     device: torch.device
 
     @property
     def has_gate(self) -> bool: ...
+
+    @property
+    def has_router(self) -> bool: ...
 
     @property
     def alive(self) -> bool: ...

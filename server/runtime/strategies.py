@@ -10,7 +10,12 @@
   image (mixing ``exact`` or ``sparse``);
 * :class:`LowRankStrategy` -- low-rank task deltas in ONE pass (SPEC section 7): every linear
   layer runs its shared ``W_0`` once for the whole mixed batch plus rank-r corrections
-  ``B_t A_t`` per task group; small tensors are gathered per image.
+  ``B_t A_t`` per task group; small tensors are gathered per image. With a backbone router's
+  shared prefix (SPEC section 8) the pass splits after block k: :meth:`LowRankStrategy.prefix`
+  for the whole batch, then :meth:`LowRankStrategy.features_after` per routed task.
+
+``shared_weights()`` (where a strategy has it): ``theta_0``'s tensors it holds, by name, for a
+backbone router's prefix to share instead of loading a copy.
 
 A strategy never writes to the bundle's tensors.
 """
@@ -111,6 +116,10 @@ class EMRStrategy:
         self.model_bytes = 4 * self.tau_flat.numel()
         self.scratch = copy.deepcopy(self.meta_model)  # reused when the cache cannot hold a task
 
+    def shared_weights(self) -> dict[str, torch.Tensor]:
+        """``theta_0``'s tensors as views of the flat base (a backbone router's prefix shares them)."""
+        return {k: v.view(s) for k, v, s in zip(self.keys, self.base_flat.split(self.numels), self.shapes)}
+
     def materialise(self, task: int) -> Weights:
         """Task ``task``'s backbone ``theta_0 + lam_t M_t tau_uni`` as views of one flat tensor."""
         mask = unpack_mask(self.masks_flat[task], (self.tau_flat.numel(),), torch.float32)
@@ -179,10 +188,31 @@ class LowRankStrategy:
 
     def __init__(self, ctx: StrategyContext):
         self.gated = GatedViT.from_bundle(ctx.models).to(ctx.device)
+        self._backbone = {k: tuple(v.shape) for k, v in ctx.models.bundle.tensors("backbone").items()}
+        router = ctx.models.spec.router
+        #: blocks of a backbone router's shared prefix (0: none): the pass can stop after them to route
+        self.prefix_blocks = router.k if router is not None and router.variant == "shared_prefix" else 0
+        if self.prefix_blocks and not self.gated.static_prefix(self.prefix_blocks):
+            raise ValueError(f"bundle {ctx.models.bundle.version}: its shared prefix holds per-task tensors")
 
     def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         hard = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(x.dtype)
         return self.gated.features(x, hard, "sparse")
+
+    def prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared prefix's tokens after block ``prefix_blocks`` for the whole batch."""
+        return self.gated.prefix(x, self.prefix_blocks)
+
+    def features_after(self, tokens: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` continued from :meth:`prefix`'s ``tokens``, each image with ``argmax p``'s task."""
+        hard = torch.nn.functional.one_hot(p.argmax(1), p.shape[1]).to(tokens.dtype)
+        return self.gated.features(tokens, hard, "sparse", start=self.prefix_blocks)
+
+    def shared_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``backbone.safetensors`` (``theta_0``: ``W_0`` of the low-rank layers, a shared prefix) as
+        the model holds them, by their timm names (per-task stacks and placeholders left out)."""
+        state = self.gated.vit.state_dict(keep_vars=True)
+        return {k: state[k] for k, shape in self._backbone.items() if k in state and tuple(state[k].shape) == shape}
 
     def resident_bytes(self) -> dict[str, int]:
         small = self.gated.small_stack

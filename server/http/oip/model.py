@@ -3,10 +3,11 @@
 Inputs: ``IMAGE`` (BYTES ``[B]``: encoded image files; base64 strings in the JSON form) or ``PIXELS``
 (FP32 ``[B, C, S, S]``, preprocessed as the metadata's ``parameters.preprocessing`` says), and optional
 ``TASK`` (BYTES ``[B]``, empty = the gate routes). Outputs: ``TASK``, ``TASK_PROBABILITY``,
-``CLASS_INDEX``, ``CLASS_LABEL``, ``CLASS_PROBABILITY`` by default; ``PROBABILITIES`` on request
+``CLASS_INDEX``, ``CLASS_LABEL``, ``CLASS_PROBABILITY`` by default; on request ``PROBABILITIES``
 (FP32 ``[B, K]`` with K the largest class count, rows of smaller tasks padded with 0, or with
 ``parameters.classification = k`` / the request's ``parameters.top_k = k``: BYTES ``[B, k]`` of
-``"probability:index:label"``, Triton's classification extension).
+``"probability:index:label"``, Triton's classification extension) and ``TASK_PROBABILITIES`` (FP32
+``[B, N]``: the router's ``p(x)`` per image over the N tasks in metadata order; one-hot for a given task).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ OUTPUTS = {
     "CLASS_LABEL": "BYTES",
     "CLASS_PROBABILITY": "FP32",
     "PROBABILITIES": "FP32",
+    "TASK_PROBABILITIES": "FP32",
 }
 DEFAULT_OUTPUTS = ("TASK", "TASK_PROBABILITY", "CLASS_INDEX", "CLASS_LABEL", "CLASS_PROBABILITY")
 
@@ -60,15 +62,13 @@ def metadata(engine: InferenceEngine, name: str, versions: list[str]) -> ModelMe
                 name="TASK", datatype="BYTES", shape=[-1], parameters={"optional": True, "empty": "the gate routes"}
             ),
         ],
-        outputs=[
-            MetadataTensor(name=n, datatype=d, shape=[-1, max_classes(engine)] if n == "PROBABILITIES" else [-1])
-            for n, d in OUTPUTS.items()
-        ],
+        outputs=[MetadataTensor(name=n, datatype=d, shape=_output_shape(engine, n)) for n, d in OUTPUTS.items()],
         parameters={
             "served_version": engine.version,
             "method": engine.method,
             "kind": engine.kind,
-            "gate": engine.has_gate,
+            "gate": engine.has_router,  # TASK may be empty (the bundle routes)
+            "router": engine.router_kind,
             "tasks": engine.tasks,
             "classes": engine.class_names,
             "preprocessing": prep.model_dump(),
@@ -79,6 +79,12 @@ def metadata(engine: InferenceEngine, name: str, versions: list[str]) -> ModelMe
             },
         },
     )
+
+
+def _output_shape(engine: InferenceEngine, name: str) -> list[int]:
+    if name == "PROBABILITIES":
+        return [-1, max_classes(engine)]
+    return [-1, len(engine.tasks)] if name == "TASK_PROBABILITIES" else [-1]
 
 
 @dataclass
@@ -110,7 +116,7 @@ def _tasks(task: Tensor | None, n: int, engine: InferenceEngine) -> list[int | N
     out: list[int | None] = []
     for name in names:
         if not name:
-            if not engine.has_gate:
+            if not engine.has_router:
                 raise InvalidRequest(
                     f"bundle {engine.version} has no gate: give TASK for every image ({', '.join(engine.tasks)})",
                     code="task_required",
@@ -273,6 +279,9 @@ def build_outputs(engine: InferenceEngine, outs: list[ImageOutput], wanted: list
             tensors.append(Tensor(w.name, "BYTES", [n], [v.encode() for v in labels]))
         elif w.name == "CLASS_PROBABILITY":
             tensors.append(Tensor(w.name, "FP32", [n], np.array([float(t.values) for t in top], np.float32)))
+        elif w.name == "TASK_PROBABILITIES":
+            rows = np.stack([o.task_probabilities.float().numpy() for o in outs]).astype(np.float32)
+            tensors.append(Tensor(w.name, "FP32", [n, len(engine.tasks)], rows))
         else:
             tensors.append(_probabilities(engine, outs, w.classification))
     return tensors

@@ -37,7 +37,7 @@ def router(state: ServerState) -> APIRouter:
             if opts.task not in engine.tasks:
                 raise UnknownTask(f"unknown task '{opts.task}'; this model serves: {', '.join(engine.tasks)}")
             task = engine.task_index(opts.task)
-        elif not engine.has_gate:
+        elif not engine.has_router:
             raise InvalidRequest(
                 f"bundle {engine.version} has no gate: name the task (one of {', '.join(engine.tasks)})",
                 code="task_required",

@@ -25,7 +25,9 @@ def router(state: ServerState) -> APIRouter:
     async def tasks() -> TasksResponse:
         engine = state.engine()
         infos = [TaskInfo(name=t, index=i, classes=engine.class_names[t]) for i, t in enumerate(engine.tasks)]
-        return TasksResponse(model_version=engine.version, gate=engine.has_gate, tasks=infos)
+        return TasksResponse(
+            model_version=engine.version, gate=engine.has_router, router=engine.router_kind, tasks=infos
+        )
 
     @router.get(
         "/v1/models",

@@ -95,8 +95,10 @@ def test_health_and_metadata_through_tritonclient(triton, server):
         "CLASS_LABEL": "BYTES",
         "CLASS_PROBABILITY": "FP32",
         "PROBABILITIES": "FP32",
+        "TASK_PROBABILITIES": "FP32",
     }
     assert model["parameters"]["tasks"] == list(TASKS) and model["parameters"]["gate"] is True
+    assert model["parameters"]["router"] == "gate"
     pixels = next(i for i in model["inputs"] if i["name"] == "PIXELS")
     prep = model["parameters"]["preprocessing"]
     assert pixels["shape"] == [-1, prep["channels"], prep["size"], prep["size"]]
@@ -114,14 +116,24 @@ def test_infer_equals_v1_classify_task_given_and_routed(triton, server, samples,
         pngs = [p for _, p in samples]
         outputs = [
             httpclient.InferRequestedOutput(n, binary_data=binary)
-            for n in ("TASK", "TASK_PROBABILITY", "CLASS_INDEX", "CLASS_LABEL", "CLASS_PROBABILITY", "PROBABILITIES")
+            for n in (
+                "TASK",
+                "TASK_PROBABILITY",
+                "CLASS_INDEX",
+                "CLASS_LABEL",
+                "CLASS_PROBABILITY",
+                "PROBABILITIES",
+                "TASK_PROBABILITIES",
+            )
         ]
         result = triton.infer("vitmerge", _inputs(pngs, tasks, binary), outputs=outputs, request_id="req-7")
         response = result.get_response()
         assert response["id"] == "req-7" and response["model_version"] == "v1"
-        probs = result.as_numpy("PROBABILITIES")
+        probs, task_p = result.as_numpy("PROBABILITIES"), result.as_numpy("TASK_PROBABILITIES")
+        assert task_p.shape == (len(pngs), len(TASKS))
         for i, ((task, png), given) in enumerate(zip(samples, tasks)):
             want = _v1(server.url, png, given or None, top_k=20)
+            np.testing.assert_allclose(task_p[i], [want["task"]["probabilities"][t] for t in TASKS], atol=1e-5)
             name = result.as_numpy("TASK")[i]
             assert (name.decode() if isinstance(name, bytes) else name) == want["task"]["name"]
             assert result.as_numpy("TASK_PROBABILITY")[i] == pytest.approx(want["task"]["probability"], abs=1e-4)
