@@ -28,14 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from PIL import Image
 
 from model_store.data.builtin import load_split
-from server.http.readiness import wait_until_ready
+from server.http.launch import ServerProcess, terminate_as_interrupt, wait_for_http
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -48,45 +46,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """``vitmerge serve`` with one HTTP stack, on a free port."""
-
-    def __init__(self, store: Path, loop: str, parser: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "VITMERGE_HTTP_LOOP": loop, "VITMERGE_HTTP_PARSER": parser}
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(self.port)]
-        cmd += ["--device", "cpu", "--watch-interval", "0", "--quiet"]
-        self.log = store / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        wait_until_ready(self.url, 600, self.proc, self.log.read_text)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def Server(
+    store: Path, loop: str = "asyncio", parser: str = "h11", extra: list[str] | None = None, env: dict | None = None
+) -> ServerProcess:
+    """``vitmerge serve`` with one HTTP stack, on a free port, in its own process group (stopped with its children)."""
+    port = free_port()
+    env = {**os.environ, "VITMERGE_HTTP_LOOP": loop, "VITMERGE_HTTP_PARSER": parser, **(env or {})}
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(port)]
+    cmd += ["--device", "cpu", "--watch-interval", "0", "--quiet", *(extra or [])]
+    url = f"http://127.0.0.1:{port}"
+    return ServerProcess(cmd, store / f"serve-{port}.log", cwd=REPO, env=env, url=url)
 
 
-class LitServeZoo:
-    """``benchmarks/litserve_zoo.py`` under another Python, on a free port."""
-
-    def __init__(self, python: str, zoo: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        script = REPO / "benchmarks" / "litserve_zoo.py"
-        cmd = [python, str(script), str(zoo), str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        raise TimeoutError(f"LitServe did not start:\n{log.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+def LitServeZoo(python: str, zoo: Path | str, log: Path, extra: list[str] | None = None) -> ServerProcess:
+    """``benchmarks/litserve_zoo.py`` under another Python, on a free port, in its own process group (LitServe's
+    worker processes included)."""
+    port = free_port()
+    cmd = [python, str(REPO / "benchmarks" / "litserve_zoo.py"), str(zoo), str(port), *(extra or [])]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return ServerProcess(cmd, log, cwd=REPO, env=env, url=f"http://127.0.0.1:{port}", ready=wait_for_http("/health"))
 
 
 def hey(url: str, body: Path, n: int, c: int, media: str = "image/png", headers: list[str] | None = None) -> dict:
@@ -124,16 +102,18 @@ def main() -> int:
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed: apt-get install hey")
     levels = [int(c) for c in args.concurrency.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
+    with terminate_as_interrupt(), tempfile.TemporaryDirectory() as tmp:
         store = Path(args.store) if args.store else Path(tmp) / "store"
         if not args.store:
             build_demo_store(store)
         png = Path(tmp) / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
-        servers = {name: Server(store, *stack) for name, stack in STACKS.items()}
+        servers: dict[str, ServerProcess] = {}
         rows: list[dict] = []
         side: list[dict] = []
         try:
+            for name, stack in STACKS.items():
+                servers[name] = Server(store, *stack)
             if args.litserve:
                 side = litserve_rows(args, servers["asyncio + h11"], store, Path(tmp), levels)
             for mode in ("task given", "routed"):
@@ -161,7 +141,9 @@ def main() -> int:
     return 0
 
 
-def litserve_rows(args: argparse.Namespace, vitmerge: Server, store: Path, tmp: Path, levels: list[int]) -> list[dict]:
+def litserve_rows(
+    args: argparse.Namespace, vitmerge: ServerProcess, store: Path, tmp: Path, levels: list[int]
+) -> list[dict]:
     """Task given, one base64 image per JSON request: vitmerge (routed-EMR bundle) vs LitServe (N models)."""
     img = base64.b64encode((tmp / "digit.png").read_bytes()).decode()
     (tmp / "vitmerge.json").write_text(json.dumps({"images": [img], "task": "digits"}))

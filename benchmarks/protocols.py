@@ -28,6 +28,7 @@ from http_stack import RESULTS, Server, build_demo_store, hey
 from PIL import Image
 
 from model_store.data.builtin import load_split
+from server.http.launch import terminate_as_interrupt
 
 
 def bodies(png: bytes, task: str | None, tmp: Path) -> dict[str, tuple[str, Path, str, list[str]]]:
@@ -82,7 +83,7 @@ def main() -> int:
         raise SystemExit("hey is not installed: apt-get install hey")
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp_dir:
+    with terminate_as_interrupt(), tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         store = Path(args.store) if args.store else tmp / "store"
         if not args.store:
@@ -90,8 +91,7 @@ def main() -> int:
         png_path = tmp / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png_path)
         png = png_path.read_bytes()
-        server = Server(store, "asyncio", "h11")
-        try:
+        with Server(store, "asyncio", "h11") as server:
             for mode, task in (("task given", "digits"), ("routed", None)):
                 forms = bodies(png, task, tmp)
                 for c in levels:
@@ -101,8 +101,6 @@ def main() -> int:
                         row = {"form": form, "mode": mode, "concurrency": c, "body_bytes": body.stat().st_size}
                         rows.append({**row, **hey(url, body, args.requests, c, media, headers)})
                         print(rows[-1], flush=True)
-        finally:
-            server.stop()
     res = {
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -3,7 +3,8 @@
 One server on a store (default: the demo zoo merged with ``emr_routed``), single-image requests at
 one concurrency for ``--seconds``; ``py-spy record`` samples every thread of the server and its
 children (the engine process with ``--worker process``) that is on a CPU, and each sample is put in
-one stage: the first of ``STAGES`` (in order) that a frame of its stack belongs to. The server's
+one stage: the first "work" stage (decode ... queueing) any frame of its stack belongs to, else the
+stage of its innermost frame that belongs to one (HTTP parsing, JSON, pydantic, routing ...). The server's
 CPU time (``/proc``: user + system of its process group) divided by the requests answered gives
 CPU ms per request; each stage gets its share of the samples of that.
 
@@ -34,29 +35,39 @@ from protocols import bodies
 
 from server.http.launch import ServerProcess, group_members, terminate_as_interrupt
 
-#: stage -> patterns on a frame ("function (file:line)"); a sample goes to the FIRST stage (this order) that
-#: any frame of its stack matches: preprocessing inside the engine's module is preprocessing, not inference
-STAGES: list[tuple[str, tuple[str, ...]]] = [
+#: work stages: a sample with ANY frame matching goes to the first such stage (this order): preprocessing inside
+#: the engine's module is preprocessing, the engine's torch calls are inference
+WORK_STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("decode (PIL)", ("model_store/data/decode", "PIL/")),
     ("preprocessing", ("model_store/data/preprocessing", "torchvision/", "prepare (", "preprocess (")),
     ("inference (engine)", ("predict (", "server/runtime/", "timm/")),
-    ("encode response", ("encode_prediction", "encode_response", "build_outputs", "serialize_response", "render (")),
-    ("multipart / JSON / base64", ("multipart", "json/", "base64", "server/http/codec", "server/http/oip/wire")),
+    ("encode response", ("encode_prediction", "encode_response", "build_outputs", "serialize_response")),
     ("batcher / queueing", ("server/http/batcher", "server/http/state")),
-    ("FastAPI / pydantic", ("fastapi/", "pydantic", "starlette/routing", "starlette/requests")),
-    ("middleware + metrics", ("server/http/middleware", "prometheus_client", "starlette/middleware")),
+]
+#: the rest by the INNERMOST frame that matches one of these (first match in this order for that frame): h11
+#: writing a response from inside the app is HTTP, not the app
+LEAF_STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("multipart / JSON / base64", ("multipart", "json/", "base64", "server/http/codec", "server/http/oip/wire")),
+    ("pydantic validation", ("pydantic",)),
     ("HTTP parsing + uvicorn", ("h11", "httptools", "uvicorn/")),
+    ("middleware + metrics", ("server/http/middleware", "prometheus_client", "starlette/middleware")),
+    ("FastAPI / Starlette + handler", ("fastapi/", "starlette/", "server/http/")),
     ("asyncio event loop", ("asyncio/", "uvloop", "selectors")),
     ("threads / process IPC", ("concurrent/futures", "threading", "multiprocessing/", "queue")),
 ]
+STAGES = WORK_STAGES + LEAF_STAGES
 OTHER = "other"
 
 
 def stage_of(stack: str) -> str:
-    """The stage of one collapsed ``py-spy`` stack (frames ``;``-separated)."""
-    for stage, patterns in STAGES:
+    """The stage of one collapsed ``py-spy`` stack (frames ``;``-separated, outermost first)."""
+    for stage, patterns in WORK_STAGES:
         if any(p in stack for p in patterns):
             return stage
+    for frame in reversed(stack.split(";")):
+        for stage, patterns in LEAF_STAGES:
+            if any(p in frame for p in patterns):
+                return stage
     return OTHER
 
 
@@ -96,7 +107,7 @@ def profile(server: ServerProcess, form: tuple[str, Path, str, list[str]], c: in
     path, body, media, headers = form
     url = server.url + path
     hey(url, body, 300, c, media, headers)  # warm-up
-    raw = tmp / "pyspy.txt"
+    raw = tmp / f"pyspy-{form[0].strip('/').replace('/', '_').split('?')[0]}-{body.name}-c{c}.txt"
     spy = subprocess.Popen(
         [str(pyspy()), "record", "--pid", str(server.proc.pid), "--subprocesses", "--format", "raw", "--rate", "250"]
         + ["--nonblocking", "--duration", str(int(seconds) + 2), "--output", str(raw)],
@@ -135,6 +146,7 @@ def main() -> int:
     ap.add_argument("--modes", default="given,routed")
     ap.add_argument("--server-args", default="", help="extra `vitmerge serve` flags, e.g. '--worker process'")
     ap.add_argument("--out", default="request_profile", help="results file stem")
+    ap.add_argument("--keep-stacks", default=None, help="a folder to keep py-spy's collapsed stacks in")
     args = ap.parse_args()
     if shutil.which("hey") is None or pyspy() is None:
         raise SystemExit("needs hey (apt-get install hey) and py-spy (pip install py-spy)")
@@ -159,7 +171,9 @@ def main() -> int:
                 forms = bodies(png.read_bytes(), "digits" if mode == "given" else None, tmp)
                 for form in args.forms.split(","):
                     row = {"mode": mode, "form": names[form], "concurrency": args.concurrency}
-                    row.update(profile(server, forms[names[form]], args.concurrency, args.seconds, tmp))
+                    stacks = Path(args.keep_stacks) if args.keep_stacks else tmp
+                    stacks.mkdir(parents=True, exist_ok=True)
+                    row.update(profile(server, forms[names[form]], args.concurrency, args.seconds, stacks))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     res = {"command": " ".join(["python", *sys.argv]), "server_args": args.server_args, "rows": rows}

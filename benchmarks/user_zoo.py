@@ -37,6 +37,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from server.http.launch import ServerProcess, terminate_as_interrupt
 from server.http.readiness import wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,31 +162,16 @@ def main() -> None:
     subprocess.run([*_vitmerge(), "zoo", "create", str(spec), "--store", str(store), "--quiet"], check=True, cwd=REPO)
     t_create = time.perf_counter() - t0
     port = _port()
-    log = (WORK / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            *_vitmerge(),
-            "serve",
-            "--zoo",
-            str(spec),
-            "--store",
-            str(store),
-            "--port",
-            str(port),
-            "--quiet",
-            "--watch-interval",
-            "0",
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        desc = f"serve: merge ({args.method or 'default method'}) + load"
-        with tqdm(desc=desc, unit="s", bar_format="{desc}: {elapsed}") as bar:
-            wait_until_ready(url, 3600, proc, (WORK / "serve.log").read_text, poll_s=0.5, on_poll=bar.refresh)
+    cmd = [*_vitmerge(), "serve", "--zoo", str(spec), "--store", str(store), "--port", str(port), "--quiet"]
+    desc = f"serve: merge ({args.method or 'default method'}) + load"
+    with tqdm(desc=desc, unit="s", bar_format="{desc}: {elapsed}") as bar:
+
+        def ready(server: ServerProcess) -> None:
+            wait_until_ready(url, 3600, server.proc, server.read_log, poll_s=0.5, on_poll=bar.refresh)
+
+        server = ServerProcess([*cmd, "--watch-interval", "0"], WORK / "serve.log", cwd=REPO, env=env, ready=ready)
+    with server:
         t_ready = time.perf_counter() - t0
         answers = {}
         for user_name in TASKS.values():
@@ -199,9 +185,6 @@ def main() -> None:
             answers[user_name] = r["predictions"][0]["task"]["name"]
         scores = score(url, args.score)
         manifest = json.loads(next((store / "bundles").glob("v*/manifest.json")).read_text())
-    finally:
-        proc.terminate()
-        proc.wait(30)
     counts = {t: {k: (v or {}).get("images") for k, v in d.items()} for t, d in manifest["extra"]["data"].items()}
     result = {
         "zoo_create_s": round(t_create, 1),
@@ -240,4 +223,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with terminate_as_interrupt():  # SIGTERM, too, stops the server started
+        main()

@@ -35,10 +35,13 @@ class ServerProcess:
         url: str | None = None,
         ready: Callable[[ServerProcess], None] | None = None,
         timeout_s: float = 600.0,
+        grace_s: float = 20.0,
     ):
         """Start ``cmd`` (output to ``log``); with ``url``, wait until ``url/readyz`` answers 200, or call
-        ``ready(self)`` to wait some other way. A start that fails stops the group before raising."""
+        ``ready(self)`` to wait some other way. A start that fails stops the group before raising.
+        ``grace_s``: how long :meth:`stop` waits after ``SIGTERM`` before ``SIGKILL``."""
         self.url = url or ""
+        self.grace_s = grace_s
         self.log = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(
@@ -58,11 +61,11 @@ class ServerProcess:
         self._log.flush()
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self, grace_s: float = 20.0) -> None:
+    def stop(self) -> None:
         """``SIGTERM`` to the group (graceful drain), ``SIGKILL`` to whatever of it is left after ``grace_s``."""
         signal_group(self.pgid, signal.SIGTERM)
         try:
-            self.proc.wait(grace_s)
+            self.proc.wait(self.grace_s)
         except subprocess.TimeoutExpired:
             pass
         signal_group(self.pgid, signal.SIGKILL)  # children that outlived the leader, or a leader that hung
