@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from server.http.codec import configure_pillow
 from server.http.errors import APIError, install_error_handlers
@@ -19,6 +20,9 @@ from server.http.middleware import ServingMiddleware
 from server.http.routes import admin, inference, models, ops, pages, v2
 from server.http.settings import ServerSettings
 from server.http.state import ServerState
+
+#: endpoints served by the middleware's fast path (they take the request and path parameters only)
+FAST_ENDPOINTS = ("classify", "infer")
 
 
 def create_app(settings: ServerSettings | None = None, progress: bool = False) -> FastAPI:
@@ -49,9 +53,11 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
     )
     app.state.vitmerge = state
     install_error_handlers(app)
-    app.add_middleware(ServingMiddleware, state=state)
+    fast: list[APIRoute] = []  # filled below, read by the middleware (built at the first request)
+    app.add_middleware(ServingMiddleware, state=state, fast=fast)
     for group in (ops, models, inference, admin, v2, pages):
         app.include_router(group.router(state))
+    fast += [r for r in app.routes if isinstance(r, APIRoute) and r.endpoint.__name__ in FAST_ENDPOINTS]
     return app
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 from filelock import FileLock
 
 from model_store.bundle import BundleStore
@@ -67,8 +68,11 @@ class ModelManager:
                 self.metrics.cache_lookup,
                 s.cuda_graphs,
                 s.malloc_reuse,
+                s.torch_threads,
             )
         else:
+            if s.torch_threads is not None:
+                torch.set_num_threads(s.torch_threads)
             engine = Engine(
                 self.store.load(version),
                 self.device,

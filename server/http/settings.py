@@ -58,6 +58,12 @@ class ServerSettings(BaseSettings):
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay CUDA graphs of fixed-weight modules (gate, cached task models)"
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch's intra-op threads for inference (in the engine process with worker=process); "
+        "None: torch's default (one per core)",
+    )
     cache_bytes: int = Field(
         512 * 2**20, ge=0, description="LRU budget for materialised per-task weights; 0 = rebuild every batch"
     )

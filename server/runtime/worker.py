@@ -42,6 +42,7 @@ def _child(
     threshold: float | None,
     cuda_graphs: bool,
     malloc_reuse: bool = False,
+    torch_threads: int | None = None,
 ) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
@@ -51,6 +52,8 @@ def _child(
 
     if malloc_reuse:  # a spawned child starts with glibc's defaults
         reuse_freed_memory()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
     lookups: list[bool] = []
     try:
         torch.set_grad_enabled(False)
@@ -132,8 +135,10 @@ class ProcessEngine(EngineFrontend):
         on_cache_lookup: Callable[[bool], None] | None = None,
         cuda_graphs: bool = True,
         malloc_reuse: bool = False,
+        torch_threads: int | None = None,
     ):
-        """``malloc_reuse``: tune the child's ``malloc`` (:func:`~server.runtime.host_memory.reuse_freed_memory`)."""
+        """``malloc_reuse``: tune the child's ``malloc`` (:func:`~server.runtime.host_memory.reuse_freed_memory`);
+        ``torch_threads``: the child's intra-op threads (None: torch's default)."""
         super().__init__(bundle, device)  # metadata only: no tensors in this process
         self._on_cache_lookup = on_cache_lookup
         self._lock = threading.Lock()
@@ -150,6 +155,7 @@ class ProcessEngine(EngineFrontend):
                 threshold,
                 cuda_graphs,
                 malloc_reuse,
+                torch_threads,
             ),
             name=f"vitmerge-engine-{bundle.version}",
             daemon=True,

@@ -35,9 +35,10 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
 
 #: a benchmark in miniature: start the server, print its group, then wait, fail or finish as told
 DRIVER = r"""
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from server.http.launch import ServerProcess, terminate_as_interrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal (a background job ignores it)
 port, behaviour, server_code, log = sys.argv[1:5]
 cmd = [sys.executable, "-c", server_code, port, behaviour]
 with terminate_as_interrupt(), ServerProcess(cmd, Path(log), url=f"http://127.0.0.1:{port}", grace_s=1) as server:
