@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--server-args", default="", help="extra `vitmerge serve` flags, e.g. '--worker process'")
     ap.add_argument("--out", default="request_profile", help="results file stem")
     ap.add_argument("--keep-stacks", default=None, help="a folder to keep py-spy's collapsed stacks in")
+    ap.add_argument("--tree", default=None, help="serve another checkout's code (e.g. a baseline commit's)")
     args = ap.parse_args()
     if shutil.which("hey") is None or pyspy() is None:
         raise SystemExit("needs hey (apt-get install hey) and py-spy (pip install py-spy)")
@@ -166,7 +167,9 @@ def main() -> int:
         port = free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(port)]
         cmd += ["--device", "cpu", "--watch-interval", "0", "--quiet", *shlex.split(args.server_args)]
-        with ServerProcess(cmd, tmp / "serve.log", cwd=REPO, url=f"http://127.0.0.1:{port}") as server:
+        tree = Path(args.tree).resolve() if args.tree else REPO
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        with ServerProcess(cmd, tmp / "serve.log", cwd=tree, env=env, url=f"http://127.0.0.1:{port}") as server:
             for mode in args.modes.split(","):
                 forms = bodies(png.read_bytes(), "digits" if mode == "given" else None, tmp)
                 for form in args.forms.split(","):

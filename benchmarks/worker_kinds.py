@@ -59,9 +59,9 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--variants", default=",".join([*VARIANTS, FRONTENDS]), help="comma-separated variant names")
+    ap.add_argument("--variants", default=";".join([*VARIANTS, FRONTENDS]), help="';'-separated variant names")
     args = ap.parse_args()
-    names = args.variants.split(",")
+    names = args.variants.split(";")
     runs: dict[tuple[str, str, int], list[dict]] = {}
     with terminate_as_interrupt(), tempfile.TemporaryDirectory() as tmp_dir, ExitStack() as stack:
         tmp = Path(tmp_dir)

@@ -9,10 +9,12 @@ decode and preprocess images in a thread pool; :mod:`server.http.requests`) ->
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
 from server.http.codec import configure_pillow
 from server.http.errors import APIError, install_error_handlers
@@ -57,8 +59,19 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
     app.add_middleware(ServingMiddleware, state=state, fast=fast)
     for group in (ops, models, inference, admin, v2, pages):
         app.include_router(group.router(state))
-    fast += [r for r in app.routes if isinstance(r, APIRoute) and r.endpoint.__name__ in FAST_ENDPOINTS]
+    fast += [r for r in api_routes(app.routes) if r.endpoint.__name__ in FAST_ENDPOINTS]
+    app.state.fast_routes = fast
     return app
+
+
+def api_routes(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
+    """Every endpoint route, routers included in routers too (FastAPI keeps an included router as one entry)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from api_routes(included.routes)
 
 
 __all__ = ["APIError", "ServerState", "create_app"]

@@ -44,6 +44,8 @@ cmd = [sys.executable, "-c", server_code, port, behaviour]
 with terminate_as_interrupt(), ServerProcess(cmd, Path(log), url=f"http://127.0.0.1:{port}", grace_s=1) as server:
     time.sleep(0.5)  # the grandchild is spawned
     print(server.pgid, flush=True)
+    if behaviour in ("fail", "finish"):
+        sys.stdin.readline()  # the test has seen the server's group
     if behaviour == "fail":
         raise RuntimeError("the benchmark failed")
     if behaviour in ("wait", "ignore-term"):
@@ -61,7 +63,9 @@ def _gone(pgid: int, timeout_s: float = 10.0) -> list[int]:
 
 def _start(behaviour: str, server_code: str, tmp_path: Path) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-c", DRIVER, str(free_port()), behaviour, server_code, str(tmp_path / "server.log")]
-    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert driver.stdout is not None
     line = driver.stdout.readline()
     assert line.strip().isdigit(), f"driver did not start its server: {line!r} {driver.stderr.read()}"  # type: ignore[union-attr]
@@ -84,6 +88,9 @@ def test_no_process_of_a_benchmark_server_outlives_the_benchmark(behaviour, inte
     driver, pgid = _start(behaviour, FAKE_SERVER, tmp_path)
     if interrupt is not None:
         driver.send_signal(interrupt)
+    else:
+        driver.stdin.write("go\n")  # type: ignore[union-attr]
+        driver.stdin.flush()  # type: ignore[union-attr]
     driver.wait(30)
     assert _gone(pgid) == []
     if behaviour == "fail":
