@@ -105,7 +105,7 @@ def export_user_world() -> Path:
             "model_name": arch.timm_name,
             "model_kwargs": arch.kwargs,
             "path": "ckpt/base.safetensors",
-            "preprocessing": zoo.metas[zoo.base].preprocessing.model_dump(exclude={"size", "channels"}),
+            "preprocessing": zoo.metas[zoo.base].preprocessing.model_dump(exclude={"size", "channels", "source"}),
         },
         "tasks": tasks,
     }

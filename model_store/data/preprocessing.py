@@ -91,10 +91,14 @@ def _to_channels(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return x
 
 
+_LUMA = torch.tensor([19595.0, 38470.0, 7471.0])
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    """Pillow's ``convert("L")``: ``(R*19595 + G*38470 + B*7471 + 2^15) >> 16``."""
-    w = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
-    return ((x.to(torch.int32) * w).sum(1, keepdim=True) + 32768).bitwise_right_shift(16).to(torch.uint8)
+    """Pillow's ``convert("L")``: ``(R*19595 + G*38470 + B*7471 + 2^15) >> 16``, exactly: every sum is an
+    integer below 2^24, so float32 holds it exactly, and a matmul over the (channels-last) pixels is fast."""
+    rgb = x.permute(0, 2, 3, 1).float()  # (N, H, W, 3): the decoder's own layout, no copy before .float()
+    return (rgb @ _LUMA).add_(32768.0).div_(65536.0).floor_().to(torch.uint8).unsqueeze(1)
 
 
 def _on_white(x: torch.Tensor) -> torch.Tensor:
