@@ -5,6 +5,8 @@
 For every store's CURRENT bundle: one mixed-task batch of pool images (``STORE/pool``
 or the first store's), task given and routed by the gate; gated bundles with both
 mixing modes (exact, sparse). Prints a JSON report; exits 1 on any mismatch.
+
+Feeds BENCHMARKS.md, section "Serving (issue 5)" (its CUDA path check).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from PIL import Image
 
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
-from server.runtime.engine import Engine
+from server.runtime.bundle_reader import BundleReader
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.gated_vit import Mixing
 
 
@@ -33,8 +36,8 @@ def _batch(engine: Engine, pool: Path, n: int = 64):
 
 
 def compare(store: Path, pool: Path, mixing: Mixing = "sparse") -> dict:
-    cpu = Engine(BundleStore(StoreLayout(store)).load(), "cpu", mixing=mixing)
-    gpu = Engine(BundleStore(StoreLayout(store)).load(), "cuda", mixing=mixing)
+    cpu = Engine(BundleStore(StoreLayout(store)).load(), EngineOptions("cpu", mixing=mixing))
+    gpu = Engine(BundleStore(StoreLayout(store)).load(), EngineOptions("cuda", mixing=mixing))
     x, g, tasks = _batch(cpu, pool)
     out = {"store": store.name, "bundle": cpu.version, "kind": cpu.kind, "mixing": mixing}
     modes = [("given", tasks, None)] + ([("routed", [None] * len(tasks), g)] if cpu.has_gate else [])
@@ -52,10 +55,8 @@ def main() -> int:
     pool = next(s / "pool" for s in stores if (s / "pool").exists())
     reports = []
     for store in stores:
-        kind = BundleStore(StoreLayout(store)).load(verify=False)
-        mixings: list[Mixing] = (
-            ["exact", "sparse"] if json.loads((kind.path / "model.json").read_text())["kind"] == "gated" else ["sparse"]
-        )
+        kind = BundleReader(BundleStore(StoreLayout(store)).load(verify=False)).kind
+        mixings: list[Mixing] = ["exact", "sparse"] if kind == "gated" else ["sparse"]
         reports += [compare(store, pool, s) for s in mixings]
     print(
         json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "reports": reports}, indent=2)

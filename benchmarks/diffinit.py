@@ -17,24 +17,30 @@ No gate is trained here (joint accuracy is the routing-free measure).
     .venv/bin/python benchmarks/diffinit.py [--images 16 --augment 25 --epochs 10 --seed 0]
 
 Writes benchmarks/results/diffinit.{md,json,png}.
+
+Feeds BENCHMARKS.md, section "Differently-initialised models (issue 8)".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from merging.method_index import run_merge
-from merging.pipeline import merge_context
+from merging.pipeline import merge_and_publish
+from model_store.bundle import BundleStore
 from model_store.memory import limit_heap_fragmentation
+from model_store.settings import StoreLayout
 from model_store.zoo import Zoo
 from model_store.zoo_build.presets import build_zoo
-from server.eval.joint import evaluate_ensemble, evaluate_merged, load_test_sets, summary
+from server.eval.joint import evaluate_ensemble, evaluate_joint, summary
+from server.eval.taskpool import TaskPool
+from server.runtime.engine import Engine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -60,23 +66,21 @@ def methods(group: tuple[str, ...], args: argparse.Namespace) -> dict[str, tuple
     return out
 
 
-def run_group(zoo, group: tuple[str, ...], args: argparse.Namespace, data) -> dict:
-    """Every method on one group: scores per task, means, parameters, seconds."""
-    arch = zoo.metas[group[0]].architecture
-    sub = {t: data[t] for t in group}
+def run_group(zoo: Zoo, group: tuple[str, ...], args: argparse.Namespace, pool: TaskPool, store: BundleStore) -> dict:
+    """Every method on one group, each merge published as a bundle and scored through the Engine: scores per
+    task, means, parameters, seconds."""
+    sub = pool.subset(group)
     rows: dict[str, dict] = {}
     rows["original"] = {"per_task": {t: zoo.metas[t].provenance.test_accuracy for t in group}}
     rows["original"]["mean"] = {"per_task": sum(rows["original"]["per_task"].values()) / len(group)}
-    ens = evaluate_ensemble(zoo, group, sub)
+    ens = evaluate_ensemble(zoo, sub)
     rows["ensemble"] = {"scores": ens, "mean": summary(ens), "optimised_parameters": 0, "seconds": 0.0}
     for label, (name, params) in tqdm(methods(group, args).items(), desc="+".join(group), leave=False):
         torch.manual_seed(args.seed)
-        start = time.perf_counter()
-        result = run_merge(name, merge_context(zoo, list(group)), params)
-        seconds = time.perf_counter() - start
-        heads = dict(zip(group, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in group}
-        scores = evaluate_merged(result.backbone, heads, arch, sub)
-        info = {k: v for k, v in result.info.items() if k != "params"}
+        outcome = merge_and_publish(zoo, store, name, params, list(group), progress=False)
+        seconds = outcome.merge_seconds
+        scores = evaluate_joint(Engine(store.load(outcome.version), "cpu"), sub)
+        info = outcome.result.info.model_dump(exclude_none=True)
         rows[label] = {
             "scores": scores,
             "mean": summary(scores),
@@ -212,7 +216,9 @@ def main() -> None:
     limit_heap_fragmentation()
     zoo = Zoo.load(args.zoo) if args.zoo else build_zoo("tiny-diffinit", REPO / "store" / "zoos" / "tiny-diffinit").zoo
     groups = [tuple(g.split("+")) for g in args.groups.split(",")]
-    data = load_test_sets(zoo, sorted({t for g in groups for t in g}), zoo.metas[zoo.tasks[0]].preprocessing)
+    pool = TaskPool.of_zoo(zoo, sorted({t for g in groups for t in g}), purpose="the diffinit benchmark")
+    root = Path(tempfile.mkdtemp(prefix="vitmerge-diffinit-"))  # the merges' bundles, deleted at the end
+    store = BundleStore(StoreLayout(root), keep=1_000)
     result: dict = {
         "args": vars(args),
         "zoo_config_hash": zoo.manifest.config_hash,
@@ -220,9 +226,12 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "groups": [],
     }
-    for group in groups:
-        result["groups"].append({"tasks": list(group), "rows": run_group(zoo, group, args, data)})
-        (RESULTS / "diffinit.json").write_text(json.dumps(result, indent=2))
+    try:
+        for group in groups:
+            result["groups"].append({"tasks": list(group), "rows": run_group(zoo, group, args, pool, store)})
+            (RESULTS / "diffinit.json").write_text(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     (RESULTS / "diffinit.md").write_text(render(result))
     plot(result, RESULTS / "diffinit.png")
     print(render(result))

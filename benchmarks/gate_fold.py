@@ -8,6 +8,9 @@ BN statistics are randomised first (a fresh gate's norms are an identity, which 
 Writes ``benchmarks/results/gate_fold.{json,md}``.
 
     .venv/bin/python benchmarks/gate_fold.py [--sizes 64,96] [--batch 32] [--repeats 20]
+
+Feeds BENCHMARKS.md, section
+"Low-rank task deltas: TSV-C, TSV-M, TSV routed, one-pass serving (issue 21)" (the gate-fold table).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
 and base64-JSON requests, task given and routed, concurrency 16 and 64 (``hey -z 8s`` each), with the engine
 in the server process (``--worker thread``) and in its own process (``--worker process``). Writes
 OUT/gpu_http.{json,md}. Every server is stopped with its children, whatever happens.
+
+Feeds BENCHMARKS.md, section "The GPU run: benchmarks/gpu_check.sh (prepared, not yet run)".
 """
 
 from __future__ import annotations
@@ -15,11 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from http_stack import Server, build_demo_store
-from protocols import bodies
-from vs_litserve import hey_run
-
-from server.http.launch import terminate_as_interrupt
+from server.http.live import ServeProcess, build_demo_store, hey_for, request_forms, terminate_as_interrupt
 
 DEFAULT_STORE = Path(__file__).resolve().parent / ".gpu-store"
 
@@ -46,14 +44,14 @@ def run(store: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for worker in ("thread", "process"):
-        with Server(store, extra=["--device", "cuda", "--worker", worker]) as server:
+        with ServeProcess(store, extra=["--device", "cuda", "--worker", worker]) as server:
             for mode, task in (("task given", "digits"), ("routed", None)):
-                forms = bodies(png, task, out)
+                forms = request_forms(png, task, out)
                 for form in ("v1 raw PNG", "v1 base64 JSON"):
                     path, body, media, headers = forms[form]
-                    hey_run(server.url + path, body, 2, 16, media, headers)  # warm-up
+                    hey_for(server.url + path, body, 2, 16, media, headers)  # warm-up
                     for c in (16, 64):
-                        r = hey_run(server.url + path, body, 8, c, media, headers)
+                        r = hey_for(server.url + path, body, 8, c, media, headers)
                         rows.append({"worker": worker, "mode": mode, "form": form, "concurrency": c, **r})
                         print(json.dumps(rows[-1]), flush=True)
     (out / "gpu_http.json").write_text(json.dumps(rows, indent=1))

@@ -11,6 +11,8 @@ agreement of bf16 with fp32 is the share of images whose top-1 class (and routed
         [--device cuda] [--out DIR]
 
 Writes DIR/gpu_lowrank.{json,md} (default benchmarks/results).
+
+Feeds BENCHMARKS.md, section "The GPU run: benchmarks/gpu_check.sh (prepared, not yet run)".
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import time
 from pathlib import Path
 
 import torch
-from lowrank_serve import ARCHS, RESULTS, mixed_batches, publish, synthetic_gate, synthetic_zoo
 
+from merging.synthetic import ARCHS, mixed_batches, publish_synthetic, synthetic_gate, synthetic_zoo
 from model_store.architecture import build_model
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
 from server.runtime.engine import Engine
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 TARGET_AGREEMENT = 0.999
 
@@ -61,12 +65,13 @@ def main() -> int:
     device = torch.device(args.device)
     arch, size = ARCHS[args.arch]
     dtypes = args.dtypes.split(",")
-    base, tuned, heads = synthetic_zoo(arch, args.tasks, 0)
+    zoo = synthetic_zoo(arch, args.tasks, 0)
+    base, _, heads = zoo
     gate, gate_pool = synthetic_gate(args.tasks, 96, 0)
     rows, agreement = [], {}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         store = BundleStore(StoreLayout(Path(tmp)))
-        version = publish(store, "lowrank", arch, size, base, tuned, heads, 0.045, gate, True, 96)
+        version = publish_synthetic(store, "lowrank", arch, size, zoo, gate, 0.045, True, 96)
         engines = {d: Engine(store.load(version), device) for d in dtypes}
         plain = build_model(engines[dtypes[0]].models.architecture, 10).to(device).eval()
         plain.load_state_dict({**base, "head.weight": heads[0]["head.weight"], "head.bias": heads[0]["head.bias"]})

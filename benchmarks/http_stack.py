@@ -13,6 +13,9 @@ With ``--litserve``, a side-by-side table: the same zoo's N task models served b
 vitmerge, task given, the same base64-JSON request to both, same machine, same run.
 
 Writes benchmarks/results/http_stack.{md,json}.
+
+Feeds BENCHMARKS.md, section
+"HTTP stack: asyncio + h11 vs uvloop + httptools, orjson, and LitServe side by side (issue 19)".
 """
 
 from __future__ import annotations
@@ -22,10 +25,7 @@ import base64
 import json
 import os
 import platform
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,61 +33,19 @@ from pathlib import Path
 from PIL import Image
 
 from model_store.data.builtin import load_split
-from server.http.launch import ServerProcess, terminate_as_interrupt, wait_for_http
+from server.http.live import (
+    ServeProcess,
+    ServerProcess,
+    build_demo_store,
+    hey,
+    litserve_process,
+    terminate_as_interrupt,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+LITSERVE_ZOO = REPO / "benchmarks" / "litserve_zoo.py"
 STACKS = {"asyncio + h11": ("asyncio", "h11"), "uvloop + httptools": ("uvloop", "httptools")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def Server(
-    store: Path, loop: str = "asyncio", parser: str = "h11", extra: list[str] | None = None, env: dict | None = None
-) -> ServerProcess:
-    """``vitmerge serve`` with one HTTP stack, on a free port, in its own process group (stopped with its children)."""
-    port = free_port()
-    env = {**os.environ, "VITMERGE_HTTP_LOOP": loop, "VITMERGE_HTTP_PARSER": parser, **(env or {})}
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(port)]
-    cmd += ["--device", "cpu", "--watch-interval", "0", "--quiet", *(extra or [])]
-    url = f"http://127.0.0.1:{port}"
-    return ServerProcess(cmd, store / f"serve-{port}.log", cwd=REPO, env=env, url=url)
-
-
-def LitServeZoo(python: str, zoo: Path | str, log: Path, extra: list[str] | None = None) -> ServerProcess:
-    """``benchmarks/litserve_zoo.py`` under another Python, on a free port, in its own process group (LitServe's
-    worker processes included)."""
-    port = free_port()
-    cmd = [python, str(REPO / "benchmarks" / "litserve_zoo.py"), str(zoo), str(port), *(extra or [])]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return ServerProcess(cmd, log, cwd=REPO, env=env, url=f"http://127.0.0.1:{port}", ready=wait_for_http("/health"))
-
-
-def hey(url: str, body: Path, n: int, c: int, media: str = "image/png", headers: list[str] | None = None) -> dict:
-    """Run ``hey`` and parse req/s, p50, p99 and the status codes (``headers``: extra ``"Name: value"``)."""
-    extra = [a for h in headers or [] for a in ("-H", h)]
-    out = subprocess.run(
-        ["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", media, *extra, "-D", str(body), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    pct = {int(p): 1000 * float(s) for p, s in re.findall(r"(\d+)%% in ([\d.]+) secs".replace("%%", "%"), out)}
-    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
-    return {"rps": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes}
-
-
-def build_demo_store(store: Path) -> None:
-    """The demo zoo (shipped in the package) merged with routed EMR, a short gate training, into ``store``."""
-    cli = [sys.executable, "-m", "server.cli"]
-    subprocess.run([*cli, "zoo", "build", "--preset", "tiny", "--store", str(store), "--quiet"], cwd=REPO, check=True)
-    merge = [*cli, "merge", "--store", str(store), "--zoo", "tiny"]
-    subprocess.run([*merge, "--method", "emr_routed", "--param", "gate_epochs=3", "--quiet"], cwd=REPO, check=True)
 
 
 def main() -> int:
@@ -113,7 +71,7 @@ def main() -> int:
         side: list[dict] = []
         try:
             for name, stack in STACKS.items():
-                servers[name] = Server(store, *stack)
+                servers[name] = ServeProcess(store, *stack)
             if args.litserve:
                 side = litserve_rows(args, servers["asyncio + h11"], store, Path(tmp), levels)
             for mode in ("task given", "routed"):
@@ -148,7 +106,7 @@ def litserve_rows(
     img = base64.b64encode((tmp / "digit.png").read_bytes()).decode()
     (tmp / "vitmerge.json").write_text(json.dumps({"images": [img], "task": "digits"}))
     (tmp / "litserve.json").write_text(json.dumps({"image": img, "task": "digits"}))
-    lit = LitServeZoo(args.litserve, store / "zoos" / "tiny", tmp / "litserve.log")
+    lit = litserve_process(args.litserve, LITSERVE_ZOO, store / "zoos" / "tiny", tmp / "litserve.log")
     targets = (
         ("vitmerge (routed-EMR bundle, asyncio + h11)", f"{vitmerge.url}/v1/classify", tmp / "vitmerge.json"),
         ("LitServe (N individual models, batch 32, 5 ms)", f"{lit.url}/predict", tmp / "litserve.json"),

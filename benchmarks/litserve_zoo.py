@@ -6,11 +6,16 @@ Run with a Python that has ``litserve`` (it pins its own uvicorn, so it lives in
     /path/to/litserve-venv/bin/python benchmarks/litserve_zoo.py ZOO_DIR PORT
     /path/to/litserve-venv/bin/python benchmarks/litserve_zoo.py synthetic:vit_b16:5 PORT
 
-``synthetic:ARCH:N``: N randomly initialised models of ``lowrank_serve.py``'s ARCH (real size; speed and memory
+``synthetic:ARCH:N``: N randomly initialised models of ``merging.synthetic.ARCHS``' ARCH (real size; speed and memory
 only), tasks ``task0``..., RGB input squashed to the model's size, mean/std 0.5 (the synthetic bundles' own).
 ``POST /predict`` with ``{"image": "<base64 PNG>", "task": "<name>"}`` (the task must be given: there is
 no gate) answers ``{"task", "class", "probability"}``. A batch runs each task's own model once on that
 task's images (the N models stay resident).
+
+Feeds BENCHMARKS.md, section
+"HTTP stack: asyncio + h11 vs uvloop + httptools, orjson, and LitServe side by side (issue 19)"
+(run by ``http_stack.py --litserve``) and
+"vitmerge vs LitServe: demo zoo at concurrency 1 to 64, and real size side by side" (run by ``vs_litserve.py``).
 """
 
 from __future__ import annotations
@@ -74,8 +79,7 @@ class ZooAPI(ls.LitAPI):
 
 def synthetic(spec: str) -> tuple[dict, dict, dict]:
     """``synthetic:ARCH:N`` -> N random models (seeded), their preprocessing and class names."""
-    from lowrank_serve import ARCHS  # this script's folder is on sys.path
-
+    from merging.synthetic import ARCHS
     from model_store.architecture import build_model
     from model_store.schema import Architecture, Preprocessing
 

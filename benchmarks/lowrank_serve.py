@@ -14,11 +14,14 @@ fastest setting, N + 1 models of memory) and with the server's default cache (51
         [--malloc glibc|tuned]
 
 ``--malloc glibc`` (the default, as ``vitmerge serve`` runs by default) keeps glibc's defaults;
-``tuned`` applies ``VITMERGE_MALLOC_REUSE``'s tuning (``server.runtime.host_memory.reuse_freed_memory``)
+``tuned`` applies ``VITMERGE_MALLOC_REUSE``'s tuning (``model_store.memory.reuse_freed_memory``)
 to every configuration of the run alike -- this run's EMR cache churn then grew the heap past 24 GB
 (killed) at ViT-B/16, so expect it to fit only small runs.
 
 Writes benchmarks/results/lowrank_serve-<arch>[-conv].{md,json,png}.
+
+Feeds BENCHMARKS.md, section
+"Low-rank task deltas: TSV-C, TSV-M, TSV routed, one-pass serving (issue 21)" (throughput and memory).
 """
 
 from __future__ import annotations
@@ -36,126 +39,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from merging.methods.emr import emr_merge
-from merging.methods.tsv import tsv_compress
-from merging.pipeline import write_lowrank
-from model_store.architecture import build_gate, build_model, gate_state
+from merging.synthetic import ARCHS, mixed_batches, publish_synthetic, synthetic_gate, synthetic_zoo
+from model_store.architecture import build_model
 from model_store.bundle import BundleStore
-from model_store.schema import BundleGateSpec, BundleSpec, BundleTask, EMRSpec
+from model_store.memory import reuse_freed_memory
 from model_store.settings import StoreLayout
-from server.runtime.engine import Engine
-from server.runtime.host_memory import reuse_freed_memory
+from server.runtime.engine import DEFAULT_CACHE_BYTES, Engine, EngineOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARCHS = {
-    # the dinov2-s14 zoo's backbone at its 56 px input (BENCHMARKS.md): 21.5 M parameters, 17 tokens
-    "vit_s14": ({"timm_name": "vit_small_patch14_dinov2", "kwargs": {"img_size": 56}}, 56),
-    # ViT-B/16 at 224 px: 86 M parameters, 197 tokens
-    "vit_b16": ({"timm_name": "vit_base_patch16_224", "kwargs": {}}, 224),
-}
-#: the server's default weight-cache budget (``VITMERGE_CACHE_BYTES``)
-DEFAULT_CACHE_BYTES = 512 * 2**20
-
-
-def synthetic_zoo(arch: dict, n: int, seed: int) -> tuple[dict, list[dict], list[dict]]:
-    """theta_0, N task backbones (theta_0 + 1e-2 Gaussian deltas) and N 10-class heads."""
-    from model_store.schema import Architecture
-
-    torch.manual_seed(seed)
-    model = build_model(Architecture.model_validate(arch), 0)
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    tuned = [{k: v + 1e-2 * torch.randn_like(v) for k, v in base.items()} for _ in range(n)]
-    dim = model.num_features
-    heads = [{"head.weight": 0.02 * torch.randn(10, dim), "head.bias": torch.zeros(10)} for _ in range(n)]
-    return base, tuned, heads
-
-
-def _spec(kind: str, arch: dict, size: int, gate_size: int, tasks: list[str], **fields) -> dict:
-    rgb = {"size": size, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
-    gate = BundleGateSpec(arch="efficientnet_lite0", preprocessing={**rgb, "size": gate_size})  # type: ignore[arg-type]
-    return BundleSpec.model_validate(
-        {
-            "kind": kind,
-            "architecture": arch,
-            "preprocessing": rgb,
-            "tasks": [BundleTask(name=t, class_names=[str(c) for c in range(10)]) for t in tasks],
-            "gate": gate,
-            **fields,
-        }
-    ).model_dump(mode="json")
-
-
-def publish(
-    store: BundleStore,
-    kind: str,
-    arch: dict,
-    size: int,
-    base,
-    tuned,
-    heads,
-    f: float | None,
-    gate: dict,
-    conv: bool = False,
-    gate_size: int = 64,
-) -> str:
-    """A lowrank (TSV-C at ``f``, the patch conv compressed too with ``conv``) or EMR bundle with a gate."""
-    tasks = [f"task{i}" for i in range(len(tuned))]
-    draft = store.draft()
-    draft.add_tensors("heads", {f"{t}/{k}": v for t, h in zip(tasks, heads) for k, v in h.items()})
-    draft.add_tensors("gate", gate)
-    if kind == "lowrank":
-        assert f is not None
-        deltas = tsv_compress(base, tuned, f, conv=conv)
-        spec = _spec("lowrank", arch, size, gate_size, tasks, lowrank=write_lowrank(draft, deltas))
-    else:
-        merged = emr_merge(base, tuned)
-        draft.add_tensors("base", base)
-        draft.add_tensors("tau_unified", merged.tau_unified)
-        masks = {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()}
-        draft.add_tensors("masks", masks)
-        spec = _spec("emr", arch, size, gate_size, tasks, emr=EMRSpec(rescalers=dict(zip(tasks, merged.rescalers))))
-    draft.add_json("model", spec)
-    return store.publish(draft, f"synthetic-{kind}", tasks=tasks, extra={"synthetic": True, "f": f, "conv": conv})
-
-
-@torch.inference_mode()
-def synthetic_gate(n_tasks: int, gate_size: int, seed: int, pool: int = 512) -> tuple[dict, list[torch.Tensor]]:
-    """A random EfficientNet-Lite0 gate whose classifier bias is centred on a pool of random images,
-    and those images sorted by the task the gate routes them to.
-
-    A random gate sends nearly every random image to ONE task (measured: 400 of 400), so a "routed"
-    batch would be a one-task batch -- far cheaper than the shuffled mix the task-given rows run.
-    Centring the logits spreads the routing; the batches then take, for each image's task, a gate
-    image routed to that task, so routed and task-given rows run the same task mix.
-    """
-    torch.manual_seed(seed)
-    gate = build_gate("efficientnet_lite0", n_tasks).eval()
-    images = torch.randn(pool, 3, gate_size, gate_size)
-    head = gate.get_classifier()
-    assert isinstance(head, torch.nn.Linear)
-    head.bias -= gate(images.contiguous(memory_format=torch.channels_last)).mean(0)
-    routed = gate(images.contiguous(memory_format=torch.channels_last)).argmax(1)
-    by_task = [images[routed == t] for t in range(n_tasks)]
-    empty = [t for t, imgs in enumerate(by_task) if len(imgs) == 0]
-    if empty:
-        raise RuntimeError(f"the synthetic gate routes none of {pool} images to tasks {empty}: raise the pool")
-    return gate_state(gate), by_task
-
-
-def mixed_batches(
-    n_tasks: int, size: int, gate_pool: list[torch.Tensor], batch: int, count: int, seed: int
-) -> list[dict]:
-    """Shuffled mixed-task batches: images, each image's task and a gate input the gate routes to it."""
-    g = torch.Generator().manual_seed(seed)
-    out, used = [], [0] * n_tasks
-    for _ in range(count):
-        tasks = torch.randint(0, n_tasks, (batch,), generator=g).tolist()
-        gate_images = []
-        for t in tasks:
-            gate_images.append(gate_pool[t][used[t] % len(gate_pool[t])])
-            used[t] += 1
-        out.append({"x": torch.randn(batch, 3, size, size, generator=g), "g": torch.stack(gate_images), "t": tasks})
-    return out
 
 
 def interleaved(configs: dict, batches: list[dict], rounds: int, desc: str) -> dict[str, list[float]]:
@@ -192,7 +83,8 @@ def main() -> int:
     arch, size = ARCHS[args.arch]
     fractions = [float(f) for f in args.fractions.split(",") if f]
     device = torch.device(args.device)
-    base, tuned, heads = synthetic_zoo(arch, args.tasks, args.seed)
+    zoo = synthetic_zoo(arch, args.tasks, args.seed)
+    base, heads = zoo[0], zoo[2]
     one_model = sum(v.numel() * 4 for v in base.values()) + heads[0]["head.weight"].numel() * 4
     with tempfile.TemporaryDirectory() as tmp:
         store = BundleStore(StoreLayout(Path(tmp)), keep=20)
@@ -200,12 +92,16 @@ def main() -> int:
         conv = " conv" if args.conv else ""
         gate, gate_pool = synthetic_gate(args.tasks, args.gate_size, args.seed)
         for f in tqdm(fractions, desc="merge TSV-C bundles", unit="bundle"):
-            version = publish(store, "lowrank", arch, size, base, tuned, heads, f, gate, args.conv, args.gate_size)
+            version = publish_synthetic(store, "synthetic-tsv_c", arch, size, zoo, gate, f, args.conv, args.gate_size)
             engines[f"TSV-C f={f:g}{conv}"] = Engine(store.load(version), device)
-        emr = store.load(publish(store, "emr", arch, size, base, tuned, heads, None, gate, gate_size=args.gate_size))
-        engines["EMR (every task cached)"] = Engine(emr, device, cache_bytes=(args.tasks + 1) * one_model)
-        engines["EMR (default 512 MiB cache)"] = Engine(emr, device, cache_bytes=DEFAULT_CACHE_BYTES)
-        del tuned
+        emr = store.load(publish_synthetic(store, "synthetic-emr", arch, size, zoo, gate, gate_size=args.gate_size))
+        engines["EMR (every task cached)"] = Engine(
+            emr, EngineOptions(str(device), cache_bytes=(args.tasks + 1) * one_model)
+        )
+        engines["EMR (default 512 MiB cache)"] = Engine(
+            emr, EngineOptions(str(device), cache_bytes=DEFAULT_CACHE_BYTES)
+        )
+        del zoo
         plain = build_model(engines["EMR (every task cached)"].models.architecture, 10).to(device).eval()
         batches = mixed_batches(args.tasks, size, gate_pool, args.batch, args.batches, args.seed)
         configs = {"plain ViT (one model, no routing)": lambda b: plain(b["x"].to(device))}

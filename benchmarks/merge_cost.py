@@ -10,6 +10,8 @@ of one model and with an import-only baseline process.
 
 Writes a Markdown table (stdout and benchmarks/results/merge_cost.md) and a plot
 (benchmarks/results/merge_cost.png).
+
+Feeds BENCHMARKS.md, section "Merge cost on a ViT-B/16-size zoo".
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ fresh server starts on the same store (it only loads ``CURRENT``) and its RSS is
 Writes ``benchmarks/results/merge_rss.{json,md}``.
 
     .venv/bin/python benchmarks/merge_rss.py [--zoo tiny] [--merges 2]
+
+Feeds BENCHMARKS.md, section "Server memory after merges (merges in a child process)".
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +26,12 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-from server.http.launch import ServerProcess, terminate_as_interrupt
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "benchmarks" / ".merge-rss"
 AUTH = {"authorization": "Bearer bench"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_mib(pid: int) -> float:
@@ -48,7 +43,7 @@ def _rss_mib(pid: int) -> float:
 
 def _serve(store: Path, zoo: str, log: Path) -> ServerProcess:
     """``vitmerge serve`` in its own process group (the merge child included: stopped with it)."""
-    port = _port()
+    port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--zoo", zoo, "--port", str(port)]
     cmd += ["--quiet", "--watch-interval", "0", "--admin-token", "bench", "--device", "cpu"]
     return ServerProcess(cmd, log, cwd=REPO, url=f"http://127.0.0.1:{port}", timeout_s=900)

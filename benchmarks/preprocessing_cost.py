@@ -9,9 +9,10 @@ tree, in-process, on a demo-zoo request image (28 px gray PNG) and a 512 x 384 p
     .venv/bin/python benchmarks/preprocessing_cost.py [--baseline 458d993] [--requests 2000]
         [--concurrency 16] [--rounds 3] [--store DIR]
 
-Feeds BENCHMARKS.md, "Preprocessing as the checkpoint's library does it". Writes
-benchmarks/results/preprocessing_cost.{md,json}. Every server it starts is stopped (its whole
+Writes benchmarks/results/preprocessing_cost.{md,json}. Every server it starts is stopped (its whole
 process group) on success, failure and Ctrl-C.
+
+Feeds BENCHMARKS.md, section "What it costs per request".
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.http.launch import ServerProcess, terminate_as_interrupt
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -106,14 +107,6 @@ def mnist_png(folder: Path) -> Path:
 
     Image.fromarray(load_split("mnist", "test", limit=1).images[0]).save(folder / "mnist.png")
     return folder / "mnist.png"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photo(folder: Path) -> Path:

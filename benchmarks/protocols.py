@@ -9,68 +9,27 @@ and 16; the forms alternate per (mode, concurrency) cell, 1/10 of the requests a
     .venv/bin/python benchmarks/protocols.py [--requests 1000] [--concurrency 1,4,16] [--store DIR]
 
 Writes benchmarks/results/protocols.{md,json}.
+
+Feeds BENCHMARKS.md, section "Request formats: /v1 vs the Open Inference Protocol (/v2) (issue 20)".
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
-from http_stack import RESULTS, Server, build_demo_store, hey
 from PIL import Image
 
 from model_store.data.builtin import load_split
-from server.http.launch import terminate_as_interrupt
+from server.http.live import ServeProcess, build_demo_store, hey, request_forms, terminate_as_interrupt
 
-
-def bodies(png: bytes, task: str | None, tmp: Path) -> dict[str, tuple[str, Path, str, list[str]]]:
-    """form -> (path + query, body file, content type, extra headers)."""
-    b64 = base64.b64encode(png).decode()
-    out: dict[str, tuple[str, Path, str, list[str]]] = {}
-
-    def write(name: str, data: bytes) -> Path:
-        path = tmp / f"{name}-{task or 'routed'}"
-        path.write_bytes(data)
-        return path
-
-    query = f"?task={task}" if task else ""
-    out["v1 raw PNG"] = ("/v1/classify" + query, write("raw", png), "image/png", [])
-    v1_json = json.dumps({"images": [b64], **({"task": task} if task else {})}).encode()
-    out["v1 base64 JSON"] = ("/v1/classify", write("v1json", v1_json), "application/json", [])
-    tasks = [task or ""]
-    inputs = [
-        {"name": "IMAGE", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(png)}},
-        {"name": "TASK", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(tasks[0])}},
-    ]
-    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
-    raw = struct.pack("<I", len(png)) + png + struct.pack("<I", len(tasks[0])) + tasks[0].encode()
-    out["v2 binary tensors"] = (
-        "/v2/models/vitmerge/infer",
-        write("v2bin", header + raw),
-        "application/octet-stream",
-        [f"Inference-Header-Content-Length: {len(header)}"],
-    )
-    v2_json = {
-        "inputs": [
-            {"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": [b64]},
-            {"name": "TASK", "shape": [1], "datatype": "BYTES", "data": tasks},
-        ]
-    }
-    out["v2 JSON tensors"] = (
-        "/v2/models/vitmerge/infer",
-        write("v2json", json.dumps(v2_json).encode()),
-        "application/json",
-        [],
-    )
-    return out
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
@@ -91,9 +50,9 @@ def main() -> int:
         png_path = tmp / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png_path)
         png = png_path.read_bytes()
-        with Server(store, "asyncio", "h11") as server:
+        with ServeProcess(store, "asyncio", "h11") as server:
             for mode, task in (("task given", "digits"), ("routed", None)):
-                forms = bodies(png, task, tmp)
+                forms = request_forms(png, task, tmp)
                 for c in levels:
                     for form, (path, body, media, headers) in forms.items():
                         url = server.url + path

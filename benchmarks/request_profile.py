@@ -12,7 +12,9 @@ CPU ms per request; each stage gets its share of the samples of that.
         [--forms raw,json,v2bin] [--modes given,routed] [--server-args "--worker process"]
 
 Needs ``py-spy`` (``pip install py-spy``; not a dependency of the package) and ``hey``.
-Feeds BENCHMARKS.md, "Where a request's time goes". Writes benchmarks/results/request_profile.{md,json}.
+Writes benchmarks/results/request_profile.{md,json}.
+
+Feeds BENCHMARKS.md, section "Where a request's time goes".
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -30,10 +31,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from http_stack import REPO, RESULTS, build_demo_store, free_port, hey
-from protocols import bodies
+from server.http.live import (
+    ServerProcess,
+    build_demo_store,
+    free_port,
+    group_members,
+    hey,
+    hey_for,
+    request_forms,
+    terminate_as_interrupt,
+)
 
-from server.http.launch import ServerProcess, group_members, terminate_as_interrupt
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 
 #: work stages: a sample with ANY frame matching goes to the first such stage (this order): preprocessing inside
 #: the engine's module is preprocessing, the engine's torch calls are inference
@@ -126,17 +136,6 @@ def profile(server: ServerProcess, form: tuple[str, Path, str, list[str]], c: in
     return {**load, "cpu_ms_per_request": cpu_ms, "samples": total, "stages": stages}
 
 
-def hey_for(url: str, body: Path, seconds: float, c: int, media: str, headers: list[str]) -> dict:
-    """``hey -z``: load for ``seconds``; requests answered, req/s, p50/p99, statuses."""
-    extra = [a for h in headers for a in ("-H", h)]
-    cmd = ["hey", "-z", f"{seconds}s", "-c", str(c), "-m", "POST", "-T", media, *extra, "-D", str(body), url]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    codes = {k: int(v) for k, v in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
-    pct = {int(p): 1000 * float(s) for p, s in re.findall(r"(\d+)% in ([\d.]+) secs", out)}
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return {"requests": sum(codes.values()), "rps": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default=None, help="a store with a CURRENT routed bundle (default: tiny + emr_routed)")
@@ -171,7 +170,7 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": str(tree)}
         with ServerProcess(cmd, tmp / "serve.log", cwd=tree, env=env, url=f"http://127.0.0.1:{port}") as server:
             for mode in args.modes.split(","):
-                forms = bodies(png.read_bytes(), "digits" if mode == "given" else None, tmp)
+                forms = request_forms(png.read_bytes(), "digits" if mode == "given" else None, tmp)
                 for form in args.forms.split(","):
                     row = {"mode": mode, "form": names[form], "concurrency": args.concurrency}
                     stacks = Path(args.keep_stacks) if args.keep_stacks else tmp

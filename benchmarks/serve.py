@@ -13,16 +13,18 @@ given; routed with the gate; cache off) vs the plain ViT on the same batches. Me
 tensor bytes the engine holds vs N separate models (backbone + head each).
 
 Writes benchmarks/results/serve[-<device>].{json,md} and serve[-<device>].png.
+
+Feeds BENCHMARKS.md, section "Serving (issue 5)".
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -36,8 +38,8 @@ from tqdm.auto import tqdm
 from model_store.architecture import build_model
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
-from server.http.launch import ServerProcess, terminate_as_interrupt
-from server.runtime.engine import Engine
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.strategies import EMRStrategy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,17 +76,11 @@ def load_pool(store: Path) -> list[tuple[str, bytes]]:
 
 
 # -- HTTP --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server(ServerProcess):
     """``vitmerge serve`` on a free port, in its own process group (stopped with its children)."""
 
     def __init__(self, store: Path, device: str, max_batch: int, max_wait_ms: float = 5.0):
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(port)]
         cmd += ["--device", device, "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
         cmd += ["--watch-interval", "0", "--quiet"]
@@ -227,7 +223,7 @@ def engine_rows(engine: Engine, batches: list[dict], label: str) -> list[dict]:
     if engine.use_graphs:  # the same engine without CUDA graphs, and the plain ViT WITH one
         from server.runtime.engine import GraphRunner
 
-        eager = Engine(engine.bundle, dev, 1 << 40, cuda_graphs=False)
+        eager = Engine(engine.bundle, EngineOptions(str(dev), cache_bytes=1 << 40, cuda_graphs=False))
         graphed_vit = GraphRunner(vit, torch.cuda.graph_pool_handle())
         extra = [
             (
@@ -278,53 +274,17 @@ def memory_rows(engine: Engine, batches: list[dict], label: str) -> dict:
 
 def synthetic_vit_b_bundle(root: Path, n_tasks: int = 5, seed: int = 0) -> Path:
     """An EMR + gate bundle of ViT-B/16 size (random weights; speed and memory only, not accuracy)."""
-    from lowrank_serve import synthetic_gate  # benchmarks/ is on sys.path when run as a script
-
-    from merging.methods.emr import emr_merge
-    from model_store.schema import BUNDLE_FORMAT
+    from merging.synthetic import publish_synthetic, synthetic_gate, synthetic_zoo
+    from model_store.schema import Architecture
 
     store = BundleStore(StoreLayout(root))
     if store.current_version() is not None:
         return root
-    torch.manual_seed(seed)
-    arch = {"timm_name": "vit_base_patch16_224", "kwargs": {}}
-    base = build_model(
-        __import__("model_store.schema", fromlist=["Architecture"]).Architecture.model_validate(arch), 0
-    ).state_dict()
-    tuned = [{k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()} for _ in range(n_tasks)]
-    merged = emr_merge(base, tuned)
-    del tuned
-    tasks = [f"task{i}" for i in range(n_tasks)]
-    draft = store.draft()
-    draft.add_tensors("base", base)
-    draft.add_tensors("tau_unified", merged.tau_unified)
-    draft.add_tensors(
-        "masks", {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()}
-    )
-    draft.add_tensors(
-        "heads",
-        {
-            f"{t}/head.{p}": torch.randn(10, 768) * 0.02 if p == "weight" else torch.zeros(10)
-            for t in tasks
-            for p in ("weight", "bias")
-        },
-    )
-    # centred on random images: an uncentred random gate routes every image to one task (lowrank_serve.py)
-    draft.add_tensors("gate", synthetic_gate(n_tasks, 64, seed)[0])
-    rgb = {"size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
-    draft.add_json(
-        "model",
-        {
-            "bundle_format": BUNDLE_FORMAT,
-            "kind": "emr",
-            "architecture": arch,
-            "preprocessing": rgb,
-            "tasks": [{"name": t, "class_names": [str(c) for c in range(10)]} for t in tasks],
-            "emr": {"rescalers": dict(zip(tasks, merged.rescalers))},
-            "gate": {"arch": "efficientnet_lite0", "preprocessing": {**rgb, "size": 64}},
-        },
-    )
-    store.publish(draft, "emr_routed", tasks=tasks, extra={"synthetic": True})
+    arch = Architecture(timm_name="vit_base_patch16_224")
+    zoo = synthetic_zoo(arch, n_tasks, seed, delta=1e-3)
+    # centred on random images: an uncentred random gate routes every image to one task
+    gate = synthetic_gate(n_tasks, 64, seed)[0]
+    publish_synthetic(store, "emr_routed", arch, 224, zoo, gate)  # made CURRENT
     return root
 
 
@@ -451,8 +411,8 @@ def main() -> None:
         print(json.dumps(res["http"], indent=1))
         return
     # (c): the plain ViT in-process at the batch size (a) formed
-    engine = Engine(BundleStore(StoreLayout(args.store)).load(), device, cache_bytes=512 * 2**20)
-    images = [(engine.task_index(t), np.asarray(Image.open(__import__("io").BytesIO(png)))) for t, png in pool]
+    engine = Engine(BundleStore(StoreLayout(args.store)).load(), str(device))
+    images = [(engine.task_index(t), np.asarray(Image.open(io.BytesIO(png)))) for t, png in pool]
     vit = plain_vit(engine)
     res["limit"] = []
     for conc in CONCURRENCY:
@@ -469,7 +429,7 @@ def main() -> None:
     res["memory"] = [memory_rows(engine, batches, "tiny ViT (zoo `tiny`)")]
     if args.vit_b_batches > 0:
         root = synthetic_vit_b_bundle(args.store.parent / ".serve-store-vitb-centred-gate")
-        big = Engine(BundleStore(StoreLayout(root)).load(), device, cache_bytes=512 * 2**20)
+        big = Engine(BundleStore(StoreLayout(root)).load(), str(device))
         rng = np.random.default_rng(0)
         pixels = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(32 * args.vit_b_batches)]
         # each image's task is the one the gate routes it to: task-given and routed rows run the same mix

@@ -16,6 +16,8 @@ server merges with ``VITMERGE_DEFAULT_METHOD=M`` instead of its default and the 
 ``user_zoo-M.{json,md}``.
 
     .venv/bin/python benchmarks/user_zoo.py [--method tsv_routed] [--score 200]
+
+Feeds BENCHMARKS.md, section "Your own models and data: zoo create -> served routed model (issue 14)".
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +38,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from server.http.launch import ServerProcess, terminate_as_interrupt
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
 from server.http.readiness import wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,12 +143,6 @@ def score(url: str, limit: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default=None, help="VITMERGE_DEFAULT_METHOD for the server (default: its own)")
@@ -161,7 +156,7 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run([*_vitmerge(), "zoo", "create", str(spec), "--store", str(store), "--quiet"], check=True, cwd=REPO)
     t_create = time.perf_counter() - t0
-    port = _port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [*_vitmerge(), "serve", "--zoo", str(spec), "--store", str(store), "--port", str(port), "--quiet"]
     desc = f"serve: merge ({args.method or 'default method'}) + load"

@@ -17,10 +17,13 @@ request (``hey -o csv``). Memory: the proportional set size (PSS) of each server
 
     .venv/bin/python benchmarks/vs_litserve.py --litserve /tmp/litvenv/bin/python [--zoo demo|vit_s14|vit_b16]
         [--concurrency 1,4,16,64] [--seconds 5] [--rounds 3] [--store DIR] [--server-args "--worker process"]
+        [--also-worker process]
 
 LitServe lives in its own virtualenv (it pins its own server stack; BENCHMARKS.md says how to make one).
 Every server is started in its own process group and stopped with its children on success, failure,
 Ctrl-C and SIGTERM. Writes benchmarks/results/vs_litserve-<zoo>.{md,json}.
+
+Feeds BENCHMARKS.md, section "vitmerge vs LitServe: demo zoo at concurrency 1 to 64, and real size side by side".
 """
 
 from __future__ import annotations
@@ -32,32 +35,31 @@ import io
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
-from http_stack import RESULTS, LitServeZoo, Server, build_demo_store, hey
-from protocols import bodies
+from server.http.live import (
+    ServeProcess,
+    ServerProcess,
+    build_demo_store,
+    group_members,
+    hey,
+    hey_for,
+    litserve_process,
+    request_forms,
+    terminate_as_interrupt,
+)
 
-from server.http.launch import ServerProcess, group_members, terminate_as_interrupt
+RESULTS = Path(__file__).resolve().parent / "results"
+LITSERVE_ZOO = Path(__file__).resolve().parent / "litserve_zoo.py"
 
 LIT = "LitServe (N models, batch 32, 5 ms)"
-
-
-def hey_run(url: str, body: Path, seconds: float, c: int, media: str, headers: list[str]) -> dict:
-    """``hey -z``: req/s, p50/p99 ms and statuses (``hey``'s summary)."""
-    extra = [a for h in headers for a in ("-H", h)]
-    cmd = ["hey", "-z", f"{seconds}s", "-c", str(c), "-m", "POST", "-T", media, *extra, "-D", str(body), url]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    codes = {k: int(v) for k, v in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)}
-    pct = {int(p): 1000 * float(s) for p, s in re.findall(r"(\d+)% in ([\d.]+) secs", out)}
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return {"rps": rps, "p50_ms": pct.get(50), "p99_ms": pct.get(99), "codes": codes}
 
 
 def mixed_run(targets: list[tuple[str, Path]], seconds: float, c: int, media: str = "application/json") -> dict:
@@ -115,17 +117,18 @@ def demo(args: argparse.Namespace, tmp: Path) -> list[dict]:
 
     png = tmp / "digit.png"
     Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
-    given = bodies(png.read_bytes(), "digits", tmp)
-    routed = bodies(png.read_bytes(), None, tmp)
+    given = request_forms(png.read_bytes(), "digits", tmp)
+    routed = request_forms(png.read_bytes(), None, tmp)
     (tmp / "litserve.json").write_text(
         json.dumps({"image": base64.b64encode(png.read_bytes()).decode(), "task": "digits"})
     )
     levels = [int(c) for c in args.concurrency.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {}
-    with (
-        Server(store, extra=shlex.split(args.server_args)) as vm,
-        LitServeZoo(args.litserve, store / "zoos" / "tiny", tmp / "litserve.log") as lit,
-    ):
+    with ExitStack() as stack:
+        vm = stack.enter_context(ServeProcess(store, extra=shlex.split(args.server_args)))
+        lit = stack.enter_context(
+            litserve_process(args.litserve, LITSERVE_ZOO, store / "zoos" / "tiny", tmp / "litserve.log")
+        )
         targets = {
             LIT: (lit.url + "/predict", tmp / "litserve.json", "application/json", []),
             "vitmerge, task given, base64 JSON": _at(vm.url, given["v1 base64 JSON"]),
@@ -134,6 +137,14 @@ def demo(args: argparse.Namespace, tmp: Path) -> list[dict]:
             "vitmerge, routed, raw PNG": _at(vm.url, routed["v1 raw PNG"]),
             "vitmerge, task given, /v2 binary": _at(vm.url, given["v2 binary tensors"]),
         }
+        if args.also_worker:  # the other worker kind in the same run: which one should be the default
+            other = stack.enter_context(ServeProcess(store, extra=["--worker", args.also_worker]))
+            targets[f"vitmerge --worker {args.also_worker}, task given, base64 JSON"] = _at(
+                other.url, given["v1 base64 JSON"]
+            )
+            targets[f"vitmerge --worker {args.also_worker}, routed, base64 JSON"] = _at(
+                other.url, routed["v1 base64 JSON"]
+            )
         for url, body, media, headers in targets.values():  # warm-up (first requests, lazy imports)
             hey(url, body, 200, 4, media, headers)
         names = list(targets)
@@ -141,7 +152,7 @@ def demo(args: argparse.Namespace, tmp: Path) -> list[dict]:
             for c in levels:
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     url, body, media, headers = targets[name]
-                    res = hey_run(url, body, args.seconds, c, media, headers)
+                    res = hey_for(url, body, args.seconds, c, media, headers)
                     runs.setdefault((name, c), []).append(res)
                     print(json.dumps({"round": r, "target": name, "concurrency": c, **res}), flush=True)
     return [{"target": n, "concurrency": c, **medians(rs)} for (n, c), rs in runs.items()]
@@ -173,8 +184,8 @@ def real_store(arch_name: str, n: int, root: Path, pool: int = 96) -> tuple[Path
     """A store with the synthetic zoo's TSV bundle (f=0.045, conv, gate at 96 px centred on the request images)
     and, per task, one request image the gate routes to that task."""
     import torch
-    from lowrank_serve import ARCHS, publish, synthetic_zoo
 
+    from merging.synthetic import ARCHS, publish_synthetic, synthetic_zoo
     from model_store.architecture import build_gate, gate_state
     from model_store.bundle import BundleStore
     from model_store.data.decode import decode_image
@@ -183,7 +194,7 @@ def real_store(arch_name: str, n: int, root: Path, pool: int = 96) -> tuple[Path
     from model_store.settings import StoreLayout
 
     arch, size = ARCHS[arch_name]
-    base, tuned, heads = synthetic_zoo(arch, n, 0)
+    zoo = synthetic_zoo(arch, n, 0)
     images = request_images(pool, 1)
     gate_prep = Preprocessing(size=96, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
     x = to_model_input([decode_image(b) for b in images], gate_prep).contiguous(memory_format=torch.channels_last)
@@ -198,7 +209,7 @@ def real_store(arch_name: str, n: int, root: Path, pool: int = 96) -> tuple[Path
     if any(c is None for c in chosen):
         raise RuntimeError(f"the centred gate routes none of {pool} images to some task: {routed}")
     store = BundleStore(StoreLayout(root))
-    version = publish(store, "lowrank", arch, size, base, tuned, heads, 0.045, gate_state(gate), True, 96)
+    version = publish_synthetic(store, "lowrank", arch, size, zoo, gate_state(gate), 0.045, True, 96)
     store.set_current(version)
     return root, [c for c in chosen if c is not None]
 
@@ -222,8 +233,8 @@ def real_size(args: argparse.Namespace, tmp: Path) -> list[dict]:
     runs: dict[str, list[dict]] = {}
     memory: dict[str, float] = {}
     with (
-        Server(store, extra=shlex.split(args.server_args)) as vm,
-        LitServeZoo(args.litserve, f"synthetic:{args.zoo}:{n}", tmp / "litserve.log") as lit,
+        ServeProcess(store, extra=shlex.split(args.server_args)) as vm,
+        litserve_process(args.litserve, LITSERVE_ZOO, f"synthetic:{args.zoo}:{n}", tmp / "litserve.log") as lit,
     ):
         targets = {
             f"vitmerge TSV f=0.045 conv, task given ({args.zoo})": [(vm.url + "/v1/classify", b) for b in given],
@@ -270,6 +281,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--store", default=None, help="demo: a store with the routed bundle (default: build it)")
     ap.add_argument("--server-args", default="", help="extra `vitmerge serve` flags, e.g. '--worker thread'")
+    ap.add_argument(
+        "--also-worker", default="", help="demo: a second vitmerge server with this --worker kind in the same run"
+    )
     args = ap.parse_args()
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed: apt-get install hey")

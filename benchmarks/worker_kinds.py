@@ -9,7 +9,9 @@ bound of several front-end processes: uvicorn's workers (2) on one socket, each 
 
     .venv/bin/python benchmarks/worker_kinds.py [--store DIR] [--concurrency 1,4,16,64] [--seconds 4] [--rounds 2]
 
-Feeds BENCHMARKS.md, "Where a request's time goes". Writes benchmarks/results/worker_kinds.{md,json}.
+Writes benchmarks/results/worker_kinds.{md,json}.
+
+Feeds BENCHMARKS.md, section "Where a request's time goes".
 """
 
 from __future__ import annotations
@@ -23,11 +25,18 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from http_stack import REPO, RESULTS, Server, build_demo_store, free_port
-from protocols import bodies
-from vs_litserve import hey_run
+from server.http.live import (
+    ServeProcess,
+    ServerProcess,
+    build_demo_store,
+    free_port,
+    hey_for,
+    request_forms,
+    terminate_as_interrupt,
+)
 
-from server.http.launch import ServerProcess, terminate_as_interrupt
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 
 VARIANTS = {
     "thread, torch threads default": (["--worker", "thread"], {}),
@@ -74,23 +83,26 @@ def main() -> int:
 
         png = tmp / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
-        forms = {"task given": bodies(png.read_bytes(), "digits", tmp), "routed": bodies(png.read_bytes(), None, tmp)}
+        forms = {
+            "task given": request_forms(png.read_bytes(), "digits", tmp),
+            "routed": request_forms(png.read_bytes(), None, tmp),
+        }
         servers = {
             n: stack.enter_context(
-                frontends(store) if n == FRONTENDS else Server(store, extra=VARIANTS[n][0], env=VARIANTS[n][1])
+                frontends(store) if n == FRONTENDS else ServeProcess(store, extra=VARIANTS[n][0], env=VARIANTS[n][1])
             )
             for n in names
         }
         for server in servers.values():
             for form in forms.values():
                 path, body, media, headers = form["v1 base64 JSON"]
-                hey_run(server.url + path, body, 1, 4, media, headers)  # warm-up
+                hey_for(server.url + path, body, 1, 4, media, headers)  # warm-up
         for r in range(args.rounds):
             for c in (int(x) for x in args.concurrency.split(",")):
                 for mode, form in forms.items():
                     path, body, media, headers = form["v1 base64 JSON"]
                     for name in names[r % len(names) :] + names[: r % len(names)]:
-                        res = hey_run(servers[name].url + path, body, args.seconds, c, media, headers)
+                        res = hey_for(servers[name].url + path, body, args.seconds, c, media, headers)
                         runs.setdefault((name, mode, c), []).append(res)
                         print(json.dumps({"variant": name, "mode": mode, "concurrency": c, **res}), flush=True)
     rows = [

@@ -23,6 +23,7 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from merging.gating.router import gate_probabilities
 from merging.method_index import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.methods.tsv import LowRankDeltas
-from merging.registry import GateArtifact, MergeContext, MergeResult
+from merging.registry import GateArtifact, MergeCache, MergeContext, MergeResult
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
 from model_store.bundle import Bundle, BundleDraft, BundleStore
@@ -49,7 +50,9 @@ from model_store.schema import (
     EMRSpec,
     GatingSpec,
     LowRankSpec,
+    ManifestExtra,
     Preprocessing,
+    TaskDataRecord,
 )
 from model_store.zoo import Zoo
 
@@ -73,9 +76,12 @@ class _Ticking(Mapping[str, torch.Tensor]):
 
 @dataclass
 class MergeOutcome:
+    """A published merge: its version, what the method returned, the tasks, and the method's run time."""
+
     version: str
     result: MergeResult
     tasks: list[str]
+    merge_seconds: float = 0.0
 
 
 def select_tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
@@ -119,13 +125,16 @@ def check_data(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> Non
             calibration_set(zoo, task)  # lists the files now: a missing folder fails before any work
 
 
-def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False) -> MergeContext:
+def merge_context(
+    zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False, cache: MergeCache | None = None
+) -> MergeContext:
     """Lazy backbones of the zoo plus calibration access for data-dependent methods.
 
     Calibration images come from each task's calibration source; only the ``limit``
     images a method asks for are decoded. For zoos without a shared base,
     ``pretrained`` is the manifest's base (the first model's own pretraining) and
-    ``shared_init`` is False: task-vector methods refuse.
+    ``shared_init`` is False: task-vector methods refuse. ``cache``: gates and Gram matrices shared with
+    other merges of the same zoo.
     """
     finetuned: list[Tensors] = [zoo.backbone_lazy(t) for t in tasks]
     if bar is not None:
@@ -158,6 +167,7 @@ def merge_context(zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progr
         progress,
         heads=[zoo.head(t) for t in tasks],
         shared_init=shares_init(zoo, tasks),
+        cache=cache,
     )
 
 
@@ -200,16 +210,15 @@ def gate_test_accuracy(
     return out
 
 
-def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, dict[str, Any]]:
+def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, TaskDataRecord]:
     """Per task: the calibration set a merge read (when it read one) and the test set, with file-list hashes."""
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, TaskDataRecord] = {}
     for task in tasks:
         cal = calibration_set(zoo, task) if calibrated else None
         test = test_set(zoo, task)
-        out[task] = {
-            "calibration": cal.record() if cal is not None else None,
-            "test": test.record() if test is not None else None,
-        }
+        out[task] = TaskDataRecord(
+            calibration=cal.record() if cal is not None else None, test=test.record() if test is not None else None
+        )
     return out
 
 
@@ -319,23 +328,27 @@ def merge_and_publish(
     make_current: bool = True,
     bar: Any = None,
     review: Callable[[Bundle], dict[str, Any]] | None = None,
+    cache: MergeCache | None = None,
 ) -> MergeOutcome:
     """Merge ``zoo`` with ``method`` and publish the bundle; returns its version.
 
     ``bar`` (anything with ``update(n)``, e.g. a job's progress) replaces the tqdm bar. ``review`` sees the
     written, unpublished bundle and returns entries for its manifest's ``extra`` (the serving layer's
-    agreement with the individual models); when it raises, nothing is published.
+    agreement with the individual models); when it raises, nothing is published. ``cache``: gates and Gram
+    matrices shared with other merges of the same zoo (the accuracy benchmark).
     """
     spec = get_method(method)
     parsed = parse_params(method, with_zoo_defaults(zoo, spec.name, params))
     chosen = select_tasks(zoo, tasks)
     check_applicable(zoo, spec.name, chosen)
     check_data(zoo, spec.name, chosen)
+    start = time.perf_counter()
     if bar is not None:
-        result = run_merge(spec.name, merge_context(zoo, chosen, bar=bar, progress=progress), parsed)
+        result = run_merge(spec.name, merge_context(zoo, chosen, bar, progress, cache), parsed)
     else:
         with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
-            result = run_merge(spec.name, merge_context(zoo, chosen, bar=tbar, progress=progress), parsed)
+            result = run_merge(spec.name, merge_context(zoo, chosen, tbar, progress, cache), parsed)
+    seconds = time.perf_counter() - start
     test_images = getattr(parsed, "gate_test_images", None)
     gate_acc = (
         gate_test_accuracy(result.gate, zoo, chosen, test_images)
@@ -344,19 +357,19 @@ def merge_and_publish(
     )
     data = data_record(zoo, chosen, spec.needs_calibration)
     draft = store.draft()
-    extra = {k: v for k, v in result.info.items() if k != "params"}
+    reviewed: dict[str, Any] = {}
     try:
         write_bundle(draft, zoo, chosen, result, gate_acc)
         if review is not None:
-            extra.update(review(draft.preview(method, parsed.model_dump(), chosen)))
+            reviewed = review(draft.preview(method, parsed.model_dump(), chosen))
+        extra = ManifestExtra.model_validate(
+            {**result.info.model_dump(exclude_none=True), **reviewed, "data": data, "gate_test_accuracy": gate_acc}
+        )
     except BaseException:
         draft.discard()
         raise
     zoo_info = {"name": zoo.name, "path": str(zoo.root), "hashes": zoo.file_hashes()}
-    if gate_acc is not None:
-        extra["gate_test_accuracy"] = gate_acc
-    extra["data"] = data
     version = store.publish(
         draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current
     )
-    return MergeOutcome(version, result, chosen)
+    return MergeOutcome(version, result, chosen, seconds)

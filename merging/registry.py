@@ -21,7 +21,31 @@ from merging.gating.plan import GatingPlan
 from merging.methods.emr import EMRMerged
 from merging.methods.tsv import LowRankDeltas
 from merging.types import StateDict, Tensors
-from model_store.schema import Preprocessing
+from model_store.schema import MergeInfo, Preprocessing
+
+
+@dataclass
+class GateArtifact:
+    """A trained gate: weights, architecture and the preprocessing of its input."""
+
+    state: StateDict
+    arch: str
+    preprocessing: Preprocessing
+    holdout_accuracy: float
+    epochs_run: int
+    train_seconds: float = 0.0
+
+
+@dataclass
+class MergeCache:
+    """Work that merges of one session on ONE zoo share (the accuracy benchmark runs dozens): trained gates
+    and RegMean Gram matrices. Each is a deterministic function of its key (seeded training on the same
+    images), so a cached value is what recomputing it would give."""
+
+    #: ``(tasks, gate parameters)`` -> the gate trained on those tasks' calibration images
+    gates: dict[tuple[Any, ...], GateArtifact] = field(default_factory=dict)
+    #: ``(task, images)`` -> the task model's Gram matrices on its first ``images`` calibration images
+    grams: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,17 +67,7 @@ class MergeContext:
     progress: bool = False
     heads: Sequence[Tensors] | None = None  # task i's classifier (methods that re-order features adapt it)
     shared_init: bool = True  # False: the models share no pretrained base (task vectors are meaningless)
-
-
-@dataclass
-class GateArtifact:
-    """A trained gate: weights, architecture and the preprocessing of its input."""
-
-    state: StateDict
-    arch: str
-    preprocessing: Preprocessing
-    holdout_accuracy: float
-    epochs_run: int
+    cache: MergeCache | None = None  # gates and Gram matrices shared with other merges of the same zoo
 
 
 @dataclass
@@ -76,7 +90,7 @@ class MergeResult:
     plan: GatingPlan | None = None
     gate: GateArtifact | None = None
     heads: list[StateDict] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    info: MergeInfo = field(default_factory=MergeInfo)
 
 
 class Params(BaseModel):
@@ -172,9 +186,7 @@ class Registry(Mapping[str, MethodSpec]):
             raise ValueError(f"merge method '{name}' needs calibration data and model builders")
         if spec.needs_shared_base and not ctx.shared_init:
             raise ValueError(self.refusal(name))
-        result = spec.fn(ctx, parsed)
-        result.info.setdefault("params", parsed.model_dump())
-        return result
+        return spec.fn(ctx, parsed)
 
     def refusal(self, name: str) -> str:
         """Why ``name`` cannot merge models that share no pretrained base."""

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from model_store.errors import BundleIntegrityError
 from model_store.files import atomic_write_text, fsync_path, make_world_readable, sha256_file, utc_timestamp
-from model_store.schema import BundleManifest, FileEntry
+from model_store.schema import BundleManifest, FileEntry, ManifestExtra
 from model_store.settings import StoreLayout
 
 MANIFEST = "manifest.json"
@@ -139,7 +139,7 @@ class BundleStore:
         params: dict[str, Any] | None = None,
         zoo: dict[str, Any] | None = None,
         tasks: list[str] | None = None,
-        extra: dict[str, Any] | None = None,
+        extra: ManifestExtra | None = None,
         make_current: bool = True,
     ) -> str:
         """Publish ``draft`` as the next version and (by default) make it current.
@@ -158,7 +158,7 @@ class BundleStore:
                     tasks=tasks or [],
                     created_at=utc_timestamp(),
                     files=files,
-                    extra=extra or {},
+                    extra=extra or ManifestExtra(),
                 )
                 (draft.path / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
                 make_world_readable(draft.path)  # servers running as another uid read it (safetensors writes 0600)

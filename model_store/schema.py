@@ -261,6 +261,75 @@ class TaskAgreement(_Strict):
     kl_routed: float | None = Field(default=None, ge=0.0)
 
 
+def _omit_none(**kwargs: Any) -> Any:
+    """An optional field left out of the JSON while unset (a manifest shows what its merge reported)."""
+    return Field(default=None, exclude_if=lambda v: v is None, **kwargs)
+
+
+class SetRecord(_Strict):
+    """What a bundle keeps of an image set a merge or its evaluation reads: where from, how many, which."""
+
+    source: DataSource
+    images: int = Field(ge=0)
+    sha256: str = Field(description="of the file list (relative path, size, label) or of the built-in split")
+
+
+class TaskDataRecord(_Strict):
+    """A task's calibration set (when the merge read one) and its test set (None: the task has none)."""
+
+    calibration: SetRecord | None = None
+    test: SetRecord | None = None
+
+
+class MergeInfo(_Strict):
+    """What a merge method reports about its result (kept flat in the bundle manifest's ``extra``)."""
+
+    rescalers: dict[str, float] | None = _omit_none(description="EMR: each task's rescaler lambda_t")
+    rank_fraction: float | None = _omit_none(description="TSV-C: the rank fraction f")
+    ranks: list[int] | None = _omit_none(description="LoRA: the distinct per-layer ranks")
+    gated_attn_blocks: list[int] | None = _omit_none(description="gated merges: attention blocks kept per task")
+    gated_mlp_blocks: list[int] | None = _omit_none(description="gated merges: MLP blocks kept per task")
+    similarity: dict[str, list[tuple[int, float]]] | None = _omit_none(
+        description="gated merges: (block, weight similarity) per kind, lowest first"
+    )
+    sweeps: int | None = _omit_none(description="MuDSC: matching sweeps run")
+    converged: bool | None = _omit_none(description="MuDSC: whether the matching converged")
+    merge_seconds: float | None = _omit_none()
+    optimised_parameters: int | None = _omit_none(description="trained merges: parameters optimised")
+    training_images: int | None = _omit_none(description="trained merges: images (with augmentations) seen")
+    final_loss: float | None = _omit_none(description="trained merges: the last epoch's loss")
+
+
+#: ``extra_format`` of the manifest extras this code writes
+EXTRA_FORMAT: Literal[1] = 1
+
+
+class ManifestExtra(MergeInfo):
+    """``manifest.json``'s ``extra``: the method's :class:`MergeInfo` (flat), each task's data sets, the gate's
+    routing accuracy on test images and the bundle's agreement with each task's own model (issue 33).
+
+    Keys of older manifests that are none of these are kept in ``legacy`` (never written by this code)."""
+
+    extra_format: Literal[1] = EXTRA_FORMAT
+    data: dict[str, TaskDataRecord] | None = _omit_none()
+    gate_test_accuracy: dict[str, float | None] | None = _omit_none(
+        description="share of each task's test images the gate routes to it (None: no test images)"
+    )
+    agreement: list[TaskAgreement] | None = _omit_none()
+    legacy: dict[str, Any] | None = _omit_none()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_unknown(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        known = set(cls.model_fields)
+        unknown = {k: v for k, v in value.items() if k not in known}
+        if not unknown:
+            return value
+        return {**{k: v for k, v in value.items() if k in known}, "legacy": {**(value.get("legacy") or {}), **unknown}}
+
+
 class BundleManifest(_Strict):
     """``manifest.json`` of a merged bundle."""
 
@@ -272,7 +341,7 @@ class BundleManifest(_Strict):
     tasks: list[str] = Field(default_factory=list)
     created_at: str
     files: dict[str, FileEntry]
-    extra: dict[str, Any] = Field(default_factory=dict)
+    extra: ManifestExtra = Field(default_factory=ManifestExtra)
 
 
 #: How a bundle makes task weights (``model.json``'s ``kind``).

@@ -1,4 +1,5 @@
-"""Where the store lives and how it is laid out on disk."""
+"""Settings read from the environment for the model store (the one place ``model_store`` reads it): where the
+store lives and how it is laid out on disk, where decoded built-in datasets are cached."""
 
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ class StoreSettings(BaseSettings):
 
     store: Path = Path("store")
     keep_versions: int = 5
+
+
+class DataSettings(BaseSettings):
+    """Decoded built-in datasets are kept in ``VITMERGE_DATA_CACHE`` (default ``~/.cache/vitmerge/datasets``;
+    ``off`` decodes them in every process)."""
+
+    model_config = SettingsConfigDict(env_prefix="VITMERGE_", extra="ignore")
+
+    data_cache: str = ""
+
+    def cache_root(self) -> Path | None:
+        """The cache directory, or None when caching is off."""
+        if self.data_cache.lower() in ("off", "0", "none"):
+            return None
+        return Path(self.data_cache) if self.data_cache else Path.home() / ".cache" / "vitmerge" / "datasets"
 
 
 @dataclass(frozen=True)

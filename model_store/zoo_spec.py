@@ -217,32 +217,35 @@ def spec_hash(spec: ZooSpec, spec_dir: Path) -> str:
 
 def _import_one(m: ModelSpec, spec_dir: Path, zoo_dir: Path, name: str, role: str) -> None:
     """Import one model of the spec (with its data sources, for tasks)."""
+    from model_store.importers.common import ImportTarget
+
     path = _resolve(spec_dir, m.path)
     task = m if isinstance(m, TaskSpec) else None
-    data = {"calibration": task.calibration, "test": task.test, "data_dir": spec_dir} if task else {}
-    classes = task.classes if task else None
-    adjust = m.preprocessing.apply if m.preprocessing else None
+    target = ImportTarget(
+        zoo_dir,
+        name,
+        "task" if role == "task" else "base",
+        class_names=task.classes if task else None,
+        adjust_preprocessing=m.preprocessing.apply if m.preprocessing else None,
+        calibration=task.calibration if task else None,
+        test=task.test if task else None,
+        data_dir=spec_dir,
+    )
     if m.format == "hf":
-        from model_store.importers.hf_vit import hf_checkpoint_preprocessing, import_hf_vit
+        from model_store.importers.hf_vit import import_hf_vit
 
-        prep = adjust(hf_checkpoint_preprocessing(path)) if adjust else None
-        import_hf_vit(path, zoo_dir, name, role, None, classes, prep, **data)  # type: ignore[arg-type]
+        import_hf_vit(path, target)
     elif m.format == "clip":
         from model_store.importers.clip import import_clip
 
         opt = lambda v: _resolve(spec_dir, v) if v else None  # noqa: E731
         import_clip(
             path,
-            zoo_dir,
-            name,
-            role,
+            target,
             head=opt(task.head if task else None),
             logit_scale=task.logit_scale if task else None,
             projection=opt(m.projection),
             open_clip_config=opt(m.open_clip_config),
-            class_names=classes,
-            adjust_preprocessing=adjust,
-            **data,  # type: ignore[arg-type]
         )
     elif m.format == "peft":
         from model_store.errors import CheckpointImportError
@@ -250,16 +253,12 @@ def _import_one(m: ModelSpec, spec_dir: Path, zoo_dir: Path, name: str, role: st
 
         if task is None:
             raise CheckpointImportError("a PEFT adapter is a task model: the base must be its HF ViT (format hf)")
-        base = _resolve(spec_dir, m.base_checkpoint) if m.base_checkpoint else None
-        import_peft(path, zoo_dir, name, base, None, classes, adjust_preprocessing=adjust, **data)  # type: ignore[arg-type]
+        import_peft(path, target, _resolve(spec_dir, m.base_checkpoint) if m.base_checkpoint else None)
     else:
-        from model_store.importers.timm_checkpoint import default_preprocessing, import_timm
-        from model_store.schema import Architecture
+        from model_store.importers.timm_checkpoint import import_timm
 
         assert m.model_name is not None
-        arch = Architecture(timm_name=m.model_name, kwargs=m.model_kwargs)
-        prep = adjust(default_preprocessing(arch)) if adjust else None
-        import_timm(path, m.model_name, zoo_dir, name, role, m.model_kwargs, None, classes, prep, **data)  # type: ignore[arg-type]
+        import_timm(path, m.model_name, target, m.model_kwargs)
 
 
 def create_zoo(

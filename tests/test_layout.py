@@ -77,11 +77,12 @@ def test_imports_flow_one_way(layer, forbidden):
     assert not bad, f"{layer} must not import {forbidden}: {bad}"
 
 
-def test_the_http_server_reaches_merging_only_through_the_pipeline():
+@pytest.mark.parametrize("layer", ["server.http", "server.eval"])
+def test_http_and_eval_reach_merging_only_through_the_pipeline(layer):
     bad = [
         (mod, dep)
         for mod, deps in GRAPH.items()
-        if _within(mod, "server.http")
+        if _within(mod, layer)
         for dep, _ in deps
         if _within(dep, "merging") and dep != "merging.pipeline"
     ]
@@ -127,3 +128,44 @@ def test_every_package_says_what_lives_there_and_what_it_may_import():
     inits = [p for p in MODULES.values() if p.name == "__init__.py"]
     missing = [str(p.relative_to(REPO)) for p in inits if not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, missing
+
+
+BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))
+SECTIONS = {
+    line.removeprefix("## ").removeprefix("### ").strip()
+    for line in (REPO / "BENCHMARKS.md").read_text().splitlines()
+    if line.startswith("## ") or line.startswith("### ")
+}
+
+
+def test_no_relative_imports():
+    files = [*MODULES.values(), *BENCHMARKS]
+    bad = [
+        str(p.relative_to(REPO))
+        for p in files
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.name)
+def test_a_benchmark_names_its_command_and_section_and_imports_only_the_package(path):
+    """Its docstring gives the command that runs it and the BENCHMARKS.md section it feeds; it imports the
+    installed packages (no sibling benchmark, no ``sys.path`` edit, no ``__import__``, no private name)."""
+    tree = ast.parse(path.read_text())
+    doc = ast.get_docstring(tree) or ""
+    assert f"benchmarks/{path.name}" in doc, "the docstring shows no command line"
+    fed = doc.split("Feeds BENCHMARKS.md, section", 1)[-1].split('"')
+    assert "Feeds BENCHMARKS.md, section" in doc and len(fed) > 1 and fed[1] in SECTIONS, f"no known section: {fed}"
+    siblings = {p.stem for p in BENCHMARKS}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            assert node.module.split(".")[0] not in siblings, f"imports the benchmark {node.module}"
+            assert not any(a.name.startswith("_") for a in node.names), f"private name from {node.module}"
+        elif isinstance(node, ast.Import):
+            assert not {a.name.split(".")[0] for a in node.names} & siblings, "imports another benchmark"
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            assert (node.value.id, node.attr) != ("sys", "path"), "edits sys.path"
+        elif isinstance(node, ast.Name):
+            assert node.id != "__import__", "imports through __import__"

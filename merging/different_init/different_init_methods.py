@@ -11,7 +11,6 @@ bundle the server routes with the gate.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 from pydantic import Field
@@ -24,6 +23,7 @@ from merging.gating.router import GateParams, train_gate_for
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
 from model_store.architecture import PROJECTION_KEY
+from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
 
@@ -98,7 +98,7 @@ def _heads(ctx: MergeContext, states: list[StateDict]) -> list[StateDict]:
 
 
 def _result(
-    ctx: MergeContext, p: GatedParams, backbone: StateDict, heads: list[StateDict], info: dict[str, Any]
+    ctx: MergeContext, p: GatedParams, backbone: StateDict, heads: list[StateDict], info: MergeInfo
 ) -> MergeResult:
     gate = train_gate_for(ctx, p) if p.gate else None
     return MergeResult(backbone=backbone, heads=heads, gate=gate, info=info)
@@ -114,12 +114,12 @@ def _mudsc(ctx: MergeContext, p: MuDSCParams, mode: Mode) -> MergeResult:
     images = torch.cat([ctx.calibration(i, None, p.max_images) for i in range(len(states))])
     acts = [collect_activations(m, images, shape) for m in models]
     res = mudsc_merge(states, acts, shape, _heads(ctx, states), p.alpha, mode, p.max_sweeps, p.seed)
-    info = {
-        "sweeps": res.sweeps,
-        "converged": res.converged,
-        "merge_seconds": round(time.perf_counter() - start, 3),
-        "optimised_parameters": 0,
-    }
+    info = MergeInfo(
+        sweeps=res.sweeps,
+        converged=res.converged,
+        merge_seconds=round(time.perf_counter() - start, 3),
+        optimised_parameters=0,
+    )
     return _result(ctx, p, res.merged, res.heads, info)
 
 
@@ -159,12 +159,12 @@ def _trained(ctx: MergeContext, p: TrainedParams, run, method: str) -> MergeResu
     cfg = FitConfig(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, weight_decay=p.weight_decay, seed=p.seed)
     out: FoldedMerge = run(states, ctx.build_model(0, states[0]), data, cfg)
     heads = [fold_head(h, a) for h, a in zip(_heads(ctx, states), out.adapters)]
-    info = {
-        "merge_seconds": round(time.perf_counter() - start, 3),
-        "optimised_parameters": out.optimised_parameters,
-        "training_images": len(data),
-        "final_loss": out.history[-1] if out.history else None,
-    }
+    info = MergeInfo(
+        merge_seconds=round(time.perf_counter() - start, 3),
+        optimised_parameters=out.optimised_parameters,
+        training_images=len(data),
+        final_loss=out.history[-1] if out.history else None,
+    )
     return _result(ctx, p, out.backbone, heads, info)
 
 

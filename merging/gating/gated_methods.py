@@ -8,10 +8,11 @@ from merging.gating.plan import expert_stacks, gating_plan
 from merging.gating.router import GateParams, train_gate_for
 from merging.methods.averaging import weight_average
 from merging.methods.emr import emr_merge
-from merging.methods.regmean import collect_grams, regmean
-from merging.methods.shared_base_methods import LoRAParams, TSVCParams, lora_result, tsv_c_result
+from merging.methods.regmean import regmean
+from merging.methods.shared_base_methods import LoRAParams, TSVCParams, lora_result, task_grams, tsv_c_result
 from merging.registry import Catalog, MergeContext, MergeResult
 from merging.types import StateDict
+from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
 
@@ -35,7 +36,7 @@ class GatingRegMeanParams(GatingAvgParams):
 def _emr_routed(ctx: MergeContext, p: GateParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
     gate = train_gate_for(ctx, p)
-    return MergeResult(emr=merged, gate=gate, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
+    return MergeResult(emr=merged, gate=gate, info=MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers))))
 
 
 def _gated(ctx: MergeContext, p: GatingAvgParams, static: StateDict) -> MergeResult:
@@ -43,11 +44,9 @@ def _gated(ctx: MergeContext, p: GatingAvgParams, static: StateDict) -> MergeRes
     experts = expert_stacks(ctx.finetuned, plan.gated_keys)
     backbone = {k: v for k, v in static.items() if k not in experts}
     gate = train_gate_for(ctx, p)
-    info = {
-        "gated_attn_blocks": list(plan.attn_blocks),
-        "gated_mlp_blocks": list(plan.mlp_blocks),
-        "similarity": plan.similarity,
-    }
+    info = MergeInfo(
+        gated_attn_blocks=list(plan.attn_blocks), gated_mlp_blocks=list(plan.mlp_blocks), similarity=plan.similarity
+    )
     return MergeResult(backbone=backbone, experts=experts, plan=plan, gate=gate, info=info)
 
 
@@ -70,12 +69,7 @@ def _gating_avg(ctx: MergeContext, p: GatingAvgParams) -> MergeResult:
     needs_shared_base=True,
 )
 def _gating_regmean(ctx: MergeContext, p: GatingRegMeanParams) -> MergeResult:
-    assert ctx.build_model and ctx.calibration
-    grams = [
-        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
-        for i, m in enumerate(ctx.finetuned)
-    ]
-    return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+    return _gated(ctx, p, regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha))
 
 
 class TSVRoutedParams(GateParams, TSVCParams):

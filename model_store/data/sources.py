@@ -33,7 +33,8 @@ from model_store.data.builtin import TASKS, SplitSpec, load_split
 from model_store.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 from model_store.data.preprocessing import to_model_input
 from model_store.errors import DataSourceError, ImageDecodeError
-from model_store.schema import DataSource, Preprocessing
+from model_store.schema import DataSource, Preprocessing, SetRecord
+from model_store.settings import DataSettings
 
 Role = Literal["calibration", "test"]
 BUILTIN_PREFIX = "builtin:"
@@ -172,9 +173,9 @@ class ImageSet:
             h.update(np.ascontiguousarray(self.arrays[:, :4]).tobytes() if self.arrays is not None else b"")
         return h.hexdigest()
 
-    def record(self) -> dict[str, object]:
+    def record(self) -> SetRecord:
         """What a bundle manifest keeps of this set (to audit and repeat a merge)."""
-        return {"source": self.source.model_dump(mode="json"), "images": len(self), "sha256": self.fingerprint()}
+        return SetRecord(source=self.source, images=len(self), sha256=self.fingerprint())
 
 
 def _shuffled(items: list, seed: int) -> list:
@@ -263,7 +264,7 @@ def open_source(
     if role == "test" and not class_names:
         raise DataSourceError("test images need the task's class names")
     if source.kind == "builtin":
-        data = load_split(source.location, role, SplitSpec(seed=source.seed))
+        data = load_split(source.location, role, SplitSpec(seed=source.seed), cache_root=DataSettings().cache_root())
         if role == "test" and class_names is not None and len(class_names) != len(data.class_names):
             raise DataSourceError(
                 f"builtin:{source.location} has {len(data.class_names)} classes, the task has {len(class_names)}"

@@ -19,7 +19,6 @@ model's pre-logits are ``normalize(P f)`` and its head is a linear layer on them
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from model_store.architecture import PROJECTION_KEY, StateDict, build_model
 from model_store.errors import CheckpointImportError
 from model_store.importers.common import (
+    ImportTarget,
     check_fits_zoo,
     read_head,
     read_hf_config,
@@ -359,35 +359,22 @@ def with_projection(tower: ClipTower, source: ClipTower) -> ClipTower:
     return replace(tower, state={**tower.state, PROJECTION_KEY: proj}, arch=arch)
 
 
-def _same(prep: Preprocessing) -> Preprocessing:
-    return prep
-
-
 def import_clip(
     checkpoint: str | Path,
-    zoo_dir: str | Path,
-    name: str,
-    role: str = "task",
+    target: ImportTarget,
     head: str | Path | None = None,
     logit_scale: float | None = None,
     projection: str | Path | None = None,
     open_clip_config: str | Path | None = None,
-    task: str | None = None,
-    class_names: list[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
-    adjust_preprocessing: Callable[[Preprocessing], Preprocessing] | None = None,
 ) -> Zoo:
-    """Add a CLIP image tower (+ its linear head, for a task) to a zoo.
+    """Add a CLIP image tower (+ its linear head, for a task) to ``target``'s zoo.
 
     Task logits are ``logit_scale * (W normalize(P f)) + b`` with a projection ``P``
     (``W f + b`` on the pooled features without one); ``projection`` takes ``P`` from
-    another checkpoint for a tower saved without it; ``adjust_preprocessing`` edits the
-    checkpoint's preprocessing (a zoo spec's override). Refused before anything is written
+    another checkpoint for a tower saved without it. Refused before anything is written
     when the tower does not fit the zoo's models (the first differing tensor named).
     """
+    role, zoo_dir, name = target.role, target.zoo_dir, target.name
     tower = load_clip_tower(checkpoint, open_clip_config)
     if projection is not None:
         tower = with_projection(tower, load_clip_tower(projection))
@@ -400,17 +387,4 @@ def import_clip(
         raise CheckpointImportError("a base model has no head; drop --head")
     heads = read_head(head, tower.embed_dim, logit_scale) if head is not None else {}
     check_fits_zoo(zoo_dir, name, tower.state, tower.arch)
-    return save_imported(
-        zoo_dir,
-        name,
-        role,
-        {**tower.state, **heads},
-        tower.arch,
-        preprocessing or (adjust_preprocessing or _same)(tower.prep),
-        tower.source,
-        task,
-        class_names,
-        calibration,
-        test,
-        data_dir,
-    )
+    return save_imported(target, {**tower.state, **heads}, tower.arch, tower.prep, tower.source)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
@@ -75,27 +78,54 @@ def id2label_classes(config: dict, state: StateDict) -> list[str] | None:
     return labels if labels and head is not None and len(labels) == head.shape[0] else None
 
 
+@dataclass(frozen=True)
+class ImportTarget:
+    """Where an imported model goes and as what (every importer takes one).
+
+    ``zoo_dir``/``name``/``role``: the zoo directory, the model's name there, ``base`` or ``task``. A task
+    model's ``task`` name (default ``name``), ``class_names`` (default: the checkpoint's own, else 0..C-1),
+    ``calibration``/``test`` data sources (``builtin:NAME``, a folder, a CSV; relative to ``data_dir``,
+    default the working directory). Preprocessing: ``preprocessing`` replaces the checkpoint's own;
+    ``adjust_preprocessing`` edits it (a zoo spec's override).
+    """
+
+    zoo_dir: str | Path
+    name: str
+    role: Literal["base", "task"] = "task"
+    task: str | None = None
+    class_names: list[str] | None = None
+    preprocessing: Preprocessing | None = None
+    adjust_preprocessing: Callable[[Preprocessing], Preprocessing] | None = None
+    calibration: str | None = None
+    test: str | None = None
+    data_dir: str | Path | None = None
+
+    def preprocessing_for(self, own: Preprocessing) -> Preprocessing:
+        """The model's preprocessing: the override, else the checkpoint's ``own`` (edited when asked)."""
+        if self.preprocessing is not None:
+            return self.preprocessing
+        return self.adjust_preprocessing(own) if self.adjust_preprocessing is not None else own
+
+
 def save_imported(
-    zoo_dir: str | Path,
-    name: str,
-    role: str,
+    target: ImportTarget,
     state: StateDict,
     arch: Architecture,
     prep: Preprocessing,
     source: str,
-    task: str | None = None,
     class_names: list[str] | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
     lora: LoraAdapter | None = None,
 ) -> Zoo:
-    """Validate ``state`` by a strict load into ``arch`` and add it to the zoo at ``zoo_dir``.
+    """Validate ``state`` by a strict load into ``arch`` and add it to ``target``'s zoo.
 
-    ``calibration``/``test`` are data sources (``builtin:NAME``, a folder, a CSV; relative
-    to ``data_dir``, default the working directory), checked before anything is written.
+    ``prep``: the checkpoint's own preprocessing (``target`` may replace or edit it); ``class_names``: the
+    checkpoint's own (``target.class_names`` win). Data sources are checked before anything is written.
     ``lora``: the adapter the model was made from (kept in its provenance).
     """
+    role, name, task = target.role, target.name, target.task
+    calibration, test, data_dir = target.calibration, target.test, target.data_dir
+    class_names = target.class_names or class_names
+    prep = target.preprocessing_for(prep)
     if role not in ("base", "task"):
         raise CheckpointImportError(f"role must be 'base' or 'task', got '{role}'")
     probe = build_model(arch, 0)
@@ -127,7 +157,7 @@ def save_imported(
         provenance=Provenance(source=source, lora=lora),
         data=data,
     )
-    writer = ZooWriter(zoo_dir)
+    writer = ZooWriter(target.zoo_dir)
     writer.add_model(meta, backbone, head or None)
     return writer.register(meta)
 

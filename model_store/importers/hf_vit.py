@@ -18,6 +18,7 @@ import torch
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
 from model_store.importers.common import (
+    ImportTarget,
     hf_weights,
     id2label_classes,
     read_hf_config,
@@ -143,37 +144,13 @@ def hf_checkpoint_preprocessing(ckpt_dir: str | Path) -> Preprocessing:
     return hf_preprocessing(ckpt_dir, hf_vit_architecture(read_hf_config(ckpt_dir)))
 
 
-def import_hf_vit(
-    ckpt_dir: str | Path,
-    zoo_dir: str | Path,
-    name: str,
-    role: str = "task",
-    task: str | None = None,
-    class_names: list[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
-) -> Zoo:
-    """Add an HF ViT checkpoint directory to a zoo (classes from ``id2label`` unless given)."""
+def import_hf_vit(ckpt_dir: str | Path, target: ImportTarget) -> Zoo:
+    """Add an HF ViT checkpoint directory to ``target``'s zoo (classes from ``id2label`` unless given)."""
     ckpt_dir = Path(ckpt_dir)
     config = read_hf_config(ckpt_dir)
     weights = hf_weights(ckpt_dir)
     arch = hf_vit_architecture(config)
     state = convert_hf_vit_state(read_state_dict(weights))
     classes = id2label_classes(config, state)
-    prep = preprocessing or hf_preprocessing(ckpt_dir, arch)
-    return save_imported(
-        zoo_dir,
-        name,
-        role,
-        state,
-        arch,
-        prep,
-        f"import:hf:{ckpt_dir.name}",
-        task,
-        class_names or classes,
-        calibration,
-        test,
-        data_dir,
-    )
+    prep = hf_preprocessing(ckpt_dir, arch)
+    return save_imported(target, state, arch, prep, f"import:hf:{ckpt_dir.name}", classes)

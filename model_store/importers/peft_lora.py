@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from model_store.architecture import StateDict
 from model_store.errors import CheckpointImportError
 from model_store.importers.common import (
+    ImportTarget,
     check_fits_zoo,
     hf_weights,
     id2label_classes,
@@ -38,7 +38,7 @@ from model_store.importers.hf_vit import (
     hf_vit_architecture,
     timm_key,
 )
-from model_store.schema import LoraAdapter, Preprocessing
+from model_store.schema import LoraAdapter
 from model_store.zoo import Zoo
 
 _LORA_RE = re.compile(r"^(.+)\.lora_([AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
@@ -159,23 +159,11 @@ def _adapter_weights(adapter_dir: Path) -> Path:
     raise CheckpointImportError(f"{adapter_dir}: neither adapter_model.safetensors nor adapter_model.bin found")
 
 
-def import_peft(
-    adapter_dir: str | Path,
-    zoo_dir: str | Path,
-    name: str,
-    base_checkpoint: str | Path | None = None,
-    task: str | None = None,
-    class_names: list[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
-    adjust_preprocessing: Callable[[Preprocessing], Preprocessing] | None = None,
-) -> Zoo:
-    """Add the task model ``base + LoRA`` to a zoo (the classifier from ``modules_to_save``, else the base's).
-
-    Preprocessing: the base checkpoint's (``adjust_preprocessing`` edits it: a zoo spec's override).
-    """
+def import_peft(adapter_dir: str | Path, target: ImportTarget, base_checkpoint: str | Path | None = None) -> Zoo:
+    """Add the task model ``base + LoRA`` to ``target``'s zoo (the classifier from ``modules_to_save``, else the
+    base's; ``target.role`` must be ``task``). Preprocessing: the base checkpoint's."""
+    if target.role != "task":
+        raise CheckpointImportError("a PEFT adapter is a task model: import the base with import_hf_vit")
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
     pairs, full = lora_pairs(read_state_dict(_adapter_weights(adapter_dir)), cfg)
@@ -193,19 +181,7 @@ def import_peft(
         layers=layers,
     )
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
-    check_fits_zoo(zoo_dir, name, backbone, arch)
-    return save_imported(
-        zoo_dir,
-        name,
-        "task",
-        state,
-        arch,
-        preprocessing or (adjust_preprocessing or (lambda p: p))(hf_preprocessing(base_dir, arch)),
-        f"import:peft:{adapter_dir.name}",
-        task,
-        class_names or id2label_classes(config, state),
-        calibration,
-        test,
-        data_dir,
-        lora=lora,
-    )
+    check_fits_zoo(target.zoo_dir, target.name, backbone, arch)
+    prep = hf_preprocessing(base_dir, arch)
+    source = f"import:peft:{adapter_dir.name}"
+    return save_imported(target, state, arch, prep, source, id2label_classes(config, state), lora=lora)

@@ -10,7 +10,7 @@ from timm.data.constants import DEFAULT_CROP_PCT
 
 from model_store.architecture import build_model
 from model_store.errors import CheckpointImportError
-from model_store.importers.common import read_state_dict, save_imported
+from model_store.importers.common import ImportTarget, read_state_dict, save_imported
 from model_store.schema import Architecture, Preprocessing
 from model_store.zoo import Zoo
 
@@ -58,34 +58,9 @@ def timm_data_config_preprocessing(cfg: dict[str, Any], where: str) -> Preproces
 
 
 def import_timm(
-    checkpoint: str | Path,
-    model_name: str,
-    zoo_dir: str | Path,
-    name: str,
-    role: str = "task",
-    model_kwargs: dict[str, Any] | None = None,
-    task: str | None = None,
-    class_names: list[str] | None = None,
-    preprocessing: Preprocessing | None = None,
-    calibration: str | None = None,
-    test: str | None = None,
-    data_dir: str | Path | None = None,
+    checkpoint: str | Path, model_name: str, target: ImportTarget, model_kwargs: dict[str, Any] | None = None
 ) -> Zoo:
-    """Add a timm checkpoint to a zoo (strictly validated against ``model_name``)."""
+    """Add a timm checkpoint to ``target``'s zoo (strictly validated against ``model_name``)."""
     arch = Architecture(timm_name=model_name, kwargs=model_kwargs or {})
     state = read_state_dict(checkpoint)
-    prep = preprocessing or default_preprocessing(arch)
-    return save_imported(
-        zoo_dir,
-        name,
-        role,
-        state,
-        arch,
-        prep,
-        f"import:timm:{Path(checkpoint).name}",
-        task,
-        class_names,
-        calibration,
-        test,
-        data_dir,
-    )
+    return save_imported(target, state, arch, default_preprocessing(arch), f"import:timm:{Path(checkpoint).name}")

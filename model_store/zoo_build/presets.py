@@ -37,6 +37,7 @@ from model_store.data.preprocessing import to_model_input
 from model_store.devices import resolve_device
 from model_store.errors import ZooFormatError
 from model_store.schema import Architecture, DataSource, ModelMeta, Preprocessing, Provenance, TaskData
+from model_store.settings import DataSettings
 from model_store.zoo import BACKBONE_FILE, Zoo, ZooWriter
 from model_store.zoo_build.training import TrainConfig, accuracy, train_classifier
 
@@ -211,7 +212,7 @@ def get_preset(name: str) -> ZooPreset:
 
 
 def _tensors(task: str, split: str, preset: ZooPreset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_split(task, split, preset.split, limit=limit)  # type: ignore[arg-type]
+    data = load_split(task, split, preset.split, limit, DataSettings().cache_root())  # type: ignore[arg-type]
     assert data.labels is not None
     return to_model_input(data.images, preset.prep), torch.as_tensor(data.labels)
 
@@ -222,7 +223,7 @@ def _train_one(
     """Train one model (from ``init`` backbone when given); returns model (on CPU), test acc, seconds, classes."""
     x_tr, y_tr = _tensors(recipe.task, "train", preset, recipe.max_train)
     x_te, y_te = _tensors(recipe.task, "test", preset)
-    classes = load_split(recipe.task, "test", preset.split, limit=1).class_names
+    classes = load_split(recipe.task, "test", preset.split, 1, DataSettings().cache_root()).class_names
     torch.manual_seed(preset.seed + recipe.train.seed)
     model = build_model(preset.arch, len(classes))
     if init is not None:

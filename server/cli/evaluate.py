@@ -15,10 +15,10 @@ from server.cli.common import Parsers, SubParsers, store_layout, zoo_dir
 def cmd_eval(args: argparse.Namespace) -> int:
     from model_store.bundle import BundleStore
     from server.eval.accuracy import evaluate_bundle, evaluate_individual, evaluate_routed, format_table, source_zoo
-    from server.runtime.engine import Engine
+    from server.runtime.engine import Engine, EngineOptions
 
     bundle = BundleStore(store_layout(args)).load(args.bundle)
-    engine = Engine(bundle, "cpu", mixing=args.mixing)
+    engine = Engine(bundle, EngineOptions(mixing=args.mixing))
     models = engine.models
     label = f"{bundle.manifest.method} ({bundle.version})"
     if args.agreement:
@@ -75,13 +75,8 @@ def _no_test_note(accs: dict) -> None:
 def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     from model_store.zoo import Zoo
     from model_store.zoo_build.presets import PRESETS, build_zoo
-    from server.eval.bench import (
-        SECTIONS,
-        AccuracyBenchConfig,
-        render_markdown,
-        run_accuracy_bench,
-        write_report,
-    )
+    from server.eval.bench import SECTIONS, AccuracyBenchConfig, run_accuracy_bench
+    from server.eval.report import render_markdown, write_report
 
     limit_heap_fragmentation()
     from model_store.zoo_spec import ensure_zoo, is_spec_file
@@ -104,6 +99,7 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
         tsv_fractions=tuple(float(f) for f in args.tsv_fractions.split(",") if f),
         tsv_conv=args.tsv_conv,
         sections=SECTIONS if args.sections == "all" else tuple(x for x in args.sections.split(",") if x),
+        store=args.keep_bundles,
     )
     result = run_accuracy_bench(zoo, cfg, progress=not args.quiet)
     command = (
@@ -171,6 +167,13 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
         default="all",
         help="comma-separated groups of rows to run (Individual always does): static, emr, tsv, gating_avg, "
         "gating_regmean; default all",
+    )
+    p.add_argument(
+        "--keep-bundles",
+        default=None,
+        metavar="DIR",
+        help="publish every row's bundle into the store at DIR and keep it (rows name their version: "
+        "`vitmerge eval --store DIR --bundle V` reproduces a row); default: a temporary store, deleted",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, markdown and PNG files")

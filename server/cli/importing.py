@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from server.cli.common import Parsers, SubParsers, zoo_dir
+
+if TYPE_CHECKING:
+    from model_store.importers.common import ImportTarget
 
 
 def _classes(value: str | None) -> list[str] | None:
@@ -18,22 +22,26 @@ def _classes(value: str | None) -> list[str] | None:
     return [c.strip() for c in value.split(",") if c.strip()]
 
 
+def _target(args: argparse.Namespace, role: Literal["base", "task"] | None = None) -> ImportTarget:
+    """The destination the flags name: zoo, name, role, task, classes, data sources."""
+    from model_store.importers.common import ImportTarget
+
+    return ImportTarget(
+        zoo_dir(args, args.zoo),
+        args.name,
+        role or args.role,
+        task=args.task,
+        class_names=_classes(args.classes),
+        calibration=args.calibration,
+        test=args.test,
+    )
+
+
 def cmd_import_timm(args: argparse.Namespace) -> int:
     from model_store.importers.timm_checkpoint import import_timm
 
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    zoo = import_timm(
-        args.checkpoint,
-        args.model_name,
-        zoo_dir(args, args.zoo),
-        args.name,
-        args.role,
-        kwargs,
-        args.task,
-        _classes(args.classes),
-        calibration=args.calibration,
-        test=args.test,
-    )
+    zoo = import_timm(args.checkpoint, args.model_name, _target(args), kwargs)
     print(f"imported '{args.name}' ({args.role}) into zoo {zoo.root}")
     return 0
 
@@ -41,16 +49,7 @@ def cmd_import_timm(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from model_store.importers.hf_vit import import_hf_vit
 
-    zoo = import_hf_vit(
-        args.checkpoint,
-        zoo_dir(args, args.zoo),
-        args.name,
-        args.role,
-        args.task,
-        _classes(args.classes),
-        calibration=args.calibration,
-        test=args.test,
-    )
+    zoo = import_hf_vit(args.checkpoint, _target(args))
     print(f"imported '{args.name}' ({args.role}) into zoo {zoo.root}")
     return 0
 
@@ -60,17 +59,11 @@ def cmd_import_clip(args: argparse.Namespace) -> int:
 
     zoo = import_clip(
         args.checkpoint,
-        zoo_dir(args, args.zoo),
-        args.name,
-        args.role,
+        _target(args),
         head=args.head,
         logit_scale=args.logit_scale,
         projection=args.projection,
         open_clip_config=args.open_clip_config,
-        task=args.task,
-        class_names=_classes(args.classes),
-        calibration=args.calibration,
-        test=args.test,
     )
     arch = zoo.metas[args.name].architecture
     proj = f"projection to {arch.projection_dim}" if arch.projection_dim else "no projection"
@@ -81,16 +74,7 @@ def cmd_import_clip(args: argparse.Namespace) -> int:
 def cmd_import_peft(args: argparse.Namespace) -> int:
     from model_store.importers.peft_lora import import_peft
 
-    zoo = import_peft(
-        args.adapter,
-        zoo_dir(args, args.zoo),
-        args.name,
-        args.base_checkpoint,
-        args.task,
-        _classes(args.classes),
-        calibration=args.calibration,
-        test=args.test,
-    )
+    zoo = import_peft(args.adapter, _target(args, role="task"), args.base_checkpoint)
     lora = zoo.metas[args.name].provenance.lora
     print(
         f"imported LoRA adapter '{args.name}' (rank {lora.rank if lora else '?'}) as a task model into zoo {zoo.root}"

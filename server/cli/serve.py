@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.WARNING if args.quiet else logging.INFO
     )  # one line per request
     if settings.malloc_reuse:  # before any worker thread starts (threads keep the arena they got)
-        from server.runtime.host_memory import reuse_freed_memory
+        from model_store.memory import reuse_freed_memory
 
         reuse_freed_memory()
     app = create_app(settings, progress=not args.quiet)

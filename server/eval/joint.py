@@ -1,81 +1,67 @@
-"""Per-task and joint accuracy of one backbone with several task heads (FS-Merge Tables 3-4).
+"""Per-task and joint accuracy of a bundle with several task heads (FS-Merge Tables 3-4), through the Engine.
 
-* per-task: an image of task t is classified by task t's own head (task given);
-* joint: every head's logits are concatenated and the arg-max must be task t's
-  head at the right class (the task is NOT given; no gate).
+* per-task: task t's images with task t named, classified by its own head;
+* joint: every head's logits on the same features concatenated; the arg-max must be task t's head at the
+  right class (the task is NOT given; no gate).
 
-The output ensemble (evaluation-only reference) runs every original model with its
-own head and takes the same arg-max over all of them.
+The output ensemble (evaluation-only reference) runs every task's own model from the zoo with its own head
+(:meth:`~server.eval.taskpool.TaskPool.reference`) and takes the same arg-max over all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
-from model_store.architecture import build_model, pre_logits
-from model_store.data.attach import require_test_set
-from model_store.schema import Architecture, Preprocessing
+from model_store.data.preprocessing import to_model_input
 from model_store.zoo import Zoo
+from server.eval.taskpool import TaskPool
+from server.runtime.engine import Engine
 
-TestSet = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def load_test_sets(
-    zoo: Zoo, tasks: Sequence[str], prep: Preprocessing, limit: int | None = None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every task's TEST images (from the zoo's test sources, preprocessed) and labels."""
-    out = {}
-    for t in tasks:
-        images = require_test_set(zoo, t, "joint accuracy")
-        out[t] = (images.tensors(prep, limit), images.label_tensor(limit))
-    return out
+#: per task: ``{"per_task": acc, "joint": acc}``
+Scores = dict[str, dict[str, float]]
 
 
-def _score(logits: Mapping[str, Mapping[str, torch.Tensor]], data: TestSet) -> dict[str, dict[str, float]]:
-    """``logits[image_task][head_task]`` -> per-task and joint accuracy per task."""
-    tasks = list(data)
-    out: dict[str, dict[str, float]] = {}
-    for t in tasks:
-        y = data[t][1]
-        own = logits[t][t].argmax(-1)
-        cat = torch.cat([logits[t][h] for h in tasks], 1)
-        offset = sum(logits[t][h].shape[1] for h in tasks[: tasks.index(t)])
+def _score(pool: TaskPool, logits: Mapping[str, list[torch.Tensor]]) -> Scores:
+    """``logits[task]``: every head's logits on task's images, in task order -> per-task and joint accuracy."""
+    out: Scores = {}
+    for i, t in enumerate(pool.tasks):
+        y = pool.labels(t)
+        heads = logits[t]
+        offset = sum(h.shape[1] for h in heads[:i])
         out[t] = {
-            "per_task": float((own == y).float().mean()),
-            "joint": float((cat.argmax(-1) == y + offset).float().mean()),
+            "per_task": float((heads[i].argmax(-1) == y).float().mean()),
+            "joint": float((torch.cat(heads, 1).argmax(-1) == y + offset).float().mean()),
         }
     return out
 
 
-def evaluate_merged(
-    backbone: Mapping[str, torch.Tensor],
-    heads: Mapping[str, Mapping[str, torch.Tensor]],
-    arch: Architecture,
-    data: TestSet,
-) -> dict[str, dict[str, float]]:
-    """Per-task and joint accuracy of one merged backbone with every task's (adapted) head."""
-    model = build_model(arch, 0)
-    model.load_state_dict(dict(backbone), strict=True)
-    logits = {}
-    for t, (x, _) in data.items():
-        f = pre_logits(model, x)
-        logits[t] = {
-            h: F.linear(f, head["head.weight"].float(), head["head.bias"].float()) for h, head in heads.items()
-        }
-    return _score(logits, data)
+@torch.inference_mode()
+def evaluate_joint(engine: Engine, pool: TaskPool) -> Scores:
+    """Per-task and joint accuracy of ``engine``'s bundle (one backbone, every task's head) on ``pool``."""
+    logits: dict[str, list[torch.Tensor]] = {}
+    for t in pool.tasks:
+        images, i = pool.sets[t], engine.task_index(t)
+        assert images is not None, f"task '{t}' has no test images"
+        parts = [engine.all_head_logits(engine.prepare(chunk, i)[0], i) for chunk in images.chunks(pool.limit)]
+        logits[t] = [torch.cat([p[h] for p in parts]) for h in range(len(engine.tasks))]
+    return _score(pool, logits)
 
 
-def evaluate_ensemble(zoo: Zoo, tasks: Sequence[str], data: TestSet) -> dict[str, dict[str, float]]:
-    """The output ensemble: every original model with its own head, arg-max over all of them."""
-    models = {t: zoo.build_model(t) for t in tasks}
-    logits = {}
-    with torch.inference_mode():
-        for t, (x, _) in data.items():
-            logits[t] = {h: torch.cat([m(x[i : i + 512]) for i in range(0, len(x), 512)]) for h, m in models.items()}
-    return _score(logits, data)
+@torch.inference_mode()
+def evaluate_ensemble(zoo: Zoo, pool: TaskPool) -> Scores:
+    """The output ensemble: every task's own model (its own preprocessing) with its own head, arg-max over all."""
+    models = {t: zoo.build_model(t).eval() for t in pool.tasks}
+    logits: dict[str, list[torch.Tensor]] = {}
+    for t in pool.tasks:
+        images = pool.sets[t]
+        assert images is not None, f"task '{t}' has no test images"
+        chunks = list(images.chunks(pool.limit))
+        logits[t] = [
+            torch.cat([m(to_model_input(c, zoo.metas[h].preprocessing)) for c in chunks]) for h, m in models.items()
+        ]
+    return _score(pool, logits)
 
 
 def summary(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from model_store.files import utc_timestamp
 from server.http.errors import Conflict, InvalidRequest, NotFound
 from server.http.metrics import ServerMetrics
 from server.http.model_manager import MERGE_LOCK, ModelManager
+from server.http.requests import MergeOrder
 from server.http.zoo_source import resolve_zoo
 from server.runtime.protocol import InferenceEngine
 
@@ -88,23 +89,12 @@ class MergeJobs:
     def busy(self) -> bool:
         return self._active is not None or self._switching
 
-    def submit(self, method: str, params: dict[str, Any], tasks: list[str] | None) -> MergeJob:
-        """Validate and start a job; 422 for a bad method/params, 409 while another merge runs."""
-        from merging.pipeline import get_method, parse_params  # admin path only
-
-        try:
-            name = get_method(method).name
-            parsed = parse_params(name, params).model_dump()
-        except (KeyError, ValueError) as e:
-            raise InvalidRequest(
-                e.args[0] if isinstance(e, KeyError) and e.args else str(e), code="invalid_merge_request"
-            ) from e
-        if tasks is not None and len(set(tasks)) != len(tasks):
-            raise InvalidRequest("tasks must be unique", code="invalid_merge_request")
-        self._check_zoo(name, tasks)
+    def submit(self, order: MergeOrder) -> MergeJob:
+        """Start a job for a validated order; 422 when the zoo cannot take it, 409 while another merge runs."""
+        self._check_zoo(order.method, order.tasks)
         with self._lock:
             self._claim_store()
-            job = MergeJob(uuid.uuid4().hex[:12], name, parsed, tasks)
+            job = MergeJob(uuid.uuid4().hex[:12], order.method, order.params.model_dump(), order.tasks)
             self._active = job
             self.jobs[job.id] = job
             while len(self.jobs) > MAX_JOBS_KEPT:

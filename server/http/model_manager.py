@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 
 import torch
 from filelock import FileLock
@@ -21,7 +22,7 @@ from model_store.bundle import BundleStore
 from model_store.devices import resolve_device
 from server.http.metrics import ServerMetrics
 from server.http.settings import ServerSettings
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.models")
@@ -29,6 +30,16 @@ log = logging.getLogger("vitmerge.models")
 MERGE_LOCK = ".merge.lock"
 #: the longest wait between two retries of a failed startup merge (a failed startup load is retried every poll)
 MAX_MERGE_RETRY_S = 300.0
+
+
+class ManagerState(StrEnum):
+    """Where the manager is: starting, merging the startup bundle, loading it, serving (ready), or failed."""
+
+    STARTING = "starting"
+    MERGING = "merging"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
 
 
 class ModelManager:
@@ -41,13 +52,27 @@ class ModelManager:
         self.device = resolve_device(settings.device)
         self.engine: InferenceEngine | None = None
         self.error: str | None = None
-        self.state = "starting"
-        #: the step a failed :meth:`bootstrap` was in ("loading": CURRENT would not load; "merging": the startup merge)
-        self.failed_step: str | None = None
+        self.state = ManagerState.STARTING
+        #: the step a failed :meth:`bootstrap` was in (LOADING: CURRENT would not load; MERGING: the startup merge)
+        self.failed_step: ManagerState | None = None
         self._load_lock = threading.Lock()
         self._failed_versions: set[str] = set()
         self._retry_at = 0.0  # monotonic time of the next startup retry
         self._merge_backoff = 0.0
+
+    @property
+    def options(self) -> EngineOptions:
+        """How the settings ask engines to run (the device resolved once, at startup)."""
+        s = self.settings
+        return EngineOptions(
+            device=str(self.device),
+            cache_bytes=s.cache_bytes,
+            mixing=s.mixing,
+            threshold=s.sparse_threshold,
+            cuda_graphs=s.cuda_graphs,
+            malloc_reuse=s.malloc_reuse,
+            torch_threads=s.torch_threads,
+        )
 
     @property
     def version(self) -> str | None:
@@ -59,29 +84,11 @@ class ModelManager:
         if s.worker == "process":
             from server.runtime.worker import ProcessEngine
 
-            engine: InferenceEngine = ProcessEngine(
-                self.store.load(version),
-                self.device,
-                s.cache_bytes,
-                s.mixing,
-                s.sparse_threshold,
-                self.metrics.cache_lookup,
-                s.cuda_graphs,
-                s.malloc_reuse,
-                s.torch_threads,
-            )
+            engine: InferenceEngine = ProcessEngine(self.store.load(version), self.options, self.metrics.cache_lookup)
         else:
             if s.torch_threads is not None:
                 torch.set_num_threads(s.torch_threads)
-            engine = Engine(
-                self.store.load(version),
-                self.device,
-                s.cache_bytes,
-                s.mixing,
-                s.sparse_threshold,
-                self.metrics.cache_lookup,
-                s.cuda_graphs,
-            )
+            engine = Engine(self.store.load(version), self.options, self.metrics.cache_lookup)
         engine.warmup()
         return engine
 
@@ -89,7 +96,7 @@ class ModelManager:
         """Serve ``engine`` from the next request on (one reference assignment)."""
         old = self.engine
         self.engine = engine
-        self.state, self.error = "ready", None
+        self.state, self.error = ManagerState.READY, None
         self.metrics.model_info.info(
             {
                 "version": engine.version,
@@ -120,7 +127,7 @@ class ModelManager:
                 with FileLock(str(self.store.layout.root / MERGE_LOCK), thread_local=False):
                     version = self.store.current_version()
                     if version is None:
-                        self.state = "merging"
+                        self.state = ManagerState.MERGING
                         log.info(
                             "store %s has no CURRENT bundle: merging zoo '%s' with %s",
                             self.store.layout.root,
@@ -142,11 +149,12 @@ class ModelManager:
                         except Exception:
                             cleanup_leftovers(self.store, before)
                             raise
-            self.state = "loading"
+            self.state = ManagerState.LOADING
             return self.load_and_swap(version)
         except Exception as e:
-            self.failed_step = self.state if self.state in ("merging", "loading") else "loading"
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+            merging = self.state == ManagerState.MERGING
+            self.failed_step = ManagerState.MERGING if merging else ManagerState.LOADING
+            self.state, self.error = ManagerState.FAILED, f"{type(e).__name__}: {e}"
             log.error("startup failed: %s", self.error)
             raise
 
@@ -155,7 +163,7 @@ class ModelManager:
         try:
             await asyncio.to_thread(self.bootstrap, False)
         except Exception:  # noqa: BLE001 - bootstrap recorded the error; /readyz reports it
-            if self.failed_step == "merging":
+            if self.failed_step == ManagerState.MERGING:
                 base = max(self.settings.watch_interval_s, 1.0)
                 self._merge_backoff = min(max(self._merge_backoff * 2, base), MAX_MERGE_RETRY_S)
                 self._retry_at = time.monotonic() + self._merge_backoff
@@ -181,7 +189,7 @@ class ModelManager:
         while True:
             await asyncio.sleep(interval)
             if self.engine is None:
-                if self.state == "failed" and not busy() and time.monotonic() >= self._retry_at:
+                if self.state == ManagerState.FAILED and not busy() and time.monotonic() >= self._retry_at:
                     await self._retry_startup()
                 continue
             if busy():

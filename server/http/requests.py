@@ -6,10 +6,11 @@ Anything wrong is a 4xx :class:`~server.http.errors.APIError` naming the problem
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -84,8 +85,19 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
     )
 
 
-async def read_merge_request(request: Request) -> MergeRequest:
-    """A ``POST /v1/merge`` body -> MergeRequest: 415 if not JSON, 400 if unparsable, 422 if invalid."""
+@dataclass(frozen=True)
+class MergeOrder:
+    """A merge request that passed validation: the registry's method name, its parameters as an instance of
+    that method's own params model (defaults filled in), and the tasks (None: all)."""
+
+    method: str
+    params: BaseModel
+    tasks: list[str] | None
+
+
+async def read_merge_request(request: Request) -> MergeOrder:
+    """A ``POST /v1/merge`` body -> MergeOrder: 415 if not JSON, 400 if unparsable, 422 if the body, the method
+    or its parameters are invalid (the method's params model says which, and lists the valid ones)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise UnsupportedMediaType(f"Content-Type {media or 'none'} is not supported: send application/json")
@@ -94,9 +106,20 @@ async def read_merge_request(request: Request) -> MergeRequest:
         raise InvalidRequest("request body is empty", code="empty_body")
     data = decode_json(body)
     try:
-        return MergeRequest.model_validate(data)
+        req = MergeRequest.model_validate(data)
     except ValidationError as e:
         raise InvalidRequest(_first_error(e), code="invalid_merge_request") from e
+    from merging.pipeline import get_method, parse_params  # admin path only
+
+    try:
+        name = get_method(req.method).name
+        params = parse_params(name, req.params)
+    except (KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise InvalidRequest(message, code="invalid_merge_request") from e
+    if req.tasks is not None and len(set(req.tasks)) != len(req.tasks):
+        raise InvalidRequest("tasks must be unique", code="invalid_merge_request")
+    return MergeOrder(name, params, req.tasks)
 
 
 def _first_error(e: ValidationError) -> str:

@@ -13,7 +13,7 @@ like yours on 99.3% of your images" is the number a user with unlabeled data can
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -26,6 +26,7 @@ from model_store.data.sources import ImageSet
 from model_store.schema import TaskAgreement
 from model_store.zoo import Zoo
 from server.runtime.engine import Engine
+from server.runtime.protocol import ImageOutput
 
 #: images per task the merge-time agreement reads (the first of the source's seeded order)
 DEFAULT_AGREEMENT_IMAGES = 256
@@ -42,6 +43,44 @@ def _kl(ref_logp: torch.Tensor, served: torch.Tensor) -> torch.Tensor:
     return (ref_logp.exp() * (ref_logp - served.clamp_min(1e-12).log())).sum(-1)
 
 
+def summarise_agreement(
+    task: str,
+    split: Literal["test", "calibration"],
+    index: int,
+    reference: torch.Tensor,
+    given: Sequence[ImageOutput] | None,
+    routed: Sequence[ImageOutput] | None,
+) -> TaskAgreement:
+    """Agreement of served outputs with the task model's log-probabilities ``reference`` (one row per image):
+    ``given`` with the task named, ``routed`` with the image routed (it must reach task ``index``); None: that
+    pass was not made (a bundle without a gate has no routed one)."""
+    n = len(reference)
+    if n == 0:
+        return TaskAgreement(task=task, split=split, images=0)
+    top = reference.argmax(-1)
+    top1_given = kl_given = top1_routed = kl_routed = None
+    if given is not None:
+        served = torch.stack([o.probabilities for o in given])
+        top1_given = float((served.argmax(-1) == top).float().mean())
+        kl_given = max(float(_kl(reference, served).mean()), 0.0)
+    if routed is not None:
+        here = [j for j, o in enumerate(routed) if o.task == index]
+        top1_routed = 0.0
+        if here:
+            probs = torch.stack([routed[j].probabilities for j in here])
+            top1_routed = int((probs.argmax(-1) == top[here]).sum()) / n
+            kl_routed = max(float(_kl(reference[here], probs).mean()), 0.0)
+    return TaskAgreement(
+        task=task,
+        split=split,
+        images=n,
+        top1_given=top1_given,
+        kl_given=kl_given,
+        top1_routed=top1_routed,
+        kl_routed=kl_routed,
+    )
+
+
 @torch.inference_mode()
 def task_agreement(
     engine: Engine, zoo: Zoo, task: str, limit: int | None = DEFAULT_AGREEMENT_IMAGES, batch_size: int = 64
@@ -53,33 +92,18 @@ def task_agreement(
     i = engine.task_index(task)
     model = zoo.build_model(task).eval()
     prep = zoo.metas[task].preprocessing
-    n = agree_given = agree_routed = routed_here = 0
-    kl_given = kl_routed = 0.0
+    refs: list[torch.Tensor] = []
+    given: list[ImageOutput] = []
+    routed: list[ImageOutput] | None = [] if engine.has_gate else None
     for chunk in images.chunks(limit, batch_size):
-        ref = model(to_model_input(chunk, prep)).float().log_softmax(-1)
+        refs.append(model(to_model_input(chunk, prep)).float().log_softmax(-1))
         x, _ = engine.prepare(chunk, i)
-        given = torch.stack([o.probabilities for o in engine.predict(x, [i] * len(ref))])
-        agree_given += int((given.argmax(-1) == ref.argmax(-1)).sum())
-        kl_given += float(_kl(ref, given).sum())
-        n += len(ref)
-        if engine.has_gate:
+        given += engine.predict(x, [i] * len(x))
+        if routed is not None:
             x, gate = engine.prepare(chunk, None)
-            outs = engine.predict(x, [None] * len(ref), gate)
-            here = [j for j, o in enumerate(outs) if o.task == i]
-            if here:
-                routed = torch.stack([outs[j].probabilities for j in here])
-                agree_routed += int((routed.argmax(-1) == ref[here].argmax(-1)).sum())
-                kl_routed += float(_kl(ref[here], routed).sum())
-                routed_here += len(here)
-    return TaskAgreement(
-        task=task,
-        split=split,
-        images=n,
-        top1_given=agree_given / n if n else None,
-        kl_given=max(kl_given / n, 0.0) if n else None,
-        top1_routed=agree_routed / n if n and engine.has_gate else None,
-        kl_routed=max(kl_routed / routed_here, 0.0) if routed_here else None,
-    )
+            routed += engine.predict(x, [None] * len(x), gate)
+    reference = torch.cat(refs) if refs else torch.empty(0, 0)
+    return summarise_agreement(task, split, i, reference, given, routed)
 
 
 def measure_agreement(
@@ -101,8 +125,7 @@ def agreement_review(zoo: Zoo, limit: int | None = DEFAULT_AGREEMENT_IMAGES) -> 
 
 def recorded_agreement(bundle: Bundle) -> list[TaskAgreement] | None:
     """The agreement a bundle's manifest recorded at merge time (None: not measured)."""
-    rows = bundle.manifest.extra.get("agreement")
-    return None if rows is None else [TaskAgreement.model_validate(r) for r in rows]
+    return bundle.manifest.extra.agreement
 
 
 def format_agreement(rows: list[TaskAgreement]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,11 +52,42 @@ def distinct_preprocessing(per_task: Sequence[Preprocessing]) -> tuple[list[Prep
     return variants, index
 
 
+#: the LRU budget of materialised per-task weights (EMR) by default
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs its bundle: one object for :class:`Engine`, the process worker and its child.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``; ``cache_bytes``: the LRU
+    budget of materialised per-task weights (0: rebuild every batch); ``mixing``/``threshold``: how a gated
+    bundle mixes its experts per image (``threshold`` None: :data:`DEFAULT_SPARSE_THRESHOLD`);
+    ``cuda_graphs``: on CUDA, replay graphs of fixed-weight modules; ``malloc_reuse``: the process worker's
+    child tunes glibc malloc (:func:`model_store.memory.reuse_freed_memory`); ``torch_threads``: the process
+    worker's child sets its intra-op threads (None: torch's default; the thread worker's server sets its own).
+    """
+
+    device: str = "cpu"
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    mixing: Mixing = "sparse"
+    threshold: float | None = None
+    cuda_graphs: bool = True
+    malloc_reuse: bool = False
+    torch_threads: int | None = None
+
+    @classmethod
+    def of(cls, value: EngineOptions | str | torch.device) -> EngineOptions:
+        """``value`` itself, or the default options on the device it names."""
+        return value if isinstance(value, EngineOptions) else cls(device=str(value))
+
+
 class EngineFrontend:
     """What the server needs to know about a loaded bundle without touching its weights:
     version, tasks, classes, preprocessing (shared by :class:`Engine` and the process proxy)."""
 
-    def __init__(self, bundle: Bundle, device: str | torch.device):
+    def __init__(self, bundle: Bundle, options: EngineOptions | str | torch.device = "cpu"):
+        self.options = EngineOptions.of(options)
         self.models = BundleReader(bundle)
         self.bundle = bundle
         self.version = bundle.version
@@ -66,7 +98,7 @@ class EngineFrontend:
         self.preprocessing: Preprocessing = self.models.preprocessing
         self.task_preprocessing: list[Preprocessing] = self.models.spec.task_preprocessing()
         self.gate_preprocessing: Preprocessing | None = self.models.gate_preprocessing if self.models.has_gate else None
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.device = resolve_device(self.options.device)
         variants, index = distinct_preprocessing([self.preprocessing, *self.task_preprocessing])
         #: the distinct model-input preprocessings (the bundle's first) and each task's among them: a routed
         #: image is prepared once per variant, and gets its routed task's after routing (one variant: 4-D input)
@@ -110,33 +142,34 @@ class EngineFrontend:
 
 
 class Engine(EngineFrontend):
-    """Routes, groups and classifies batches with one bundle's weights."""
+    """Routes, groups and classifies batches with one bundle's weights.
+
+    ``options``: an :class:`EngineOptions`, or just a device (the default options there);
+    ``on_cache_lookup(hit)``: called on every lookup of the per-task weight cache (metrics).
+    """
 
     def __init__(
         self,
         bundle: Bundle,
-        device: str | torch.device = "cpu",
-        cache_bytes: int = 512 * 2**20,
-        mixing: Mixing = "sparse",
-        threshold: float | None = None,
+        options: EngineOptions | str | torch.device = "cpu",
         on_cache_lookup: Callable[[bool], None] | None = None,
-        cuda_graphs: bool = True,
     ):
-        super().__init__(bundle, device)
-        self.mixing = mixing
-        self.threshold = DEFAULT_SPARSE_THRESHOLD if threshold is None else threshold
-        self.cache = WeightCache(cache_bytes, on_cache_lookup)
+        super().__init__(bundle, options)
+        opts = self.options
+        self.mixing = opts.mixing
+        self.threshold = DEFAULT_SPARSE_THRESHOLD if opts.threshold is None else opts.threshold
+        self.cache = WeightCache(opts.cache_bytes, on_cache_lookup)
         dev = self.device
         self.heads: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t in self.tasks:
             head = self.models.head(t)
             self.heads.append((head["head.weight"].float().to(dev), head["head.bias"].float().to(dev)))
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.use_graphs = opts.cuda_graphs and self.device.type == "cuda"
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.gate: nn.Module | None = self.models.gate_model().to(dev) if self.models.has_gate else None
         self._gate_run = self._graphed(self.gate) if self.gate is not None else None
         self._variant_of = torch.tensor(self.task_variant, device=dev)
-        ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, mixing, self.threshold)
+        ctx = StrategyContext(self.models, self.device, self.cache, self._graphed, self.mixing, self.threshold)
         self.kind_strategy: KindStrategy = STRATEGIES[self.kind](ctx)
 
     def _graphed(self, module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -169,6 +202,17 @@ class Engine(EngineFrontend):
     def features(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Pre-logit features ``(B, D)``, each image with its routed weights."""
         return self.kind_strategy.features(x, p)
+
+    @torch.inference_mode()
+    def all_head_logits(self, x: torch.Tensor, task: int) -> list[torch.Tensor]:
+        """Every task head's logits (one ``(B, classes)`` per task) on features made with ``task``'s weights:
+        the task-free "joint" accuracy (argmax over every head, FS-Merge Tables 3-4) reads them."""
+        if x.ndim == 5:
+            x = x[:, self.task_variant[task]]
+        p = torch.zeros(x.shape[0], len(self.tasks), device=self.device)
+        p[:, task] = 1.0
+        feats = self.features(x.to(self.device), p)
+        return [F.linear(feats, w, b).float().cpu() for w, b in self.heads]
 
     @torch.inference_mode()
     def predict(

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,8 +24,15 @@ import torch
 from model_store.data.decode import DEFAULT_MAX_PIXELS, decode_image
 from model_store.errors import ImageDecodeError
 
-if TYPE_CHECKING:
-    from server.runtime.engine import EngineFrontend
+
+class Preparer(Protocol):
+    """What :func:`prepare_batch` needs of an engine (:class:`~server.runtime.engine.EngineFrontend` is one)."""
+
+    @property
+    def input_variants(self) -> Sequence[object]: ...
+
+    def prepare(self, images: Sequence[np.ndarray], task: int | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
 
 #: a batch whose encoded images add up to more than this is decoded on several threads (Pillow frees the GIL)
 PARALLEL_DECODE_BYTES = 256 * 1024
@@ -91,7 +98,7 @@ def decode_all(
 
 
 def prepare_batch(
-    frontend: EngineFrontend,
+    frontend: Preparer,
     inputs: Sequence[ImageInput],
     options: DecodeOptions,
     pool: ThreadPoolExecutor | None = None,

@@ -19,6 +19,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +28,26 @@ import torch.multiprocessing  # registers tensor reductions with multiprocessing
 
 from model_store.bundle import Bundle
 from model_store.errors import ImageDecodeError
-from server.runtime.engine import EngineFrontend
-from server.runtime.gated_vit import Mixing
+from server.runtime.engine import EngineFrontend, EngineOptions
 from server.runtime.inputs import DecodeOptions, ImageInput
 from server.runtime.protocol import BatchRun, ImageOutput
 
 
-def _child(
-    conn: Any,
-    bundle_dir: str,
-    device: str,
-    cache_bytes: int,
-    mixing: Mixing,
-    threshold: float | None,
-    cuda_graphs: bool,
-    malloc_reuse: bool = False,
-    torch_threads: int | None = None,
-) -> None:
+def _child(conn: Any, bundle_dir: str, options: EngineOptions) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
     from model_store.data.decode import configure_pillow
+    from model_store.memory import reuse_freed_memory
     from server.runtime.engine import Engine
-    from server.runtime.host_memory import reuse_freed_memory
 
-    if malloc_reuse:  # a spawned child starts with glibc's defaults
+    if options.malloc_reuse:  # a spawned child starts with glibc's defaults
         reuse_freed_memory()
-    if torch_threads is not None:
-        torch.set_num_threads(torch_threads)
+    if options.torch_threads is not None:
+        torch.set_num_threads(options.torch_threads)
     lookups: list[bool] = []
     try:
         torch.set_grad_enabled(False)
-        engine = Engine(
-            load_bundle_dir(Path(bundle_dir), verify=False),
-            device,
-            cache_bytes,
-            mixing,
-            threshold,
-            lookups.append,
-            cuda_graphs,
-        )
+        engine = Engine(load_bundle_dir(Path(bundle_dir), verify=False), options, lookups.append)
         conn.send(("ok", None))
     except Exception as e:  # noqa: BLE001 - reported to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -128,35 +110,18 @@ class ProcessEngine(EngineFrontend):
     def __init__(
         self,
         bundle: Bundle,
-        device: str | torch.device = "cpu",
-        cache_bytes: int = 512 * 2**20,
-        mixing: Mixing = "sparse",
-        threshold: float | None = None,
+        options: EngineOptions | str | torch.device = "cpu",
         on_cache_lookup: Callable[[bool], None] | None = None,
-        cuda_graphs: bool = True,
-        malloc_reuse: bool = False,
-        torch_threads: int | None = None,
     ):
-        """``malloc_reuse``: tune the child's ``malloc`` (:func:`~server.runtime.host_memory.reuse_freed_memory`);
-        ``torch_threads``: the child's intra-op threads (None: torch's default)."""
-        super().__init__(bundle, device)  # metadata only: no tensors in this process
+        """The child gets ``options`` (its device resolved here: ``auto`` means the same device in both)."""
+        super().__init__(bundle, options)  # metadata only: no tensors in this process
         self._on_cache_lookup = on_cache_lookup
         self._lock = threading.Lock()
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(
             target=_child,
-            args=(
-                child,
-                str(bundle.path),
-                str(self.device),
-                cache_bytes,
-                mixing,
-                threshold,
-                cuda_graphs,
-                malloc_reuse,
-                torch_threads,
-            ),
+            args=(child, str(bundle.path), replace(self.options, device=str(self.device))),
             name=f"vitmerge-engine-{bundle.version}",
             daemon=True,
         )

@@ -30,6 +30,7 @@ from merging.pipeline import merge_and_publish, merge_context
 from model_store.architecture import PROJECTION_KEY
 from model_store.bundle import BundleStore
 from model_store.importers.clip import import_clip
+from model_store.importers.common import ImportTarget
 from model_store.settings import StoreLayout
 from model_store.zoo import Zoo
 from server.cli import main
@@ -89,14 +90,16 @@ def _build_zoo(
     """Import ``base`` and a fine-tuned copy per task; ``embed(model, x, projection_of)`` is the library's
     image embedding (with another model's projection when given)."""
     zoo_dir = root / "zoo"
-    import_clip(save(base, "base"), zoo_dir, "base", role="base")
+    import_clip(save(base, "base"), ImportTarget(zoo_dir, "base", role="base"))
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     want, swapped, projections = {}, {}, {"base": projection(base)}
     for i, (task, classes) in enumerate(TASKS.items()):
         tuned = copy.deepcopy(base)
         _tune(tuned, 10 + i, 0.05)
         head = _head(root / f"{task}.safetensors", len(classes), 16, i)
-        import_clip(save(tuned, task), zoo_dir, task, head=root / f"{task}.safetensors", class_names=classes)
+        import_clip(
+            save(tuned, task), ImportTarget(zoo_dir, task, class_names=classes), head=root / f"{task}.safetensors"
+        )
         with torch.no_grad():
             want[task] = _probs(embed(tuned, x, None), head)
             swapped[task] = _probs(embed(tuned, x, base), head)

@@ -14,8 +14,10 @@ from merging.pipeline import merge_and_publish, merge_context, shares_init
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
 from model_store.zoo_build.presets import build_zoo
-from server.eval.joint import evaluate_merged, load_test_sets, summary
+from server.eval.joint import evaluate_joint, summary
+from server.eval.taskpool import TaskPool
 from server.http.settings import ServerSettings
+from server.runtime.engine import Engine
 
 TASK_VECTOR_METHODS = [
     "task_arithmetic",
@@ -43,10 +45,11 @@ def zoo(diff_report):
 
 
 @pytest.fixture(scope="module")
-def accuracies(zoo):
-    """Per-task / joint test accuracy of a few merges of the pair (300 test images per task)."""
-    meta = zoo.metas[zoo.tasks[0]]
-    data = load_test_sets(zoo, zoo.tasks, meta.preprocessing, limit=300)
+def accuracies(zoo, tmp_path_factory):
+    """Per-task / joint test accuracy of a few merges of the pair (300 test images per task): each merge
+    published as a bundle and evaluated through the Engine."""
+    store = BundleStore(StoreLayout(tmp_path_factory.mktemp("joint")))
+    pool = TaskPool.of_zoo(zoo, zoo.tasks, 300)
     out = {}
     for name, params in [
         ("avg", {}),
@@ -54,9 +57,8 @@ def accuracies(zoo):
         ("mudsc_zip", {"gate": False, "max_images": 32}),
         ("fs_merge", {"gate": False, "epochs": 4, "augment": 20}),
     ]:
-        result = run_merge(name, merge_context(zoo, zoo.tasks), params)
-        heads = dict(zip(zoo.tasks, result.heads)) if result.heads is not None else {t: zoo.head(t) for t in zoo.tasks}
-        out[name] = summary(evaluate_merged(result.backbone, heads, meta.architecture, data))
+        outcome = merge_and_publish(zoo, store, name, params, progress=False)
+        out[name] = summary(evaluate_joint(Engine(store.load(outcome.version), "cpu"), pool))
     return out
 
 

@@ -156,3 +156,26 @@ def test_crash_mid_publish_leaves_current_intact(store, stage):
     # the next publish still works and cleans nothing it should not
     assert _publish(store, 3.0) in ("v2", "v3")
     assert store.load().manifest.params == {"lam": 3.0}
+
+
+def test_manifest_extra_is_typed_and_reads_older_manifests():
+    """``extra``: the method's info, data records, gate accuracy, agreement -- validated; keys of older
+    manifests land in ``legacy``; unset fields stay out of the JSON."""
+    import json
+
+    from pydantic import ValidationError
+
+    from model_store.schema import ManifestExtra
+
+    record = {"source": {"kind": "builtin", "location": "mnist"}, "images": 3, "sha256": "0" * 64}
+    old = {"rescalers": {"a": 0.5}, "data": {"a": {"calibration": None, "test": record}}, "params": {"x": 1}}
+    extra = ManifestExtra.model_validate(old)
+    assert extra.rescalers == {"a": 0.5} and extra.legacy == {"params": {"x": 1}}
+    assert extra.data is not None and extra.data["a"].test is not None and extra.data["a"].test.images == 3
+    dumped = json.loads(extra.model_dump_json())
+    assert dumped["extra_format"] == 1 and "rank_fraction" not in dumped and "agreement" not in dumped
+    assert ManifestExtra.model_validate(dumped) == extra  # what is written reads back the same
+    with pytest.raises(ValidationError):
+        ManifestExtra.model_validate({"data": {"a": {"test": {**record, "images": -1}}}})
+    with pytest.raises(ValidationError):
+        ManifestExtra.model_validate({"rescalers": {"a": "big"}})

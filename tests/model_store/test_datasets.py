@@ -87,22 +87,30 @@ def test_solar_binarisation_matches_labels_csv():
 
 
 def test_decoded_pools_are_cached_on_disk_and_equal_to_a_fresh_decode(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from model_store.settings import DataSettings
+
     monkeypatch.setenv("VITMERGE_DATA_CACHE", str(tmp_path))
+    assert DataSettings().cache_root() == tmp_path
     fresh = datasets._LOADERS["digits"]()
-    first = datasets._cached_pool("digits")  # a miss: decoded, written, returned
+    first = datasets._cached_pool("digits", tmp_path)  # a miss: decoded, written, returned
     (entry,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     assert entry.name.startswith("digits-scikit-learn-") and {p.name for p in entry.iterdir()} == {
         "images.npy",
         "labels.npy",
         "meta.json",
     }
-    second = datasets._cached_pool("digits")  # a hit: memory-mapped from the entry
+    second = datasets._cached_pool("digits", tmp_path)  # a hit: memory-mapped from the entry
     assert isinstance(second.images, np.memmap) and not isinstance(first.images, np.memmap)
     for pool in (first, second):
         assert np.array_equal(pool.images, fresh.images) and np.array_equal(pool.labels, fresh.labels)
         assert (pool.class_names, pool.source, pool.license) == (fresh.class_names, fresh.source, fresh.license)
     (entry / "images.npy").write_bytes(b"damaged")  # a damaged entry is decoded again and rewritten
-    third = datasets._cached_pool("digits")
+    third = datasets._cached_pool("digits", tmp_path)
     assert np.array_equal(third.images, fresh.images) and np.array_equal(np.load(entry / "images.npy"), fresh.images)
     monkeypatch.setenv("VITMERGE_DATA_CACHE", "off")
-    assert not isinstance(datasets._cached_pool("digits").images, np.memmap)
+    assert DataSettings().cache_root() is None
+    assert not isinstance(datasets._cached_pool("digits", None).images, np.memmap)
+    monkeypatch.delenv("VITMERGE_DATA_CACHE")
+    assert DataSettings().cache_root() == Path.home() / ".cache" / "vitmerge" / "datasets"

@@ -14,6 +14,7 @@ from server_helpers import require
 from model_store.architecture import build_model
 from model_store.data.preprocessing import to_model_input
 from model_store.errors import CheckpointImportError
+from model_store.importers.common import ImportTarget
 from model_store.importers.dinov2_onnx import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -49,14 +50,16 @@ def test_timm_checkpoint_round_trip(tmp_path, fmt):
         ckpt = tmp_path / "model.pth"
         torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, ckpt)
     zoo_dir = tmp_path / "zoo"
-    zoo = import_timm(ckpt, "vit_tiny_patch16_224", zoo_dir, "pets", model_kwargs=TINY, class_names=list("abcde"))
+    zoo = import_timm(
+        ckpt, "vit_tiny_patch16_224", ImportTarget(zoo_dir, "pets", class_names=list("abcde")), model_kwargs=TINY
+    )
     assert zoo.tasks == ["pets"] and zoo.metas["pets"].class_names == list("abcde")
     assert zoo.metas["pets"].preprocessing.size == 16
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(zoo.build_model("pets")(x), src(x))
     # the same file as the base (its head is dropped) completes the zoo
-    zoo = import_timm(ckpt, "vit_tiny_patch16_224", zoo_dir, "base", role="base", model_kwargs=TINY)
+    zoo = import_timm(ckpt, "vit_tiny_patch16_224", ImportTarget(zoo_dir, "base", role="base"), model_kwargs=TINY)
     assert Zoo.load(zoo_dir).base == "base"
 
 
@@ -65,9 +68,11 @@ def test_timm_checkpoint_that_does_not_fit_is_refused(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, ckpt)
     with pytest.raises(CheckpointImportError, match="does not fit"):
-        import_timm(ckpt, "vit_tiny_patch16_224", tmp_path / "zoo", "t", model_kwargs={**TINY, "depth": 3})
+        import_timm(
+            ckpt, "vit_tiny_patch16_224", ImportTarget(tmp_path / "zoo", "t"), model_kwargs={**TINY, "depth": 3}
+        )
     with pytest.raises(CheckpointImportError, match="does not exist"):
-        import_timm(tmp_path / "missing.pth", "vit_tiny_patch16_224", tmp_path / "zoo", "t")
+        import_timm(tmp_path / "missing.pth", "vit_tiny_patch16_224", ImportTarget(tmp_path / "zoo", "t"))
     assert not (tmp_path / "zoo" / "models" / "t").exists()
 
 
@@ -95,7 +100,7 @@ def test_hf_vit_import_matches_transformers_logits(tmp_path, weights):
     if weights == "pytorch_model.bin":
         (ckpt / "model.safetensors").unlink()
         torch.save(hf.state_dict(), ckpt / "pytorch_model.bin")
-    zoo = import_hf_vit(ckpt, tmp_path / "zoo", "animals")
+    zoo = import_hf_vit(ckpt, ImportTarget(tmp_path / "zoo", "animals"))
     meta = zoo.metas["animals"]
     assert meta.class_names == ["cat", "dog", "owl"]
     assert meta.architecture.layer_norm_eps == pytest.approx(cfg.layer_norm_eps)
@@ -108,10 +113,10 @@ def test_hf_vit_import_matches_transformers_logits(tmp_path, weights):
 
 def test_hf_import_errors_are_clear(tmp_path):
     with pytest.raises(CheckpointImportError, match="config.json is missing"):
-        import_hf_vit(tmp_path, tmp_path / "zoo", "x")
+        import_hf_vit(tmp_path, ImportTarget(tmp_path / "zoo", "x"))
     (tmp_path / "config.json").write_text('{"model_type": "vit"}')
     with pytest.raises(CheckpointImportError, match="neither model.safetensors nor pytorch_model.bin"):
-        import_hf_vit(tmp_path, tmp_path / "zoo", "x")
+        import_hf_vit(tmp_path, ImportTarget(tmp_path / "zoo", "x"))
 
 
 def test_dinov2_strict_load_at_native_size():

@@ -22,6 +22,7 @@ from model_store.architecture import PROJECTION_KEY, build_model, load_into, pre
 from model_store.data.preprocessing import to_model_input
 from model_store.errors import CheckpointImportError
 from model_store.importers.clip import CLIP_MEAN, import_clip, load_clip_tower
+from model_store.importers.common import ImportTarget
 from model_store.importers.hf_vit import import_hf_vit
 from model_store.importers.peft_lora import import_peft
 from model_store.zoo import Zoo
@@ -84,7 +85,9 @@ def with_projection(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 def test_hf_clip_with_projection_matches_transformers(with_projection, tmp_path):
     ckpt, ref = with_projection
     w, b = _head(tmp_path / "head.safetensors", 3, 16, 1, logit_scale=torch.tensor(np.log(20.0)))
-    zoo = import_clip(ckpt, tmp_path / "zoo", "pets", head=tmp_path / "head.safetensors", class_names=["a", "b", "c"])
+    zoo = import_clip(
+        ckpt, ImportTarget(tmp_path / "zoo", "pets", class_names=["a", "b", "c"]), head=tmp_path / "head.safetensors"
+    )
     meta = zoo.metas["pets"]
     arch = meta.architecture
     assert arch.projection_dim == 16 and arch.kwargs["act_layer"] == "quick_gelu" and arch.kwargs["pre_norm"]
@@ -104,7 +107,7 @@ def test_hf_clip_vision_model_without_projection_heads_the_pooled_features(tmp_p
     ref.save_pretrained(tmp_path / "hf")
     w, b = _head(tmp_path / "head.pt", 2, 32, 2)
     torch.save({"weight": w, "bias": b}, tmp_path / "head.pt")
-    zoo = import_clip(tmp_path / "hf", tmp_path / "zoo", "t", head=tmp_path / "head.pt", logit_scale=3.0)
+    zoo = import_clip(tmp_path / "hf", ImportTarget(tmp_path / "zoo", "t"), head=tmp_path / "head.pt", logit_scale=3.0)
     meta = zoo.metas["t"]
     assert meta.architecture.projection_dim is None and meta.architecture.kwargs["act_layer"] == "gelu"
     assert meta.preprocessing.mean == pytest.approx(CLIP_MEAN) and meta.class_names == ["0", "1"]
@@ -147,7 +150,11 @@ def test_full_clip_model_gives_its_vision_tower_and_projection(full_clip, tmp_pa
     vision.save_pretrained(tmp_path / "vision")
     w, b = _head(tmp_path / "head.safetensors", 2, 16, 3)
     zoo = import_clip(
-        tmp_path / "vision", tmp_path / "zoo", "t", head=tmp_path / "head.safetensors", projection=ckpt, logit_scale=10
+        tmp_path / "vision",
+        ImportTarget(tmp_path / "zoo", "t"),
+        head=tmp_path / "head.safetensors",
+        projection=ckpt,
+        logit_scale=10,
     )
     with torch.no_grad():
         got = zoo.build_model("t")(x)
@@ -180,7 +187,7 @@ def test_open_clip_image_features_match(tmp_path, case):
         pre = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
         (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}))
     w, b = _head(tmp_path / "head.safetensors", 3, 16, 4)
-    zoo = import_clip(tmp_path / "oc.pt", tmp_path / "zoo", "t", head=tmp_path / "head.safetensors")
+    zoo = import_clip(tmp_path / "oc.pt", ImportTarget(tmp_path / "zoo", "t"), head=tmp_path / "head.safetensors")
     meta = zoo.metas["t"]
     quick = case == "openai defaults"
     assert meta.architecture.kwargs["act_layer"] == ("quick_gelu" if quick else "gelu")
@@ -264,67 +271,67 @@ def test_peft_lora_matches_peft_merge_and_unload(tmp_path, naming):
 def test_import_errors_name_the_missing_file_or_mismatching_tensor(with_projection, tmp_path):
     ckpt, _ = with_projection
     zoo = tmp_path / "zoo"
-    import_clip(ckpt, zoo, "base", role="base")
+    import_clip(ckpt, ImportTarget(zoo, "base", role="base"))
     with pytest.raises(CheckpointImportError, match="needs --head FILE"):
-        import_clip(ckpt, zoo, "t")
+        import_clip(ckpt, ImportTarget(zoo, "t"))
     with pytest.raises(CheckpointImportError, match="does not exist"):
-        import_clip(ckpt, zoo, "t", head=tmp_path / "nowhere.safetensors")
+        import_clip(ckpt, ImportTarget(zoo, "t"), head=tmp_path / "nowhere.safetensors")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointImportError, match="neither config.json .* nor open_clip_config.json"):
-        import_clip(tmp_path / "empty", zoo, "t", head=tmp_path / "h.safetensors")
+        import_clip(tmp_path / "empty", ImportTarget(zoo, "t"), head=tmp_path / "h.safetensors")
     (tmp_path / "empty" / "config.json").write_text('{"model_type": "clip_vision_model"}')
     with pytest.raises(CheckpointImportError, match="none of model.safetensors, pytorch_model.bin found"):
-        import_clip(tmp_path / "empty", zoo, "t", head=tmp_path / "h.safetensors")
+        import_clip(tmp_path / "empty", ImportTarget(zoo, "t"), head=tmp_path / "h.safetensors")
     save_file({"weight": torch.zeros(16, 3)}, tmp_path / "h.safetensors")
     with pytest.raises(CheckpointImportError, match=r"'weight' is 16x3.*transposed"):
-        import_clip(ckpt, zoo, "t", head=tmp_path / "h.safetensors")
+        import_clip(ckpt, ImportTarget(zoo, "t"), head=tmp_path / "h.safetensors")
     # a B/16-style tower (patch 16) into a B/32-style zoo (patch 8 here): the tensor is named
     other = transformers.CLIPVisionModelWithProjection(_clip_vision_config(patch=16))
     other.save_pretrained(tmp_path / "p16")
     _head(tmp_path / "h.safetensors", 2, 16, 0)
     with pytest.raises(CheckpointImportError, match=r"'patch_embed.proj.weight' is 32x3x16x16 .* 32x3x8x8 in 'base'"):
-        import_clip(tmp_path / "p16", zoo, "t", head=tmp_path / "h.safetensors")
+        import_clip(tmp_path / "p16", ImportTarget(zoo, "t"), head=tmp_path / "h.safetensors")
     # a projection of another size (8 dimensions, the zoo's 16) or none at all: the tensor is named
     transformers.CLIPVisionModelWithProjection(_clip_vision_config(projection_dim=8)).save_pretrained(tmp_path / "p8")
     _head(tmp_path / "h8.safetensors", 2, 8, 0)
     with pytest.raises(CheckpointImportError, match=re.escape(f"'{PROJECTION_KEY}' is 8x32") + ".* 16x32 in 'base'"):
-        import_clip(tmp_path / "p8", zoo, "t", head=tmp_path / "h8.safetensors")
+        import_clip(tmp_path / "p8", ImportTarget(zoo, "t"), head=tmp_path / "h8.safetensors")
     transformers.CLIPVisionModel(_clip_vision_config()).save_pretrained(tmp_path / "bare")
     _head(tmp_path / "h32.safetensors", 2, 32, 0)
     with pytest.raises(CheckpointImportError, match=re.escape(f"'{PROJECTION_KEY}' is absent") + ".* 16x32 in 'base'"):
-        import_clip(tmp_path / "bare", zoo, "t", head=tmp_path / "h32.safetensors")
+        import_clip(tmp_path / "bare", ImportTarget(zoo, "t"), head=tmp_path / "h32.safetensors")
     with pytest.raises(CheckpointImportError, match="no 'visual.class_embedding'"):
         save_file({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
-        import_clip(tmp_path / "bad.safetensors", zoo, "t", head=tmp_path / "h.safetensors")
+        import_clip(tmp_path / "bad.safetensors", ImportTarget(zoo, "t"), head=tmp_path / "h.safetensors")
     assert Zoo.load(zoo, require_base=False).tasks == []  # nothing half-written
     # a fine-tuned projection (same size, other values): the task's own, imported as it is
     tuned = copy.deepcopy(with_projection[1])
     tuned.visual_projection.weight.data.add_(0.01)
     tuned.save_pretrained(tmp_path / "tuned")
-    imported = import_clip(tmp_path / "tuned", zoo, "t", head=tmp_path / "h.safetensors").backbone("t")
+    imported = import_clip(tmp_path / "tuned", ImportTarget(zoo, "t"), head=tmp_path / "h.safetensors").backbone("t")
     assert torch.equal(imported[PROJECTION_KEY], tuned.visual_projection.weight.detach())
 
 
 def test_peft_errors_name_the_missing_file_or_tensor(tmp_path):
     peft = require("peft", "pip install -e '.[test]'")
     with pytest.raises(CheckpointImportError, match="adapter_config.json is missing"):
-        import_peft(tmp_path, tmp_path / "zoo", "x")
+        import_peft(tmp_path, ImportTarget(tmp_path / "zoo", "x"))
     small, wide = _vit(hidden=32), _vit(hidden=48, seed=1)
     small.save_pretrained(tmp_path / "small")
     wide.save_pretrained(tmp_path / "wide")
     tuned = peft.get_peft_model(copy.deepcopy(small), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     tuned.save_pretrained(tmp_path / "adapter")
     with pytest.raises(CheckpointImportError, match="names no base_model_name_or_path"):
-        import_peft(tmp_path / "adapter", tmp_path / "zoo", "x")
+        import_peft(tmp_path / "adapter", ImportTarget(tmp_path / "zoo", "x"))
     with pytest.raises(CheckpointImportError, match=r"encoder.layer.0.attention.attention.query.*\(48, 48\)"):
-        import_peft(tmp_path / "adapter", tmp_path / "zoo", "x", base_checkpoint=tmp_path / "wide")
+        import_peft(tmp_path / "adapter", ImportTarget(tmp_path / "zoo", "x"), base_checkpoint=tmp_path / "wide")
     # a LoRA task model into a zoo whose base is another width: the first differing tensor is named
-    import_hf_vit(tmp_path / "wide", tmp_path / "zoo", "base", role="base")
+    import_hf_vit(tmp_path / "wide", ImportTarget(tmp_path / "zoo", "base", role="base"))
     with pytest.raises(CheckpointImportError, match=r"backbone tensor '\w[\w.]*' is .* in 'base'"):
-        import_peft(tmp_path / "adapter", tmp_path / "zoo", "x", base_checkpoint=tmp_path / "small")
+        import_peft(tmp_path / "adapter", ImportTarget(tmp_path / "zoo", "x"), base_checkpoint=tmp_path / "small")
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointImportError, match="neither adapter_model.safetensors nor adapter_model.bin"):
-        import_peft(tmp_path / "adapter", tmp_path / "zoo", "x", base_checkpoint=tmp_path / "small")
+        import_peft(tmp_path / "adapter", ImportTarget(tmp_path / "zoo", "x"), base_checkpoint=tmp_path / "small")
 
 
 def test_clip_zoo_end_to_end_emr_merge_and_serve(with_projection, tmp_path, capsys):
@@ -476,7 +483,7 @@ def test_lora_zoo_is_served_exactly_from_its_low_rank_deltas(tmp_path, capsys):
     base = _vit(num_labels=3)
     base.save_pretrained(tmp_path / "base")
     zoo_dir, store = tmp_path / "zoo", tmp_path / "store"
-    import_hf_vit(tmp_path / "base", zoo_dir, "base", role="base")
+    import_hf_vit(tmp_path / "base", ImportTarget(zoo_dir, "base", role="base"))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     prep = Zoo.load(zoo_dir, require_base=False).metas["base"].preprocessing
@@ -492,7 +499,7 @@ def test_lora_zoo_is_served_exactly_from_its_low_rank_deltas(tmp_path, capsys):
         tuned.save_pretrained(tmp_path / task)
         with torch.no_grad():
             want[task] = tuned.merge_and_unload().eval()(pixel_values=x).logits.softmax(-1)
-        import_peft(tmp_path / task, zoo_dir, task, base_checkpoint=tmp_path / "base")
+        import_peft(tmp_path / task, ImportTarget(zoo_dir, task), base_checkpoint=tmp_path / "base")
     assert main(["merge", "--zoo", str(zoo_dir), "--store", str(store), "--method", "lora", "--quiet"]) == 0
     spec = BundleReader(BundleStore(StoreLayout(store)).load()).spec.lowrank
     assert spec is not None and spec.source == "lora" and spec.rank_fraction is None
@@ -512,7 +519,7 @@ def test_lora_zoo_is_served_exactly_from_its_low_rank_deltas(tmp_path, capsys):
     full = _vit(num_labels=3)
     full.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in base.state_dict().items()})
     full.save_pretrained(tmp_path / "full")
-    import_hf_vit(tmp_path / "full", zoo_dir, "full")
+    import_hf_vit(tmp_path / "full", ImportTarget(zoo_dir, "full"))
     capsys.readouterr()
     assert main(["merge", "--zoo", str(zoo_dir), "--store", str(store), "--method", "lora", "--quiet"]) != 0
     assert re.search(r"task 'full': '[\w.]+' has rank \d+ of \d+", capsys.readouterr().err)

@@ -323,15 +323,18 @@ def test_agreement_on_a_zoo_with_calibration_images_only(hf_world, capsys):
     out = capsys.readouterr().out
     assert "agreement with your own models" in out and "| squashed | 6 calibration | 100.0% | n/a |" in out, out
     bundle = BundleStore(StoreLayout(store)).load()
-    rows = {r["task"]: r for r in bundle.manifest.extra["agreement"]}
+    recorded = bundle.manifest.extra.agreement
+    assert recorded is not None
+    rows = {r.task: r for r in recorded}
     for task in ("squashed", "cropped"):
-        assert rows[task]["split"] == "calibration" and rows[task]["images"] == 6
-        assert rows[task]["top1_given"] == 1.0 and rows[task]["kl_given"] < 1e-6 and rows[task]["top1_routed"] is None
+        assert rows[task].split == "calibration" and rows[task].images == 6
+        assert rows[task].top1_given == 1.0 and rows[task].kl_given is not None and rows[task].kl_given < 1e-6
+        assert rows[task].top1_routed is None
     assert main(["eval", "--agreement", "--store", str(store), "--quiet"]) == 0
     assert "| cropped | 6 calibration | 100.0% | n/a |" in capsys.readouterr().out
     h = AsgiHarness(ServerSettings(store=store, watch_interval_s=0, device="cpu"))
     try:
         listed = {v["version"]: v for v in h.request("GET", "/v1/models").json()["versions"]}
-        assert listed[bundle.version]["agreement"] == bundle.manifest.extra["agreement"]
+        assert listed[bundle.version]["agreement"] == [r.model_dump(mode="json") for r in recorded]
     finally:
         h.close()

@@ -267,21 +267,21 @@ def bundles(world: World, created: Zoo) -> dict[str, str]:
 
 def test_bundle_manifest_records_data_and_gate_routing(world, bundles):
     bundle = BundleStore(StoreLayout(world.store)).load(bundles["emr_routed"])
-    data = bundle.manifest.extra["data"]
-    assert data["glyphs"]["calibration"]["images"] == 100 and data["glyphs"]["test"]["images"] == 60
-    assert data["glyphs"]["calibration"]["source"]["location"] == str(
-        (world.root / "data" / "glyphs" / "unlabeled").resolve()
-    )
-    assert data["photos"]["test"]["source"]["kind"] == "csv" and re.fullmatch(
-        r"[0-9a-f]{64}", data["photos"]["test"]["sha256"]
-    )
-    gate = bundle.manifest.extra["gate_test_accuracy"]
+    data = bundle.manifest.extra.data
+    assert data is not None
+    glyphs, photos = data["glyphs"], data["photos"]
+    assert glyphs.calibration is not None and glyphs.test is not None and photos.test is not None
+    assert glyphs.calibration.images == 100 and glyphs.test.images == 60
+    assert glyphs.calibration.source.location == str((world.root / "data" / "glyphs" / "unlabeled").resolve())
+    assert photos.test.source.kind == "csv" and re.fullmatch(r"[0-9a-f]{64}", photos.test.sha256)
+    gate = bundle.manifest.extra.gate_test_accuracy
+    assert gate is not None
     # gray digits vs colour photos, the default gate trained on 100 + 19 calibration images (~20 steps):
     # measured glyphs 1.0, photos 0.864 (19 of 22); a gate that always answers one task scores 0 on the other
     assert set(gate) == {"glyphs", "photos"} and min(gate.values()) >= 0.75, gate
     # the hash follows the file list: adding a calibration image changes it
-    cal = open_source(DataSource.model_validate(data["glyphs"]["calibration"]["source"]), "calibration")
-    assert cal.fingerprint() == data["glyphs"]["calibration"]["sha256"]
+    cal = open_source(glyphs.calibration.source, "calibration")
+    assert cal.fingerprint() == glyphs.calibration.sha256
 
 
 def test_eval_compares_like_with_like_on_the_users_test_images(world, bundles, created, capsys):
@@ -316,9 +316,10 @@ def test_eval_compares_like_with_like_on_the_users_test_images(world, bundles, c
     )  # both tasks evaluated (a static merge of a random base: low)
     manifest = BundleStore(StoreLayout(world.store)).load(bundles["regmean"]).manifest
     rows_in_csv = len((world.root / "data" / "photos" / "calib.csv").read_text().splitlines()) - 1
-    assert (
-        manifest.extra["data"]["photos"]["calibration"]["images"] == rows_in_csv
-    )  # RegMean read the CSV's calibration images
+    data = manifest.extra.data
+    assert data is not None
+    calibration = data["photos"].calibration
+    assert calibration is not None and calibration.images == rows_in_csv  # RegMean read the CSV's calibration images
 
 
 def test_serve_a_spec_creates_merges_and_routes_by_the_users_task_names(world):
@@ -693,5 +694,6 @@ def test_every_registered_method_merges_and_serves_the_users_zoo(world, created,
             and out.task in (0, 1)
             and len(out.probabilities) == len(engine.class_names[engine.tasks[out.task]])
         ), method
-        data = store.load(outcome.version).manifest.extra["data"]
-        assert (data["glyphs"]["calibration"] is not None) == REGISTRY[method].needs_calibration, method
+        data = store.load(outcome.version).manifest.extra.data
+        assert data is not None
+        assert (data["glyphs"].calibration is not None) == REGISTRY[method].needs_calibration, method

@@ -32,8 +32,7 @@ def router(state: ServerState) -> APIRouter:
         dependencies=[Depends(admin)],
     )
     async def merge(request: Request) -> dict[str, Any]:
-        body = await read_merge_request(request)
-        job = await asyncio.to_thread(state.jobs.submit, body.method, body.params, body.tasks)
+        job = await asyncio.to_thread(state.jobs.submit, await read_merge_request(request))
         return job.as_dict()
 
     @router.get(

@@ -6,7 +6,6 @@ import asyncio
 
 from fastapi import APIRouter
 
-from model_store.schema import TaskAgreement
 from server.http.openapi import ANY_ROUTE, error_responses
 from server.http.schemas import ModelsResponse, ModelVersion, TaskInfo, TasksResponse
 from server.http.state import ServerState
@@ -47,7 +46,6 @@ def router(state: ServerState) -> APIRouter:
                     m = store.load(v, verify=False).manifest
                 except Exception:  # noqa: BLE001 - a broken version is left out of the listing
                     continue
-                rows = m.extra.get("agreement")
                 versions.append(
                     ModelVersion(
                         version=v,
@@ -56,7 +54,7 @@ def router(state: ServerState) -> APIRouter:
                         created_at=m.created_at,
                         current=v == current,
                         serving=v == serving,
-                        agreement=None if rows is None else [TaskAgreement.model_validate(r) for r in rows],
+                        agreement=m.extra.agreement,
                     )
                 )
             return ModelsResponse(current=current, serving=serving, versions=versions)

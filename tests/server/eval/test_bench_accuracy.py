@@ -7,13 +7,8 @@ import json
 import pytest
 
 from server.cli import main
-from server.eval.bench import (
-    STATIC_METHODS,
-    AccuracyBenchConfig,
-    render_markdown,
-    run_accuracy_bench,
-    update_section,
-)
+from server.eval.bench import STATIC_METHODS, AccuracyBenchConfig, run_accuracy_bench
+from server.eval.report import render_markdown, update_section
 
 pytestmark = pytest.mark.slow  # every method's accuracy on the test zoo
 
@@ -34,6 +29,7 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def bench(test_zoo_dir, tmp_path_factory):
+    """The CLI's run on the `test` zoo, every row's bundle kept in ``out/bundles``."""
     out = tmp_path_factory.mktemp("bench")
     md = out / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nhand-written text stays\n")
@@ -48,6 +44,8 @@ def bench(test_zoo_dir, tmp_path_factory):
                 str(out / "results"),
                 "--benchmarks-md",
                 str(md),
+                "--keep-bundles",
+                str(out / "bundles"),
                 *SMALL,
             ]
         )
@@ -84,7 +82,10 @@ def test_table_has_every_row_and_column(bench):
     assert [s["n"] for s in result["scaling"]] == [2, 3, 4]
     assert set(result["scaling"][0]["normalised"]) == {"EMR", "routed EMR", "TIES", "AvgMean", "gating+RegMean m=2"}
     md = (out / "results" / "accuracy-test.md").read_text()
-    assert "| method | mnist | animals | solar | digits | avg | norm. avg | stored params (M) | GFLOPs/img |" in md
+    head = (
+        "| method | mnist | animals | solar | digits | avg | norm. avg | agreement | stored params (M) | GFLOPs/img |"
+    )
+    assert head in md
     assert "Claims of the papers" in md and "vitmerge bench accuracy" in md
     # TSV: C at 0.05, 0.1 and 1/N (task given, and routed by the first gate), M once
     for f in ("0.05", "0.1", "0.25 (1/N)"):
@@ -158,15 +159,15 @@ def test_section_is_replaced_in_place_and_rerun_reproduces(bench, test_zoo_dir):
     )
     again = run_accuracy_bench(Zoo.load(test_zoo_dir), cfg, progress=False)
     first = {r["name"]: r["accuracy"] for r in result["rows"]}
-    for r in again["rows"]:
-        assert r["accuracy"] == first[r["name"]], r["name"]
+    for r in again.rows:
+        assert r.accuracy == first[r.name], r.name
     assert "| Individual |" in render_markdown(again, "cmd")
 
 
 def test_sections_run_only_the_chosen_rows_with_the_same_numbers(bench, test_zoo_dir, tmp_path):
     """`--sections tsv,gating_regmean`: those rows (and Individual) only, equal to the full run's; report + plots."""
     from model_store.zoo import Zoo
-    from server.eval.bench import plot
+    from server.eval.plots import plot
 
     result, _ = bench
     cfg = AccuracyBenchConfig(
@@ -180,12 +181,49 @@ def test_sections_run_only_the_chosen_rows_with_the_same_numbers(bench, test_zoo
         sections=("tsv", "gating_regmean"),
     )
     part = run_accuracy_bench(Zoo.load(test_zoo_dir), cfg, progress=False)
-    kinds = {r["kind"] for r in part["rows"]}
+    kinds = {r.kind for r in part.rows}
     assert kinds == {"individual", "tsv_c", "tsv_routed", "tsv_m", "gating_regmean"}, kinds
     first = {r["name"]: r["accuracy"] for r in result["rows"]}
-    for r in part["rows"]:
-        assert r["accuracy"] == first[r["name"]], r["name"]
+    for r in part.rows:
+        assert r.accuracy == first[r.name], r.name
     assert "| TSV-M (α=1.0) |" in render_markdown(part, "cmd") and "Task Arithmetic" not in render_markdown(part, "cmd")
     assert {p.name for p in plot(part, tmp_path, "part")} >= {"part-tsv.png", "part-vs-m.png"}
     with pytest.raises(ValueError, match="unknown sections"):
         run_accuracy_bench(Zoo.load(test_zoo_dir), AccuracyBenchConfig(sections=("tvs",)), progress=False)
+
+
+def _table_row(out: str, label: str) -> list[str]:
+    """The cells of the markdown table row ``label`` in ``vitmerge eval``'s output."""
+    line = next(x for x in out.splitlines() if x.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_a_bench_row_is_what_vitmerge_eval_reports_for_its_bundle(bench, capsys):
+    """Every row names its bundle; `vitmerge eval` of that bundle (task given, and routed) prints the row's numbers."""
+    from model_store.bundle import BundleStore
+    from model_store.settings import StoreLayout
+
+    result, out = bench
+    tasks, store = result["tasks"], str(out / "bundles")
+    rows = {r["name"]: r for r in result["rows"]}
+    method = {
+        v: BundleStore(StoreLayout(out / "bundles")).load(v).manifest.method
+        for v in (r["bundle"] for r in rows.values() if r["bundle"])
+    }
+    for name in (
+        "TIES (k=0.2, λ=1.0)",
+        "EMR (task given)",
+        "TSV-C f=0.1 (task given)",
+        "gating+RegMean m=0 (task given)",
+    ):
+        row = rows[name]
+        capsys.readouterr()
+        assert main(["eval", "--store", store, "--bundle", row["bundle"], "--limit", "100", "--quiet"]) == 0
+        cells = _table_row(capsys.readouterr().out, f"{method[row['bundle']]} ({row['bundle']})")
+        assert cells[: len(tasks)] == [f"{100 * row['accuracy'][t]:.1f}" for t in tasks], name
+    for name in ("routed EMR (efficientnet_lite0 gate)", "gating+AvgMean m=2 (mobilenetv2_100 gate)"):
+        row = rows[name]
+        capsys.readouterr()
+        assert main(["eval", "--store", store, "--bundle", row["bundle"], "--limit", "100", "--routed"]) == 0
+        cells = _table_row(capsys.readouterr().out, f"{method[row['bundle']]} routed ({row['bundle']})")
+        assert cells[: len(tasks)] == [f"{100 * row['accuracy'][t]:.1f}" for t in tasks], name

@@ -12,7 +12,7 @@ from model_store.data.preprocessing import to_model_input
 from model_store.devices import resolve_device
 from model_store.settings import StoreLayout
 from server.runtime.bundle_reader import BundleReader
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 from server.runtime.weight_cache import WeightCache
 
 
@@ -33,7 +33,7 @@ def _mixed_batch(engine: Engine, per_task: int = 6):
 @pytest.fixture(scope="module")
 def emr_engine(server_store_template):
     store = BundleStore(StoreLayout(server_store_template))
-    return Engine(store.load(), "cpu", cache_bytes=2**30)
+    return Engine(store.load(), EngineOptions(cache_bytes=2**30))
 
 
 def test_engine_matches_routed_model_gate_and_given(emr_engine):
@@ -104,13 +104,13 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
     store = BundleStore(StoreLayout(server_store_template))
     x, _, truth = _mixed_batch(Engine(store.load(), "cpu"), per_task=2)
     lookups = []
-    cold = Engine(store.load(), "cpu", cache_bytes=0, on_cache_lookup=lookups.append)
+    cold = Engine(store.load(), EngineOptions(cache_bytes=0), on_cache_lookup=lookups.append)
     a = cold.predict(x, truth)
     b = cold.predict(x, truth)
     assert (
         cold.cache.hits == 0 and cold.cache.misses == 2 * len(set(truth)) and cold.resident_bytes()["weight_cache"] == 0
     )
-    warm = Engine(store.load(), "cpu", cache_bytes=2**30)
+    warm = Engine(store.load(), EngineOptions(cache_bytes=2**30))
     warm.predict(x, truth)
     c = warm.predict(x, truth)
     assert warm.cache.misses == len(set(truth)) and warm.cache.hits == len(set(truth))
@@ -128,7 +128,7 @@ def test_engine_cache_zero_rebuilds_and_budget_caches(server_store_template):
 @pytest.mark.parametrize("mixing", ["exact", "sparse"])
 def test_gated_bundle_per_image_routing(gated_store, mixing):
     store = BundleStore(StoreLayout(gated_store))
-    engine = Engine(store.load(), "cpu", mixing=mixing, threshold=0.0 if mixing == "sparse" else None)
+    engine = Engine(store.load(), EngineOptions(mixing=mixing, threshold=0.0 if mixing == "sparse" else None))
     x, g, truth = _mixed_batch(engine, per_task=3)
     batch = engine.predict(x, [None] * len(x), g)
     for i in range(len(x)):

@@ -31,8 +31,8 @@ def routed_bundle(tiny_zoo_report, tmp_path_factory):
 
 
 def test_gate_accuracy_is_recorded_and_high(routed_bundle):
-    acc = routed_bundle.bundle.manifest.extra["gate_test_accuracy"]
-    assert set(acc) == set(routed_bundle.tasks)
+    acc = routed_bundle.bundle.manifest.extra.gate_test_accuracy
+    assert acc is not None and set(acc) == set(routed_bundle.tasks)
     # measured: >= 0.975 per task with EfficientNet-Lite0 (ImageNet init), 64 px, 10 epochs (the default)
     print("gate test accuracy:", {k: round(v, 3) for k, v in acc.items()})
     assert sum(acc.values()) / len(acc) > 0.95 and min(acc.values()) > 0.9, acc

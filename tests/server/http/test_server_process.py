@@ -1,6 +1,6 @@
 """Servers started by benchmarks and scripts stop with everything they spawned: on success, failure, Ctrl-C, SIGTERM.
 
-A driver script (a benchmark in miniature) starts a server through :class:`server.http.launch.ServerProcess`;
+A driver script (a benchmark in miniature) starts a server through :class:`server.http.live.ServerProcess`;
 the server spawns a child of its own (as ``vitmerge serve --worker process`` spawns its engine and LitServe
 its workers). The driver is then interrupted, fails or ends; afterwards no process of the server's group is
 left.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from server_helpers import REPO, free_port
 
-from server.http.launch import group_members
+from server.http.live import group_members
 
 #: a server that spawns a grandchild and answers 200 to every GET; ``ignore-term`` makes it ignore SIGTERM
 FAKE_SERVER = r"""
@@ -37,7 +37,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
 DRIVER = r"""
 import signal, sys, time
 from pathlib import Path
-from server.http.launch import ServerProcess, terminate_as_interrupt
+from server.http.live import ServerProcess, terminate_as_interrupt
 signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal (a background job ignores it)
 port, behaviour, server_code, log = sys.argv[1:5]
 cmd = [sys.executable, "-c", server_code, port, behaviour]
