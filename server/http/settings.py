@@ -45,7 +45,9 @@ class ServerSettings(BaseSettings):
 
     # engine
     worker: Literal["thread", "process"] = Field(
-        "thread", description="run the engine in the server process (thread) or in its own process (no shared GIL)"
+        "process",
+        # measured faster at concurrency 1-64, task given and routed (BENCHMARKS.md, issue 37)
+        description="run the engine in its own process (process: no shared GIL) or in the server process (thread)",
     )
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     mixing: Literal["exact", "sparse"] = Field(
