@@ -103,21 +103,23 @@ def publish_synthetic(
     draft = store.draft()
     draft.add_tensors("heads", {f"{t}/{k}": v for t, h in zip(tasks, heads) for k, v in h.items()})
     draft.add_tensors("gate", gate)
-    spec = BundleSpec(
-        kind="emr" if f is None else "lowrank",
-        architecture=arch,
-        preprocessing=rgb,
-        tasks=[BundleTask(name=t, class_names=[str(c) for c in range(CLASSES)]) for t in tasks],
-        gate=BundleGateSpec(arch="efficientnet_lite0", preprocessing=rgb.model_copy(update={"size": gate_size})),
-    )
+    kind: dict[str, Any] = {}  # the kind's own section: the spec is validated with it
     if f is not None:
-        spec.lowrank = write_lowrank(draft, tsv_compress(base, tuned, f, conv=conv))
+        kind["lowrank"] = write_lowrank(draft, tsv_compress(base, tuned, f, conv=conv))
     else:
         merged = emr_merge(base, tuned)
         draft.add_tensors("base", base)
         draft.add_tensors("tau_unified", merged.tau_unified)
         masks = {f"{t}/{k}": v for t, packed in zip(tasks, merged.packed_masks) for k, v in packed.items()}
         draft.add_tensors("masks", masks)
-        spec.emr = EMRSpec(rescalers=dict(zip(tasks, merged.rescalers)))
+        kind["emr"] = EMRSpec(rescalers=dict(zip(tasks, merged.rescalers)))
+    spec = BundleSpec(
+        kind="emr" if f is None else "lowrank",
+        architecture=arch,
+        preprocessing=rgb,
+        tasks=[BundleTask(name=t, class_names=[str(c) for c in range(CLASSES)]) for t in tasks],
+        gate=BundleGateSpec(arch="efficientnet_lite0", preprocessing=rgb.model_copy(update={"size": gate_size})),
+        **kind,
+    )
     draft.add_json("model", BundleSpec.model_validate(spec.model_dump()).model_dump(mode="json"))
     return store.publish(draft, method, tasks=tasks)
