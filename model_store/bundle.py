@@ -6,10 +6,13 @@ A bundle is a directory ``store/bundles/v<N>/`` holding safetensors files and a
 1. files are written into ``store/bundles/.staging-<uuid>/`` (a :class:`BundleDraft`);
 2. under the store's file lock the next version number is taken, the manifest is
    written, every file is made world-readable (0644, directories 0755: a server running as
-   another user reads it) and every file and the directory are fsynced;
+   another user reads it, whatever the umask of the writer; ``CURRENT`` too) and every file and
+   the directory are fsynced;
 3. the staging directory is renamed to ``v<N>`` (atomic on one filesystem);
 4. ``store/CURRENT`` is replaced atomically (write temp, fsync, ``os.replace``);
-5. versions beyond the newest ``keep`` are deleted (never the current one).
+5. versions beyond the newest ``keep`` are deleted (never the current one) -- only once a version
+   became CURRENT (here or in :meth:`BundleStore.set_current`): a version published without moving
+   ``CURRENT`` may still fail to load, and its removal must leave the store as it was.
 
 A crash before step 4 leaves the old ``CURRENT`` and its bundle untouched. Loading
 verifies every hash and refuses a corrupt or partial bundle.
@@ -33,7 +36,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model_store.errors import BundleIntegrityError
-from model_store.files import atomic_write_text, fsync_path, make_world_readable, sha256_file, utc_timestamp
+from model_store.files import (
+    PUBLISHED_FILE_MODE,
+    atomic_write_text,
+    fsync_path,
+    make_world_readable,
+    mkdir_published,
+    sha256_file,
+    utc_timestamp,
+)
 from model_store.schema import BundleManifest, FileEntry, ManifestExtra
 from model_store.settings import StoreLayout
 
@@ -129,7 +140,7 @@ class BundleStore:
     # -- writing ----------------------------------------------------------------
     def draft(self) -> BundleDraft:
         """A new staging directory inside the store (same filesystem, so rename is atomic)."""
-        self.layout.bundles.mkdir(parents=True, exist_ok=True)
+        mkdir_published(self.layout.bundles)  # a server running as another uid lists and reads it
         return BundleDraft(self.layout.bundles / f"{STAGING_PREFIX}{uuid.uuid4().hex}")
 
     def publish(
@@ -173,14 +184,16 @@ class BundleStore:
         except BaseException:
             draft.discard()
             raise
-        self.prune()
+        if make_current:  # not CURRENT yet: prune nothing, its load may still fail (set_current prunes)
+            self.prune()
         return version
 
     def set_current(self, version: str) -> None:
-        """Point ``CURRENT`` at an existing, verified version (rollback)."""
+        """Point ``CURRENT`` at an existing, verified version (a merge job's last step, a rollback), then prune."""
         self.load(version)
         with FileLock(str(self.layout.lock)):
             self._write_current(version)
+        self.prune()
 
     def remove(self, version: str) -> None:
         """Delete a published version that is not ``CURRENT`` (e.g. one that failed to load)."""
@@ -191,7 +204,7 @@ class BundleStore:
             shutil.rmtree(self.layout.bundles / version, ignore_errors=True)
 
     def _write_current(self, version: str) -> None:
-        atomic_write_text(self.layout.current, version + "\n")
+        atomic_write_text(self.layout.current, version + "\n", mode=PUBLISHED_FILE_MODE)
 
     def _next_number(self) -> int:
         nums = [version_number(v) for v in self.versions()]

@@ -56,13 +56,27 @@ def make_world_readable(root: Path) -> None:
             os.chmod(os.path.join(dirpath, name), PUBLISHED_FILE_MODE)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never half."""
+def mkdir_published(path: Path) -> None:
+    """``mkdir -p path``; the directories it creates get :data:`PUBLISHED_DIR_MODE` whatever the umask."""
+    missing = []
+    parent = path
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for created in missing:
+        created.chmod(PUBLISHED_DIR_MODE)
+
+
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never half (``mode``: its chmod)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    if mode is not None:
+        tmp.chmod(mode)
     os.replace(tmp, path)
     fsync_path(path.parent)
 

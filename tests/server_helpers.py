@@ -194,6 +194,31 @@ def require_file(path: str, install: str) -> None:
         pytest.fail(f"{path} is missing; install it with: {install}   (or run `make setup` as root)", pytrace=False)
 
 
+class BlockingEngine:
+    """The served engine, except that ``predict`` waits until :attr:`release` is set (a test double for a
+    slow batch: it holds the worker so that later images stay queued). Everything else is the real engine's."""
+
+    def __init__(self, engine, timeout: float = 60):
+        self._engine, self.timeout = engine, timeout
+        self.release, self.entered = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def predict(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(self.timeout)
+        return self._engine.predict(*args, **kwargs)
+
+
+def wait_for(cond, timeout: float = 60, what: str = "condition") -> None:
+    """Poll ``cond`` until true (a hang guard of ``timeout`` seconds, not a promise about speed)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 #: as root (no sandbox), headless, and with no network of its own: nothing but the page's own requests
 CHROMIUM_FLAGS = (

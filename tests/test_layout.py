@@ -1,8 +1,10 @@
 """The house rules of the code base (issue 16), read from the source with ``ast``.
 
 Data and imports flow one way: model_store <- merging <- server.runtime <- server.http / server.eval
-<- server.cli; serving never imports merging (the HTTP app only reaches ``merging.pipeline``, which
-admin merge jobs run); no import cycles; no module imports another's ``_private`` name.
+<- server.cli <- benchmarks; serving never imports merging (the HTTP app only reaches ``merging.pipeline``,
+which admin merge jobs run); no import cycles; no module imports another's ``_private`` name. Relative
+imports (``from ..http import app``) count like absolute ones; the benchmarks (scripts that import one
+another by file name) are scanned too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("model_store", "merging", "server")
+#: scripts run from their folder: ``from lowrank_serve import x`` there is ``benchmarks.lowrank_serve``
+SCRIPT_DIRS = ("benchmarks",)
 
 
 def _module_name(path: Path) -> str:
@@ -22,29 +26,53 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))}
+    files = [p for top in (*PACKAGES, *SCRIPT_DIRS) for p in sorted((REPO / top).rglob("*.py"))]
+    # leaving out hidden folders (benchmark stores and scratch copies)
+    return {_module_name(p): p for p in files if not any(x.startswith(".") for x in p.relative_to(REPO).parts)}
 
 
 MODULES = _modules()
 
 
-def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(imported module, names) for every import of a project module, anywhere in the file."""
+def _absolute(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    """The module ``from <level dots><node.module> import ...`` names, seen from ``module``."""
+    if node.level == 0:
+        name = node.module or ""
+        top = module.split(".")[0]
+        return f"{top}.{name}" if top in SCRIPT_DIRS and f"{top}.{name.split('.')[0]}" in MODULES else name
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def _imports_of(source: str, module: str, is_package: bool = False) -> list[tuple[str, list[str]]]:
+    """(imported module, names) for every import of a project module in ``source``, anywhere in it."""
+    roots = (*PACKAGES, *SCRIPT_DIRS)
     out: list[tuple[str, list[str]]] = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.split(".")[0] in PACKAGES:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            target = _absolute(module, is_package, node)
+            if target.split(".")[0] in roots:
                 names = [a.name for a in node.names]
                 # ``from pkg import module`` imports the submodule
-                subs = [f"{node.module}.{n}" for n in names if f"{node.module}.{n}" in MODULES]
-                out.append((node.module, [n for n in names if f"{node.module}.{n}" not in MODULES]))
+                subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+                out.append((target, [n for n in names if f"{target}.{n}" not in MODULES]))
                 out.extend((s, []) for s in subs)
         elif isinstance(node, ast.Import):
-            out.extend((a.name, []) for a in node.names if a.name.split(".")[0] in PACKAGES)
+            for alias in node.names:
+                name = alias.name
+                if module.split(".")[0] in SCRIPT_DIRS and f"{module.split('.')[0]}.{name}" in MODULES:
+                    name = f"{module.split('.')[0]}.{name}"
+                if name.split(".")[0] in roots:
+                    out.append((name, []))
     return out
 
 
-GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+def _imports(name: str, path: Path) -> list[tuple[str, list[str]]]:
+    return _imports_of(path.read_text(), name, path.name == "__init__.py")
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
 def _within(module: str, prefix: str) -> bool:
@@ -53,27 +81,48 @@ def _within(module: str, prefix: str) -> bool:
 
 def test_the_scan_sees_the_whole_code_base():
     assert {"server.runtime.engine", "server.http.app", "merging.pipeline", "model_store.schema"} <= set(MODULES)
+    assert {"benchmarks.serve", "benchmarks.lowrank_serve"} <= set(MODULES)
     assert any(dep == "model_store.schema" for dep, _ in GRAPH["server.runtime.bundle_reader"])
+    # a script-style import (run from its folder) is the sibling module
+    assert _imports_of("from lowrank_serve import x", "benchmarks.serve") == [("benchmarks.lowrank_serve", ["x"])]
+
+
+def test_relative_imports_are_resolved_like_absolute_ones():
+    engine = "server.runtime.engine"
+    assert _imports_of("from ..http.app import create_app", engine) == [("server.http.app", ["create_app"])]
+    assert _imports_of("from . import gated_vit", engine) == [("server.runtime", []), ("server.runtime.gated_vit", [])]
+    assert _imports_of("from .. import http", engine) == [("server", []), ("server.http", [])]
+    assert _imports_of("from .engine import _private", "server.runtime", is_package=True) == [
+        ("server.runtime.engine", ["_private"])
+    ]
+    # and the rules below see them: a relative import from the runtime into the HTTP layer is a violation
+    graph = {**GRAPH, engine: _imports_of("from ..http import app", engine)}
+    assert (engine, "server.http.app") in _violations(graph, "server.runtime", ("server.http",))
+
+
+def _violations(graph: dict, layer: str, forbidden: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [
+        (mod, dep)
+        for mod, deps in graph.items()
+        if _within(mod, layer)
+        for dep, _ in deps
+        if any(_within(dep, f) for f in forbidden)
+    ]
 
 
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
-        ("model_store", ("merging", "server")),
-        ("merging", ("server",)),
-        ("server.runtime", ("merging", "server.http", "server.eval", "server.cli")),
-        ("server.http", ("server.eval", "server.cli")),
-        ("server.eval", ("server.http", "server.cli")),
+        ("model_store", ("merging", "server", "benchmarks")),
+        ("merging", ("server", "benchmarks")),
+        ("server.runtime", ("merging", "server.http", "server.eval", "server.cli", "benchmarks")),
+        ("server.http", ("server.eval", "server.cli", "benchmarks")),
+        ("server.eval", ("server.http", "server.cli", "benchmarks")),
+        ("server.cli", ("benchmarks",)),
     ],
 )
 def test_imports_flow_one_way(layer, forbidden):
-    bad = [
-        (mod, dep)
-        for mod, deps in GRAPH.items()
-        if _within(mod, layer)
-        for dep, _ in deps
-        if any(_within(dep, f) for f in forbidden)
-    ]
+    bad = _violations(GRAPH, layer, forbidden)
     assert not bad, f"{layer} must not import {forbidden}: {bad}"
 
 

@@ -45,6 +45,8 @@ def check_http_stack(settings: ServerSettings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
+    import signal
+    from types import FrameType
 
     import uvicorn
 
@@ -79,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "/readyz once the model is loaded",
         flush=True,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -90,6 +92,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http=settings.http_parser,
         timeout_keep_alive=int(settings.keep_alive_s),
     )
+    server = uvicorn.Server(config)
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: FrameType | None) -> None:  # SIGTERM: tell the app, then uvicorn drains
+        state.stop_signal(signal.Signals(sig).name)
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run()
+    if not server.started:
+        return 3  # uvicorn's exit code for a server that could not start (e.g. the port is taken)
     return 0
 
 

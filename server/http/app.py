@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute
 from server.http.codec import configure_pillow
 from server.http.errors import APIError, install_error_handlers
 from server.http.middleware import ServingMiddleware
+from server.http.openapi import served_openapi
 from server.http.routes import admin, inference, models, ops, pages, v2
 from server.http.settings import ServerSettings
 from server.http.state import ServerState
@@ -54,6 +55,7 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
         redoc_url=None,
     )
     app.state.vitmerge = state
+    app.openapi = served_openapi(app, state)  # type: ignore[method-assign]  # the served bundle's tasks, versions
     install_error_handlers(app)
     fast: list[APIRoute] = []  # filled below, read by the middleware (built at the first request)
     app.add_middleware(ServingMiddleware, state=state, fast=fast)

@@ -72,6 +72,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._incoming = 0  # requests admitted and still decoding: images that may join the next batch
+        self._running = 0  # images of the batch on the worker now
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -86,11 +87,17 @@ class Batcher:
         """True once a graceful stop began (queued images still finish)."""
         return self._stopping
 
+    @property
+    def busy(self) -> bool:
+        """Admitted work is unfinished: images queued, a batch running, or requests still decoding."""
+        return self._pending > 0 or self._running > 0 or self._incoming > 0
+
     async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Finish queued images (bounded), then stop the loop and the worker."""
+        """Refuse new requests, finish what was admitted (bounded: queued images, the running batch, requests
+        still decoding), then stop the loop and the worker."""
         self._stopping = True
         deadline = time.monotonic() + drain_timeout
-        while self._pending > 0 and time.monotonic() < deadline and self._task is not None and not self._task.done():
+        while self.busy and time.monotonic() < deadline and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -107,22 +114,40 @@ class Batcher:
     # -- submitting -------------------------------------------------------------------
     @property
     def pending(self) -> int:
+        """Images queued for the worker."""
         return self._pending
+
+    @property
+    def running(self) -> int:
+        """Images in the batch the worker runs now."""
+        return self._running
+
+    @property
+    def decoding(self) -> int:
+        """Admitted requests still decoding their images."""
+        return self._incoming
 
     @contextlib.contextmanager
     def incoming(self) -> Iterator[None]:
-        """Mark a request as decoding: the batch loop only waits for images that can still come."""
+        """Admit a request while it decodes (503 once a stop began): the batch loop only waits for images that
+        can still come, and a stop waits for an admitted request to queue its images (:meth:`submit` inside)."""
+        self._refuse_if_stopping()
         self._incoming += 1
         try:
             yield
         finally:
             self._incoming -= 1
 
-    def submit(self, engine: InferenceEngine, inputs: list[ImageInput]) -> list[asyncio.Future]:
-        """Queue a request's images; raises :class:`QueueFull` (429) when over capacity."""
-        n = len(inputs)
+    def _refuse_if_stopping(self) -> None:
         if self._stopping:
-            raise QueueFull("server is shutting down", status=503, code="shutting_down")
+            raise QueueFull("server is shutting down", status=503, code="shutting_down", headers={"Retry-After": "1"})
+
+    def submit(self, engine: InferenceEngine, inputs: list[ImageInput]) -> list[asyncio.Future]:
+        """Queue a request's images; raises :class:`QueueFull` (429) when over capacity, 503 once a stop began
+        (except for a request admitted before it: called inside :meth:`incoming`, its images still run)."""
+        n = len(inputs)
+        if self._incoming == 0:
+            self._refuse_if_stopping()
         if self._pending + n > self.max_queue:
             raise QueueFull(
                 f"queue is full ({self._pending} images waiting, limit {self.max_queue})", headers={"Retry-After": "1"}
@@ -165,24 +190,33 @@ class Batcher:
             if not live:
                 continue
             self.metrics.batch_size.observe(len(live))
-            t0 = time.perf_counter()
+            self._running = len(live)
             try:
-                results = await self.run_in_worker(_run_batch, live, self.options)
-            except Exception as e:  # the engine failed: fail this batch, keep serving
-                log.exception("batch of %d failed", len(live))
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(e)
+                await self._run(live)
+            finally:
+                self._running = 0
+
+    async def _run(self, live: list[WorkItem]) -> None:
+        """One batch on the worker (decoded and prepared there); each image's future gets its result, its decode
+        error (that request answers 4xx, the batch ran without it), or the batch's error."""
+        t0 = time.perf_counter()
+        try:
+            results = await self.run_in_worker(_run_batch, live, self.options)
+        except Exception as e:  # the engine failed: fail this batch, keep serving
+            log.exception("batch of %d failed", len(live))
+            for item in live:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        self.metrics.inference.observe(time.perf_counter() - t0)
+        for item, result in zip(live, results):
+            if item.future.done():
                 continue
-            self.metrics.inference.observe(time.perf_counter() - t0)
-            for item, result in zip(live, results):
-                if item.future.done():
-                    continue
-                if isinstance(result, ItemResult):
-                    self.metrics.queue_wait.observe(result.queue_s)
-                    item.future.set_result(result)
-                else:  # this image did not decode: its request answers 4xx, the batch ran without it
-                    item.future.set_exception(decode_error(result))
+            if isinstance(result, ItemResult):
+                self.metrics.queue_wait.observe(result.queue_s)
+                item.future.set_result(result)
+            else:
+                item.future.set_exception(decode_error(result))
 
 
 def _run_batch(items: list[WorkItem], options: DecodeOptions) -> list[ItemResult | ImageDecodeError]:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 
 from model_store.errors import ModelStoreError
-from model_store.files import utc_timestamp
+from model_store.files import mkdir_published, utc_timestamp
 from server.http.errors import Conflict, InvalidRequest, NotFound
 from server.http.metrics import ServerMetrics
 from server.http.model_manager import MERGE_LOCK, ModelManager
@@ -110,7 +110,7 @@ class MergeJobs:
             )
         if self._switching:
             raise Conflict("a version switch is loading; retry when it is done", code="merge_in_progress")
-        self.manager.store.layout.root.mkdir(parents=True, exist_ok=True)
+        mkdir_published(self.manager.store.layout.root)
         try:
             self._file_lock.acquire(timeout=0)
         except Timeout:

@@ -117,6 +117,8 @@ class ServingMiddleware:
         for route in self.fast:
             match = route.path_regex.match(path)
             if match is not None:
+                if scope.get("query_string") and route.dependant.query_params:
+                    return None, {}  # declared query parameters (/v2's ?version=): the app validates them
                 return route, match.groupdict()
         return None, {}
 

@@ -20,6 +20,7 @@ from filelock import FileLock
 
 from model_store.bundle import BundleStore
 from model_store.devices import resolve_device
+from model_store.files import mkdir_published
 from server.http.metrics import ServerMetrics
 from server.http.settings import ServerSettings
 from server.runtime.engine import Engine, EngineOptions
@@ -123,7 +124,7 @@ class ModelManager:
             version = self.store.current_version()
             if version is None:
                 # replicas starting together on an empty store: one merges, the others wait for it
-                self.store.layout.root.mkdir(parents=True, exist_ok=True)
+                mkdir_published(self.store.layout.root)
                 with FileLock(str(self.store.layout.root / MERGE_LOCK), thread_local=False):
                     version = self.store.current_version()
                     if version is None:

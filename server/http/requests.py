@@ -25,10 +25,7 @@ from server.runtime.protocol import InferenceEngine
 async def read_classify_request(request: Request, settings: ServerSettings) -> tuple[ClassifyOptions, list[bytes]]:
     """Body (JSON, multipart or a raw image) -> options + image bytes; 4xx on anything wrong."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    query = {k: v for k, v in request.query_params.items() if k in ("task", "top_k")}
-    unknown_query = sorted(set(request.query_params) - {"task", "top_k"})
-    if unknown_query:
-        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown_query)} (allowed: task, top_k)")
+    query = _query_options(request)
     if media == "application/json":
         body = await request.body()
         if not body.strip():
@@ -41,6 +38,8 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
             raise PayloadTooLarge(
                 f"{len(images)} images in one request; the limit is {settings.max_images}", code="too_many_images"
             )
+        if "task" in data and data["task"] is None:  # null: not given here (a query task still applies)
+            data = {k: v for k, v in data.items() if k != "task"}
         try:
             req = ClassifyJSON.model_validate({**query, **data})
         except ValidationError as e:
@@ -57,8 +56,12 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
                     f"more than {settings.max_images} images in one request", code="too_many_images"
                 ) from e
             raise InvalidRequest(f"malformed multipart body: {e.detail}", status=400, code="invalid_multipart") from e
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        files: list[UploadFile | bytes] = [
+            v if isinstance(v, UploadFile) else _text_part_bytes(v)
+            for k, v in form.multi_items()
+            if isinstance(v, UploadFile) or k in ("image", "images")
+        ]
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str) and k not in ("image", "images")}
         if len(files) > settings.max_images:
             raise PayloadTooLarge(
                 f"{len(files)} images in one request; the limit is {settings.max_images}", code="too_many_images"
@@ -71,7 +74,7 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
             opts = ClassifyOptions.model_validate({**query, **fields})
         except ValidationError as e:
             raise InvalidRequest(_first_error(e)) from e
-        return opts, [await f.read() for f in files]
+        return opts, [await f.read() if isinstance(f, UploadFile) else f for f in files]
     if media.startswith("image/"):
         body = await request.body()
         try:
@@ -83,6 +86,28 @@ async def read_classify_request(request: Request, settings: ServerSettings) -> t
     raise UnsupportedMediaType(
         f"Content-Type {shown} is not supported: use application/json, multipart/form-data or image/*"
     )
+
+
+def _query_options(request: Request) -> dict[str, str]:
+    """``task`` / ``top_k`` from the query string, valid on their own (a body field of the same name wins)."""
+    query = {k: v for k, v in request.query_params.items() if k in ("task", "top_k")}
+    unknown_query = sorted(set(request.query_params) - {"task", "top_k"})
+    if unknown_query:
+        raise InvalidRequest(f"unknown query parameter(s): {', '.join(unknown_query)} (allowed: task, top_k)")
+    try:
+        ClassifyOptions.model_validate(query)
+    except ValidationError as e:
+        raise InvalidRequest(_first_error(e)) from e
+    return query
+
+
+def _text_part_bytes(value: str) -> bytes:
+    """The bytes of an ``image``/``images`` part sent without a filename, which Starlette hands over as text.
+
+    Starlette decodes such a part as UTF-8, or as Latin-1 when it is not valid UTF-8 -- which an image file
+    (PNG and JPEG start with bytes UTF-8 never begins with) practically never is; Latin-1 maps back losslessly.
+    """
+    return value.encode("utf-8") if any(ord(c) > 0xFF for c in value) else value.encode("latin-1")
 
 
 @dataclass(frozen=True)

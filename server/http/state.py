@@ -54,8 +54,24 @@ class ServerState:
             except Exception:  # pragma: no cover - informational only
                 log.exception("on_ready callback failed")
 
+    def stop_signal(self, name: str) -> None:
+        """A stop signal (``SIGTERM``) arrived: log the work in flight that the graceful stop now finishes.
+
+        Called from the signal handler (the loop's thread, between two bytecodes): it only reads counters and
+        leaves the logging to the loop. uvicorn then closes the listening socket, waits for open requests and
+        runs the lifespan's :meth:`stop`.
+        """
+        b = self.batcher
+        counts = (b.pending, b.running, b.decoding) if b is not None else (0, 0, 0)
+        message = "%s: stopping gracefully; %d image(s) queued, %d running, %d request(s) decoding finish first"
+        try:
+            asyncio.get_running_loop().call_soon_threadsafe(log.info, message, name, *counts)
+        except RuntimeError:  # no loop running (a signal before serving began)
+            log.info(message, name, *counts)
+
     async def stop(self) -> None:
-        """Graceful: finish queued images, then stop background tasks and threads."""
+        """Graceful: refuse new requests, finish the admitted ones (queued and running images), then stop
+        background tasks and threads."""
         if self.batcher is not None:
             await self.batcher.stop(drain_timeout=self.settings.request_timeout_s)
         for task in self._tasks:

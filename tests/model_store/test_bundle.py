@@ -79,15 +79,33 @@ def test_retention_keeps_last_k_and_never_the_current(store):
     for i in range(5):
         _publish(store, float(i))
     assert store.versions() == ["v3", "v4", "v5"]  # keep = 3
-    # CURRENT rolled back to the oldest kept version, then newer ones published beside it
-    store.set_current("v3")
+    # versions published beside CURRENT prune nothing (they are not proven yet) ...
     _publish_not_current(store, 9.0)  # v6
-    _publish_not_current(store, 10.0)  # v7: v3 is now outside the newest 3 (v5-v7), but CURRENT
+    _publish_not_current(store, 10.0)  # v7
+    assert store.versions() == ["v3", "v4", "v5", "v6", "v7"]
+    # ... a version becoming CURRENT does: rolled back to v3, outside the newest 3 (v5-v7) but CURRENT
+    store.set_current("v3")
     assert store.versions() == ["v3", "v5", "v6", "v7"] and store.current_version() == "v3"
     assert store.load().manifest.params == {"lam": 2.0}  # still loadable, untouched
-    store.set_current("v7")
-    _publish_not_current(store, 11.0)  # v8: v3 is no longer CURRENT and goes (with v5)
-    assert store.versions() == ["v6", "v7", "v8"]
+    store.set_current("v7")  # v3 is no longer CURRENT and goes
+    assert store.versions() == ["v5", "v6", "v7"]
+
+
+def test_a_version_published_beside_current_deletes_no_rollback_target_until_it_is_current(tmp_path):
+    """keep=2 with two versions: a merge job publishes v3 without moving CURRENT, its load fails and the
+    job removes it; the store must be exactly as before (v1, the rollback target, included)."""
+    store = BundleStore(StoreLayout(tmp_path / "store"), keep=2)
+    _publish(store, 1.0)
+    _publish(store, 2.0)
+    assert _publish_not_current(store, 3.0) == "v3"
+    assert store.versions() == ["v1", "v2", "v3"] and store.current_version() == "v2"
+    store.remove("v3")  # what a merge job does when v3 does not load
+    assert store.versions() == ["v1", "v2"] and store.current_version() == "v2"
+    assert store.load("v1").manifest.params == {"lam": 1.0}
+    again = _publish_not_current(store, 4.0)  # the next merge loads fine: CURRENT moves, then the store is pruned
+    assert store.versions() == ["v1", "v2", again]
+    store.set_current(again)
+    assert store.versions() == ["v2", again] and store.current_version() == again
 
 
 def test_rollback_refuses_a_corrupt_version(store):

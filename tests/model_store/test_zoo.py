@@ -1,6 +1,5 @@
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -54,10 +53,11 @@ def test_all_task_models_share_the_base_and_differ_from_it(test_zoo_dir):
 
 
 def test_second_build_is_cached(test_zoo_dir):
-    t = time.perf_counter()
+    files = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(test_zoo_dir.rglob("*")) if p.is_file()}
     report = build_zoo("test", test_zoo_dir, progress=False)
     assert report.cached and report.trained == []
-    assert time.perf_counter() - t < 2.0
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(test_zoo_dir.rglob("*")) if p.is_file()}
+    assert after == files  # nothing trained, nothing rewritten
 
 
 def test_build_resumes_after_an_interruption(test_zoo_dir, tmp_path):
@@ -141,9 +141,8 @@ def test_the_shipped_demo_zoo_matches_its_preset_and_is_copied_not_trained(tmp_p
 
     preset = get_preset("tiny")
     assert embedded_zoo(preset) == EMBEDDED_ZOOS / "tiny", "stale shipped zoo: `make demo-zoo` retrains it"
-    t = time.perf_counter()
     report = build_zoo("tiny", tmp_path / "tiny", progress=False)
-    assert report.embedded and report.cached and report.trained == [] and time.perf_counter() - t < 5
+    assert report.embedded and report.cached and report.trained == []  # copied: nothing was trained
     zoo = report.zoo
     assert zoo.file_hashes() == Zoo.load(EMBEDDED_ZOOS / "tiny").file_hashes()
     meta, test = zoo.metas["digits"], load_split("digits", "test")

@@ -11,14 +11,13 @@ Inputs: ``IMAGE`` (BYTES ``[B]``: encoded image files; base64 strings in the JSO
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from model_store.data.preprocessing import renormalise
+from server.http.codec import decode_base64
 from server.http.errors import InvalidRequest, InvalidTensor, PayloadTooLarge, UnknownTask
 from server.http.oip.schemas import InferRequest, MetadataTensor, ModelMetadata
 from server.http.oip.wire import Tensor
@@ -122,10 +121,10 @@ def _image_blobs(t: Tensor) -> list[bytes]:
     assert isinstance(t.value, list)
     if not t.from_json:
         return t.value
-    try:
-        return [base64.b64decode(v, validate=True) for v in t.value]
-    except (binascii.Error, ValueError) as e:
-        raise InvalidTensor(f"input 'IMAGE': JSON BYTES elements must be base64 image files ({e})") from e
+    try:  # base64, plain or as a data:image/...;base64, URL (as /v1/classify takes them)
+        return [decode_base64(v.decode(), i) for i, v in enumerate(t.value)]
+    except InvalidRequest as e:
+        raise InvalidTensor(f"input 'IMAGE': JSON BYTES elements must be base64 image files ({e.message})") from e
 
 
 def _pixels(t: Tensor, engine: InferenceEngine) -> torch.Tensor:
@@ -185,6 +184,9 @@ class Wanted:
 
 
 def _positive_int(value: object, what: str) -> int:
+    """A positive integer; ``3.0`` is one (JSON does not tell ``3.0`` from ``3``)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InvalidTensor(f"{what} must be a positive integer, got {value!r}")
     return value
@@ -200,10 +202,12 @@ def wanted_outputs(request: InferRequest) -> list[Wanted]:
     """Which outputs to send, each in JSON or binary (``binary_data_output``, per output ``binary_data``)."""
     binary = _flag(request.parameters.get("binary_data_output", False), "parameters.binary_data_output")
     top_k = request.parameters.get("top_k")
+    if top_k is not None:  # checked even when no output uses it
+        top_k = _positive_int(top_k, "parameters.top_k")
     if request.outputs is None:
         out = [Wanted(n, binary) for n in DEFAULT_OUTPUTS]
         if top_k is not None:
-            out.append(Wanted("PROBABILITIES", binary, _positive_int(top_k, "parameters.top_k")))
+            out.append(Wanted("PROBABILITIES", binary, top_k))
         return out
     out = []
     for o in request.outputs:

@@ -81,7 +81,7 @@ class ModelMetadata(BaseModel):
 
 
 class RepositoryIndexRequest(_Open):
-    ready: bool = Field(False, description="list only the versions that are being served")
+    ready: bool = Field(False, strict=True, description="list only the versions that are being served")
 
 
 class RepositoryModel(BaseModel):

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import httpx
 import numpy as np
 import pytest
 from conftest import SMALL_GATE
@@ -109,6 +110,16 @@ def test_raw_image_body_with_query_task_and_alias_route(harness, samples):
     _check(r.json()["predictions"][0], _direct(harness.state.manager.engine, img, task), harness.state.manager.engine)
 
 
+def test_a_multipart_image_part_without_a_filename_is_an_image(harness, samples):
+    task, png, img = samples[0]
+    files = {"images": (None, png, "image/png")}  # a part without a filename: Starlette hands it over as text
+    sent = httpx.Request("POST", "http://x/v1/classify", files=files, data={"task": task})
+    assert b"filename" not in sent.read()
+    r = harness.request("POST", "/v1/classify", files=files, data={"task": task})
+    assert r.status_code == 200, r.text
+    _check(r.json()["predictions"][0], _direct(harness.state.manager.engine, img, task), harness.state.manager.engine)
+
+
 def test_rgb_jpeg_and_large_images_are_converted(harness, samples):
     rgb = np.stack([samples[0][2]] * 3, -1)
     big = np.kron(samples[0][2], np.ones((8, 8), dtype=np.uint8))  # 224x224, under the pixel cap
@@ -129,7 +140,13 @@ def test_tasks_models_health_and_docs(harness):
     assert harness.request("GET", "/readyz").json()["model_version"] == engine.version
     spec = harness.request("GET", "/openapi.json").json()
     assert {"/v1/classify", "/v1/merge", "/v1/merge/{job_id}", "/v1/tasks", "/v1/models"} <= set(spec["paths"])
-    assert "multipart/form-data" in spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+    # the document describes the served bundle: its tasks and version are what the server accepts
+    assert body["application/json"]["schema"]["properties"]["task"]["anyOf"][0]["enum"] == engine.tasks
+    assert body["application/json"]["schema"]["properties"]["images"]["maxItems"] == 16  # max_images
+    ready = spec["paths"]["/v2/models/{name}/versions/{version}/ready"]["get"]["parameters"]
+    assert {p["name"]: p["schema"]["enum"] for p in ready} == {"name": ["vitmerge"], "version": ["v1", "1"]}
     assert harness.request("GET", "/docs").status_code == 200
 
 
@@ -586,20 +603,49 @@ def test_queue_full_429_and_timeout_504(server_store_template, test_zoo_dir, sam
         h.close()
 
 
-def test_metrics_exposition(harness, samples):
-    harness.request("POST", "/v1/classify", files={"image": ("x.png", samples[0][1])})
+#: series that grow by one per image (``per="image"``), per engine batch (``per="batch"``) or per request
+COUNTED = {
+    ("vitmerge_requests_total", 'method="POST",route="/v1/classify",status="200"'): "request",
+    ("vitmerge_request_latency_seconds_count", 'route="/v1/classify"'): "request",
+    ("vitmerge_queue_wait_seconds_count", ""): "image",
+    ("vitmerge_predictions_total", ""): "image",
+    ("vitmerge_batch_size_sum", ""): "image",
+    ("vitmerge_batch_size_count", ""): "batch",
+    ("vitmerge_inference_seconds_count", ""): "batch",
+}
+
+
+def _counts(harness) -> dict:
     text = harness.request("GET", "/metrics").text
-    assert metric_value(text, "vitmerge_requests_total", 'method="POST",route="/v1/classify",status="200"') >= 1
-    for name in (
-        "vitmerge_request_latency_seconds_count",
-        "vitmerge_queue_wait_seconds_count",
-        "vitmerge_inference_seconds_count",
-        "vitmerge_batch_size_count",
-        "vitmerge_queue_depth",
-        "vitmerge_predictions_total",
-        "vitmerge_weight_cache_lookups_total",
-    ):
-        assert metric_value(text, name) >= 0
+
+    def value(name: str, labels: str) -> float:
+        try:
+            return metric_value(text, name, labels)
+        except KeyError:  # a labelled series appears with its first sample
+            return 0.0
+
+    return {key: value(*key) for key in COUNTED}
+
+
+def test_metrics_count_every_request_image_and_batch(harness, samples):
+    """N classifies, one at a time (one batch each), then one request of 3 images (one batch of 3)."""
+    before = _counts(harness)
+    n = 5
+    for task, png, _ in samples[:n]:
+        r = harness.request("POST", "/v1/classify", files={"image": ("x.png", png)}, data={"task": task})
+        assert r.status_code == 200 and r.json()["timing"]["batch_sizes"] == [1], r.text
+    after = _counts(harness)
+    assert {k: after[k] - before[k] for k in COUNTED} == {k: n for k in COUNTED}
+    r = harness.request("POST", "/v1/classify", json={"images": [_b64(png) for _, png, _ in samples[:3]]})
+    assert r.status_code == 200 and r.json()["timing"]["batch_sizes"] == [3], r.text
+    grown = {k: v - after[k] for k, v in _counts(harness).items()}
+    assert grown == {k: {"request": 1, "image": 3, "batch": 1}[per] for k, per in COUNTED.items()}, grown
+    text = harness.request("GET", "/metrics").text
+    assert metric_value(text, "vitmerge_queue_depth") == 0  # nothing waits once every request was answered
+    assert metric_value(text, "vitmerge_batch_size_bucket", 'le="2.0"') == metric_value(
+        text, "vitmerge_batch_size_bucket", 'le="1.0"'
+    )  # no batch of 2 ever ran here; the batch of 3 is in the le="4.0" bucket
+    assert metric_value(text, "vitmerge_weight_cache_lookups_total") > 0
     assert "vitmerge_model_info{" in text and 'version="v1"' in text
     assert metric_value(text, "vitmerge_ready") == 1
 

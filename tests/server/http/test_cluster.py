@@ -158,7 +158,7 @@ def test_two_replicas_behind_nginx_converge_and_fail_over(server_store, test_zoo
                 assert job["state"] == "succeeded", job
                 published = time.monotonic()
                 while await asyncio.to_thread(_version, b.url) != job["version"]:
-                    assert time.monotonic() - published < 10, "replica b did not converge within 10 s"
+                    assert time.monotonic() - published < 120, "replica b never followed CURRENT"  # a hang guard
                     await asyncio.sleep(0.05)
                 report["convergence_s"] = time.monotonic() - published
                 assert await asyncio.to_thread(_version, a.url) == job["version"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from pydantic import ValidationError
-from server_helpers import AsgiHarness, LiveServer, png_bytes
+from server_helpers import AsgiHarness, BlockingEngine, LiveServer, png_bytes, wait_for
 
 from model_store.bundle import BundleStore
 from model_store.data.builtin import load_split
@@ -89,14 +89,29 @@ def test_watcher_keeps_serving_when_current_moves_to_a_corrupt_version(two_versi
 
     store = tmp_path / "store"
     shutil.copytree(two_versions, store)
-    h = AsgiHarness(_settings(store, test_zoo_dir, watch_interval_s=0.1))
+    h = AsgiHarness(_settings(store, test_zoo_dir, watch_interval_s=0.05))
+    manager = h.state.manager
+    polls, loads = [], []
+    real_poll, real_load = manager.current_changed, manager.load_and_swap
+
+    def counted_poll():
+        polls.append(1)
+        return real_poll()
+
+    def counted_load(version):
+        loads.append(version)
+        return real_load(version)
+
+    manager.current_changed, manager.load_and_swap = counted_poll, counted_load  # spies: the real calls run
     try:
-        assert h.state.manager.version == "v1"
+        assert manager.version == "v1"
         _corrupt(store, "v2")
         (store / "CURRENT").write_text("v2\n")  # another replica (or a person) points CURRENT at a broken version
-        _wait(lambda: "v2" in h.state.manager._failed_versions, what="the watcher to try v2")
-        time.sleep(0.3)  # several more polls: the failed version is not retried in a loop
-        assert h.state.manager.version == "v1"
+        _wait(lambda: len(loads) >= 1, what="the watcher to try v2")
+        seen = len(polls)
+        _wait(lambda: len(polls) >= seen + 10, what="ten more polls")
+        assert loads == ["v2"], loads  # tried once: a failed version is not retried in a loop
+        assert manager.version == "v1"
         r = h.request("POST", "/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"})
         assert r.status_code == 200 and r.json()["model_version"] == "v1"
         assert h.request("GET", "/readyz").json()["model_version"] == "v1"
@@ -219,26 +234,64 @@ def test_a_failing_batch_fails_its_requests_with_500_json_and_serving_goes_on(
         h.close()
 
 
-def test_requests_arriving_while_draining_get_503(server_store_template, test_zoo_dir, images):
-    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, max_wait_ms=300, max_batch_size=64))
+def test_stop_answers_every_queued_request_and_refuses_new_ones(server_store_template, test_zoo_dir, images):
+    """The lifespan's stop (what SIGTERM runs once uvicorn stops accepting): with a batch held on the worker and
+    three images queued behind it, new requests get 503 while the stop waits; released, all four answer 200."""
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, max_batch_size=1, max_wait_ms=0))
+    engine = h.state.manager.engine
+    blocking = BlockingEngine(engine)
+    h.state.manager.engine = blocking  # the requests below pin it
+    batcher = h.state.batcher
+    want = [_classes(server_store_template, "v1", [img], "mnist")[0] for img in images[:4]]
+
+    def post(img: bytes):
+        return h.client.post("/v1/classify", files={"image": ("x.png", img)}, data={"task": "mnist"})
+
     try:
-
-        async def scenario():
-            first = asyncio.create_task(
-                h.client.post("/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"})
-            )
-            await asyncio.sleep(0.1)  # queued in the batcher (it waits up to 300 ms for more)
-            drain = asyncio.create_task(h.state.batcher.stop(drain_timeout=10))
-            await asyncio.sleep(0)
-            late = await h.client.post("/v1/classify", files={"image": ("x.png", images[1])}, data={"task": "mnist"})
-            return await first, late, await drain
-
-        first, late, _ = h.call(scenario())
-        assert first.status_code == 200  # in flight: finished
+        admitted = [asyncio.run_coroutine_threadsafe(post(img), h.loop) for img in images[:4]]
+        wait_for(lambda: blocking.entered.is_set() and batcher.pending == 3, what="one batch running, 3 queued")
+        stop = asyncio.run_coroutine_threadsafe(h.state.stop(), h.loop)
+        wait_for(lambda: batcher.stopping, what="the stop to begin")
+        late = h.call(post(images[4]), timeout=15)
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down", late.text
+        assert late.headers["retry-after"] == "1"
+        assert h.request("GET", "/readyz").status_code == 503  # load balancers stop sending
+        assert (batcher.pending, batcher.running) == (3, 1) and not stop.done()  # the stop waits for them
+        blocking.release.set()
+        answers = [f.result(60) for f in admitted]
+        stop.result(60)
     finally:
-        h.state.batcher = None  # already stopped
+        blocking.release.set()
         h.close()
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert [r.json()["predictions"][0]["class"]["index"] for r in answers] == want
+    assert (batcher.pending, batcher.running, batcher.decoding) == (0, 0, 0)
+
+
+def test_stop_waits_for_the_batch_on_the_worker_with_nothing_queued(server_store_template, test_zoo_dir, images):
+    """The last batch, taken off the queue and running, is admitted work too: the stop keeps the event loop
+    serving (a round trip through it returns) and waits until the batch is answered, 200."""
+    h = AsgiHarness(_settings(server_store_template, test_zoo_dir, max_batch_size=1, max_wait_ms=0))
+    blocking = BlockingEngine(h.state.manager.engine)
+    h.state.manager.engine = blocking
+    batcher = h.state.batcher
+    try:
+        post = h.client.post("/v1/classify", files={"image": ("x.png", images[0])}, data={"task": "mnist"})
+        admitted = asyncio.run_coroutine_threadsafe(post, h.loop)
+        wait_for(lambda: blocking.entered.is_set() and batcher.running == 1, what="the batch on the worker")
+        assert batcher.pending == 0  # nothing queued: only the running batch keeps the stop waiting
+        stop = asyncio.run_coroutine_threadsafe(h.state.stop(), h.loop)
+        wait_for(lambda: batcher.stopping, what="the stop to begin")
+        h.call(asyncio.sleep(0.05), timeout=15)  # the loop still runs (a stop that gave up would block it)
+        assert not stop.done() and batcher.running == 1
+        blocking.release.set()
+        answer = admitted.result(60)
+        stop.result(60)
+    finally:
+        blocking.release.set()
+        h.close()
+    assert answer.status_code == 200, answer.text
+    assert (batcher.pending, batcher.running, batcher.decoding) == (0, 0, 0)
 
 
 def test_two_replicas_on_an_empty_store_merge_once_and_streamed_bodies_are_capped(test_zoo_dir, tmp_path):

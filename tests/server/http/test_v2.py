@@ -339,6 +339,7 @@ def test_api_key_and_body_limit_apply_to_v2(server_store_template, test_zoo_dir,
         device="cpu",
         api_key="k3y",
         max_body_bytes=4096,
+        max_images=2,
         model_name="digits-and-more",
     )
     h = AsgiHarness(settings)
@@ -355,6 +356,17 @@ def test_api_key_and_body_limit_apply_to_v2(server_store_template, test_zoo_dir,
         assert r.status_code == 200, r.text
         r = h.request("POST", url, content=b"{" + b" " * 5000 + b"}", headers={"x-api-key": "k3y"})
         assert r.status_code == 413 and set(r.json()) == {"error"}
+        # a gzip bomb: ~1.5 KB on the wire, 1 MB once inflated -- refused while inflating, past max_body_bytes
+        bomb = gzip.compress(json.dumps({**body, "pad": " " * 2**20}).encode())
+        assert len(bomb) < 4096
+        r = h.request("POST", url, content=bomb, headers={"x-api-key": "k3y", "content-encoding": "gzip"})
+        assert r.status_code == 413 and "decompressed body is above the limit of 4096 bytes" in r.json()["error"]
+        small = gzip.compress(json.dumps(body).encode())  # the same request, compressed and small: served
+        r = h.request("POST", url, content=small, headers={"x-api-key": "k3y", "content-encoding": "gzip"})
+        assert r.status_code == 200, r.text
+        three = {"inputs": [{**body["inputs"][0], "shape": [3], "data": body["inputs"][0]["data"] * 3}]}
+        r = h.request("POST", url, json=three, headers={"x-api-key": "k3y"})  # max_images = 2
+        assert r.status_code == 413 and r.json() == {"error": "3 images in one request; the limit is 2"}, r.text
         assert h.request("GET", "/v2/models/vitmerge").status_code == 404
         assert h.request("GET", "/v1/tasks").status_code == 200  # /v1 keeps its own error form and routes
         assert "code" in h.request("POST", "/v1/classify", json={"images": []}).json()["error"]
