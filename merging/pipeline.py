@@ -17,12 +17,14 @@ Bundle files (``model.json``'s ``bundle_format`` 2):
 * gated: ``backbone.safetensors`` (non-gated tensors), ``experts.safetensors``
   (``(N, ...)`` stacks of the gated tensors)
 * lowrank: ``backbone.safetensors`` (``W_0`` of matrix layers), ``factors.safetensors`` (``B``, ``A``
-  stacks), ``experts.safetensors`` (every task's small tensors)
+  stacks; quantized: their codes and ``.scale`` stacks, ``model.json``'s ``bundle_format`` 3),
+  ``experts.safetensors`` (every task's small tensors)
 * with a gate: ``gate.safetensors``
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,26 +36,34 @@ from tqdm.auto import tqdm
 from merging.gating.router import gate_probabilities
 from merging.method_index import REGISTRY, get_method, parse_params, refusal, run_merge
 from merging.methods.tsv import LowRankDeltas
-from merging.registry import GateArtifact, MergeCache, MergeContext, MergeResult
+from merging.registry import GateArtifact, MergeCache, MergeContext, MergeResult, Params
+from merging.selection import SelectionError, choose, rank, selection_grid
 from merging.types import Tensors
 from model_store.architecture import build_gate, build_model, load_into
 from model_store.bundle import Bundle, BundleDraft, BundleStore
-from model_store.data.attach import calibration_set, test_set
-from model_store.data.sources import ImageSet
+from model_store.data.attach import calibration_set, held_out_set, test_set
+from model_store.data.sources import Holdout, ImageSet
 from model_store.errors import MissingDataError
 from model_store.importers.efficientnet_lite0 import efficientnet_lite0_state
+from model_store.quantize import quantize_rows
 from model_store.schema import (
+    BUNDLE_FORMAT,
+    QUANTIZED_BUNDLE_FORMAT,
     BundleGateSpec,
     BundleKind,
     BundleSpec,
     BundleTask,
+    CandidateRecord,
     EMRSpec,
     GatingSpec,
     LowRankSpec,
     ManifestExtra,
     Preprocessing,
+    SelectionRecord,
+    TaskAgreement,
     TaskDataRecord,
 )
+from model_store.stored_bytes import stored_bytes
 from model_store.zoo import Zoo
 
 
@@ -126,16 +136,25 @@ def check_data(zoo: Zoo, method: str, tasks: Sequence[str] | None = None) -> Non
 
 
 def merge_context(
-    zoo: Zoo, tasks: Sequence[str], bar: tqdm | None = None, progress: bool = False, cache: MergeCache | None = None
+    zoo: Zoo,
+    tasks: Sequence[str],
+    bar: tqdm | None = None,
+    progress: bool = False,
+    cache: MergeCache | None = None,
+    holdout: Holdout | None = None,
 ) -> MergeContext:
     """Lazy backbones of the zoo plus calibration access for data-dependent methods.
 
     Calibration images come from each task's calibration source; only the ``limit``
-    images a method asks for are decoded. For zoos without a shared base,
-    ``pretrained`` is the manifest's base (the first model's own pretraining) and
-    ``shared_init`` is False: task-vector methods refuse. ``cache``: gates and Gram matrices shared with
-    other merges of the same zoo.
+    images a method asks for are decoded. With ``holdout`` the held-out part of each
+    task's calibration images is left out (label-free selection measures on it). For zoos
+    without a shared base, ``pretrained`` is the manifest's base (the first model's own
+    pretraining) and ``shared_init`` is False: task-vector methods refuse. ``cache``: gates and Gram
+    matrices shared with other merges of the same zoo (never with ``holdout``: what it holds was fit on
+    every calibration image).
     """
+    if cache is not None and holdout is not None:
+        raise ValueError("a merge with a held-out calibration part cannot share a cache fit on every image")
     finetuned: list[Tensors] = [zoo.backbone_lazy(t) for t in tasks]
     if bar is not None:
         finetuned[0] = _Ticking(finetuned[0], bar)
@@ -154,7 +173,7 @@ def merge_context(
                     f"task '{tasks[i]}' has no calibration images "
                     f"(`vitmerge zoo data --task {tasks[i]} --calibration SRC`)"
                 )
-            sets[i] = images
+            sets[i] = holdout.split(images)[0] if holdout is not None else images
         return sets[i].tensors(prep or zoo.metas[tasks[i]].preprocessing, limit)
 
     return MergeContext(
@@ -210,14 +229,19 @@ def gate_test_accuracy(
     return out
 
 
-def data_record(zoo: Zoo, tasks: Sequence[str], calibrated: bool) -> dict[str, TaskDataRecord]:
-    """Per task: the calibration set a merge read (when it read one) and the test set, with file-list hashes."""
+def data_record(
+    zoo: Zoo, tasks: Sequence[str], calibrated: bool, holdout: Holdout | None = None
+) -> dict[str, TaskDataRecord]:
+    """Per task: the calibration set a merge read (when it read one; with ``holdout``, how it was split) and
+    the test set, with file-list hashes."""
     out: dict[str, TaskDataRecord] = {}
     for task in tasks:
-        cal = calibration_set(zoo, task) if calibrated else None
+        cal = calibration_set(zoo, task) if calibrated or holdout is not None else None
         test = test_set(zoo, task)
         out[task] = TaskDataRecord(
-            calibration=cal.record() if cal is not None else None, test=test.record() if test is not None else None
+            calibration=cal.record() if cal is not None else None,
+            holdout=holdout.record(cal) if cal is not None and holdout is not None else None,
+            test=test.record() if test is not None else None,
         )
     return out
 
@@ -235,18 +259,30 @@ def bundle_kind(result: MergeResult) -> BundleKind:
 
 
 def write_lowrank(draft: BundleDraft, deltas: LowRankDeltas) -> LowRankSpec:
-    """Write ``backbone`` (``W_0`` of matrix layers), ``factors`` (stacked ``B``, ``A``), ``experts`` (small ones)."""
+    """Write ``backbone`` (``W_0`` of matrix layers), ``factors`` (stacked ``B``, ``A``; at ``deltas.bits`` < 32
+    their per-row codes and ``.scale`` stacks), ``experts`` (small ones)."""
     keys = deltas.matrix_keys
     draft.add_tensors("backbone", {k: deltas.pretrained[k].float().contiguous() for k in keys})
     factors: dict[str, torch.Tensor] = {}
     for k in keys:
-        factors[f"{k}.B"] = torch.stack([task[k][0] for task in deltas.factors])
-        factors[f"{k}.A"] = torch.stack([task[k][1] for task in deltas.factors])
+        for i, name in enumerate(("B", "A")):
+            stack = torch.stack([task[k][i] for task in deltas.factors])
+            if deltas.bits == 32:
+                factors[f"{k}.{name}"] = stack
+            else:
+                factors[f"{k}.{name}"], factors[f"{k}.{name}.scale"] = quantize_rows(stack, deltas.bits)
     draft.add_tensors("factors", factors)
     small_keys = list(deltas.small[0])
     draft.add_tensors("experts", {k: torch.stack([task[k] for task in deltas.small]) for k in small_keys})
     source = "lora" if deltas.source == "lora" else "tsv_c"
-    return LowRankSpec(ranks=dict(deltas.ranks), rank_fraction=deltas.rank_fraction, source=source)
+    layout = "two per byte, even column in the low nibble, two's complement" if deltas.bits == 4 else None
+    return LowRankSpec(
+        ranks=dict(deltas.ranks),
+        rank_fraction=deltas.rank_fraction,
+        source=source,
+        bits=deltas.bits,
+        int4_layout=layout,
+    )
 
 
 def own_preprocessing(zoo: Zoo, task: str) -> Preprocessing | None:
@@ -298,6 +334,7 @@ def write_bundle(
             test_accuracy=gate_accuracy or {},
         )
     spec = BundleSpec(
+        bundle_format=QUANTIZED_BUNDLE_FORMAT if lowrank is not None and lowrank.bits != 32 else BUNDLE_FORMAT,
         kind=bundle_kind(result),
         architecture=base_meta.architecture,
         preprocessing=base_meta.preprocessing,
@@ -316,6 +353,124 @@ def write_bundle(
         gate=gate,
     )
     draft.add_json("model", spec.model_dump(mode="json"))
+
+
+@dataclass
+class MergePlan:
+    """A checked merge of one zoo: the method, its raw parameters (zoo defaults filled in), the tasks, and
+    the context every candidate of it merges from (lazy backbones, calibration access, ``memo``)."""
+
+    zoo: Zoo
+    method: str
+    params: dict[str, Any]
+    tasks: list[str]
+    ctx: MergeContext
+    holdout: Holdout | None = None
+
+
+@dataclass
+class Candidate:
+    """A merge written into an unpublished draft."""
+
+    draft: BundleDraft
+    result: MergeResult
+    params: Params
+    seconds: float = 0.0  # the method's run time
+
+    def preview(self, plan: MergePlan) -> Bundle:
+        return self.draft.preview(plan.method, self.params.model_dump(), plan.tasks)
+
+
+def plan_merge(
+    zoo: Zoo,
+    method: str,
+    params: dict[str, Any] | None = None,
+    tasks: Sequence[str] | None = None,
+    progress: bool = False,
+    bar: Any = None,
+    holdout: Holdout | None = None,
+    cache: MergeCache | None = None,
+) -> MergePlan:
+    """Check ``method``, its parameters and the tasks against ``zoo`` (a clear error before any work) and open
+    the merge context; with ``holdout`` the context's calibration access leaves each task's held-out part out;
+    ``cache``: gates and Gram matrices shared with other merges of the zoo (not with ``holdout``)."""
+    spec = get_method(method)
+    raw = with_zoo_defaults(zoo, spec.name, params)
+    parse_params(spec.name, raw)
+    chosen = select_tasks(zoo, tasks)
+    check_applicable(zoo, spec.name, chosen)
+    check_data(zoo, spec.name, chosen)
+    ctx = merge_context(zoo, chosen, bar=bar, progress=progress, cache=cache, holdout=holdout)
+    return MergePlan(zoo, spec.name, raw, chosen, ctx, holdout)
+
+
+def build_candidate(plan: MergePlan, store: BundleStore, overrides: dict[str, Any] | None = None) -> Candidate:
+    """Merge ``plan`` with ``overrides`` on its parameters and write the bundle into a new draft (not published;
+    the gate's test accuracy is not measured: nothing here reads test images)."""
+    parsed = parse_params(plan.method, {**plan.params, **(overrides or {})})
+    start = time.perf_counter()
+    result = run_merge(plan.method, plan.ctx, parsed)
+    seconds = time.perf_counter() - start
+    draft = store.draft()
+    try:
+        write_bundle(draft, plan.zoo, plan.tasks, result)
+    except BaseException:
+        draft.discard()
+        raise
+    return Candidate(draft, result, parsed, seconds)
+
+
+def _record_gate_accuracy(draft: BundleDraft, accuracy: dict[str, float | None]) -> None:
+    """Write the gate's test accuracy into the draft's ``model.json``."""
+    spec = BundleSpec.model_validate(json.loads((draft.path / "model.json").read_text()))
+    assert spec.gate is not None
+    spec.gate.test_accuracy = accuracy
+    draft.add_json("model", spec.model_dump(mode="json"))
+
+
+def publish_candidate(
+    plan: MergePlan,
+    store: BundleStore,
+    candidate: Candidate,
+    make_current: bool = True,
+    review: Callable[[Bundle], dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> MergeOutcome:
+    """Publish a candidate: its gate's routing accuracy on test images (a report), ``review``'s entries, the data
+    record and the stored bytes go into the bundle; when anything raises, the draft is discarded."""
+    result, parsed = candidate.result, candidate.params
+    try:
+        test_images = getattr(parsed, "gate_test_images", None)
+        gate_acc = None
+        if result.gate is not None and test_images != 0:
+            gate_acc = gate_test_accuracy(result.gate, plan.zoo, plan.tasks, test_images)
+            _record_gate_accuracy(candidate.draft, gate_acc)
+        reviewed = review(candidate.preview(plan)) if review is not None else {}
+        data = data_record(plan.zoo, plan.tasks, get_method(plan.method).needs_calibration, plan.holdout)
+        manifest_extra = ManifestExtra.model_validate(
+            {
+                **result.info.model_dump(exclude_none=True),
+                **reviewed,
+                "data": data,
+                "gate_test_accuracy": gate_acc,
+                "stored_bytes": stored_bytes(candidate.preview(plan)),
+                **(extra or {}),
+            }
+        )
+    except BaseException:
+        candidate.draft.discard()
+        raise
+    zoo_info = {"name": plan.zoo.name, "path": str(plan.zoo.root), "hashes": plan.zoo.file_hashes()}
+    version = store.publish(
+        candidate.draft,
+        plan.method,
+        parsed.model_dump(),
+        zoo=zoo_info,
+        tasks=plan.tasks,
+        extra=manifest_extra,
+        make_current=make_current,
+    )
+    return MergeOutcome(version, result, plan.tasks, candidate.seconds)
 
 
 def merge_and_publish(
@@ -337,39 +492,101 @@ def merge_and_publish(
     agreement with the individual models); when it raises, nothing is published. ``cache``: gates and Gram
     matrices shared with other merges of the same zoo (the accuracy benchmark).
     """
-    spec = get_method(method)
-    parsed = parse_params(method, with_zoo_defaults(zoo, spec.name, params))
-    chosen = select_tasks(zoo, tasks)
-    check_applicable(zoo, spec.name, chosen)
-    check_data(zoo, spec.name, chosen)
-    start = time.perf_counter()
-    if bar is not None:
-        result = run_merge(spec.name, merge_context(zoo, chosen, bar, progress, cache), parsed)
-    else:
-        with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress) as tbar:
-            result = run_merge(spec.name, merge_context(zoo, chosen, tbar, progress, cache), parsed)
-    seconds = time.perf_counter() - start
-    test_images = getattr(parsed, "gate_test_images", None)
-    gate_acc = (
-        gate_test_accuracy(result.gate, zoo, chosen, test_images)
-        if result.gate is not None and test_images != 0
-        else None
+    with tqdm(desc=f"merge {method}", unit="tensor", disable=not progress or bar is not None) as tbar:
+        plan = plan_merge(zoo, method, params, tasks, progress, bar if bar is not None else tbar, cache=cache)
+        candidate = build_candidate(plan, store)
+    return publish_candidate(plan, store, candidate, make_current, review)
+
+
+#: Label-free selection's measurement of a candidate (the serving layer's: :mod:`server.runtime.selection`):
+#: each task's agreement with its own model on that task's held-out calibration images.
+MeasureAgreement = Callable[[Bundle], list[TaskAgreement]]
+#: Called with every measured candidate (its swept parameters, the draft bundle, its record): a benchmark
+#: measures more on it (e.g. test accuracy), after the choice-relevant numbers are recorded.
+OnCandidate = Callable[[dict[str, Any], Bundle, CandidateRecord], None]
+
+
+def candidate_record(
+    overrides: dict[str, Any], bundle: Bundle, rows: list[TaskAgreement], target: float
+) -> CandidateRecord:
+    """A measured candidate: its stored bytes and its worst task's agreement (routed when the bundle routes,
+    else with the task given) against ``target``."""
+    size = stored_bytes(bundle)
+    routed = any(r.top1_routed is not None for r in rows)
+    values = [(r.top1_routed if routed else r.top1_given) or 0.0 for r in rows]
+    worst = min(range(len(values)), key=values.__getitem__)
+    return CandidateRecord(
+        params=overrides,
+        stored_bytes=size.total,
+        x_one_model=size.x_one_model,
+        agreement=rows,
+        min_agreement=values[worst],
+        worst_task=rows[worst].task,
+        meets_target=values[worst] >= target,
     )
-    data = data_record(zoo, chosen, spec.needs_calibration)
-    draft = store.draft()
-    reviewed: dict[str, Any] = {}
+
+
+def select_and_publish(
+    zoo: Zoo,
+    store: BundleStore,
+    method: str,
+    params: dict[str, Any] | None,
+    target: float,
+    measure: MeasureAgreement,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    tasks: Sequence[str] | None = None,
+    holdout: Holdout | None = None,
+    progress: bool = False,
+    make_current: bool = True,
+    bar: Any = None,
+    review: Callable[[Bundle], dict[str, Any]] | None = None,
+    on_candidate: OnCandidate | None = None,
+) -> tuple[MergeOutcome, SelectionRecord]:
+    """Settings chosen without labels (SPEC section 9): publish the smallest candidate (stored bytes) of a grid
+    over the method's ``f`` / ``bits`` / ``router_k`` whose agreement, as ``measure`` gives it on each task's
+    held-out calibration images, reaches ``target`` on every task.
+
+    The candidates share one merge context whose calibration access leaves the held-out part out (the gate
+    trains once, TSV's SVDs run once at the largest ``f``); no test image is read to choose. The choice, the
+    grid with every candidate's bytes and agreement, and the split are recorded in the manifest. Nothing is
+    published when no candidate reaches the target (:class:`SelectionError` naming the best reached) or
+    anything fails; every draft but the best so far is discarded as soon as it is beaten.
+    """
+    if not 0.0 < target <= 1.0:
+        raise SelectionError(f"the target agreement must be in (0, 1], got {target}")
+    holdout = holdout or Holdout()
+    plan = plan_merge(zoo, method, params, tasks, progress, bar, holdout)
+    axes, overrides = selection_grid(plan.method, plan.params, grid)
+    held = {t: len(held_out_set(zoo, t, holdout)) for t in plan.tasks}  # every task has some: checked first
+    records: list[CandidateRecord] = []
+    best: tuple[Candidate, CandidateRecord] | None = None
     try:
-        write_bundle(draft, zoo, chosen, result, gate_acc)
-        if review is not None:
-            reviewed = review(draft.preview(method, parsed.model_dump(), chosen))
-        extra = ManifestExtra.model_validate(
-            {**result.info.model_dump(exclude_none=True), **reviewed, "data": data, "gate_test_accuracy": gate_acc}
-        )
+        for over in tqdm(overrides, desc=f"select {plan.method}", disable=not progress):
+            candidate = build_candidate(plan, store, over)
+            bundle = candidate.preview(plan)
+            record = candidate_record(over, bundle, measure(bundle), target)
+            records.append(record)
+            if on_candidate is not None:
+                on_candidate(over, bundle, record)
+            if record.meets_target and (best is None or rank(record) < rank(best[1])):
+                if best is not None:
+                    best[0].draft.discard()
+                best = (candidate, record)
+            else:
+                candidate.draft.discard()
+        chosen = choose(records, target)
     except BaseException:
-        draft.discard()
+        if best is not None:
+            best[0].draft.discard()
         raise
-    zoo_info = {"name": zoo.name, "path": str(zoo.root), "hashes": zoo.file_hashes()}
-    version = store.publish(
-        draft, method, parsed.model_dump(), zoo=zoo_info, tasks=chosen, extra=extra, make_current=make_current
+    assert best is not None and best[1] is chosen
+    selection = SelectionRecord(
+        target_agreement=target,
+        measure="routed" if any(r.top1_routed is not None for r in chosen.agreement) else "given",
+        holdout={"fraction": holdout.fraction, "seed": holdout.seed, "images": held},
+        grid=axes,
+        candidates=records,
+        chosen=chosen.params,
     )
-    return MergeOutcome(version, result, chosen, seconds)
+    outcome = publish_candidate(plan, store, best[0], make_current, review, extra={"selection": selection})
+    return outcome, selection

@@ -56,6 +56,10 @@ class MergeContext:
     given backbone tensors; ``calibration(i, prep, limit)`` returns the first ``limit``
     (None: all) of task i's UNLABELED calibration images, preprocessed with ``prep``
     (None: the task model's preprocessing); only those are decoded.
+
+    ``memo``: work a method may reuse when the same context merges again with other parameters (a grid
+    of candidates: the gate for the same gate parameters when no ``cache`` is shared, TSV's factors at the
+    largest rank asked so far).
     """
 
     pretrained: Tensors
@@ -68,6 +72,7 @@ class MergeContext:
     heads: Sequence[Tensors] | None = None  # task i's classifier (methods that re-order features adapt it)
     shared_init: bool = True  # False: the models share no pretrained base (task vectors are meaningless)
     cache: MergeCache | None = None  # gates and Gram matrices shared with other merges of the same zoo
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -250,15 +250,27 @@ class TaskAgreement(_Strict):
     ``top1_given``: share of images where the bundle with the task given picks the individual model's top-1;
     ``top1_routed``: share routed to this task AND picking that top-1 (None: the bundle has no router);
     ``kl_*``: mean KL(individual || bundle) of the class probabilities (routed: over images routed here).
+    ``split``: the task's test images, its calibration images, or their held-out part (label-free selection).
     """
 
     task: str
-    split: Literal["test", "calibration"]
+    split: Literal["test", "calibration", "calibration_holdout"]
     images: int = Field(ge=0)
     top1_given: float | None = Field(default=None, ge=0.0, le=1.0)
     top1_routed: float | None = Field(default=None, ge=0.0, le=1.0)
     kl_given: float | None = Field(default=None, ge=0.0)
     kl_routed: float | None = Field(default=None, ge=0.0)
+
+
+class StoredBytes(_Strict):
+    """What a bundle stores (SPEC section 9): every tensor's bytes as stored -- packed codes, scales, router
+    or gate, heads, small tensors -- per safetensors file, and the total as a multiple of one float32
+    model (the bundle architecture's backbone, without a head)."""
+
+    total: int = Field(ge=0)
+    files: dict[str, int] = Field(default_factory=dict, description="tensor bytes per file (name without suffix)")
+    one_model_fp32: int = Field(gt=0, description="bytes of one float32 backbone of the bundle's architecture")
+    x_one_model: float = Field(ge=0.0, description="total / one_model_fp32")
 
 
 def _omit_none(**kwargs: Any) -> Any:
@@ -274,10 +286,23 @@ class SetRecord(_Strict):
     sha256: str = Field(description="of the file list (relative path, size, label) or of the built-in split")
 
 
+class HoldoutRecord(_Strict):
+    """A seeded split of a task's calibration images (SPEC section 9): the merge fit on ``fit_images`` of them,
+    label-free selection measured agreement on the other ``held_out_images``."""
+
+    fraction: float = Field(gt=0.0, lt=1.0)
+    seed: int
+    fit_images: int = Field(ge=1)
+    held_out_images: int = Field(ge=1)
+    held_out_sha256: str = Field(description="of the held-out part's file list")
+
+
 class TaskDataRecord(_Strict):
-    """A task's calibration set (when the merge read one) and its test set (None: the task has none)."""
+    """A task's calibration set (when the merge read one), how it was split for label-free selection (when it
+    was), and its test set (None: the task has none)."""
 
     calibration: SetRecord | None = None
+    holdout: HoldoutRecord | None = _omit_none()
     test: SetRecord | None = None
 
 
@@ -300,6 +325,30 @@ class MergeInfo(_Strict):
     final_loss: float | None = _omit_none(description="trained merges: the last epoch's loss")
 
 
+class CandidateRecord(_Strict):
+    """One candidate of a label-free selection grid: its swept parameters, stored bytes and held-out agreement."""
+
+    params: dict[str, Any]
+    stored_bytes: int = Field(ge=0)
+    x_one_model: float = Field(ge=0.0, description="stored bytes as a multiple of one float32 model")
+    agreement: list[TaskAgreement]
+    min_agreement: float = Field(ge=0.0, le=1.0, description="the worst task's agreement (the selection's measure)")
+    worst_task: str
+    meets_target: bool
+
+
+class SelectionRecord(_Strict):
+    """What ``--target-agreement`` chose and why (SPEC section 9; the bundle manifest's ``extra.selection``)."""
+
+    target_agreement: float = Field(gt=0.0, le=1.0)
+    measure: Literal["routed", "given"] = Field(description="top-1 agreement routed, or task given (no router)")
+    split: Literal["calibration_holdout"] = "calibration_holdout"
+    holdout: dict[str, Any] = Field(description="fraction, seed and held-out images per task")
+    grid: dict[str, list[Any]]
+    candidates: list[CandidateRecord]
+    chosen: dict[str, Any]
+
+
 #: ``extra_format`` of the manifest extras this code writes
 EXTRA_FORMAT: Literal[1] = 1
 
@@ -316,6 +365,8 @@ class ManifestExtra(MergeInfo):
         description="share of each task's test images the gate routes to it (None: no test images)"
     )
     agreement: list[TaskAgreement] | None = _omit_none()
+    stored_bytes: StoredBytes | None = _omit_none()
+    selection: SelectionRecord | None = _omit_none(description="what --target-agreement chose, and from what")
     legacy: dict[str, Any] | None = _omit_none()
 
     @model_validator(mode="before")
@@ -348,8 +399,11 @@ class BundleManifest(_Strict):
 BundleKind = Literal["static", "emr", "gated", "lowrank"]
 
 #: ``bundle_format`` of the ``model.json`` this code writes (2: per-task preprocessing, the full
-#: :class:`Preprocessing`); readers accept 1 and 2.
+#: :class:`Preprocessing`); readers accept 1, 2 and 3.
 BUNDLE_FORMAT: Literal[2] = 2
+#: ``bundle_format`` of a bundle whose low-rank factors are quantized (``lowrank.bits`` 8 or 4): readers
+#: older than quantization refuse it instead of misreading integer codes as weights.
+QUANTIZED_BUNDLE_FORMAT: Literal[3] = 3
 
 
 class BundleTask(_Strict):
@@ -382,11 +436,28 @@ class GatingSpec(_Strict):
 
 class LowRankSpec(_Strict):
     """Low-rank task deltas: per matrix layer its rank; ``factors`` holds ``{key}.B`` (N, m, r) and
-    ``{key}.A`` (N, r, n), ``experts`` every task's small tensors (N, ...), ``backbone`` ``W_0``."""
+    ``{key}.A`` (N, r, n), ``experts`` every task's small tensors (N, ...), ``backbone`` ``W_0``.
+
+    ``bits`` 8 or 4 (SPEC section 9; :mod:`model_store.quantize`): ``{key}.B`` / ``{key}.A`` hold per-row
+    symmetric codes (int8 ``(N, m, r)``, or uint8 ``(N, m, ceil(r/2))`` with two 4-bit codes per byte) and
+    ``{key}.B.scale`` (N, m) / ``{key}.A.scale`` (N, r) their float32 scales; such a bundle is
+    ``bundle_format`` 3. Absent (older bundles): 32, float32 factors."""
 
     ranks: dict[str, int]
     rank_fraction: float | None = None
     source: Literal["tsv_c", "lora"] = "tsv_c"
+    bits: Literal[32, 8, 4] = Field(
+        default=32, exclude_if=lambda v: v == 32, description="stored width of the factors' numbers"
+    )
+    int4_layout: Literal["two per byte, even column in the low nibble, two's complement"] | None = Field(
+        default=None, exclude_if=lambda v: v is None, description="how 4-bit codes are packed (bits 4 only)"
+    )
+
+    @model_validator(mode="after")
+    def _layout(self) -> LowRankSpec:
+        if (self.bits == 4) != (self.int4_layout is not None):
+            raise ValueError("lowrank.int4_layout is given exactly when bits is 4")
+        return self
 
 
 class BundleGateSpec(_Strict):
@@ -407,7 +478,7 @@ class BundleSpec(_Strict):
     (``W_0 + B_t A_t`` per matrix layer, task t's own small tensors).
     """
 
-    bundle_format: Literal[1, 2] = BUNDLE_FORMAT
+    bundle_format: Literal[1, 2, 3] = BUNDLE_FORMAT
     kind: BundleKind
     architecture: Architecture
     preprocessing: Preprocessing
@@ -428,6 +499,8 @@ class BundleSpec(_Strict):
             raise ValueError("a gated bundle needs gating.gated_keys")
         if self.kind == "lowrank" and self.lowrank is None:
             raise ValueError("a lowrank bundle needs lowrank.ranks")
+        if self.lowrank is not None and self.lowrank.bits != 32 and self.bundle_format < QUANTIZED_BUNDLE_FORMAT:
+            raise ValueError(f"quantized low-rank factors need bundle_format {QUANTIZED_BUNDLE_FORMAT}")
         for t in self.tasks:
             for field in ("size", "channels"):
                 if t.preprocessing is not None and getattr(t.preprocessing, field) != getattr(

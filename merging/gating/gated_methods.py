@@ -84,7 +84,7 @@ class TSVRoutedParams(GateParams, TSVCParams):
     needs_shared_base=True,
 )
 def _tsv_routed(ctx: MergeContext, p: TSVRoutedParams) -> MergeResult:
-    result = tsv_c_result(ctx, p.f, p.conv)
+    result = tsv_c_result(ctx, p.f, p.conv, p.bits)
     result.gate = train_gate_for(ctx, p)
     return result
 
@@ -101,6 +101,6 @@ class LoRARoutedParams(GateParams, LoRAParams):
     needs_shared_base=True,
 )
 def _lora_routed(ctx: MergeContext, p: LoRARoutedParams) -> MergeResult:
-    result = lora_result(ctx, p.max_fraction)
+    result = lora_result(ctx, p.max_fraction, p.bits)
     result.gate = train_gate_for(ctx, p)
     return result

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -162,10 +163,14 @@ def gate_cache_key(tasks: Sequence[str], p: GateParams) -> tuple:
 
 
 def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
-    """Train the gate on every task's calibration images (labels = task index); ``ctx.cache`` keeps it."""
+    """Train the gate on every task's calibration images (labels = task index); once per key: ``ctx.cache`` keeps
+    it for other merges of the zoo, else ``ctx.memo`` for other candidates of this context (a grid shares it)."""
     key = gate_cache_key(ctx.tasks, p)
-    if ctx.cache is not None and key in ctx.cache.gates:
-        return ctx.cache.gates[key]
+    gates: dict[tuple[Any, ...], GateArtifact] = (
+        ctx.cache.gates if ctx.cache is not None else ctx.memo.setdefault("gates", {})
+    )
+    if key in gates:
+        return gates[key]
     assert ctx.calibration is not None
     start = time.perf_counter()
     prep = Preprocessing(size=p.gate_size, channels=3, mean=GATE_MEAN_STD, std=GATE_MEAN_STD)
@@ -182,6 +187,5 @@ def train_gate_for(ctx: MergeContext, p: GateParams) -> GateArtifact:
         trained.epochs_run,
         time.perf_counter() - start,
     )
-    if ctx.cache is not None:
-        ctx.cache.gates[key] = art
+    gates[key] = art
     return art

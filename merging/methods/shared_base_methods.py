@@ -5,6 +5,8 @@ AvgMean, Task Arithmetic, TIES, DARE (+TA / +TIES), RegMean, Fisher, EMR, TSV-C 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from pydantic import Field
 
@@ -14,8 +16,9 @@ from merging.methods.emr import emr_merge
 from merging.methods.fisher import estimate_fisher, fisher_merge
 from merging.methods.regmean import collect_grams, regmean
 from merging.methods.ties import ties_merge
-from merging.methods.tsv import exact_lowrank, tsv_compress, tsv_merge
+from merging.methods.tsv import LowRankDeltas, exact_lowrank, tsv_compress, tsv_merge
 from merging.registry import Catalog, MergeContext, MergeResult, NoParams, Params
+from model_store.quantize import Bits
 from model_store.schema import MergeInfo
 
 CATALOG = Catalog()
@@ -123,7 +126,13 @@ def _emr(ctx: MergeContext, p: NoParams) -> MergeResult:
     return MergeResult(emr=merged, info=MergeInfo(rescalers=dict(zip(ctx.tasks, merged.rescalers))))
 
 
-class TSVCParams(Params):
+class LowRankBitsParams(Params):
+    bits: Bits = Field(
+        32, description="stored width of the factors: 32 (float32), 8 or 4 (per-row symmetric, SPEC section 9)"
+    )
+
+
+class TSVCParams(LowRankBitsParams):
     f: float | None = Field(None, gt=0.0, le=1.0, description="rank fraction per layer (default 1/N, the paper's)")
     conv: bool = Field(
         False,
@@ -136,10 +145,18 @@ class TSVMParams(Params):
     alpha: float = Field(1.0, gt=0.0, le=2.0, description="scale of the merged task matrices")
 
 
-def tsv_c_result(ctx: MergeContext, f: float | None, conv: bool = False) -> MergeResult:
-    """TSV-C's low-rank deltas at ``f`` (None: ``1/N``, the paper's choice); ``conv``: the patch conv too."""
-    deltas = tsv_compress(ctx.pretrained, ctx.finetuned, f if f is not None else 1.0 / len(ctx.finetuned), conv)
-    return MergeResult(lowrank=deltas, info=MergeInfo(rank_fraction=deltas.rank_fraction))
+def tsv_c_result(ctx: MergeContext, f: float | None, conv: bool = False, bits: Bits = 32) -> MergeResult:
+    """TSV-C's low-rank deltas at ``f`` (None: ``1/N``, the paper's choice); ``conv``: the patch conv too;
+    stored at ``bits``. The SVDs run once per context: a smaller ``f`` truncates the factors of the largest
+    ``f`` computed so far (``ctx.memo``; a grid visits its largest ``f`` first)."""
+    f = f if f is not None else 1.0 / len(ctx.finetuned)
+    key = ("tsv_c", conv)
+    cached: LowRankDeltas | None = ctx.memo.get(key)
+    if cached is not None and cached.rank_fraction is not None and f <= cached.rank_fraction:
+        deltas = cached if f == cached.rank_fraction else cached.truncated(f)
+    else:
+        deltas = ctx.memo[key] = tsv_compress(ctx.pretrained, ctx.finetuned, f, conv)
+    return MergeResult(lowrank=replace(deltas, bits=bits), info=MergeInfo(rank_fraction=deltas.rank_fraction))
 
 
 @CATALOG.register(
@@ -150,19 +167,23 @@ def tsv_c_result(ctx: MergeContext, f: float | None, conv: bool = False) -> Merg
     needs_shared_base=True,
 )
 def _tsv_c(ctx: MergeContext, p: TSVCParams) -> MergeResult:
-    return tsv_c_result(ctx, p.f, p.conv)
+    return tsv_c_result(ctx, p.f, p.conv, p.bits)
 
 
-class LoRAParams(Params):
+class LoRAParams(LowRankBitsParams):
     max_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="refuse a layer whose task matrix has a higher rank than this x min(m, n)"
     )
 
 
-def lora_result(ctx: MergeContext, max_fraction: float) -> MergeResult:
-    """Exact low-rank deltas (each layer at its numerical rank); a full-rank task matrix is a clear error."""
-    deltas = exact_lowrank(ctx.pretrained, ctx.finetuned, max_fraction, names=ctx.tasks)
-    return MergeResult(lowrank=deltas, info=MergeInfo(ranks=sorted(set(deltas.ranks.values()))))
+def lora_result(ctx: MergeContext, max_fraction: float, bits: Bits = 32) -> MergeResult:
+    """Exact low-rank deltas (each layer at its numerical rank), stored at ``bits``; a full-rank task matrix is
+    a clear error. The SVDs run once per context (``ctx.memo``)."""
+    key = ("lora", max_fraction)
+    if key not in ctx.memo:
+        ctx.memo[key] = exact_lowrank(ctx.pretrained, ctx.finetuned, max_fraction, names=ctx.tasks)
+    deltas: LowRankDeltas = ctx.memo[key]
+    return MergeResult(lowrank=replace(deltas, bits=bits), info=MergeInfo(ranks=sorted(set(deltas.ranks.values()))))
 
 
 @CATALOG.register(
@@ -174,7 +195,7 @@ def lora_result(ctx: MergeContext, max_fraction: float) -> MergeResult:
     needs_shared_base=True,
 )
 def _lora(ctx: MergeContext, p: LoRAParams) -> MergeResult:
-    return lora_result(ctx, p.max_fraction)
+    return lora_result(ctx, p.max_fraction, p.bits)
 
 
 @CATALOG.register(

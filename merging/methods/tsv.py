@@ -21,12 +21,13 @@ time). Everything else (norms, biases, embeddings, the patch-embedding conv, lay
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from merging.methods.task_vectors import merge_keys, stacked_task_vectors
 from merging.types import StateDict, Tensors
+from model_store.quantize import Bits, fake_quantize
 
 
 def is_matrix_key(key: str, tensor: torch.Tensor) -> bool:
@@ -70,18 +71,36 @@ class LowRankDeltas:
     rank_fraction: float | None  # TSV-C's f; None: ranks chosen per layer (exact low-rank deltas)
     ranks: dict[str, int] = field(default_factory=dict)
     source: str = "tsv_c"
+    bits: Bits = 32  # how the bundle stores the factors (SPEC section 9); ``factors`` stay float32 here
 
     @property
     def matrix_keys(self) -> list[str]:
         return list(self.ranks)
 
     def task_state(self, i: int) -> StateDict:
-        """Task i's full backbone: ``W_0 + B_i A_i`` per matrix layer, its own small tensors."""
+        """Task i's full backbone as served: ``W_0 + B_i A_i`` per matrix layer (the factors as they read back
+        after quantization at ``bits``), its own small tensors."""
         out = {
-            k: self.pretrained[k].float() + (b @ a).reshape(self.pretrained[k].shape)
+            k: self.pretrained[k].float()
+            + (fake_quantize(b, self.bits) @ fake_quantize(a, self.bits)).reshape(self.pretrained[k].shape)
             for k, (b, a) in self.factors[i].items()
         }
         return {**out, **{k: v.float() for k, v in self.small[i].items()}}
+
+    def truncated(self, f: float) -> LowRankDeltas:
+        """TSV-C at a smaller rank fraction ``f``, from these factors (``B = U S^{1/2}`` and ``A = S^{1/2} V^T``
+        keep their leading columns / rows): the same numbers :func:`tsv_compress` at ``f`` gives, no SVD."""
+        if self.rank_fraction is None or not 0.0 < f <= self.rank_fraction:
+            raise ValueError(f"can truncate TSV-C factors at f={self.rank_fraction} only to 0 < f <= it, got {f}")
+        ranks = {}
+        for k in self.ranks:
+            b, a = self.factors[0][k]
+            ranks[k] = lowrank_rank((b.shape[0], a.shape[1]), f)
+        factors = [
+            {k: (b[:, : ranks[k]].contiguous(), a[: ranks[k]].contiguous()) for k, (b, a) in task.items()}
+            for task in self.factors
+        ]
+        return replace(self, factors=factors, rank_fraction=f, ranks=ranks)
 
     def stored_numbers(self) -> int:
         """Numbers stored beyond ``theta_0``'s matrix layers: factors + small tensors of every task."""

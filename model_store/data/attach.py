@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from model_store.data.sources import ImageSet, open_source, parse_source
+from model_store.data.sources import Holdout, ImageSet, open_source, parse_source
 from model_store.errors import DataSourceError, MissingDataError, ZooFormatError
 from model_store.schema import DataSource, TaskData
 from model_store.zoo import Zoo, ZooWriter
@@ -62,6 +62,18 @@ def calibration_set(zoo: Zoo, task: str) -> ImageSet | None:
     """The task's calibration images (None when it has no calibration source)."""
     src = zoo.task_data(task).calibration
     return None if src is None else open_source(src, "calibration", exif_transpose=zoo.manifest.exif_transpose)
+
+
+def held_out_set(zoo: Zoo, task: str, holdout: Holdout) -> ImageSet:
+    """The held-out part of the task's calibration images (label-free selection measures on it); a task without
+    calibration images is a clear error."""
+    images = calibration_set(zoo, task)
+    if images is None:
+        raise MissingDataError(
+            f"choosing settings without labels needs calibration images for every task; task '{task}' has none "
+            f"(`vitmerge zoo data --task {task} --calibration SRC`)"
+        )
+    return holdout.split(images)[1]
 
 
 def require_test_set(zoo: Zoo, task: str, purpose: str = "this") -> ImageSet:

@@ -33,7 +33,7 @@ from model_store.data.builtin import TASKS, SplitSpec, load_split
 from model_store.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
 from model_store.data.preprocessing import to_model_input
 from model_store.errors import DataSourceError, ImageDecodeError
-from model_store.schema import DataSource, Preprocessing, SetRecord
+from model_store.schema import DataSource, HoldoutRecord, Preprocessing, SetRecord
 from model_store.settings import DataSettings
 
 Role = Literal["calibration", "test"]
@@ -176,6 +176,51 @@ class ImageSet:
     def record(self) -> SetRecord:
         """What a bundle manifest keeps of this set (to audit and repeat a merge)."""
         return SetRecord(source=self.source, images=len(self), sha256=self.fingerprint())
+
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        """The images at ``indices`` (in that order), same source and role."""
+        idx = np.asarray(indices, dtype=np.int64)
+        paths = [self.paths[i] for i in idx] if self.paths is not None else None
+        arrays = self.arrays[idx] if self.arrays is not None else None
+        labels = self.labels[idx] if self.labels is not None else None
+        return ImageSet(self.source, self.role, paths, arrays, labels, self.max_pixels, self.exif_transpose)
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A seeded held-out part of each task's calibration images (SPEC section 9): label-free selection
+    measures agreement on it, and nothing a merge fits (gates, routers, Grams, Fisher) ever reads it."""
+
+    fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"the held-out fraction must be in (0, 1), got {self.fraction}")
+
+    def indices(self, n: int) -> tuple[list[int], list[int]]:
+        """``(fit, held_out)`` positions of ``n`` images, each in the source's order; at least one of each."""
+        if n < 2:
+            raise DataSourceError(f"a held-out part needs at least 2 calibration images, the task has {n}")
+        k = min(n - 1, max(1, round(self.fraction * n)))
+        perm = np.random.default_rng(self.seed).permutation(n)
+        return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+    def split(self, images: ImageSet) -> tuple[ImageSet, ImageSet]:
+        """``(fit, held_out)`` parts of ``images``."""
+        fit, held = self.indices(len(images))
+        return images.subset(fit), images.subset(held)
+
+    def record(self, images: ImageSet) -> HoldoutRecord:
+        """What a bundle manifest keeps of the split: fraction, seed, both sizes and the held-out part's sha256."""
+        fit, held = self.split(images)
+        return HoldoutRecord(
+            fraction=self.fraction,
+            seed=self.seed,
+            fit_images=len(fit),
+            held_out_images=len(held),
+            held_out_sha256=held.fingerprint(),
+        )
 
 
 def _shuffled(items: list, seed: int) -> list:

@@ -41,6 +41,8 @@ class MergeJob:
     method: str
     params: dict[str, Any]
     tasks: list[str] | None
+    target_agreement: float | None = None
+    grid: dict[str, list[Any]] | None = None
     state: State = "queued"
     phase: str = "queued"
     progress: float = 0.0
@@ -59,6 +61,8 @@ class MergeJob:
                 "method",
                 "params",
                 "tasks",
+                "target_agreement",
+                "grid",
                 "state",
                 "phase",
                 "progress",
@@ -94,7 +98,14 @@ class MergeJobs:
         self._check_zoo(order.method, order.tasks)
         with self._lock:
             self._claim_store()
-            job = MergeJob(uuid.uuid4().hex[:12], order.method, order.params.model_dump(), order.tasks)
+            job = MergeJob(
+                uuid.uuid4().hex[:12],
+                order.method,
+                order.params.model_dump(),
+                order.tasks,
+                order.target_agreement,
+                order.grid,
+            )
             self._active = job
             self.jobs[job.id] = job
             while len(self.jobs) > MAX_JOBS_KEPT:
@@ -192,7 +203,14 @@ class MergeJobs:
 
         try:
             job.state, job.phase = "running", "starting merge process"
-            req = MergeRequestSpec(self.manager.settings, job.method, job.params, job.tasks)
+            req = MergeRequestSpec(
+                self.manager.settings,
+                job.method,
+                job.params,
+                job.tasks,
+                target_agreement=job.target_agreement,
+                grid=job.grid,
+            )
             published = run_merge_process(req, on_progress, on_phase, on_start)
             job.phase, job.progress = "loading", 0.85
             engine = self.manager.build_engine(published)

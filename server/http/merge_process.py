@@ -42,6 +42,8 @@ class MergeRequestSpec:
     tasks: list[str] | None = None
     make_current: bool = False
     progress: bool = False
+    target_agreement: float | None = None  # settings chosen without labels (server.runtime.selection)
+    grid: dict[str, list[Any]] | None = None
 
 
 def _context() -> Any:
@@ -92,17 +94,40 @@ def _child(req: MergeRequestSpec, conn: Connection) -> None:
         store = BundleStore(req.settings.layout, keep=req.settings.keep_versions)
         bar = None if req.progress else _PipeProgress(conn, len(zoo.backbone_lazy(zoo.base)))
         review = _agreement(zoo, req.settings.agreement_images, conn) if req.settings.agreement_images else None
-        outcome = merge_and_publish(
-            zoo,
-            store,
-            req.method,
-            req.params,
-            req.tasks,
-            progress=req.progress,
-            make_current=req.make_current,
-            bar=bar,
-            review=review,
-        )
+        if req.target_agreement is not None:
+            from merging.pipeline import select_and_publish
+            from model_store.data.sources import Holdout
+            from server.runtime.selection import HeldOutAgreement
+
+            conn.send(("phase", "choosing settings on held-out calibration images"))
+            holdout = Holdout()
+            outcome, _ = select_and_publish(
+                zoo,
+                store,
+                req.method,
+                req.params,
+                req.target_agreement,
+                HeldOutAgreement(zoo, holdout),
+                req.grid,
+                req.tasks,
+                holdout,
+                progress=req.progress,
+                make_current=req.make_current,
+                bar=bar,
+                review=review,
+            )
+        else:
+            outcome = merge_and_publish(
+                zoo,
+                store,
+                req.method,
+                req.params,
+                req.tasks,
+                progress=req.progress,
+                make_current=req.make_current,
+                bar=bar,
+                review=review,
+            )
         conn.send(("done", outcome.version))
     except BaseException as e:  # noqa: BLE001 - everything goes back to the parent as text
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

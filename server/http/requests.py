@@ -113,11 +113,14 @@ def _text_part_bytes(value: str) -> bytes:
 @dataclass(frozen=True)
 class MergeOrder:
     """A merge request that passed validation: the registry's method name, its parameters as an instance of
-    that method's own params model (defaults filled in), and the tasks (None: all)."""
+    that method's own params model (defaults filled in), the tasks (None: all), and -- to choose settings without
+    labels -- the target agreement and the grid it chooses from."""
 
     method: str
     params: BaseModel
     tasks: list[str] | None
+    target_agreement: float | None = None
+    grid: dict[str, list[Any]] | None = None
 
 
 async def read_merge_request(request: Request) -> MergeOrder:
@@ -134,17 +137,21 @@ async def read_merge_request(request: Request) -> MergeOrder:
         req = MergeRequest.model_validate(data)
     except ValidationError as e:
         raise InvalidRequest(_first_error(e), code="invalid_merge_request") from e
-    from merging.pipeline import get_method, parse_params  # admin path only
+    from merging.pipeline import get_method, parse_params, selection_grid  # admin path only
 
     try:
         name = get_method(req.method).name
         params = parse_params(name, req.params)
+        if req.grid is not None and req.target_agreement is None:
+            raise ValueError("a grid needs target_agreement (the grid is what the target chooses from)")
+        if req.target_agreement is not None:
+            selection_grid(name, req.params, req.grid)
     except (KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise InvalidRequest(message, code="invalid_merge_request") from e
     if req.tasks is not None and len(set(req.tasks)) != len(req.tasks):
         raise InvalidRequest("tasks must be unique", code="invalid_merge_request")
-    return MergeOrder(name, params, req.tasks)
+    return MergeOrder(name, params, req.tasks, req.target_agreement, req.grid)
 
 
 def _first_error(e: ValidationError) -> str:

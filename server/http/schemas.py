@@ -74,6 +74,17 @@ class MergeRequest(BaseModel):
     method: str = Field(..., min_length=1, description="a merge method (`vitmerge methods`), e.g. emr_routed")
     params: dict[str, Any] = Field(default_factory=dict)
     tasks: list[str] | None = Field(None, min_length=1, description="subset of the zoo's tasks (default: all)")
+    target_agreement: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="choose settings without labels: publish the smallest bundle of a grid (f, bits, router_k) "
+        "whose routed top-1 agreement with each task's own model reaches this on every task's held-out "
+        "calibration images (e.g. 0.995)",
+    )
+    grid: dict[str, Annotated[list[bool | int | float | str], Field(min_length=1, max_length=64)]] | None = Field(
+        None, description='with target_agreement: values per swept parameter, e.g. {"f": [0.03, 0.06], "bits": [8, 4]}'
+    )
 
 
 class MergeJobView(BaseModel):
@@ -81,6 +92,8 @@ class MergeJobView(BaseModel):
     method: str
     params: dict[str, Any]
     tasks: list[str] | None
+    target_agreement: float | None = None
+    grid: dict[str, list[bool | int | float | str]] | None = None
     state: Literal["queued", "running", "succeeded", "failed"]
     phase: str
     progress: float

@@ -32,7 +32,12 @@ from server.runtime.protocol import ImageOutput
 DEFAULT_AGREEMENT_IMAGES = 256
 
 
-def agreement_images(zoo: Zoo, task: str) -> tuple[ImageSet | None, Literal["test", "calibration"]]:
+#: Which images an agreement was measured on (a task's test images, its calibration images, or the
+#: held-out part of its calibration images that label-free selection reads).
+Split = Literal["test", "calibration", "calibration_holdout"]
+
+
+def agreement_images(zoo: Zoo, task: str) -> tuple[ImageSet | None, Split]:
     """The task's test images, else its calibration images (None when it has neither)."""
     test = test_set(zoo, task)
     return (test, "test") if test is not None else (calibration_set(zoo, task), "calibration")
@@ -45,7 +50,7 @@ def _kl(ref_logp: torch.Tensor, served: torch.Tensor) -> torch.Tensor:
 
 def summarise_agreement(
     task: str,
-    split: Literal["test", "calibration"],
+    split: Split,
     index: int,
     reference: torch.Tensor,
     given: Sequence[ImageOutput] | None,
@@ -82,28 +87,44 @@ def summarise_agreement(
 
 
 @torch.inference_mode()
-def task_agreement(
-    engine: Engine, zoo: Zoo, task: str, limit: int | None = DEFAULT_AGREEMENT_IMAGES, batch_size: int = 64
-) -> TaskAgreement:
-    """Agreement of ``engine``'s bundle with the zoo's model of ``task`` on the task's first ``limit`` images."""
-    images, split = agreement_images(zoo, task)
-    if images is None:
-        return TaskAgreement(task=task, split=split, images=0)
-    i = engine.task_index(task)
+def reference_log_probs(zoo: Zoo, task: str, images: ImageSet, limit: int | None, batch_size: int = 64) -> torch.Tensor:
+    """The zoo's own model of ``task`` on the first ``limit`` of ``images``: class log-probabilities ``(n, C)``."""
     model = zoo.build_model(task).eval()
     prep = zoo.metas[task].preprocessing
-    refs: list[torch.Tensor] = []
+    outs = [model(to_model_input(chunk, prep)).float().log_softmax(-1) for chunk in images.chunks(limit, batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0, zoo.metas[task].num_classes)
+
+
+@torch.inference_mode()
+def task_agreement(
+    engine: Engine,
+    zoo: Zoo,
+    task: str,
+    limit: int | None = DEFAULT_AGREEMENT_IMAGES,
+    batch_size: int = 64,
+    images: tuple[ImageSet | None, Split] | None = None,
+    reference: torch.Tensor | None = None,
+) -> TaskAgreement:
+    """Agreement of ``engine``'s bundle with the zoo's model of ``task`` on the task's first ``limit`` images.
+
+    ``images``: these images and what they are (default: :func:`agreement_images`); ``reference``: the zoo
+    model's :func:`reference_log_probs` on them, when already computed (a grid of bundles measured on the
+    same images runs the individual model once).
+    """
+    chosen, split = images if images is not None else agreement_images(zoo, task)
+    if chosen is None:
+        return TaskAgreement(task=task, split=split, images=0)
+    i = engine.task_index(task)
+    refs = reference if reference is not None else reference_log_probs(zoo, task, chosen, limit, batch_size)
     given: list[ImageOutput] = []
     routed: list[ImageOutput] | None = [] if engine.has_gate else None
-    for chunk in images.chunks(limit, batch_size):
-        refs.append(model(to_model_input(chunk, prep)).float().log_softmax(-1))
+    for chunk in chosen.chunks(limit, batch_size):
         x, _ = engine.prepare(chunk, i)
         given += engine.predict(x, [i] * len(x))
         if routed is not None:
             x, gate = engine.prepare(chunk, None)
             routed += engine.predict(x, [None] * len(x), gate)
-    reference = torch.cat(refs) if refs else torch.empty(0, 0)
-    return summarise_agreement(task, split, i, reference, given, routed)
+    return summarise_agreement(task, split, i, refs[: len(given)], given, routed)
 
 
 def measure_agreement(

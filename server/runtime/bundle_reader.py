@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
+import torch
 from pydantic import ValidationError
 from torch import nn
 
@@ -15,6 +16,7 @@ from model_store.architecture import StateDict, build_gate, build_model, folded_
 from model_store.bitpack import unpack_mask
 from model_store.bundle import Bundle
 from model_store.errors import BundleIntegrityError
+from model_store.quantize import dequantize_rows
 from model_store.schema import Architecture, BundleGateSpec, BundleSpec, Preprocessing
 
 
@@ -69,11 +71,9 @@ class BundleReader:
             return dict(self.bundle.tensors("backbone"))
         if self.kind == "lowrank":  # W_0 + B_t A_t per matrix layer, the task's own small tensors
             i = self.tasks.index(task)
-            factors = self.bundle.tensors("factors")
+            factors = self.lowrank_factors()
             base = self.bundle.tensors("backbone")
-            low = {
-                k: w.float() + (factors[f"{k}.B"][i] @ factors[f"{k}.A"][i]).reshape(w.shape) for k, w in base.items()
-            }
+            low = {k: w.float() + (factors[k][0][i] @ factors[k][1][i]).reshape(w.shape) for k, w in base.items()}
             return {**low, **{k: v[i] for k, v in self.bundle.tensors("experts").items()}}
         if self.kind == "gated":  # the model with p one-hot on this task
             i = self.tasks.index(task)
@@ -83,6 +83,22 @@ class BundleReader:
         masks = self.bundle.tensors("masks")
         lam = self.rescaler(task)
         return {k: base[k].float() + lam * (unpack_mask(masks[f"{task}/{k}"], t.shape) * t) for k, t in tau.items()}
+
+    def lowrank_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """A ``lowrank`` bundle's factors per matrix layer, float32 stacks ``(B (N, m, r), A (N, r, n))``:
+        quantized ones dequantized here, at load (SPEC section 9)."""
+        if self.spec.lowrank is None:
+            raise KeyError(f"bundle {self.bundle.version} is not a low-rank bundle")
+        bits, stored = self.spec.lowrank.bits, self.bundle.tensors("factors")
+        out = {}
+        for k, rank in self.spec.lowrank.ranks.items():
+            b, a = stored[f"{k}.B"], stored[f"{k}.A"]
+            if bits != 32:
+                cols = int(self.bundle.tensors("backbone")[k][0].numel())  # n: A's columns (a conv's in k k)
+                b = dequantize_rows(b, stored[f"{k}.B.scale"], bits, rank)
+                a = dequantize_rows(a, stored[f"{k}.A.scale"], bits, cols)
+            out[k] = (b, a)
+        return out
 
     @property
     def has_gate(self) -> bool:

@@ -259,11 +259,11 @@ class GatedViT(nn.Module):
         lowrank = None
         static, experts = dict(b.tensors("backbone")), dict(b.tensors("experts"))
         if models.kind == "lowrank":
-            factors = b.tensors("factors")
+            factors = models.lowrank_factors()  # float32: quantized factors are dequantized at load
             for k in [k for k, w in static.items() if w.ndim != 2]:  # a compressed conv: per-task weights
                 w = static.pop(k).float()
-                experts[k] = w + torch.bmm(factors[f"{k}.B"].float(), factors[f"{k}.A"].float()).reshape(-1, *w.shape)
-            lowrank = {k.removesuffix(".weight"): (factors[f"{k}.B"], factors[f"{k}.A"]) for k in static}
+                experts[k] = w + torch.bmm(*factors[k]).reshape(-1, *w.shape)
+            lowrank = {k.removesuffix(".weight"): factors[k] for k in static}
         return cls(models.architecture, static, experts, heads, linear_mode, lowrank=lowrank)
 
     @torch.inference_mode()

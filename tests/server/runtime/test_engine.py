@@ -195,7 +195,7 @@ def test_a_format_1_bundle_written_before_the_typed_spec_loads_and_answers_the_s
     for a, b in zip(engine.predict(x, [None] * len(x), g), emr_engine.predict(x, [None] * len(x), g)):
         assert a.task == b.task
         torch.testing.assert_close(a.probabilities, b.probabilities)
-    for bad in ({**old, "bundle_format": 3}, {**old, "kind": "moe"}, {k: v for k, v in old.items() if k != "emr"}):
+    for bad in ({**old, "bundle_format": 99}, {**old, "kind": "moe"}, {k: v for k, v in old.items() if k != "emr"}):
         version = publish(bad)
         with pytest.raises(BundleIntegrityError, match="unsupported model.json"):
             Engine(store.load(version), "cpu")

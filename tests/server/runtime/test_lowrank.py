@@ -7,6 +7,7 @@ timm model with ``W_0 + B_t A_t`` (and task t's own small tensors and head), tas
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from conftest import SMALL_GATE
@@ -37,18 +38,47 @@ def lowrank_store(test_zoo_report, tmp_path_factory):
         "tsv_c": merge_and_publish(zoo, store, "tsv_c", {"f": 0.25}, progress=False).version,
         "tsv_c_conv": merge_and_publish(zoo, store, "tsv_c", {"f": 0.25, "conv": True}, progress=False).version,
         "tsv_routed": merge_and_publish(zoo, store, "tsv_routed", {"f": 0.25, **SMALL_GATE}, progress=False).version,
+        # quantized factors (SPEC section 9): int8; int4 at an odd rank (3 = floor(0.07 * 48)), patch conv too, routed
+        "tsv_c_8bit": merge_and_publish(zoo, store, "tsv_c", {"f": 0.25, "bits": 8}, progress=False).version,
+        "tsv_routed_4bit": merge_and_publish(
+            zoo, store, "tsv_routed", {"f": 0.07, "conv": True, "bits": 4, **SMALL_GATE}, progress=False
+        ).version,
     }
     return store, versions
 
 
+def _dequantized_by_hand(codes: torch.Tensor, scales: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """SPEC section 9 read back without the library: int8 codes, or two 4-bit two's-complement codes per byte
+    (even column in the low nibble), times the row's scale."""
+    if bits == 4:
+        raw = codes.numpy().astype(np.int64)
+        nibbles = np.stack([raw & 0xF, raw >> 4], -1).reshape(*raw.shape[:-1], -1)[..., :cols]
+        codes = torch.from_numpy(np.where(nibbles >= 8, nibbles - 16, nibbles))
+    return codes.double() * scales.double().unsqueeze(-1)
+
+
+def _factors_by_hand(reader: BundleReader, key: str, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task ``task``'s ``(B, A)`` of layer ``key`` as stored, dequantized by hand where quantized."""
+    assert reader.spec.lowrank is not None
+    factors, bits = reader.bundle.tensors("factors"), reader.spec.lowrank.bits
+    b, a = factors[f"{key}.B"][task], factors[f"{key}.A"][task]
+    if bits == 32:
+        return b, a
+    rank, cols = reader.spec.lowrank.ranks[key], reader.bundle.tensors("backbone")[key][0].numel()
+    b = _dequantized_by_hand(b, factors[f"{key}.B.scale"][task], bits, rank)
+    a = _dequantized_by_hand(a, factors[f"{key}.A.scale"][task], bits, cols)
+    return b.float(), a.float()
+
+
 def _plain(reader: BundleReader, task: int) -> torch.nn.Module:
-    """A plain timm model of task ``task`` built from the bundle's factors by hand: ``W_0 + B_t A_t``."""
+    """A plain timm model of task ``task`` built from the bundle's factors by hand: ``W_0 + B_t A_t``
+    (``W_0 + dequant(B_t) dequant(A_t)`` for quantized factors)."""
     b = reader.bundle
-    factors, small = b.tensors("factors"), b.tensors("experts")
-    state = {
-        k: w + (factors[f"{k}.B"][task] @ factors[f"{k}.A"][task]).reshape(w.shape)
-        for k, w in b.tensors("backbone").items()
-    }
+    small = b.tensors("experts")
+    state = {}
+    for k, w in b.tensors("backbone").items():
+        fb, fa = _factors_by_hand(reader, k, task)
+        state[k] = w + (fb @ fa).reshape(w.shape)
     state |= {k: v[task] for k, v in small.items()}
     name = reader.tasks[task]
     model = build_model(reader.architecture, len(reader.class_names[name]))
@@ -77,7 +107,7 @@ def test_the_bundle_holds_tsv_c_of_the_zoo(test_zoo_report, lowrank_store):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["tsv_c", "tsv_c_conv", "tsv_routed"])
+@pytest.mark.parametrize("method", ["tsv_c", "tsv_c_conv", "tsv_routed", "tsv_c_8bit", "tsv_routed_4bit"])
 def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowrank_store, method, device):
     store, versions = lowrank_store
     engine = Engine(store.load(versions[method]), device)
@@ -98,9 +128,52 @@ def test_one_pass_mixed_batch_equals_each_image_alone_through_a_plain_model(lowr
                 torch.testing.assert_close(routed[i].probabilities, ref, atol=1e-5, rtol=0)
                 solo = engine.predict(x[i : i + 1], [None], g[i : i + 1])[0]
                 assert solo.task == chosen
-    assert (routed is None) == (method != "tsv_routed")
+    assert (routed is None) == (not method.startswith("tsv_routed"))
     parts = engine.resident_bytes()
-    assert set(parts) >= {"heads", "lowrank_vit"} and (("gate" in parts) == (method == "tsv_routed"))
+    assert set(parts) >= {"heads", "lowrank_vit"} and (("gate" in parts) == method.startswith("tsv_routed"))
+
+
+def test_quantized_bundles_store_per_row_codes_packed_and_their_stored_bytes(test_zoo_report, lowrank_store):
+    """SPEC section 9 on disk: codes and scales of the TSV-C factors per row (int8; int4 two per byte), format 3;
+    an unquantized bundle's model.json stays as before (format 2, no ``bits``); every bundle's manifest records
+    its stored bytes -- every tensor as stored -- as x one float32 model (the zoo's base backbone)."""
+    import json
+
+    store, versions = lowrank_store
+    zoo = test_zoo_report.zoo
+    base = zoo.backbone(zoo.base)
+    one_model = 4 * sum(v.numel() for v in base.values())
+    for name, f, conv, bits in (("tsv_c_8bit", 0.25, False, 8), ("tsv_routed_4bit", 0.07, True, 4)):
+        bundle = store.load(versions[name])
+        raw = json.loads((bundle.path / "model.json").read_text())
+        assert raw["bundle_format"] == 3 and raw["lowrank"]["bits"] == bits
+        ref = tsv_compress(base, [zoo.backbone(t) for t in zoo.tasks], f, conv=conv)
+        factors = bundle.tensors("factors")
+        qmax = 2 ** (bits - 1) - 1
+        for k in ref.ranks:
+            for i, j in ((0, "B"), (1, "A")):
+                full = torch.stack([task[k][i] for task in ref.factors])  # (N, rows, cols) float32
+                codes, scales = factors[f"{k}.{j}"], factors[f"{k}.{j}.scale"]
+                assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+                assert codes.shape == (*full.shape[:-1], full.shape[-1] if bits == 8 else (full.shape[-1] + 1) // 2)
+                torch.testing.assert_close(scales, full.abs().amax(-1) / qmax, rtol=1e-6, atol=0)
+                got = _dequantized_by_hand(codes, scales, bits, full.shape[-1])
+                assert bool(((got - full.double()).abs() <= scales.double().unsqueeze(-1) / 2 + 1e-7).all())
+        assert set(ref.ranks.values()) == ({3, 1} if bits == 4 else {12})  # odd ranks (3; the conv's 1): padded
+    for name in versions:
+        bundle = store.load(versions[name])
+        recorded = bundle.manifest.extra.stored_bytes
+        assert recorded is not None
+        names = [file.removesuffix(".safetensors") for file in bundle.manifest.files if file.endswith(".safetensors")]
+        by_hand = {n: sum(t.numel() * t.element_size() for t in bundle.tensors(n).values()) for n in names}
+        assert recorded.files == by_hand and recorded.total == sum(by_hand.values())
+        assert recorded.one_model_fp32 == one_model
+        assert recorded.x_one_model == pytest.approx(recorded.total / one_model, rel=1e-6)
+        if name in ("tsv_c", "tsv_c_conv", "tsv_routed"):
+            raw = json.loads((bundle.path / "model.json").read_text())
+            assert raw["bundle_format"] == 2 and "bits" not in raw["lowrank"]
+    sizes = {n: store.load(v).manifest.extra.stored_bytes.files["factors"] for n, v in versions.items()}  # type: ignore[union-attr]
+    assert sizes["tsv_c_8bit"] < sizes["tsv_c"] / 3  # 1 byte a number + a float scale per row vs 4 bytes
 
 
 def test_the_server_merges_and_serves_tsv_routed_as_its_default_method(test_zoo_dir, tmp_path):
