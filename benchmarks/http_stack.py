@@ -26,44 +26,26 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from PIL import Image
 
 from model_store.data.builtin import load_split
-from server.http.live import ServeProcess, build_demo_store, free_port, hey
+from server.http.live import (
+    ServeProcess,
+    ServerProcess,
+    build_demo_store,
+    hey,
+    litserve_process,
+    terminate_as_interrupt,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+LITSERVE_ZOO = REPO / "benchmarks" / "litserve_zoo.py"
 STACKS = {"asyncio + h11": ("asyncio", "h11"), "uvloop + httptools": ("uvloop", "httptools")}
-
-
-class LitServeZoo:
-    """``benchmarks/litserve_zoo.py`` under another Python, on a free port."""
-
-    def __init__(self, python: str, zoo: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        script = REPO / "benchmarks" / "litserve_zoo.py"
-        cmd = [python, str(script), str(zoo), str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        raise TimeoutError(f"LitServe did not start:\n{log.read_text()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def main() -> int:
@@ -78,16 +60,18 @@ def main() -> int:
     if shutil.which("hey") is None:
         raise SystemExit("hey is not installed: apt-get install hey")
     levels = [int(c) for c in args.concurrency.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
+    with terminate_as_interrupt(), tempfile.TemporaryDirectory() as tmp:
         store = Path(args.store) if args.store else Path(tmp) / "store"
         if not args.store:
             build_demo_store(store)
         png = Path(tmp) / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png)
-        servers = {name: ServeProcess(store, *stack) for name, stack in STACKS.items()}
+        servers: dict[str, ServerProcess] = {}
         rows: list[dict] = []
         side: list[dict] = []
         try:
+            for name, stack in STACKS.items():
+                servers[name] = ServeProcess(store, *stack)
             if args.litserve:
                 side = litserve_rows(args, servers["asyncio + h11"], store, Path(tmp), levels)
             for mode in ("task given", "routed"):
@@ -116,13 +100,13 @@ def main() -> int:
 
 
 def litserve_rows(
-    args: argparse.Namespace, vitmerge: ServeProcess, store: Path, tmp: Path, levels: list[int]
+    args: argparse.Namespace, vitmerge: ServerProcess, store: Path, tmp: Path, levels: list[int]
 ) -> list[dict]:
     """Task given, one base64 image per JSON request: vitmerge (routed-EMR bundle) vs LitServe (N models)."""
     img = base64.b64encode((tmp / "digit.png").read_bytes()).decode()
     (tmp / "vitmerge.json").write_text(json.dumps({"images": [img], "task": "digits"}))
     (tmp / "litserve.json").write_text(json.dumps({"image": img, "task": "digits"}))
-    lit = LitServeZoo(args.litserve, store / "zoos" / "tiny", tmp / "litserve.log")
+    lit = litserve_process(args.litserve, LITSERVE_ZOO, store / "zoos" / "tiny", tmp / "litserve.log")
     targets = (
         ("vitmerge (routed-EMR bundle, asyncio + h11)", f"{vitmerge.url}/v1/classify", tmp / "vitmerge.json"),
         ("LitServe (N individual models, batch 32, 5 ms)", f"{lit.url}/predict", tmp / "litserve.json"),

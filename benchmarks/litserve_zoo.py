@@ -4,14 +4,18 @@ Run with a Python that has ``litserve`` (it pins its own uvicorn, so it lives in
 ``benchmarks/http_stack.py --litserve``):
 
     /path/to/litserve-venv/bin/python benchmarks/litserve_zoo.py ZOO_DIR PORT
+    /path/to/litserve-venv/bin/python benchmarks/litserve_zoo.py synthetic:vit_b16:5 PORT
 
+``synthetic:ARCH:N``: N randomly initialised models of ``merging.synthetic.ARCHS``' ARCH (real size; speed and memory
+only), tasks ``task0``..., RGB input squashed to the model's size, mean/std 0.5 (the synthetic bundles' own).
 ``POST /predict`` with ``{"image": "<base64 PNG>", "task": "<name>"}`` (the task must be given: there is
 no gate) answers ``{"task", "class", "probability"}``. A batch runs each task's own model once on that
 task's images (the N models stay resident).
 
 Feeds BENCHMARKS.md, section
 "HTTP stack: asyncio + h11 vs uvloop + httptools, orjson, and LitServe side by side (issue 19)"
-(run by ``http_stack.py --litserve``).
+(run by ``http_stack.py --litserve``) and
+"vitmerge vs LitServe: demo zoo at concurrency 1 to 64, and real size side by side" (run by ``vs_litserve.py``).
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ class ZooAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         torch.set_grad_enabled(False)
-        self.zoo = Zoo.load(self.zoo_dir)
-        self.models = {t: self.zoo.build_model(t).eval() for t in self.zoo.tasks}
-        self.prep = {t: self.zoo.metas[t].preprocessing for t in self.zoo.tasks}
+        if self.zoo_dir.startswith("synthetic:"):
+            self.models, self.prep, self.classes = synthetic(self.zoo_dir)
+            return
+        zoo = Zoo.load(self.zoo_dir)
+        self.models = {t: zoo.build_model(t).eval() for t in zoo.tasks}
+        self.prep = {t: zoo.metas[t].preprocessing for t in zoo.tasks}
+        self.classes = {t: zoo.metas[t].class_names for t in zoo.tasks}
 
     def decode_request(self, request: dict) -> tuple[str, torch.Tensor]:
         task = request["task"]
@@ -66,7 +74,24 @@ class ZooAPI(ls.LitAPI):
     def encode_response(self, output: tuple) -> dict:
         task, probs = output
         k = int(probs.argmax())
-        return {"task": task, "class": self.zoo.metas[task].class_names[k], "probability": float(probs[k])}
+        return {"task": task, "class": self.classes[task][k], "probability": float(probs[k])}
+
+
+def synthetic(spec: str) -> tuple[dict, dict, dict]:
+    """``synthetic:ARCH:N`` -> N random models (seeded), their preprocessing and class names."""
+    from merging.synthetic import ARCHS
+    from model_store.architecture import build_model
+    from model_store.schema import Architecture, Preprocessing
+
+    _, name, n = spec.split(":")
+    arch, size = ARCHS[name]
+    tasks = [f"task{i}" for i in range(int(n))]
+    models = {}
+    for i, t in enumerate(tasks):
+        torch.manual_seed(i)
+        models[t] = build_model(Architecture.model_validate(arch), 10).eval()
+    prep = Preprocessing(size=size, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    return models, dict.fromkeys(tasks, prep), {t: [str(c) for c in range(10)] for t in tasks}
 
 
 if __name__ == "__main__":

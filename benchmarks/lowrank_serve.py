@@ -49,37 +49,15 @@ import torch
 from tqdm.auto import tqdm
 
 from merging.methods.tsv import tsv_compress
-from merging.synthetic import publish_synthetic, synthetic_gate, synthetic_router, synthetic_zoo
+from merging.synthetic import ARCHS, mixed_batches, publish_synthetic, synthetic_gate, synthetic_router, synthetic_zoo
 from model_store.architecture import build_model
 from model_store.bundle import BundleStore
 from model_store.memory import reuse_freed_memory
-from model_store.schema import Architecture, BundleRouterSpec
+from model_store.schema import BundleRouterSpec
 from model_store.settings import StoreLayout
 from server.runtime.engine import DEFAULT_CACHE_BYTES, Engine, EngineOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARCHS = {
-    # the dinov2-s14 zoo's backbone at its 56 px input (BENCHMARKS.md): 21.5 M parameters, 17 tokens
-    "vit_s14": (Architecture(timm_name="vit_small_patch14_dinov2", kwargs={"img_size": 56}), 56),
-    # ViT-B/16 at 224 px: 86 M parameters, 197 tokens
-    "vit_b16": (Architecture(timm_name="vit_base_patch16_224"), 224),
-}
-
-
-def mixed_batches(
-    n_tasks: int, size: int, gate_pool: list[torch.Tensor], batch: int, count: int, seed: int
-) -> list[dict]:
-    """Shuffled mixed-task batches: images, each image's task and a gate input the gate routes to it."""
-    g = torch.Generator().manual_seed(seed)
-    out, used = [], [0] * n_tasks
-    for _ in range(count):
-        tasks = torch.randint(0, n_tasks, (batch,), generator=g).tolist()
-        gate_images = []
-        for t in tasks:
-            gate_images.append(gate_pool[t][used[t] % len(gate_pool[t])])
-            used[t] += 1
-        out.append({"x": torch.randn(batch, 3, size, size, generator=g), "g": torch.stack(gate_images), "t": tasks})
-    return out
 
 
 def interleaved(configs: dict, batches: list[dict], rounds: int, desc: str) -> dict[str, list[float]]:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,12 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-from server.http.readiness import wait_until_ready
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 WORK = REPO / "benchmarks" / ".merge-rss"
 AUTH = {"authorization": "Bearer bench"}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_mib(pid: int) -> float:
@@ -48,35 +41,12 @@ def _rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def _serve(store: Path, zoo: str, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--store",
-        str(store),
-        "--zoo",
-        zoo,
-        "--port",
-        str(port),
-        "--quiet",
-        "--watch-interval",
-        "0",
-        "--admin-token",
-        "bench",
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, 900, proc, lambda: log.read_text()[-2000:], poll_s=0.5)
-    except TimeoutError:
-        proc.kill()
-        raise
-    return proc, url
+def _serve(store: Path, zoo: str, log: Path) -> ServerProcess:
+    """``vitmerge serve`` in its own process group (the merge child included: stopped with it)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--zoo", zoo, "--port", str(port)]
+    cmd += ["--quiet", "--watch-interval", "0", "--admin-token", "bench", "--device", "cpu"]
+    return ServerProcess(cmd, log, cwd=REPO, url=f"http://127.0.0.1:{port}", timeout_s=900)
 
 
 def _merge(url: str, params: dict) -> dict:
@@ -108,8 +78,8 @@ def main() -> int:
     )
     rows = []
     with tqdm(total=args.merges + 2, desc="merge RSS", unit="step") as bar:
-        proc, url = _serve(store, args.zoo, WORK / "server.log")
-        try:
+        with _serve(store, args.zoo, WORK / "server.log") as server:
+            proc, url = server.proc, server.url
             rows.append({"step": "after startup merge", "rss_mib": round(_rss_mib(proc.pid), 1)})
             bar.update(1)
             for i in range(args.merges):
@@ -121,17 +91,10 @@ def main() -> int:
                     }
                 )
                 bar.update(1)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        fresh, _ = _serve(store, args.zoo, WORK / "fresh.log")
-        try:
+        with _serve(store, args.zoo, WORK / "fresh.log") as fresh:
             time.sleep(1)
-            rows.append({"step": "fresh server, same CURRENT", "rss_mib": round(_rss_mib(fresh.pid), 1)})
+            rows.append({"step": "fresh server, same CURRENT", "rss_mib": round(_rss_mib(fresh.proc.pid), 1)})
             bar.update(1)
-        finally:
-            fresh.terminate()
-            fresh.wait(30)
     fresh_rss = rows[-1]["rss_mib"]
     after = rows[-2]["rss_mib"]
     result = {
@@ -158,4 +121,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with terminate_as_interrupt():  # SIGTERM, too, stops the servers started
+        raise SystemExit(main())

@@ -9,30 +9,28 @@ tree, in-process, on a demo-zoo request image (28 px gray PNG) and a 512 x 384 p
     .venv/bin/python benchmarks/preprocessing_cost.py [--baseline 458d993] [--requests 2000]
         [--concurrency 16] [--rounds 3] [--store DIR]
 
-Feeds BENCHMARKS.md, section "What it costs per request". Writes
-benchmarks/results/preprocessing_cost.{md,json}. Every server it starts is stopped (its whole
+Writes benchmarks/results/preprocessing_cost.{md,json}. Every server it starts is stopped (its whole
 process group) on success, failure and Ctrl-C.
+
+Feeds BENCHMARKS.md, section "What it costs per request".
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -77,35 +75,12 @@ def env_for(tree: Path) -> dict[str, str]:
 
 @contextmanager
 def serving(tree: Path, store: Path, port: int) -> Iterator[str]:
-    """``vitmerge serve`` of ``tree``'s code in its own process group; the group is killed on exit."""
+    """``vitmerge serve`` of ``tree``'s code in its own process group; the group is stopped on exit."""
     cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(port)]
     cmd += ["--device", "cpu", "--watch-interval", "0", "--quiet"]
-    log = open(store / f"serve-{port}.log", "w")
-    proc = subprocess.Popen(
-        cmd, cwd=tree, env=env_for(tree), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"server of {tree} exited: see {log.name}")
-            time.sleep(0.5)
+    with ServerProcess(cmd, store / f"serve-{port}.log", cwd=tree, env=env_for(tree), url=url, timeout_s=180):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
 
 
 def hey(url: str, png: Path, requests: int, concurrency: int) -> dict[str, float]:
@@ -132,14 +107,6 @@ def mnist_png(folder: Path) -> Path:
 
     Image.fromarray(load_split("mnist", "test", limit=1).images[0]).save(folder / "mnist.png")
     return folder / "mnist.png"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photo(folder: Path) -> Path:
@@ -236,4 +203,5 @@ def report(rows: list[dict], micro: dict[str, dict[str, float]], args: argparse.
 
 
 if __name__ == "__main__":
-    main()
+    with terminate_as_interrupt():  # SIGTERM, too, stops the servers started
+        main()

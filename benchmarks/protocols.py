@@ -16,12 +16,10 @@ Feeds BENCHMARKS.md, section "Request formats: /v1 vs the Open Inference Protoco
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import platform
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -29,51 +27,9 @@ from pathlib import Path
 from PIL import Image
 
 from model_store.data.builtin import load_split
-from server.http.live import ServeProcess, build_demo_store, hey
+from server.http.live import ServeProcess, build_demo_store, hey, request_forms, terminate_as_interrupt
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def bodies(png: bytes, task: str | None, tmp: Path) -> dict[str, tuple[str, Path, str, list[str]]]:
-    """form -> (path + query, body file, content type, extra headers)."""
-    b64 = base64.b64encode(png).decode()
-    out: dict[str, tuple[str, Path, str, list[str]]] = {}
-
-    def write(name: str, data: bytes) -> Path:
-        path = tmp / f"{name}-{task or 'routed'}"
-        path.write_bytes(data)
-        return path
-
-    query = f"?task={task}" if task else ""
-    out["v1 raw PNG"] = ("/v1/classify" + query, write("raw", png), "image/png", [])
-    v1_json = json.dumps({"images": [b64], **({"task": task} if task else {})}).encode()
-    out["v1 base64 JSON"] = ("/v1/classify", write("v1json", v1_json), "application/json", [])
-    tasks = [task or ""]
-    inputs = [
-        {"name": "IMAGE", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(png)}},
-        {"name": "TASK", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(tasks[0])}},
-    ]
-    header = json.dumps({"inputs": inputs, "parameters": {"binary_data_output": True}}).encode()
-    raw = struct.pack("<I", len(png)) + png + struct.pack("<I", len(tasks[0])) + tasks[0].encode()
-    out["v2 binary tensors"] = (
-        "/v2/models/vitmerge/infer",
-        write("v2bin", header + raw),
-        "application/octet-stream",
-        [f"Inference-Header-Content-Length: {len(header)}"],
-    )
-    v2_json = {
-        "inputs": [
-            {"name": "IMAGE", "shape": [1], "datatype": "BYTES", "data": [b64]},
-            {"name": "TASK", "shape": [1], "datatype": "BYTES", "data": tasks},
-        ]
-    }
-    out["v2 JSON tensors"] = (
-        "/v2/models/vitmerge/infer",
-        write("v2json", json.dumps(v2_json).encode()),
-        "application/json",
-        [],
-    )
-    return out
 
 
 def main() -> int:
@@ -86,7 +42,7 @@ def main() -> int:
         raise SystemExit("hey is not installed: apt-get install hey")
     levels = [int(c) for c in args.concurrency.split(",")]
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp_dir:
+    with terminate_as_interrupt(), tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         store = Path(args.store) if args.store else tmp / "store"
         if not args.store:
@@ -94,10 +50,9 @@ def main() -> int:
         png_path = tmp / "digit.png"
         Image.fromarray(load_split("digits", "test", limit=1).images[0]).save(png_path)
         png = png_path.read_bytes()
-        server = ServeProcess(store, "asyncio", "h11")
-        try:
+        with ServeProcess(store, "asyncio", "h11") as server:
             for mode, task in (("task given", "digits"), ("routed", None)):
-                forms = bodies(png, task, tmp)
+                forms = request_forms(png, task, tmp)
                 for c in levels:
                     for form, (path, body, media, headers) in forms.items():
                         url = server.url + path
@@ -105,8 +60,6 @@ def main() -> int:
                         row = {"form": form, "mode": mode, "concurrency": c, "body_bytes": body.stat().st_size}
                         rows.append({**row, **hey(url, body, args.requests, c, media, headers)})
                         print(rows[-1], flush=True)
-        finally:
-            server.stop()
     res = {
         "command": " ".join(["python", *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",

@@ -25,9 +25,6 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +38,7 @@ from tqdm.auto import tqdm
 from model_store.architecture import build_model
 from model_store.bundle import BundleStore
 from model_store.settings import StoreLayout
-from server.http.readiness import wait_until_ready
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
 from server.runtime.engine import Engine, EngineOptions
 from server.runtime.strategies import EMRStrategy
 
@@ -79,41 +76,16 @@ def load_pool(store: Path) -> list[tuple[str, bytes]]:
 
 
 # -- HTTP --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """``vitmerge serve`` on a free port, in its own process group (stopped with its children)."""
 
-
-class Server:
     def __init__(self, store: Path, device: str, max_batch: int, max_wait_ms: float = 5.0):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--store",
-            str(store),
-            "--port",
-            str(self.port),
-            "--device",
-            device,
-            "--max-batch-size",
-            str(max_batch),
-            "--max-wait-ms",
-            str(max_wait_ms),
-            "--watch-interval",
-            "0",
-            "--quiet",
-        ]
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "VITMERGE_ZOO": "tiny"}
-        )
-        stderr = self.proc.stderr
-        assert stderr is not None
-        wait_until_ready(self.url, 300, self.proc, lambda: stderr.read().decode(), poll_s=0.2)
+        port = free_port()
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port", str(port)]
+        cmd += ["--device", device, "--max-batch-size", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+        cmd += ["--watch-interval", "0", "--quiet"]
+        env = {**os.environ, "VITMERGE_ZOO": "tiny"}
+        super().__init__(cmd, store / f"serve-{port}.log", cwd=REPO, env=env, url=f"http://127.0.0.1:{port}")
 
     def batches(self) -> tuple[float, float]:
         text = httpx.get(f"{self.url}/metrics").text
@@ -123,13 +95,6 @@ class Server:
                 key, _, v = line.rpartition(" ")
                 vals[key] = float(v)
         return vals.get("vitmerge_batch_size_count", 0.0), vals.get("vitmerge_batch_size_sum", 0.0)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def _load(
@@ -166,8 +131,7 @@ async def _load(
 def http_rows(store: Path, device: str, pool, requests: dict[int, int], max_wait_ms: float = 5.0) -> list[dict]:
     rows = []
     for name, max_batch in (("batching", 32), ("no batching", 1)):
-        server = Server(store, device, max_batch, max_wait_ms)
-        try:
+        with Server(store, device, max_batch, max_wait_ms) as server:
             asyncio.run(_load(server.url, pool, 4, 64))  # warm-up
             for conc in tqdm(CONCURRENCY, desc=f"http {name}"):
                 c0, s0 = server.batches()
@@ -187,8 +151,6 @@ def http_rows(store: Path, device: str, pool, requests: dict[int, int], max_wait
                         "server_timing_ms": timing,
                     }
                 )
-        finally:
-            server.stop()
     return rows
 
 
@@ -483,4 +445,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with terminate_as_interrupt():  # SIGTERM, too, stops the servers started
+        main()

@@ -27,7 +27,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from server.http.live import ServerProcess, free_port, terminate_as_interrupt
 from server.http.readiness import wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,12 +143,6 @@ def score(url: str, limit: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default=None, help="VITMERGE_DEFAULT_METHOD for the server (default: its own)")
@@ -162,32 +156,17 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run([*_vitmerge(), "zoo", "create", str(spec), "--store", str(store), "--quiet"], check=True, cwd=REPO)
     t_create = time.perf_counter() - t0
-    port = _port()
-    log = (WORK / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            *_vitmerge(),
-            "serve",
-            "--zoo",
-            str(spec),
-            "--store",
-            str(store),
-            "--port",
-            str(port),
-            "--quiet",
-            "--watch-interval",
-            "0",
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    try:
-        desc = f"serve: merge ({args.method or 'default method'}) + load"
-        with tqdm(desc=desc, unit="s", bar_format="{desc}: {elapsed}") as bar:
-            wait_until_ready(url, 3600, proc, (WORK / "serve.log").read_text, poll_s=0.5, on_poll=bar.refresh)
+    cmd = [*_vitmerge(), "serve", "--zoo", str(spec), "--store", str(store), "--port", str(port), "--quiet"]
+    desc = f"serve: merge ({args.method or 'default method'}) + load"
+    with tqdm(desc=desc, unit="s", bar_format="{desc}: {elapsed}") as bar:
+
+        def ready(server: ServerProcess) -> None:
+            wait_until_ready(url, 3600, server.proc, server.read_log, poll_s=0.5, on_poll=bar.refresh)
+
+        server = ServerProcess([*cmd, "--watch-interval", "0"], WORK / "serve.log", cwd=REPO, env=env, ready=ready)
+    with server:
         t_ready = time.perf_counter() - t0
         answers = {}
         for user_name in TASKS.values():
@@ -201,9 +180,6 @@ def main() -> None:
             answers[user_name] = r["predictions"][0]["task"]["name"]
         scores = score(url, args.score)
         manifest = json.loads(next((store / "bundles").glob("v*/manifest.json")).read_text())
-    finally:
-        proc.terminate()
-        proc.wait(30)
     counts = {t: {k: (v or {}).get("images") for k, v in d.items()} for t, d in manifest["extra"]["data"].items()}
     result = {
         "zoo_create_s": round(t_create, 1),
@@ -242,4 +218,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with terminate_as_interrupt():  # SIGTERM, too, stops the server started
+        main()

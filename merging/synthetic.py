@@ -3,8 +3,9 @@
 A synthetic zoo is ``theta_0`` of a timm architecture plus N task models ``theta_0 + delta_t`` (Gaussian
 deltas) with random 10-class heads; :func:`publish_synthetic` merges it (TSV-C low-rank deltas or EMR) into a
 typed bundle with a gate from :func:`synthetic_gate`, or (low-rank) with a backbone router whose head
-:func:`synthetic_router` fits to the benchmark's images (SPEC section 8). Used by ``benchmarks/lowrank_serve.py`` and
-``benchmarks/serve.py``.
+:func:`synthetic_router` fits to the benchmark's images (SPEC section 8); :func:`mixed_batches` draws mixed-task
+batches for it. Used by ``benchmarks/lowrank_serve.py``, ``serve.py``, ``vs_litserve.py``, ``gpu_lowrank.py`` and
+``litserve_zoo.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,29 @@ from model_store.schema import (
 
 #: classes of every synthetic task
 CLASSES = 10
+#: the real-size architectures of the serving benchmarks: name -> (architecture, input size)
+ARCHS: dict[str, tuple[Architecture, int]] = {
+    # the dinov2-s14 zoo's backbone at its 56 px input (BENCHMARKS.md): 21.5 M parameters, 17 tokens
+    "vit_s14": (Architecture(timm_name="vit_small_patch14_dinov2", kwargs={"img_size": 56}), 56),
+    # ViT-B/16 at 224 px: 86 M parameters, 197 tokens
+    "vit_b16": (Architecture(timm_name="vit_base_patch16_224"), 224),
+}
+
+
+def mixed_batches(
+    n_tasks: int, size: int, gate_pool: list[torch.Tensor], batch: int, count: int, seed: int
+) -> list[dict]:
+    """Shuffled mixed-task batches: images, each image's task and a gate input the gate routes to it."""
+    g = torch.Generator().manual_seed(seed)
+    out, used = [], [0] * n_tasks
+    for _ in range(count):
+        tasks = torch.randint(0, n_tasks, (batch,), generator=g).tolist()
+        gate_images = []
+        for t in tasks:
+            gate_images.append(gate_pool[t][used[t] % len(gate_pool[t])])
+            used[t] += 1
+        out.append({"x": torch.randn(batch, 3, size, size, generator=g), "g": torch.stack(gate_images), "t": tasks})
+    return out
 
 
 def synthetic_zoo(

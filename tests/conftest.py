@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from model_store.zoo_build.presets import BuildReport, build_zoo
+
+#: test servers run the engine in the server process (the thread worker) unless a test asks for a kind: a spawned
+#: engine per test server would add seconds to each; both kinds are tested where it matters (test_api, test_live,
+#: test_resilience, test_server_process). The served default is the process worker (BENCHMARKS.md, issue 37).
+os.environ.setdefault("VITMERGE_WORKER", "thread")
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -150,7 +150,7 @@ def register(sub: SubParsers, parsers: Parsers) -> None:
         "--worker",
         choices=["thread", "process"],
         default=None,
-        help="engine in the server process or its own (default thread)",
+        help="engine in its own process or the server process (default process)",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_serve)

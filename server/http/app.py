@@ -9,9 +9,12 @@ decode and preprocess images in a thread pool; :mod:`server.http.requests`) ->
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
 
 from server.http.codec import configure_pillow
 from server.http.errors import APIError, install_error_handlers
@@ -20,6 +23,9 @@ from server.http.openapi import served_openapi
 from server.http.routes import admin, inference, models, ops, pages, v2
 from server.http.settings import ServerSettings
 from server.http.state import ServerState
+
+#: endpoints served by the middleware's fast path (they take the request and path parameters only)
+FAST_ENDPOINTS = ("classify", "infer")
 
 
 def create_app(settings: ServerSettings | None = None, progress: bool = False) -> FastAPI:
@@ -51,10 +57,23 @@ def create_app(settings: ServerSettings | None = None, progress: bool = False) -
     app.state.vitmerge = state
     app.openapi = served_openapi(app, state)  # type: ignore[method-assign]  # the served bundle's tasks, versions
     install_error_handlers(app)
-    app.add_middleware(ServingMiddleware, state=state)
+    fast: list[APIRoute] = []  # filled below, read by the middleware (built at the first request)
+    app.add_middleware(ServingMiddleware, state=state, fast=fast)
     for group in (ops, models, inference, admin, v2, pages):
         app.include_router(group.router(state))
+    fast += [r for r in api_routes(app.routes) if r.endpoint.__name__ in FAST_ENDPOINTS]
+    app.state.fast_routes = fast
     return app
+
+
+def api_routes(routes: Sequence[BaseRoute]) -> Iterator[APIRoute]:
+    """Every endpoint route, routers included in routers too (FastAPI keeps an included router as one entry)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from api_routes(included.routes)
 
 
 __all__ = ["APIError", "ServerState", "create_app"]

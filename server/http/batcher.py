@@ -1,7 +1,8 @@
 """Dynamic batching in front of one inference worker thread.
 
-Requests put their images (already decoded and preprocessed in threads) on an
-asyncio queue. The batch loop takes the first waiting image, then waits at most
+Requests put their images (as they arrived: encoded bytes, or prepared pixels) on an
+asyncio queue; the worker decodes and preprocesses a whole batch at once, then runs it
+(:meth:`~server.runtime.protocol.InferenceEngine.run`). The batch loop takes the first waiting image, then waits at most
 ``max_wait_ms`` for up to ``max_batch_size`` images -- but only while some admitted
 request is still decoding (otherwise no image can arrive in time and waiting would
 only add latency) -- and runs the batch on the
@@ -21,10 +22,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
+from model_store.errors import ImageDecodeError
+from server.http.codec import decode_error
 from server.http.errors import QueueFull
 from server.http.metrics import ServerMetrics
+from server.runtime.inputs import DecodeOptions, ImageInput
 from server.runtime.protocol import ImageOutput, InferenceEngine
 
 log = logging.getLogger("vitmerge.batcher")
@@ -35,9 +37,7 @@ class WorkItem:
     """One image waiting for inference."""
 
     engine: InferenceEngine
-    x: torch.Tensor
-    x_gate: torch.Tensor | None
-    task: int | None
+    input: ImageInput
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -48,13 +48,22 @@ class ItemResult:
     queue_s: float
     inference_s: float
     batch_size: int
+    prepare_s: float = 0.0  # decode + preprocess of the batch this image ran in
 
 
 class Batcher:
     """Collects images into batches (max size, max wait) for one worker thread."""
 
-    def __init__(self, max_batch_size: int, max_wait_ms: float, max_queue: int, metrics: ServerMetrics):
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: ServerMetrics,
+        options: DecodeOptions | None = None,
+    ):
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
+        self.options = options or DecodeOptions()
         self.max_queue = max_queue
         self.metrics = metrics
         self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
@@ -133,12 +142,10 @@ class Batcher:
         if self._stopping:
             raise QueueFull("server is shutting down", status=503, code="shutting_down", headers={"Retry-After": "1"})
 
-    def submit(
-        self, engine: InferenceEngine, xs: list[torch.Tensor], gates: list[torch.Tensor | None], tasks: list[int | None]
-    ) -> list[asyncio.Future]:
+    def submit(self, engine: InferenceEngine, inputs: list[ImageInput]) -> list[asyncio.Future]:
         """Queue a request's images; raises :class:`QueueFull` (429) when over capacity, 503 once a stop began
         (except for a request admitted before it: called inside :meth:`incoming`, its images still run)."""
-        n = len(xs)
+        n = len(inputs)
         if self._incoming == 0:
             self._refuse_if_stopping()
         if self._pending + n > self.max_queue:
@@ -147,9 +154,9 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         futures = []
-        for x, g, t in zip(xs, gates, tasks):
+        for item in inputs:
             fut = loop.create_future()
-            self._queue.put_nowait(WorkItem(engine, x, g, t, fut))
+            self._queue.put_nowait(WorkItem(engine, item, fut))
             futures.append(fut)
         self._pending += n
         self.metrics.queue_depth.set(self._pending)
@@ -190,10 +197,11 @@ class Batcher:
                 self._running = 0
 
     async def _run(self, live: list[WorkItem]) -> None:
-        """One batch on the worker; each image's future gets its result, or the batch's error."""
+        """One batch on the worker (decoded and prepared there); each image's future gets its result, its decode
+        error (that request answers 4xx, the batch ran without it), or the batch's error."""
         t0 = time.perf_counter()
         try:
-            results = await self.run_in_worker(_run_batch, live)
+            results = await self.run_in_worker(_run_batch, live, self.options)
         except Exception as e:  # the engine failed: fail this batch, keep serving
             log.exception("batch of %d failed", len(live))
             for item in live:
@@ -202,26 +210,28 @@ class Batcher:
             return
         self.metrics.inference.observe(time.perf_counter() - t0)
         for item, result in zip(live, results):
-            self.metrics.queue_wait.observe(result.queue_s)
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(result, ItemResult):
+                self.metrics.queue_wait.observe(result.queue_s)
                 item.future.set_result(result)
+            else:
+                item.future.set_exception(decode_error(result))
 
 
-def _run_batch(items: list[WorkItem]) -> list[ItemResult]:
-    """Worker thread: group items by pinned engine, one ``predict`` per group."""
+def _run_batch(items: list[WorkItem], options: DecodeOptions) -> list[ItemResult | ImageDecodeError]:
+    """Worker thread: group items by pinned engine, one ``run`` (decode, preprocess, predict) per group."""
     start = time.perf_counter()
-    results: list[ItemResult | None] = [None] * len(items)
+    results: list[ItemResult | ImageDecodeError | None] = [None] * len(items)
     groups: dict[int, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(id(item.engine), []).append(i)
     for idx in groups.values():
-        engine = items[idx[0]].engine
-        t0 = time.perf_counter()
-        x = torch.stack([items[i].x for i in idx])
-        gates = [g for i in idx if items[i].task is None and (g := items[i].x_gate) is not None]
-        x_gate = torch.stack(gates) if gates else None  # None: no routed image, or a backbone router (reads x)
-        outputs = engine.predict(x, [items[i].task for i in idx], x_gate)
-        seconds = time.perf_counter() - t0
-        for i, out in zip(idx, outputs):
-            results[i] = ItemResult(out, start - items[i].enqueued, seconds, len(idx))
+        run = items[idx[0]].engine.run([items[i].input for i in idx], options)
+        for i, out in zip(idx, run.outputs):
+            results[i] = (
+                out
+                if isinstance(out, ImageDecodeError)
+                else ItemResult(out, start - items[i].enqueued, run.predict_s, len(idx), run.prepare_s)
+            )
     return [r for r in results if r is not None]

@@ -16,7 +16,7 @@ import numpy as np
 from model_store.data.decode import FORMATS, configure_pillow
 from model_store.data.decode import decode_image as _decode
 from model_store.errors import ImageDecodeError, ImageTooLargeError
-from server.http.errors import InvalidImage, InvalidRequest, PayloadTooLarge
+from server.http.errors import APIError, InvalidImage, InvalidRequest, PayloadTooLarge
 
 __all__ = [
     "FORMATS",
@@ -24,6 +24,7 @@ __all__ = [
     "MAX_JSON_NUMBER_CHARS",
     "configure_pillow",
     "decode_base64",
+    "decode_error",
     "decode_image",
     "decode_json",
 ]
@@ -81,14 +82,19 @@ def decode_json(body: bytes) -> Any:
     return data
 
 
+def decode_error(e: ImageDecodeError) -> APIError:
+    """An image that would not decode as its HTTP error: 413 ``image_too_large`` or 400 ``invalid_image``."""
+    if isinstance(e, ImageTooLargeError):
+        return PayloadTooLarge(str(e), code="image_too_large")
+    return InvalidImage(str(e))
+
+
 def decode_image(data: bytes, max_pixels: int, what: str = "image", exif_transpose: bool = True) -> np.ndarray:
     """Bytes of one PNG/JPEG/GIF/BMP/WEBP/TIFF -> ``(H, W[, 3 or 4])`` uint8 (HTTP errors)."""
     try:
         return _decode(data, max_pixels, what, exif_transpose=exif_transpose)
-    except ImageTooLargeError as e:
-        raise PayloadTooLarge(str(e), code="image_too_large") from e
     except ImageDecodeError as e:
-        raise InvalidImage(str(e)) from e
+        raise decode_error(e) from e
 
 
 def decode_base64(value: str, index: int) -> bytes:

@@ -9,10 +9,13 @@ import uuid
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import Message, Receive, Scope, Send
 
-from server.http.errors import InvalidRequest, PayloadTooLarge, error_content
+from server.http.errors import APIError, InvalidRequest, PayloadTooLarge, error_content
 from server.http.state import ServerState
 
 access_log = logging.getLogger("vitmerge.access")
@@ -28,10 +31,17 @@ def request_id(given: bytes | None) -> str:
 
 
 class ServingMiddleware:
-    """Body-size limit (413 before reading, or while streaming) + request metrics."""
+    """Body-size limit (413 before reading, or while streaming) + request metrics; the inference routes' fast path.
 
-    def __init__(self, app: Any, state: ServerState):
+    ``fast``: routes (``POST /v1/classify``, ``/v2`` infer) whose endpoint takes only the request and path
+    parameters. They are called straight from here -- no Starlette routing over every route, no FastAPI
+    dependency solving, no exception-middleware layers -- with the same errors the app's handlers give
+    (:func:`~server.http.errors.error_content`, 500 for a crash). Everything else goes through the app.
+    """
+
+    def __init__(self, app: Any, state: ServerState, fast: list[APIRoute] | None = None):
         self.app, self.state = app, state
+        self.fast = fast if fast is not None else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,7 +89,11 @@ class ServingMiddleware:
                         raise PayloadTooLarge(f"request body is above the limit of {limit} bytes")
                 return message
 
-            await self.app(scope, limited_receive, send_wrapper)
+            fast, params = self._fast_route(scope)
+            if fast is not None:
+                await self._call_fast(fast, params, scope, limited_receive, send_wrapper, rid)
+            else:
+                await self.app(scope, limited_receive, send_wrapper)
         finally:
             route = self._route(scope)
             elapsed = time.perf_counter() - start
@@ -95,6 +109,38 @@ class ServingMiddleware:
                 1000 * elapsed,
                 rid,
             )
+
+    def _fast_route(self, scope: Scope) -> tuple[APIRoute | None, dict[str, str]]:
+        if scope.get("method") != "POST":
+            return None, {}
+        path = scope.get("path", "")
+        for route in self.fast:
+            match = route.path_regex.match(path)
+            if match is not None:
+                if scope.get("query_string") and route.dependant.query_params:
+                    return None, {}  # declared query parameters (/v2's ?version=): the app validates them
+                return route, match.groupdict()
+        return None, {}
+
+    async def _call_fast(
+        self, route: APIRoute, params: dict[str, str], scope: Scope, receive: Receive, send: Send, rid: str
+    ) -> None:
+        """One fast-path request: the endpoint's Response, or its error as the app's handlers would answer it."""
+        scope["route"], scope["path_params"] = route, params
+        path = scope.get("path", "")
+        try:
+            response = await route.endpoint(Request(scope, receive), **params)
+        except APIError as e:
+            body = error_content(path, e.code, e.message, rid)
+            response = JSONResponse(body, status_code=e.status, headers=e.headers)
+        except StarletteHTTPException as e:
+            body = error_content(path, "http_error", str(e.detail), rid)
+            response = JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
+        except Exception as e:  # as the app's crash handler: logged, a JSON 500
+            logging.getLogger("vitmerge.server").exception("unhandled error on %s (request_id=%s)", path, rid)
+            message = f"internal error ({type(e).__name__})"
+            response = JSONResponse(error_content(path, "internal_error", message, rid), status_code=500)
+        await response(scope, receive, send)
 
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 
+import torch
 from filelock import FileLock
 
 from model_store.bundle import BundleStore
@@ -71,6 +72,7 @@ class ModelManager:
             threshold=s.sparse_threshold,
             cuda_graphs=s.cuda_graphs,
             malloc_reuse=s.malloc_reuse,
+            torch_threads=s.torch_threads,
         )
 
     @property
@@ -85,6 +87,8 @@ class ModelManager:
 
             engine: InferenceEngine = ProcessEngine(self.store.load(version), self.options, self.metrics.cache_lookup)
         else:
+            if s.torch_threads is not None:
+                torch.set_num_threads(s.torch_threads)
             engine = Engine(self.store.load(version), self.options, self.metrics.cache_lookup)
         engine.warmup()
         return engine

@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.http.batcher import ItemResult
-from server.http.codec import decode_base64, decode_image, decode_json
+from server.http.codec import decode_base64, decode_json
 from server.http.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from server.http.schemas import ClassifyJSON, ClassifyOptions, MergeRequest
 from server.http.settings import ServerSettings
@@ -159,19 +158,6 @@ def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
     return f"{loc}: {err.get('msg', 'invalid')}"
-
-
-def decode_all(
-    blobs: list[bytes], engine: InferenceEngine, task: int | None, settings: ServerSettings
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Each image decoded and prepared for ``task`` (None: routed) -- model inputs and gate inputs."""
-    xs, gs = [], []
-    for i, blob in enumerate(blobs):
-        arr = decode_image(blob, settings.max_image_pixels, f"image {i}", settings.exif_transpose)
-        x, g = engine.preprocess(arr, task)
-        xs.append(x)
-        gs.append(g)
-    return xs, gs
 
 
 def encode_prediction(engine: InferenceEngine, result: ItemResult, top_k: int) -> dict[str, Any]:

@@ -45,7 +45,9 @@ class ServerSettings(BaseSettings):
 
     # engine
     worker: Literal["thread", "process"] = Field(
-        "thread", description="run the engine in the server process (thread) or in its own process (no shared GIL)"
+        "process",
+        # measured faster at concurrency 1-64, task given and routed (BENCHMARKS.md, issue 37)
+        description="run the engine in its own process (process: no shared GIL) or in the server process (thread)",
     )
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     mixing: Literal["exact", "sparse"] = Field(
@@ -57,6 +59,12 @@ class ServerSettings(BaseSettings):
     sparse_threshold: float | None = Field(None, ge=0.0, le=1.0, description="default: the gating benchmark's choice")
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay CUDA graphs of fixed-weight modules (gate, cached task models)"
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch's intra-op threads for inference (in the engine process with worker=process); "
+        "None: torch's default (one per core)",
     )
     cache_bytes: int = Field(
         512 * 2**20, ge=0, description="LRU budget for materialised per-task weights; 0 = rebuild every batch"

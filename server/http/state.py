@@ -8,19 +8,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from server.http.batcher import Batcher, ItemResult
 from server.http.errors import NotReady, Timeout
 from server.http.merge_jobs import MergeJobs
 from server.http.metrics import ServerMetrics
 from server.http.model_manager import ModelManager
 from server.http.settings import ServerSettings
+from server.runtime.inputs import DecodeOptions, ImageInput
 from server.runtime.protocol import InferenceEngine
 
 log = logging.getLogger("vitmerge.server")
-#: a request's images, decoded and preprocessed: model inputs, gate inputs (None: task given), tasks (None: route)
-Decoded = tuple[list[torch.Tensor], list[torch.Tensor | None], list[int | None]]
 
 
 class ServerState:
@@ -39,7 +36,8 @@ class ServerState:
 
     async def start(self) -> None:
         s = self.settings
-        self.batcher = Batcher(s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics)
+        options = DecodeOptions(s.max_image_pixels, s.exif_transpose)
+        self.batcher = Batcher(s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics, options)
         self.batcher.start()
         self._tasks.append(asyncio.create_task(self._bootstrap(), name="vitmerge-bootstrap"))
         if s.watch_interval_s > 0:
@@ -101,23 +99,33 @@ class ServerState:
             )
         return engine
 
-    async def classify(self, engine: InferenceEngine, decode: Callable[[], Decoded]) -> tuple[list[ItemResult], float]:
-        """The request path both protocols share: ``decode`` (in the decode pool) -> batch -> predict.
+    async def classify(
+        self, engine: InferenceEngine, inputs: list[ImageInput] | Callable[[], list[ImageInput]]
+    ) -> tuple[list[ItemResult], float]:
+        """The request path both protocols share: queue the images (as they arrived; the inference worker decodes
+        and preprocesses each batch at once) -> batch -> predict. ``inputs`` may be a function that makes them
+        (a large body's parsing): it runs in the decode pool, off the event loop.
 
-        Returns each image's result and when decoding ended (``perf_counter``); 504 past the request timeout.
+        Returns each image's result and when the request was queued (``perf_counter``); 504 past the request
+        timeout; an image that did not decode fails its request (400/413).
         """
-        loop = asyncio.get_running_loop()
         assert self.batcher is not None
         with self.batcher.incoming():
-            xs, gates, tasks = await loop.run_in_executor(self.decode_pool, decode)
-            decoded = time.perf_counter()
-            futures = self.batcher.submit(engine, xs, gates, tasks)
+            if callable(inputs):
+                inputs = await asyncio.get_running_loop().run_in_executor(self.decode_pool, inputs)
+            queued = time.perf_counter()
+            futures = self.batcher.submit(engine, inputs)
         try:
-            results: list[ItemResult] = await asyncio.wait_for(
-                asyncio.gather(*futures), self.settings.request_timeout_s
+            done = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), self.settings.request_timeout_s
             )
         except TimeoutError:
             raise Timeout(f"request did not finish within {self.settings.request_timeout_s:g} s") from None
+        results: list[ItemResult] = []
+        for r in done:
+            if isinstance(r, BaseException):
+                raise r
+            results.append(r)
         for r in results:
             self.metrics.predictions.labels(engine.tasks[r.output.task], r.output.source).inc()
-        return results, decoded
+        return results, queued

@@ -18,6 +18,7 @@ The engine never writes to the bundle's tensors; a hot swap builds a new engine.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,12 +31,14 @@ from model_store.backbone_router import RouterHead, pool_tokens
 from model_store.bundle import Bundle
 from model_store.data.preprocessing import Images, to_model_input
 from model_store.devices import resolve_device
+from model_store.errors import ImageDecodeError
 from model_store.schema import Preprocessing
 from server.runtime.bundle_reader import BundleReader
 from server.runtime.cuda_graphs import GraphRunner
 from server.runtime.gated_vit import DEFAULT_SPARSE_THRESHOLD, Mixing
 from server.runtime.groups import task_groups
-from server.runtime.protocol import ImageOutput, Source
+from server.runtime.inputs import DecodeOptions, ImageInput, decode_pool, prepare_batch
+from server.runtime.protocol import BatchRun, ImageOutput, Source
 from server.runtime.strategies import STRATEGIES, KindStrategy, LowRankStrategy, StrategyContext, tensor_bytes
 from server.runtime.weight_cache import WeightCache, weights_nbytes
 
@@ -65,7 +68,8 @@ class EngineOptions:
     budget of materialised per-task weights (0: rebuild every batch); ``mixing``/``threshold``: how a gated
     bundle mixes its experts per image (``threshold`` None: :data:`DEFAULT_SPARSE_THRESHOLD`);
     ``cuda_graphs``: on CUDA, replay graphs of fixed-weight modules; ``malloc_reuse``: the process worker's
-    child tunes glibc malloc (:func:`model_store.memory.reuse_freed_memory`).
+    child tunes glibc malloc (:func:`model_store.memory.reuse_freed_memory`); ``torch_threads``: the process
+    worker's child sets its intra-op threads (None: torch's default; the thread worker's server sets its own).
     """
 
     device: str = "cpu"
@@ -74,6 +78,7 @@ class EngineOptions:
     threshold: float | None = None
     cuda_graphs: bool = True
     malloc_reuse: bool = False
+    torch_threads: int | None = None
 
     @classmethod
     def of(cls, value: EngineOptions | str | torch.device) -> EngineOptions:
@@ -327,6 +332,16 @@ class Engine(EngineFrontend):
         return [
             ImageOutput(tasks_list[i], float(task_prob[i]), sources[i], probs[i], p_host[i]) for i in range(x.shape[0])
         ]
+
+    def run(self, inputs: Sequence[ImageInput], options: DecodeOptions | None = None) -> BatchRun:
+        """Requests' images as they arrived -> each one's output or decode error: the batch decoded and
+        preprocessed at once (:mod:`server.runtime.inputs`), then one :meth:`predict`."""
+        t0 = time.perf_counter()
+        batch = prepare_batch(self, inputs, options or DecodeOptions(), decode_pool())
+        t1 = time.perf_counter()
+        outs = iter(self.predict(batch.x, batch.given, batch.x_gate) if batch.x is not None else [])
+        outputs: list[ImageOutput | ImageDecodeError] = [e if e is not None else next(outs) for e in batch.errors]
+        return BatchRun(outputs, t1 - t0, time.perf_counter() - t1)
 
     # -- lifecycle ------------------------------------------------------------------
     def warmup(self) -> None:

@@ -10,7 +10,9 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from model_store.errors import ImageDecodeError
 from model_store.schema import BundleKind, Preprocessing
+from server.runtime.inputs import DecodeOptions, ImageInput
 
 #: how an image's task was decided: ``gate`` = by the bundle's router (the CNN gate or the backbone router), or given
 Source = Literal["gate", "given"]
@@ -25,6 +27,15 @@ class ImageOutput:
     source: Source
     probabilities: torch.Tensor  # (num_classes,) on CPU
     task_probabilities: torch.Tensor  # (num_tasks,) on CPU: the router's p(x), one-hot when the task is given
+
+
+@dataclass
+class BatchRun:
+    """A batch of :class:`ImageInput` run: each input's output (or its decode error) and where the time went."""
+
+    outputs: list[ImageOutput | ImageDecodeError]
+    prepare_s: float  # decode + preprocess of the whole batch
+    predict_s: float  # the engine's forward (routing, features, heads)
 
 
 class InferenceEngine(Protocol):
@@ -58,6 +69,8 @@ class InferenceEngine(Protocol):
     def predict(
         self, x: torch.Tensor, given: Sequence[int | None], x_gate: torch.Tensor | None = None
     ) -> list[ImageOutput]: ...
+
+    def run(self, inputs: Sequence[ImageInput], options: DecodeOptions) -> BatchRun: ...
 
     def warmup(self) -> None: ...
 

@@ -3,11 +3,13 @@
 With the inference worker as a thread, its Python-heavy kernel launching competes with
 request decoding and HTTP handling for one interpreter lock (BENCHMARKS.md, "Serving").
 :class:`ProcessEngine` keeps the Engine's interface -- metadata and preprocessing stay in
-the server process, ``predict`` runs in a spawned child that owns the weights and the
-device. Input batches travel through shared memory (torch's multiprocessing
-reductions: one file descriptor per tensor, no copy of the pixels through the pipe);
-outputs come back as small numpy arrays. One child per loaded bundle version; it exits
-when its engine is dropped after a hot swap (or when the server exits).
+the server process, ``predict`` and ``run`` run in a spawned child that owns the weights and the
+device. ``run`` sends a batch's encoded images (bytes through the pipe) and the child
+decodes and preprocesses them itself, so the server process only does HTTP; tensors
+(``predict``, prepared pixels) travel through shared memory (torch's multiprocessing
+reductions: one file descriptor per tensor); outputs come back as small numpy arrays.
+One child per loaded bundle version; it exits when its engine is dropped after a hot
+swap (or when the server exits).
 """
 
 from __future__ import annotations
@@ -25,18 +27,23 @@ import torch
 import torch.multiprocessing  # registers tensor reductions with multiprocessing
 
 from model_store.bundle import Bundle
+from model_store.errors import ImageDecodeError
 from server.runtime.engine import EngineFrontend, EngineOptions
-from server.runtime.protocol import ImageOutput
+from server.runtime.inputs import DecodeOptions, ImageInput
+from server.runtime.protocol import BatchRun, ImageOutput
 
 
 def _child(conn: Any, bundle_dir: str, options: EngineOptions) -> None:
     """Child main loop: load the bundle, then answer ``(op, *args)`` messages until EOF."""
     from model_store.bundle import load_bundle_dir
+    from model_store.data.decode import configure_pillow
     from model_store.memory import reuse_freed_memory
     from server.runtime.engine import Engine
 
     if options.malloc_reuse:  # a spawned child starts with glibc's defaults
         reuse_freed_memory()
+    if options.torch_threads is not None:
+        torch.set_num_threads(options.torch_threads)
     lookups: list[bool] = []
     try:
         torch.set_grad_enabled(False)
@@ -52,14 +59,13 @@ def _child(conn: Any, bundle_dir: str, options: EngineOptions) -> None:
             return
         try:
             if op == "predict":
-                outs = engine.predict(*args)
-                result: Any = (
-                    [
-                        (o.task, o.task_probability, o.source, o.probabilities.numpy(), o.task_probabilities.numpy())
-                        for o in outs
-                    ],
-                    list(lookups),
-                )
+                result: Any = ([_plain(o) for o in engine.predict(*args)], list(lookups))
+                lookups.clear()
+            elif op == "run":
+                configure_pillow(args[1].max_pixels)  # the server's image limits hold in this process too
+                run = engine.run(*args)
+                outputs = [o if isinstance(o, ImageDecodeError) else _plain(o) for o in run.outputs]
+                result = ((outputs, run.prepare_s, run.predict_s), list(lookups))
                 lookups.clear()
             elif op == "warmup":
                 engine.warmup()
@@ -75,6 +81,16 @@ def _child(conn: Any, bundle_dir: str, options: EngineOptions) -> None:
             conn.send(("ok", result))
         except Exception as e:  # noqa: BLE001 - reported to the parent, the child keeps serving
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+
+
+def _plain(o: ImageOutput) -> tuple:
+    """An output as plain values (numpy arrays pickle without torch's shared-memory file descriptors)."""
+    return (o.task, o.task_probability, o.source, o.probabilities.numpy(), o.task_probabilities.numpy())
+
+
+def _output(plain: tuple) -> ImageOutput:
+    task, p, source, probs, ps = plain
+    return ImageOutput(task, p, source, torch.from_numpy(probs), torch.from_numpy(ps))
 
 
 def _shutdown(conn: Any, proc: mp.process.BaseProcess) -> None:
@@ -142,7 +158,13 @@ class ProcessEngine(EngineFrontend):
     ) -> list[ImageOutput]:
         outs, lookups = self._call_raw("predict", x, list(given), x_gate)
         self._report(lookups)
-        return [ImageOutput(t, p, s, torch.from_numpy(probs), torch.from_numpy(ps)) for t, p, s, probs, ps in outs]
+        return [_output(o) for o in outs]
+
+    def run(self, inputs: Sequence[ImageInput], options: DecodeOptions | None = None) -> BatchRun:
+        """Decode, preprocess and predict in the child: only the encoded images cross the pipe."""
+        (outs, prepare_s, predict_s), lookups = self._call_raw("run", list(inputs), options or DecodeOptions())
+        self._report(lookups)
+        return BatchRun([o if isinstance(o, ImageDecodeError) else _output(o) for o in outs], prepare_s, predict_s)
 
     def warmup(self) -> None:
         self._report(self._call_raw("warmup"))

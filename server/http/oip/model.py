@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from model_store.data.preprocessing import renormalise
-from server.http.codec import decode_base64, decode_image
+from server.http.codec import decode_base64
 from server.http.errors import InvalidRequest, InvalidTensor, PayloadTooLarge, UnknownTask
 from server.http.oip.schemas import InferRequest, MetadataTensor, ModelMetadata
 from server.http.oip.wire import Tensor
+from server.runtime.inputs import ImageInput
 from server.runtime.protocol import ImageOutput, InferenceEngine
 
 PLATFORM = "vitmerge_pytorch"
@@ -87,15 +88,6 @@ def _output_shape(engine: InferenceEngine, name: str) -> list[int]:
     return [-1, len(engine.tasks)] if name == "TASK_PROBABILITIES" else [-1]
 
 
-@dataclass
-class Images:
-    """Decoded inputs, one entry per image, ready for the batcher."""
-
-    xs: list[torch.Tensor]
-    gates: list[torch.Tensor | None]
-    tasks: list[int | None]
-
-
 def _batch_size(t: Tensor, rank: int) -> int:
     if len(t.shape) != rank:
         raise InvalidTensor(f"input '{t.name}': expected {rank} dimension(s), got shape {t.shape}")
@@ -154,10 +146,9 @@ def _pixels(t: Tensor, engine: InferenceEngine) -> torch.Tensor:
     return torch.from_numpy(np.array(t.value, dtype=np.float32))
 
 
-def decode_inputs(
-    inputs: dict[str, Tensor], engine: InferenceEngine, max_images: int, max_pixels: int, exif_transpose: bool = True
-) -> Images:
-    """The request's tensors -> per-image model (and gate) inputs and tasks; 4xx naming what is wrong."""
+def decode_inputs(inputs: dict[str, Tensor], engine: InferenceEngine, max_images: int) -> list[ImageInput]:
+    """The request's tensors -> one :class:`ImageInput` per image (encoded files are decoded with the batch they
+    run in); 4xx naming what is wrong."""
     unknown = sorted(set(inputs) - set(INPUTS))
     if unknown:
         raise InvalidTensor(f"unknown input(s) {', '.join(unknown)}; this model takes {', '.join(INPUTS)}")
@@ -172,12 +163,7 @@ def decode_inputs(
         raise PayloadTooLarge(f"{n} images in one request; the limit is {max_images}", code="too_many_images")
     tasks = _tasks(inputs.get("TASK"), n, engine)
     if given[0] == "IMAGE":
-        xs, gates = [], []
-        for i, blob in enumerate(_image_blobs(source)):
-            x, g = engine.preprocess(decode_image(blob, max_pixels, f"IMAGE[{i}]", exif_transpose), tasks[i])
-            xs.append(x)
-            gates.append(g)
-        return Images(xs, gates, tasks)
+        return [ImageInput(tasks[i], blob, what=f"IMAGE[{i}]") for i, blob in enumerate(_image_blobs(source))]
     x = _pixels(source, engine)
     routed = [i for i, t in enumerate(tasks) if t is None]
     if routed and len(engine.input_variants) > 1:
@@ -191,7 +177,7 @@ def decode_inputs(
     pixel_gates: list[torch.Tensor | None] = [None] * n
     for j, i in enumerate(routed):
         pixel_gates[i] = gate_rows[j] if gate_rows is not None else None
-    return Images(list(x), pixel_gates, tasks)
+    return [ImageInput(tasks[i], x=x[i], x_gate=pixel_gates[i], what=f"PIXELS[{i}]") for i in range(n)]
 
 
 @dataclass

@@ -28,12 +28,15 @@ from server.http.oip.schemas import (
 )
 from server.http.oip.wire import HEADER_LENGTH, decode_input, decompress, encode_response, parse_request, split_binary
 from server.http.openapi import v2_error_responses, v2_infer_body
-from server.http.state import Decoded, ServerState
+from server.http.state import ServerState
+from server.runtime.inputs import ImageInput
 from server.runtime.protocol import InferenceEngine
 
 #: extensions of the protocol this server implements
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 Body = TypeVar("Body", bound=BaseModel)
+#: request bodies up to this size have their tensors decoded on the event loop (a thread hop costs more)
+INLINE_BODY_BYTES = 64 * 1024
 
 
 def version_name(version: str) -> str:
@@ -144,15 +147,13 @@ def _inference_routes(state: ServerState, served: Served) -> APIRouter:
         wanted = oip.wanted_outputs(req)
         chunks = split_binary(req, rest)
 
-        def decode() -> Decoded:
+        def decode() -> list[ImageInput]:
             tensors = {t.name: decode_input(t, chunks.get(t.name)) for t in req.inputs}
-            images = oip.decode_inputs(
-                tensors, engine, settings.max_images, settings.max_image_pixels, settings.exif_transpose
-            )
-            return images.xs, images.gates, images.tasks
+            return oip.decode_inputs(tensors, engine, settings.max_images)
 
         start = time.perf_counter()
-        results, _ = await state.classify(engine, decode)
+        # a large body's tensors (JSON lists, base64) are parsed in the decode pool, a small one's right here
+        results, _ = await state.classify(engine, decode if len(body) > INLINE_BODY_BYTES else decode())
         outputs = oip.build_outputs(engine, [r.output for r in results], wanted)
         header: dict[str, Any] = {"model_name": name, "model_version": engine.version}
         if req.id is not None:

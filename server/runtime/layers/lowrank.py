@@ -54,11 +54,12 @@ class LowRankLinear(nn.Module):
         y2 = x2.new_empty(x2.shape[0], out_f)
         h = x2.new_empty(x2.shape[0], self.rank + 1)
         h[:, self.rank] = 1
+        dt = x2.dtype  # under autocast (bf16) the input is cast; ``out=`` kernels are not, so the factors follow it
         for rows, t in hard:
             tokens = slice(rows.start * per_image, rows.stop * per_image)
-            torch.mm(x2[tokens], self.a[t].t(), out=h[tokens, : self.rank])
-            torch.mm(h[tokens], self.b_aug[t].t(), out=y2[tokens])
-        return y2.addmm_(x2, self.weight.t()).view(shape)
+            torch.mm(x2[tokens], self.a[t].t().to(dt), out=h[tokens, : self.rank])
+            torch.mm(h[tokens], self.b_aug[t].t().to(dt), out=y2[tokens])
+        return y2.addmm_(x2, self.weight.t().to(dt)).view(shape)
 
     def _correction(self, x2: torch.Tensor, t: int) -> torch.Tensor:
         """Task ``t``'s ``(x A_t^T) B_t^T + b_t`` on token rows, as a new tensor."""

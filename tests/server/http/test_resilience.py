@@ -23,7 +23,7 @@ from model_store.data.builtin import load_split
 from model_store.settings import StoreLayout
 from server.cli import build_parser, serve_settings
 from server.http.settings import ServerSettings
-from server.runtime.engine import Engine
+from server.runtime.engine import Engine, EngineOptions
 
 AUTH = {"authorization": "Bearer s3cret"}
 
@@ -384,7 +384,7 @@ def test_cuda_engine_matches_the_cpu_engine(server_store_template, gated_store, 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the gate's convolutions in full fp32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     bundle = BundleStore(StoreLayout(server_store_template if kind == "emr" else gated_store)).load()
-    cpu, gpu = Engine(bundle, "cpu"), Engine(bundle, "cuda", cuda_graphs=graphs)
+    cpu, gpu = Engine(bundle, "cpu"), Engine(bundle, EngineOptions("cuda", cuda_graphs=graphs))
     gpu.warmup()
     pix = [decode_image(b, 1 << 24) for b in images]
     for n in CUDA_BATCHES:

@@ -258,6 +258,21 @@ def test_low_rank_layer_hard_groups_single_task_and_soft_mixing(bias, grad):
         torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-5)
 
 
+def test_low_rank_layer_task_groups_run_under_bf16_autocast():
+    """bf16 autocast (the GPU check's bf16 rows): a bf16 activation runs the in-place task groups in bf16 (``out=``
+    kernels are not autocast, so the fp32 factors follow the input), close to the fp32 dense answer."""
+    layer, routing, dense = _layer_case(True)
+    x = torch.randn(5, 4, 5)
+    tasks = [0, 0, 1, 2, 2]
+    want = torch.stack([torch.nn.functional.linear(x[i], *dense[t]) for i, t in enumerate(tasks)])
+    routing.p = torch.nn.functional.one_hot(torch.tensor(tasks), 3).float()
+    routing.groups = [(slice(0, 2), 0), (slice(2, 3), 1), (slice(3, 5), 2)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=0.05)
+
+
 #: tensor -> host conversions: each waits for the device (a CUDA host sync) and breaks graph capture
 HOST_SYNCS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "nonzero", "unique"}
 
