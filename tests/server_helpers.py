@@ -195,8 +195,9 @@ def require_file(path: str, install: str) -> None:
 
 
 class BlockingEngine:
-    """The served engine, except that ``predict`` waits until :attr:`release` is set (a test double for a
-    slow batch: it holds the worker so that later images stay queued). Everything else is the real engine's."""
+    """The served engine, except that a batch (``run``: decode + predict, the batcher's call; or ``predict``)
+    waits until :attr:`release` is set (a test double for a slow batch: it holds the worker so that later images
+    stay queued). Everything else is the real engine's."""
 
     def __init__(self, engine, timeout: float = 60):
         self._engine, self.timeout = engine, timeout
@@ -209,6 +210,11 @@ class BlockingEngine:
         self.entered.set()
         self.release.wait(self.timeout)
         return self._engine.predict(*args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(self.timeout)
+        return self._engine.run(*args, **kwargs)
 
 
 def wait_for(cond, timeout: float = 60, what: str = "condition") -> None:

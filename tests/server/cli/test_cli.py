@@ -196,4 +196,4 @@ def test_routed_eval_via_cli(test_zoo_dir, tmp_path, capsys):
     assert "| gate (task id) |" in out and "emr_routed routed (v1)" in out
     assert main(["merge", "--store", str(store), "--zoo", str(test_zoo_dir), "--method", "avg", "--quiet"]) == 0
     assert main(["eval", "--store", str(store), "--routed"]) == 2
-    assert "has no gate" in capsys.readouterr().err
+    assert "has no router" in capsys.readouterr().err
