@@ -215,44 +215,50 @@ def with_zoo_defaults(zoo: Zoo, method: str, params: dict[str, Any] | None) -> d
     return out
 
 
+def routing_test_accuracy(
+    route: Callable[[torch.Tensor], torch.Tensor],
+    prep: Preprocessing,
+    zoo: Zoo,
+    tasks: Sequence[str],
+    limit: int | None = None,
+) -> dict[str, float | None]:
+    """Share of each task's TEST images (the first ``limit``, preprocessed with ``prep``) that ``route`` (images
+    -> task index per image) sends to that task (None: the task has no test images)."""
+    out: dict[str, float | None] = {}
+    for i, task in enumerate(tasks):
+        images = test_set(zoo, task)
+        x = images.tensors(prep, limit) if images is not None else None
+        if x is None or len(x) == 0:
+            out[task] = None
+            continue
+        picked = torch.cat([route(chunk) for chunk in x.split(256)])
+        out[task] = float((picked == i).float().mean())
+    return out
+
+
 @torch.inference_mode()
 def gate_test_accuracy(
     gate: GateArtifact, zoo: Zoo, tasks: Sequence[str], limit: int | None = None
 ) -> dict[str, float | None]:
-    """Share of each task's TEST images (the first ``limit``) the gate routes to that task
-    (None: the task has no test images)."""
+    """:func:`routing_test_accuracy` of a CNN gate (reading its own input preprocessing)."""
     model = build_gate(gate.arch, len(tasks))
     model.load_state_dict(gate.state)
-    out: dict[str, float | None] = {}
-    for i, task in enumerate(tasks):
-        images = test_set(zoo, task)
-        if images is None:
-            out[task] = None
-            continue
-        probs = gate_probabilities(model, images.tensors(gate.preprocessing, limit))
-        out[task] = float((probs.argmax(-1) == i).float().mean())
-    return out
+    return routing_test_accuracy(
+        lambda x: gate_probabilities(model, x).argmax(-1), gate.preprocessing, zoo, tasks, limit
+    )
 
 
 @torch.inference_mode()
 def router_test_accuracy(
     router: RouterArtifact, zoo: Zoo, tasks: Sequence[str], limit: int | None = None
 ) -> dict[str, float | None]:
-    """Share of each task's TEST images (the first ``limit``) the backbone router routes to that task
-    (None: the task has no test images); ``theta_0`` is the zoo's base, the input its preprocessing."""
+    """:func:`routing_test_accuracy` of a backbone router: ``theta_0`` is the zoo's base, the input its
+    preprocessing."""
     base = zoo.metas[zoo.base]
     model = BackboneRouter(
         ViTPrefix(base.architecture, router.k, dict(zoo.backbone(zoo.base))), RouterHead.from_state(router.head)
     )
-    out: dict[str, float | None] = {}
-    for i, task in enumerate(tasks):
-        images = test_set(zoo, task)
-        if images is None:
-            out[task] = None
-            continue
-        routed = [model(chunk).argmax(-1) for chunk in images.tensors(base.preprocessing, limit).split(256)]
-        out[task] = float((torch.cat(routed) == i).float().mean()) if routed else None
-    return out
+    return routing_test_accuracy(lambda x: model(x).argmax(-1), base.preprocessing, zoo, tasks, limit)
 
 
 def write_router(
